@@ -1,0 +1,110 @@
+"""The project's checkpoint format: a directory with ``model.safetensors`` + ``config.json``.
+
+No pickle. ``config.json`` carries the model hyper-parameters (which include
+the preprocessing statistics and LR/HR sizes), the training step, whether the
+weights are EMA, and the sha256 of the weights file, so a half-written or
+mismatched pair is detected on load. Every file is written atomically
+(temp file + rename); the config goes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import VDVAESR, VDVAESRConfig
+
+FORMAT = "vdvae-sr-checkpoint/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """The path is not a readable VDVAE-SR checkpoint."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | Path, model: VDVAESR, *, step: int = 0, ema: bool = False, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model``'s weights and config into the directory ``path``."""
+    root = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(root / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    meta = {
+        "format": FORMAT,
+        "model": model.config.to_dict(),
+        "step": int(step),
+        "weights": "ema" if ema else "raw",
+        "weights_sha256": sha256_file(root / WEIGHTS),
+        **(extra or {}),
+    }
+    atomic_write(root / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    return root
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    root = Path(path)
+    if not (root / CONFIG).is_file():
+        raise CheckpointError(f"{root}: not a VDVAE-SR checkpoint (no {CONFIG} in that directory)")
+    try:
+        meta = json.loads((root / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{root / CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root / CONFIG}: not a VDVAE-SR checkpoint config (format != {FORMAT})")
+    return meta
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VDVAESR, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` and load its weights, checking every key and shape."""
+    root = Path(path)
+    meta = read_checkpoint_meta(root)
+    weights = root / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{root}: {WEIGHTS} is missing")
+    if meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights}: checksum differs from {CONFIG} (partial or mixed-up checkpoint)")
+    try:
+        config = VDVAESRConfig.from_dict(meta["model"])
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{root}: unreadable checkpoint ({e})") from None
+    model = VDVAESR(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mis_shaped = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or unexpected or mis_shaped:
+        raise CheckpointError(
+            f"{weights} does not fit its config: missing {missing}, unexpected {unexpected}, shape mismatch {mis_shaped}"
+        )
+    model.load_state_dict(state)
+    return model.to(map_location).eval(), meta

@@ -1,0 +1,80 @@
+"""Checkpoints: safetensors + JSON, round trip, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sr_train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from sr_train.model import VDVAESR, preset
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = VDVAESR(preset("small-256", width=16, custom_width_str="", zdim=4, num_mixtures=2)).eval()
+    for p in m.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    return m
+
+
+def test_round_trip_gives_identical_outputs(tmp_path, model):
+    save_checkpoint(tmp_path / "ck", model, step=7, ema=True)
+    loaded, meta = load_checkpoint(tmp_path / "ck")
+    assert meta["step"] == 7 and meta["weights"] == "ema"
+    assert loaded.config == model.config
+    lr = torch.rand(2, 3, 64, 64)
+    assert torch.equal(model.sample_seeded(lr, 0.5, 3), loaded.sample_seeded(lr, 0.5, 3))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_config_carries_preprocessing_and_sizes(tmp_path, model):
+    save_checkpoint(tmp_path / "ck", model)
+    meta = read_checkpoint_meta(tmp_path / "ck")
+    for key in ("input_shift", "input_scale", "lr_size", "hr_size"):
+        assert meta["model"][key] == getattr(model.config, key)
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path, model):
+    with pytest.raises(CheckpointError, match="not a VDVAE-SR checkpoint"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="format"):
+        load_checkpoint(tmp_path)
+
+
+def test_corrupted_or_mismatched_weights_are_refused(tmp_path, model):
+    save_checkpoint(tmp_path / "ck", model)
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path / "ck")
+    other = VDVAESR(preset("small-256", width=8, custom_width_str="", zdim=4, num_mixtures=2))
+    save_checkpoint(tmp_path / "other", other)
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(
+        json.dumps({**meta, "weights_sha256": read_checkpoint_meta(tmp_path / "other")["weights_sha256"]})
+    )
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(tmp_path / "other")
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, model, monkeypatch):
+    save_checkpoint(tmp_path / "ck", model, step=1)
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    import sr_train.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ck", model, step=2)
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+    assert read_checkpoint_meta(tmp_path / "ck")["step"] == 1
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == []

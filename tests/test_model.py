@@ -1,0 +1,129 @@
+"""The VDVAE-SR model: presets, shapes, losses, the sampling path and its noise contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sr_train.info import model_info
+from sr_train.model import VDVAESR, VDVAESRConfig, parse_layer_string, preset
+
+
+def tiny(name: str) -> VDVAESRConfig:
+    """The same layer strings as the named preset at width 16 (for speed)."""
+    return preset(name, width=16, custom_width_str="", zdim=4, num_mixtures=2)
+
+
+def test_parse_layer_string_matches_vdvae_vocabulary():
+    assert parse_layer_string("1x2,4m1,8d2,16") == [(1, None), (1, None), (4, 1), (8, 2), (16, None)]
+
+
+@pytest.mark.parametrize(
+    "name, hr, lr, params, gmac",
+    [
+        # Counted by sr_train.info from the real modules (meta device); guards accidental architecture changes.
+        ("paper-64", 64, 16, 137_383_972, 79.98),
+        ("paper-256", 256, 64, 141_353_828, 276.40),
+    ],
+)
+def test_full_paper_presets_build_with_expected_size(name, hr, lr, params, gmac):
+    cfg = preset(name)
+    assert (cfg.hr_size, cfg.lr_size, cfg.width, cfg.zdim, cfg.num_mixtures) == (hr, lr, 512, 16, 10)
+    info = model_info(cfg)
+    assert info.params["total"] == params
+    assert info.gmac_per_tile == pytest.approx(gmac, abs=0.01)
+    with torch.device("meta"):
+        model = VDVAESR(cfg)
+    # every decoder block at a resolution the LR encoder provides (other than 1) carries a zero gate
+    gated = {b.res for b in model.decoder.dec_blocks if b.lr_gate is not None}
+    assert gated == set(model.lr_resolutions) - {1}
+
+
+def test_thesis_variant_injects_only_below_32():
+    with torch.device("meta"):
+        model = VDVAESR(preset("paper-256-thesis"))
+    assert {b.res for b in model.decoder.dec_blocks if b.lr_gate is not None} == {4, 8, 16}
+
+
+def test_config_rejects_inconsistent_layer_strings():
+    with pytest.raises(ValueError, match="width may not grow"):
+        preset("small-256", custom_width_str="128:96")
+    with pytest.raises(ValueError, match="encoder block at"):
+        preset("small-256", lr_enc_blocks="64x2,32x1")
+    with pytest.raises(ValueError, match="hr_size"):
+        preset("small-256", lr_size=32)
+
+
+@pytest.mark.parametrize("name", ["paper-64", "paper-256", "small-256"])
+def test_training_forward_and_sampling_on_scaled_down_preset(name):
+    torch.manual_seed(0)
+    cfg = tiny(name)
+    model = VDVAESR(cfg)
+    hr = torch.randint(0, 256, (1, 3, cfg.hr_size, cfg.hr_size)).float() / 255
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    out = model(hr, lr)
+    assert set(out) == {"elbo", "distortion", "rate"} and out["elbo"].shape == (1,)
+    assert torch.allclose(out["elbo"], out["distortion"] + out["rate"])
+    out["elbo"].mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("decoder.bias_xs.1"))
+    with torch.no_grad():
+        sr = model.sample(lr, torch.zeros(1, model.noise_dim))
+    assert sr.shape == (1, 3, cfg.hr_size, cfg.hr_size) and 0 <= sr.min() and sr.max() <= 1
+
+
+def test_gates_start_at_zero_so_lr_enters_only_through_the_top():
+    """With zero gates, LR pixels reach the decoder only via p(z0|y) at 1x1 (thesis 5.7.2)."""
+    cfg = tiny("small-256")
+    model = VDVAESR(cfg)
+    assert all(float(b.lr_gate.detach().abs().sum()) == 0 for b in model.decoder.dec_blocks if b.lr_gate is not None)
+
+
+def test_noise_drives_the_sample_and_zero_noise_is_deterministic():
+    torch.manual_seed(0)
+    cfg = tiny("small-256")
+    model = VDVAESR(cfg).eval()
+    for p in model.parameters():  # leave zero-init behind so the prior actually varies
+        p.data += 0.05 * torch.randn_like(p)
+    lr = torch.rand(2, 3, cfg.lr_size, cfg.lr_size)
+    with torch.no_grad():
+        a = model.sample(lr, torch.zeros(2, model.noise_dim))
+        b = model.sample(lr, torch.zeros(2, model.noise_dim))
+        c = model.sample_seeded(lr, temperature=0.8, seed=1)
+        d = model.sample_seeded(lr, temperature=0.8, seed=1)
+        e = model.sample_seeded(lr, temperature=0.8, seed=2)
+    assert torch.equal(a, b) and torch.equal(c, d)
+    assert not torch.equal(c, e) and not torch.equal(a, c)
+    assert model.noise_dim == sum(cfg.zdim * r * r for r, _ in parse_layer_string(cfg.dec_blocks))
+
+
+def test_unpack_noise_is_decoder_block_order():
+    cfg = tiny("small-256")
+    model = VDVAESR(cfg)
+    noise = torch.arange(model.noise_dim, dtype=torch.float32).repeat(2, 1)
+    parts = model.unpack_noise(noise)
+    assert [tuple(p.shape[1:]) for p in parts] == model.latent_shapes
+    assert torch.equal(torch.cat([p.flatten(1) for p in parts], 1), noise)
+
+
+def test_stochastic_head_samples_differ_and_stay_in_range():
+    cfg = tiny("small-256")
+    model = VDVAESR(cfg).eval()
+    lr = torch.rand(1, 3, cfg.lr_size, cfg.lr_size)
+    noise = torch.zeros(1, model.noise_dim)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        x1 = model.sample(lr, noise, stochastic_head=True, generator=g)
+        x2 = model.sample(lr, noise, stochastic_head=True, generator=g)
+    assert not torch.equal(x1, x2) and 0 <= x1.min() and x1.max() <= 1
+
+
+def test_lr_skip_makes_an_untrained_model_track_the_lr_image():
+    """small-256 models the residual over bicubic; at init its mode is near the bicubic image."""
+    torch.manual_seed(0)
+    cfg = tiny("small-256")
+    model = VDVAESR(cfg).eval()
+    lr = torch.rand(1, 3, cfg.lr_size, cfg.lr_size)
+    with torch.no_grad():
+        sr = model.sample(lr, torch.zeros(1, model.noise_dim))
+    up = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    assert (sr - up).abs().mean() < 0.1
