@@ -1,0 +1,248 @@
+"""Build the project's training/validation photos on a fresh machine.
+
+The pixels are never committed: ``training_photos.tsv`` (next to this file)
+names natural photos inside Debian wallpaper packages and inside the
+scikit-image / scikit-learn wheels, with their split. This command fetches
+the ``.deb`` files with ``apt-get download`` into a cache, streams only the
+listed files out of ``dpkg-deb --fsys-tarfile``, and writes ground-truth PNGs
+to ``<out>/{train,val}/<name>.png``.
+
+JPEG photos are downscaled x2 first (manifest column ``downscale``) to hide
+their compression artefacts: Pillow LANCZOS with ``reducing_gap=None``, i.e.
+the exact separable filter, no draft-mode shortcut, on the largest even-sized
+top-left box so that output pixels cover exactly 2x2 source pixels. PNGs and
+the wheel images are used as they are.
+
+The split is by image, from a hash of the path (``split_for``): it never
+depends on what else the list holds. Runs are idempotent: finished PNGs and
+cached ``.deb`` files are kept and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from PIL import Image
+
+DEFAULT_MANIFEST = Path(__file__).with_name("training_photos.tsv")
+DEFAULT_OUT = Path("data/photos")
+DEFAULT_CACHE = Path("data/cache/debs")
+VAL_FRACTION = 0.15
+_COLUMNS = ("source", "package", "path", "w", "h", "downscale", "split", "name", "sha256")
+
+
+class FetchError(RuntimeError):
+    """A source could not be fetched; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One manifest row: where a photo comes from and where its PNG goes."""
+
+    source: str  # "deb" (a Debian package) or "wheel" (an installed Python package)
+    package: str
+    path: str  # inside the package: filesystem path (deb) or path under the module dir
+    w: int
+    h: int
+    downscale: int
+    split: str
+    name: str
+    sha256: str  # of the source file's bytes; empty = not pinned
+
+    def output(self, out_root: Path) -> Path:
+        return out_root / self.split / f"{self.name}.png"
+
+
+def split_for(path: str, val_fraction: float = VAL_FRACTION) -> str:
+    """Deterministic split by image: 'val' iff sha256(path) falls in the low fraction."""
+    u = int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) / 2**32
+    return "val" if u < val_fraction else "train"
+
+
+def read_manifest(path: Path = DEFAULT_MANIFEST) -> list[Photo]:
+    """Parse the TSV manifest; fails loudly on a malformed file."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        if tuple(reader.fieldnames or ()) != _COLUMNS:
+            raise ValueError(f"{path}: expected columns {_COLUMNS}, got {reader.fieldnames}")
+        return [
+            Photo(
+                source=r["source"],
+                package=r["package"],
+                path=r["path"],
+                w=int(r["w"]),
+                h=int(r["h"]),
+                downscale=int(r["downscale"]),
+                split=r["split"],
+                name=r["name"],
+                sha256=r["sha256"],
+            )
+            for r in reader
+        ]
+
+
+def downscale(im: Image.Image, factor: int) -> Image.Image:
+    """Exact LANCZOS downscale by an integer factor (identity for factor 1)."""
+    if factor == 1:
+        return im
+    w, h = im.size[0] // factor, im.size[1] // factor
+    box = (0, 0, w * factor, h * factor)
+    return im.resize((w, h), Image.Resampling.LANCZOS, box=box, reducing_gap=None)
+
+
+def _save_png_atomic(im: Image.Image, dest: Path) -> None:
+    """Write then rename, so an interrupted run never leaves a truncated PNG to skip."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, dest)
+
+
+def make_ground_truth(photo: Photo, data: bytes, out_root: Path, log: TextIO) -> None:
+    """Check a source file against the manifest and write its ground-truth PNG."""
+    digest = hashlib.sha256(data).hexdigest()
+    if photo.sha256 and digest != photo.sha256:
+        print(
+            f"  warning: {photo.name}: source sha256 {digest} differs from the manifest", file=log
+        )
+    with Image.open(io.BytesIO(data)) as src:
+        if src.size != (photo.w, photo.h):
+            print(
+                f"  warning: {photo.name}: source is {src.size}, manifest says "
+                f"{(photo.w, photo.h)}",
+                file=log,
+            )
+        im = downscale(src.convert("RGB"), photo.downscale)
+    _save_png_atomic(im, photo.output(out_root))
+    print(
+        f"  {photo.split:5s} {photo.name}  {src.size[0]}x{src.size[1]} -> "
+        f"{im.size[0]}x{im.size[1]}",
+        file=log,
+        flush=True,
+    )
+
+
+def _require_tool(tool: str, why: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        raise FetchError(f"'{tool}' not found on PATH: {why}")
+    return found
+
+
+def apt_download(package: str, cache: Path) -> Path:
+    """The package's .deb in ``cache``, downloaded with ``apt-get download`` if missing."""
+    cached = sorted(cache.glob(f"{package}_*.deb"))
+    if cached:
+        return cached[-1]
+    apt = _require_tool(
+        "apt-get",
+        f"building the training set needs a Debian/Ubuntu machine; elsewhere, put "
+        f"{package}_*.deb (from packages.debian.org) into {cache} and run again",
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [apt, "download", package], check=False, cwd=cache, capture_output=True, text=True
+    )
+    cached = sorted(cache.glob(f"{package}_*.deb"))
+    if proc.returncode != 0 or not cached:
+        hint = " (try 'apt-get update' first)" if "locate" in proc.stderr else ""
+        raise FetchError(f"apt-get download {package} failed{hint}: {proc.stderr.strip()}")
+    return cached[-1]
+
+
+def iter_deb_files(deb: Path, wanted: Iterable[str]) -> Iterable[tuple[str, bytes]]:
+    """Yield (path, bytes) for the wanted paths, streamed from the .deb's data archive."""
+    dpkg = _require_tool("dpkg-deb", "install dpkg to unpack .deb files")
+    wanted_set = {p.lstrip("/") for p in wanted}
+    with subprocess.Popen(
+        [dpkg, "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                path = member.name.removeprefix("./")
+                if path in wanted_set and member.isfile():
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    yield path, f.read()
+        proc.stdout.read()  # drain the tar padding so dpkg-deb does not die of SIGPIPE
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise FetchError(f"dpkg-deb --fsys-tarfile {deb} failed: {stderr.strip()}")
+
+
+def _wheel_file(photo: Photo) -> Path:
+    spec = importlib.util.find_spec(photo.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FetchError(
+            f"Python package '{photo.package}' is not installed: it carries "
+            f"validation photo {photo.name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / photo.path
+
+
+def fetch(photos: Sequence[Photo], out_root: Path, cache: Path, log: TextIO) -> list[str]:
+    """Make every photo's PNG that does not exist yet; returns the errors (empty = done)."""
+    todo = [p for p in photos if not p.output(out_root).exists()]
+    print(f"{len(photos) - len(todo)} of {len(photos)} photos already in {out_root}", file=log)
+    errors: list[str] = []
+    for package in dict.fromkeys(p.package for p in todo if p.source == "deb"):
+        rows = {p.path: p for p in todo if p.source == "deb" and p.package == package}
+        print(f"[{package}] {len(rows)} photos", file=log, flush=True)
+        try:
+            deb = apt_download(package, cache)
+            for path, data in iter_deb_files(deb, rows):
+                make_ground_truth(rows.pop(path), data, out_root, log)
+        except FetchError as e:
+            errors.append(str(e))
+            continue
+        errors.extend(f"{package}: {p} not found in {deb.name}" for p in rows)
+    for photo in (p for p in todo if p.source == "wheel"):
+        try:
+            make_ground_truth(photo, _wheel_file(photo).read_bytes(), out_root, log)
+        except (FetchError, OSError) as e:
+            errors.append(str(e))
+    unknown = {p.source for p in todo} - {"deb", "wheel"}
+    errors.extend(f"unknown source kind in manifest: {s}" for s in sorted(unknown))
+    return errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m sr_train.fetch_data [--out DIR] [--cache DIR] [--manifest TSV]``."""
+    ap = argparse.ArgumentParser(prog="fetch-data", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="ground-truth PNG root")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where .deb files are kept")
+    ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    photos = read_manifest(args.manifest)
+    errors = fetch(photos, args.out, args.cache, sys.stdout)
+    counts = {
+        s: sum(p.output(args.out).exists() for p in photos if p.split == s)
+        for s in ("train", "val")
+    }
+    print(
+        f"done in {time.perf_counter() - start:.0f} s: {counts['train']} train, "
+        f"{counts['val']} val photos in {args.out}"
+    )
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Training data: manifest, fetch (from a locally built .deb), crops, augmentation."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from sr_train import fetch_data as fd
+from sr_train.data import (
+    CropSampler,
+    RandomCropDataset,
+    augment_dihedral,
+    benchmark_crops,
+    to_tensor,
+)
+from sr_train.degrade import degrade_bicubic_x4, list_images
+
+
+def _coord_image(h: int, w: int, tag: int) -> np.ndarray:
+    """R = row, G = column, B = tag: a crop's pixels say where it came from."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[..., 0] = (np.arange(h) % 256)[:, None]
+    img[..., 1] = (np.arange(w) % 256)[None, :]
+    img[..., 2] = tag
+    return img
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(_coord_image(200, 250, 1)).save(tmp_path / "a.png")
+    Image.fromarray(_coord_image(180, 120, 2)).save(tmp_path / "sub" / "b.webp", lossless=True)
+    Image.fromarray(_coord_image(40, 40, 3)).save(tmp_path / "small.png")  # < tile: skipped
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def _dataset(folder: Path, **kw: object) -> RandomCropDataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RandomCropDataset(folder, hr_size=64, **kw)  # type: ignore[arg-type]
+
+
+# --- manifest -------------------------------------------------------------------------
+
+
+def test_manifest_is_consistent() -> None:
+    photos = fd.read_manifest()
+    assert len({p.name for p in photos}) == len(photos)
+    debs = [p for p in photos if p.source == "deb"]
+    wheels = [p for p in photos if p.source == "wheel"]
+    assert len(debs) == 50 and len(wheels) == 7
+    for p in debs:
+        assert p.split == fd.split_for(p.path), p.name  # the split is the documented rule
+        assert p.downscale == (2 if p.path.endswith(".jpg") else 1), p.name
+    assert all(p.split == "val" for p in wheels)
+    assert all(len(p.sha256) == 64 for p in photos)
+    assert sum(p.split == "train" for p in photos) == 41
+
+
+def test_split_is_deterministic_and_roughly_the_fraction() -> None:
+    splits = [fd.split_for(f"some/path/{i}.jpg") for i in range(2000)]
+    assert splits == [fd.split_for(f"some/path/{i}.jpg") for i in range(2000)]
+    assert 0.12 < splits.count("val") / 2000 < 0.18
+
+
+# --- fetch ------------------------------------------------------------------------------
+
+
+def _jpeg_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_from_a_local_deb_is_correct_and_idempotent(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    jpg = _jpeg_bytes(rng.integers(0, 256, (48, 66, 3), dtype=np.uint8))
+    png_img = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: fake-photos\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: t <t@example.org>\nDescription: test\n"
+    )
+    (root / "usr/share/pics").mkdir(parents=True)
+    (root / "usr/share/pics/a.jpg").write_bytes(jpg)
+    Image.fromarray(png_img).save(root / "usr/share/pics/b.png")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(
+        ["dpkg-deb", "--build", str(root), str(cache / "fake-photos_1.0_all.deb")],
+        check=True,
+        capture_output=True,
+    )
+    row = {"source": "deb", "package": "fake-photos", "sha256": ""}
+    photos = [
+        fd.Photo(
+            **row, path="usr/share/pics/a.jpg", w=66, h=48, downscale=2, split="train", name="a"
+        ),
+        fd.Photo(
+            **row, path="usr/share/pics/b.png", w=20, h=30, downscale=1, split="val", name="b"
+        ),
+    ]
+    out = tmp_path / "photos"
+    log = io.StringIO()
+    assert fd.fetch(photos, out, cache, log) == []
+    a = np.asarray(Image.open(out / "train" / "a.png"))
+    expected = fd.downscale(Image.open(io.BytesIO(jpg)).convert("RGB"), 2)
+    assert a.shape == (24, 33, 3)
+    np.testing.assert_array_equal(a, np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "val" / "b.png")), png_img)
+
+    mtime = (out / "train" / "a.png").stat().st_mtime_ns
+    log2 = io.StringIO()
+    assert fd.fetch(photos, out, cache, log2) == []
+    assert "2 of 2 photos already" in log2.getvalue()
+    assert (out / "train" / "a.png").stat().st_mtime_ns == mtime
+
+    missing = fd.Photo(**row, path="usr/share/pics/nope.jpg", w=1, h=1, downscale=1,
+                       split="train", name="nope")  # fmt: skip
+    errors = fd.fetch([missing], out, cache, io.StringIO())
+    assert len(errors) == 1 and "nope.jpg" in errors[0]
+
+
+def test_missing_apt_get_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(fd.FetchError, match="apt-get.*not found.*Debian"):
+        fd.apt_download("plasma-workspace-wallpapers", tmp_path / "cache")
+
+
+def test_wheel_photos_are_copied_as_is(tmp_path: Path) -> None:
+    pytest.importorskip("skimage")
+    astronaut = next(p for p in fd.read_manifest() if p.name == "skimage_astronaut")
+    log = io.StringIO()
+    assert fd.fetch([astronaut], tmp_path, tmp_path / "cache", log) == []
+    assert "warning" not in log.getvalue()  # the pinned sha256 matches
+    got = np.asarray(Image.open(tmp_path / "val" / "skimage_astronaut.png"))
+    assert got.shape == (512, 512, 3)
+
+
+def test_main_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "m.tsv"
+    lines = fd.DEFAULT_MANIFEST.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], *[ln for ln in lines if "sklearn\t" in ln]]) + "\n")
+    pytest.importorskip("sklearn")
+    rc = fd.main(["--manifest", str(manifest), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert "0 train, 2 val photos" in capsys.readouterr().out
+
+
+# --- dataset ----------------------------------------------------------------------------
+
+
+def test_list_images_is_recursive_and_filters_suffixes(folder: Path) -> None:
+    assert [p.name for p in list_images(folder)] == ["a.png", "small.png", "b.webp"]
+
+
+def test_crops_come_from_the_images_with_their_own_lr(folder: Path) -> None:
+    with pytest.warns(UserWarning, match="skipped 1 images"):
+        ds = RandomCropDataset(folder, hr_size=64, augment=False)
+    assert len(ds.images) == 2
+    tags = set()
+    for i in range(40):
+        item = ds[i]
+        hr, lr = item["hr"], item["lr"]
+        assert hr.dtype == lr.dtype == torch.float32
+        assert hr.shape == (3, 64, 64) and lr.shape == (3, 16, 16)
+        assert 0.0 <= float(hr.min()) and float(hr.max()) <= 1.0
+        assert torch.equal(hr, (hr * 255).round() / 255)  # exact multiples of 1/255
+        u8 = (hr * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert torch.equal(lr, to_tensor(degrade_bicubic_x4(u8)))
+        # no augmentation: rows and columns are consecutive coordinates
+        y0, x0 = int(u8[0, 0, 0]), int(u8[0, 0, 1])
+        np.testing.assert_array_equal(u8[:, 0, 0], np.arange(y0, y0 + 64))
+        np.testing.assert_array_equal(u8[0, :, 1], np.arange(x0, x0 + 64))
+        tags.add(int(u8[0, 0, 2]))
+    assert tags == {1, 2}
+
+
+def test_crops_are_a_pure_function_of_seed_and_index(folder: Path) -> None:
+    a, b, c = _dataset(folder), _dataset(folder), _dataset(folder, seed=1)
+    assert np.array_equal(a.crop_uint8(7), b.crop_uint8(7))
+    assert np.array_equal(a.crop_uint8(7), a.crop_uint8(7))
+    assert not np.array_equal(a.crop_uint8(7), a.crop_uint8(8))
+    assert not all(np.array_equal(a.crop_uint8(i), c.crop_uint8(i)) for i in range(5))
+    with pytest.raises(IndexError):
+        a.crop_uint8(-1)
+
+
+def test_augmentation_covers_all_eight_orientations(folder: Path) -> None:
+    img = np.arange(2 * 3 * 1).reshape(2, 3, 1)
+    variants = {augment_dihedral(img, f, r).tobytes() for f in (False, True) for r in range(4)}
+    assert len(variants) == 8
+    ds = _dataset(folder)
+    orientations = set()
+    for i in range(200):
+        c = ds.crop_uint8(i).astype(int)
+        # how row (R) and column (G) coordinates change along the crop's axes
+        d = c[1, 0, :2] - c[0, 0, :2], c[0, 1, :2] - c[0, 0, :2]
+        orientations.add((*d[0], *d[1]))
+    assert len(orientations) == 8
+
+
+def test_sampler_interleaves_ranks_and_resumes() -> None:
+    def take(s: CropSampler, n: int) -> list[int]:
+        it = iter(s)
+        return [next(it) for _ in range(n)]
+
+    assert take(CropSampler(), 4) == [0, 1, 2, 3]
+    r0, r1 = take(CropSampler(rank=0, world_size=2), 3), take(CropSampler(rank=1, world_size=2), 3)
+    assert r0 == [0, 2, 4] and r1 == [1, 3, 5]
+    assert take(CropSampler(start=6, rank=1, world_size=2), 2) == [7, 9]
+    with pytest.raises(ValueError):
+        CropSampler(rank=2, world_size=2)
+
+
+def test_loader_batches_do_not_depend_on_workers(folder: Path) -> None:
+    ds = _dataset(folder)
+
+    def batches(workers: int, start: int) -> list[torch.Tensor]:
+        loader = DataLoader(ds, batch_size=4, sampler=CropSampler(start), num_workers=workers)
+        it = iter(loader)
+        return [next(it)["hr"] for _ in range(3)]
+
+    plain, threaded = batches(0, 0), batches(2, 0)
+    assert all(torch.equal(x, y) for x, y in zip(plain, threaded, strict=True))
+    resumed = batches(0, 4)  # as if one step of batch 4 had been done
+    assert all(torch.equal(x, y) for x, y in zip(plain[1:], resumed[:2], strict=True))
+
+
+def test_benchmark_counts_crops(folder: Path) -> None:
+    assert benchmark_crops(_dataset(folder), n=32, batch_size=8) > 0
