@@ -1,0 +1,222 @@
+"""`sr-upscale`: x4 super-resolution of image files and folders.
+
+Exit status: 0 every input done, 1 some inputs failed (each named on stderr
+with its reason), 2 usage error (bad flags, no model...). User errors never
+print a traceback. Outputs are written atomically and never over an input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sr_runtime.backends import ALIASES, PRECISIONS
+from sr_runtime.errors import BackendUnavailable, SRInputError, SRModelError
+from sr_runtime.imaging import DEFAULT_MAX_PIXELS, open_image
+from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
+FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+class UsageError(Exception):
+    """Bad command line: exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sr-upscale",
+        description="Upscale images x4 with VDVAE-SR (no PyTorch needed).",
+        epilog="Exit status: 0 all done, 1 some inputs failed, 2 usage error.",
+    )
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--output", help="output file (one input) or folder (default: next to each input)")
+    p.add_argument("-s", "--scale", type=int, default=4, help="upscale factor; the model does 4 only")
+    p.add_argument("-t", "--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP,
+                   help=f"LR pixels shared by neighbouring tiles (default {DEFAULT_TILE_OVERLAP})")
+    p.add_argument("--suffix", default="_x4", help="added to the file name in folder outputs (default _x4)")
+    p.add_argument("-f", "--ext", "--format", dest="ext", choices=sorted(FORMATS),
+                   help="output format (default: the input's if png/jpg/webp, else png)")
+    p.add_argument("--backend", default="auto", choices=sorted(ALIASES), help="inference backend (default auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="model precision (default auto)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="prior sampling temperature; 0 = deterministic (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise bank (default 0)")
+    p.add_argument("--model", help="model directory (default: the shipped one, or $SR_MODEL_DIR)")
+    p.add_argument("--batch-size", type=int, help="tiles per backend call (default: the model's maximum)")
+    p.add_argument("--samples", type=int, help="average this many samples (default 1; 8 with --std-map)")
+    p.add_argument("--std-map", action="store_true",
+                   help="also write <output>_std.png: per-pixel std across samples, 16-bit, 65535 = std 0.5")
+    p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse inputs with more pixels than this (default {DEFAULT_MAX_PIXELS:.0f})")
+    p.add_argument("--timings", action="store_true", help="print wall time and backend share per file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log backend selection details")
+    return p
+
+
+def expand_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named by files, folders (their images, sorted) and globs; plus inputs that matched nothing."""
+    found: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                missing.append((pattern, "folder has no image files"))
+            found.extend(images)
+        elif path.exists() or not glob.has_magic(pattern):
+            found.append(path)  # a missing plain path fails later with its own reason
+        else:
+            matches = sorted(Path(m) for m in glob.glob(pattern) if Path(m).is_file())
+            if not matches:
+                missing.append((pattern, "pattern matched no files"))
+            found.extend(matches)
+    unique: dict[Path, Path] = {}
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values()), missing
+
+
+def output_path(src: Path, args: argparse.Namespace, n_inputs: int) -> Path:
+    """Where `src`'s result goes: `-o` file, or `<folder>/<stem><suffix>.<ext>`."""
+    if args.output and n_inputs == 1 and not _is_folder(args.output):
+        out = Path(args.output)
+        if args.ext:
+            out = out.with_suffix("." + args.ext)
+        return out
+    folder = Path(args.output) if args.output else src.parent
+    ext = args.ext or (src.suffix.lower().lstrip(".") if src.suffix.lower().lstrip(".") in FORMATS else "png")
+    return folder / f"{src.stem}{args.suffix}.{ext}"
+
+
+def _is_folder(out: str) -> bool:
+    return out.endswith(("/", os.sep)) or Path(out).is_dir()
+
+
+def save_atomic(img: Image.Image, dest: Path) -> None:
+    """Write via a temporary file in the same folder and os.replace: no half-written outputs."""
+    fmt = FORMATS.get(dest.suffix.lower().lstrip("."))
+    if fmt is None:
+        raise SRInputError(f"{dest}: unknown output format {dest.suffix!r} (use .png, .jpg or .webp)")
+    img = _fit_format(img, fmt)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            img.save(fh, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fit_format(img: Image.Image, fmt: str) -> Image.Image:
+    """Modes a format cannot store: JPEG has no alpha and no 16-bit, WebP no 16-bit."""
+    if img.mode == "I;16" and fmt != "PNG":
+        return Image.fromarray((np.asarray(img).astype(np.uint32) * 255 // 65535).astype(np.uint8))
+    if fmt == "JPEG" and img.mode in ("RGBA", "LA"):
+        return img.convert(img.mode[:-1] if img.mode == "LA" else "RGB")
+    return img
+
+
+def std_map_image(std: np.ndarray) -> Image.Image:
+    """16-bit grey image of a std map; std 0.5 (the most a [0, 1] signal can have) is white."""
+    return Image.fromarray(np.rint(np.clip(std * 2.0, 0.0, 1.0) * 65535).astype(np.uint16))
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Number of samples to draw; UsageError for flag combinations that cannot work."""
+    if args.scale != 4:
+        raise UsageError(f"scale {args.scale} is not supported: the VDVAE-SR model upscales x4 only")
+    if args.temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    samples = args.samples if args.samples is not None else (8 if args.std_map else 1)
+    if samples < 1:
+        raise UsageError("--samples must be >= 1")
+    if samples > 1 and args.temperature == 0:
+        raise UsageError("--samples/--std-map need --temperature > 0 (at 0 every sample is the same)")
+    if args.std_map and samples < 2:
+        raise UsageError("--std-map needs --samples >= 2")
+    if args.max_pixels < 1:
+        raise UsageError("--max-pixels must be positive")
+    return samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad flags, 0 on --help
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        samples = _validate(args)
+        sources, unmatched = expand_inputs(args.inputs)
+        if args.output and len(sources) > 1 and not _is_folder(args.output) and Path(args.output).suffix:
+            raise UsageError(f"-o {args.output} looks like a file but there are {len(sources)} inputs; "
+                             "give a folder")
+        upscaler = Upscaler(
+            args.model, backend=args.backend, temperature=args.temperature, seed=args.seed,
+            tile_overlap=args.tile_overlap, batch_size=args.batch_size, precision=args.precision,
+            max_pixels=int(args.max_pixels),
+        )
+    except (UsageError, SRModelError, BackendUnavailable, ValueError) as exc:
+        print(f"sr-upscale: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})",
+          file=sys.stderr)
+    failures = [f"{name}: {why}" for name, why in unmatched]
+    inputs = {p.resolve() for p in sources}
+    with upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
+        for src in files:
+            try:
+                _process(upscaler, src, output_path(src, args, len(sources)), inputs, samples, args)
+            except (SRInputError, OSError) as exc:
+                failures.append(str(exc) if isinstance(exc, SRInputError) else f"{src}: {exc}")
+    for failure in failures:
+        print(f"sr-upscale: failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], samples: int,
+             args: argparse.Namespace) -> None:
+    std_dest = dest.with_name(f"{dest.stem}_std.png")
+    for target in (dest, std_dest) if args.std_map else (dest,):
+        if target.resolve() in inputs:
+            raise SRInputError(f"{src}: output {target} is an input; refusing to overwrite it")
+    t0 = time.perf_counter()
+    img = open_image(src, upscaler.max_pixels)
+    stats = RunStats()
+    with tqdm(desc=src.name, unit="tile", leave=False, disable=args.quiet or None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = upscaler.run(img, samples, progress=progress, stats=stats)
+    out, std = result if isinstance(result, tuple) else (result, None)
+    assert isinstance(out, Image.Image)  # a PIL image in gives a PIL image out
+    save_atomic(out, dest)
+    if args.std_map and std is not None:
+        save_atomic(std_map_image(std), std_dest)
+    if args.timings:
+        wall = time.perf_counter() - t0
+        share = 1.0 - stats.backend_seconds / wall if wall > 0 else 0.0
+        print(f"sr-upscale: {src} -> {dest}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
+              f"({stats.tiles} tiles), {share:.1%} outside the backend", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

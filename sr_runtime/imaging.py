@@ -1,0 +1,185 @@
+"""Image decoding to one float layout and encoding back to what the caller gave.
+
+Every input (path, PIL image of any common mode, uint8/uint16/float array) is
+turned into float32 RGB planes in [0, 1] plus an optional alpha plane, and a
+`Layout` that remembers how to rebuild the caller's kind of image: grayscale
+stays grayscale, 16-bit stays 16-bit, alpha is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sr_runtime.errors import SRInputError
+
+#: Default limit on input pixels (width x height): refuses decompression bombs.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+#: PIL modes decoded by converting to a mode we handle; the value is that mode.
+_CONVERT = {
+    "1": "L",
+    "La": "LA",
+    "PA": "RGBA",
+    "RGBa": "RGBA",
+    "RGBX": "RGB",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "LAB": "RGB",
+    "HSV": "RGB",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to rebuild the caller's kind of image from float planes."""
+
+    as_array: bool
+    dtype: np.dtype
+    gray: bool
+    alpha: bool
+    squeeze: bool = False
+    pil_mode: str | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    layout: Layout
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[2]
+
+
+def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, with EXIF orientation applied; SRInputError if unusable."""
+    p = Path(path)
+    if p.is_dir():
+        raise SRInputError(f"{p}: is a directory, not an image file")
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise SRInputError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise SRInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if size == 0:
+        raise SRInputError(f"{p}: empty file (0 bytes)")
+    try:
+        with Image.open(p) as img:
+            _check_pixels(img.size, max_pixels, str(p))
+            try:
+                img.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise SRInputError(f"{p}: truncated or corrupt image ({exc})") from None
+            return ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        raise SRInputError(f"{p}: not an image (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError:
+        raise SRInputError(f"{p}: refused as a decompression bomb (too many pixels for Pillow)") from None
+    except PermissionError as exc:
+        raise SRInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise SRInputError(
+            f"{what}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the pixel limit of {max_pixels / 1e6:g} MP "
+            "(decompression bomb guard; raise max_pixels / --max-pixels to allow it)"
+        )
+    if w == 0 or h == 0:
+        raise SRInputError(f"{what}: image has no pixels ({w}x{h})")
+
+
+def decode_pil(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Float planes of a PIL image (EXIF orientation applied); the layout rebuilds the same mode."""
+    _check_pixels(img.size, max_pixels, "image")
+    img = ImageOps.exif_transpose(img)
+    source_mode = img.mode
+    if source_mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif source_mode in _CONVERT:
+        img = img.convert(_CONVERT[source_mode])
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        arr = np.asarray(img)
+        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
+            raise SRInputError("mode 'I' image has values outside 0..65535 (only 16-bit data is supported)")
+        planes = _decode_array(arr.astype(np.uint16), "image")
+        return Decoded(planes.rgb, None, Layout(False, np.dtype(np.uint16), True, False, pil_mode="I;16"))
+    if mode == "F":
+        planes = _decode_array(np.asarray(img, np.float32), "mode 'F' image")
+        return Decoded(planes.rgb, None, Layout(False, np.dtype(np.float32), True, False, pil_mode="F"))
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        raise SRInputError(f"unsupported PIL image mode {mode!r}")
+    planes = _decode_array(np.asarray(img), "image")
+    out_mode = "CMYK" if source_mode == "CMYK" else None
+    layout = Layout(False, np.dtype(np.uint8), mode in ("L", "LA"), mode in ("LA", "RGBA"), pil_mode=out_mode)
+    return Decoded(planes.rgb, planes.alpha, layout)
+
+
+def decode_array(arr: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Float planes of an HxW / HxWxC (C in 1..4) uint8, uint16 or float [0, 1] array."""
+    if not isinstance(arr, np.ndarray):
+        raise SRInputError(f"expected a path, PIL image or numpy array, got {type(arr).__name__}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)):
+        raise SRInputError(f"array must be HxW or HxWxC with C in 1..4, got shape {arr.shape}")
+    _check_pixels((arr.shape[1], arr.shape[0]), max_pixels, "array")
+    return _decode_array(arr, "array")
+
+
+def _decode_array(arr: np.ndarray, what: str) -> Decoded:
+    if arr.dtype == np.uint8:
+        planes = arr.astype(np.float32) * np.float32(1 / 255)
+    elif arr.dtype == np.uint16:
+        planes = arr.astype(np.float32) * np.float32(1 / 65535)
+    elif arr.dtype in (np.float16, np.float32, np.float64):
+        planes = arr.astype(np.float32)
+        if not np.isfinite(planes).all():
+            raise SRInputError(f"{what} contains NaN or Inf values")
+        lo, hi = float(planes.min()), float(planes.max())
+        if lo < 0.0 or hi > 1.0:
+            raise SRInputError(f"float {what} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+    else:
+        raise SRInputError(f"{what} dtype {arr.dtype} is not supported (use uint8, uint16 or float in [0, 1])")
+    squeeze = planes.ndim == 2
+    hwc = planes[:, :, None] if squeeze else planes
+    channels = hwc.shape[2]
+    gray = channels in (1, 2)
+    alpha = np.ascontiguousarray(hwc[:, :, channels - 1]) if channels in (2, 4) else None
+    color = hwc[:, :, :1] if gray else hwc[:, :, :3]
+    rgb = np.ascontiguousarray(np.broadcast_to(color.transpose(2, 0, 1), (3, *hwc.shape[:2])))
+    return Decoded(rgb, alpha, Layout(True, arr.dtype, gray, alpha is not None, squeeze=squeeze))
+
+
+def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    """Bicubic upscale of an alpha plane: transparency is not what the SR model was trained on."""
+    h, w = alpha.shape
+    img = Image.fromarray(alpha.astype(np.float32), mode="F")
+    up = np.asarray(img.resize((w * scale, h * scale), Image.Resampling.BICUBIC), np.float32)
+    return np.clip(up, 0.0, 1.0)
+
+
+def encode(rgb: np.ndarray, alpha: np.ndarray | None, layout: Layout) -> Image.Image | np.ndarray:
+    """Rebuild the caller's kind of image from float [3, H, W] planes (and alpha) in [0, 1]."""
+    color = rgb.mean(axis=0, keepdims=True) if layout.gray else rgb
+    planes = color if alpha is None else np.concatenate([color, alpha[None]], axis=0)
+    if layout.dtype in (np.uint8, np.uint16):
+        # Scale and round channel-first (contiguous), transpose only the small integer result.
+        scaled = planes * np.float32(255 if layout.dtype == np.uint8 else 65535)
+        np.rint(scaled, out=scaled)
+        chw = scaled.astype(layout.dtype)
+    else:
+        chw = planes.astype(layout.dtype)
+    out = np.ascontiguousarray(chw.transpose(1, 2, 0))
+    if layout.as_array:
+        return out[:, :, 0] if layout.squeeze else out
+    img = Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out)
+    return img.convert(layout.pil_mode) if layout.pil_mode not in (None, img.mode) else img

@@ -1,0 +1,94 @@
+"""Seeded noise bank shared by all calls of one backend.
+
+Sampling noise for a 256x256 VDVAE-SR tile is hundreds of thousands of numbers;
+drawing it per call would cost more than some backends' inference. Instead a
+bank of `rows` noise vectors is drawn once and each tile gets a row keyed by
+its position, so that
+
+* neighbouring tiles (horizontal, vertical, diagonal) never share a row (shared
+  noise prints a periodic texture with the tile stride), and
+* a batch of consecutive tiles uses consecutive rows, stored wrap-extended so
+  that any batch is one contiguous slice `[start, start + n)` of the bank: GPU
+  backends bind a pointer into the device-resident bank and copy no noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Rows drawn per bank at temperature > 0 (4x4 tile pattern before any repeat).
+DEFAULT_ROWS = 16
+#: Below this many rows, no row multiplier keeps all 8 neighbours distinct.
+MIN_ROWS = 4
+
+
+@dataclass(frozen=True)
+class NoiseBank:
+    """`data` has `rows + max_batch - 1` rows: row `rows + j` repeats row `j`."""
+
+    data: np.ndarray
+    rows: int
+    max_batch: int
+
+    @classmethod
+    def create(
+        cls,
+        noise_dim: int,
+        *,
+        temperature: float,
+        seed: int,
+        max_batch: int,
+        rows: int = DEFAULT_ROWS,
+    ) -> NoiseBank:
+        """Draw the bank once: standard normal times `temperature`, or zeros at temperature 0."""
+        if temperature < 0 or not np.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        if temperature == 0:
+            # Every row would be zero: one row is enough and keeps batches unconstrained.
+            return cls(np.zeros((max_batch, noise_dim), np.float32), 1, max_batch)
+        if rows < MIN_ROWS:
+            raise ValueError(f"a noise bank needs at least {MIN_ROWS} rows, got {rows}")
+        rng = np.random.default_rng(seed)
+        base = rng.standard_normal((rows, noise_dim), dtype=np.float32)
+        base *= np.float32(temperature)
+        extra = base[np.arange(max_batch - 1) % rows]
+        return cls(np.ascontiguousarray(np.concatenate([base, extra])), rows, max_batch)
+
+    def tile_rows(self, grid: tuple[int, int], sample: int = 0) -> np.ndarray:
+        """Row index of every tile of a `(rows, cols)` grid in raster order, for one sample.
+
+        Row = (col + m * row + sample) mod R. With m = cols mod R the rows of a
+        raster run are consecutive (so whole grid rows batch together); m must
+        avoid 0 and +-1 mod R or a vertical/diagonal neighbour would repeat.
+        Different samples shift every tile to a different row while sample < R.
+        """
+        n_rows, n_cols = grid
+        r = self.rows
+        if r == 1:
+            return np.zeros(n_rows * n_cols, np.int64)
+        if sample >= r:
+            raise ValueError(f"at most {r} distinct samples fit this noise bank, asked for #{sample + 1}")
+        m = n_cols % r
+        if m in (0, 1, r - 1):
+            m = max(2, r // 2 - 2)
+        ty, tx = np.divmod(np.arange(n_rows * n_cols), n_cols)
+        return (tx + m * ty + sample) % r
+
+    def batches(self, tile_rows: np.ndarray, batch_size: int) -> list[tuple[int, int, int]]:
+        """Split tiles (raster order) into `(first_tile, count, bank_start)` runs of consecutive rows."""
+        limit = min(batch_size, self.max_batch)
+        out: list[tuple[int, int, int]] = []
+        start = 0
+        n = len(tile_rows)
+        for i in range(1, n + 1):
+            breaks = i == n or i - start == limit or tile_rows[i] != (tile_rows[i - 1] + 1) % self.rows
+            if breaks:
+                out.append((start, i - start, int(tile_rows[start])))
+                start = i
+        return out
+
+    def slice(self, start: int, count: int) -> np.ndarray:
+        """The `[count, noise_dim]` noise of a batch: a view, no copy."""
+        return self.data[start : start + count]

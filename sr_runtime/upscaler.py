@@ -1,0 +1,186 @@
+"""`Upscaler`: any image, any size, through a VDVAE-SR backend, 4x larger."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar, overload
+
+import numpy as np
+from PIL import Image
+
+from sr_runtime.backends import Backend, create_backend
+from sr_runtime.errors import SRInputError
+from sr_runtime.imaging import (
+    DEFAULT_MAX_PIXELS,
+    Decoded,
+    decode_array,
+    decode_pil,
+    encode,
+    open_image,
+    upscale_alpha,
+)
+from sr_runtime.model import load_model_spec
+from sr_runtime.noise import DEFAULT_ROWS, NoiseBank
+from sr_runtime.tiling import Blender, extract, pad_image, plan_tiles
+
+#: LR pixels shared by neighbouring tiles (an eighth of a 64-pixel tile).
+DEFAULT_TILE_OVERLAP = 8
+
+ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray)
+Progress = Callable[[int, int], None]
+UpscalerT = TypeVar("UpscalerT", bound="Upscaler")
+
+
+@dataclass
+class RunStats:
+    """Filled by `Upscaler.run` when passed: how long the backend itself ran, and on how many tiles."""
+
+    backend_seconds: float = 0.0
+    tiles: int = 0
+    batches: int = 0
+
+
+class Upscaler:
+    """x4 super-resolution of any image with an exported VDVAE-SR model.
+
+    Thread safety: one `Upscaler` may be shared by several threads. Decoding,
+    tiling and blending run concurrently; the backend call itself is
+    serialised by a per-instance lock (its session, device buffers and noise
+    bank are shared). For parallel inference create one `Upscaler` per thread.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        backend: str = "auto",
+        temperature: float = 0.0,
+        seed: int = 0,
+        tile_overlap: int = DEFAULT_TILE_OVERLAP,
+        batch_size: int | None = None,
+        precision: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        noise_rows: int = DEFAULT_ROWS,
+    ) -> None:
+        """Load the model (`None`: the shipped default, or `$SR_MODEL_DIR`) and pick a backend.
+
+        `temperature` scales the prior's sampling noise (0 = deterministic);
+        `seed` fixes the noise bank; `tile_overlap` is in LR pixels;
+        `batch_size` caps tiles per backend call (default: the model's batch max);
+        `precision` is "auto", "fp32" or "fp16"; `max_pixels` bounds input size;
+        `noise_rows` is the noise bank size (also the most distinct `samples`).
+        """
+        self.spec = load_model_spec(model)
+        tile = self.spec.lr_size
+        plan_tiles(tile[0], tile[1], tile, tile_overlap)  # validates the overlap early
+        batch = self.spec.batch_max if batch_size is None else int(batch_size)
+        if not 1 <= batch <= self.spec.batch_max:
+            raise ValueError(f"batch_size must be in [1, {self.spec.batch_max}] for this model, got {batch_size}")
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        self.temperature = float(temperature)
+        self.tile_overlap = tile_overlap
+        self.batch_size = batch
+        self.max_pixels = max_pixels
+        self._bank = NoiseBank.create(
+            self.spec.noise_dim, temperature=self.temperature, seed=seed, max_batch=batch, rows=noise_rows
+        )
+        self._backend: Backend = create_backend(self.spec, backend, precision, self._bank)
+        self.backend: str = self._backend.name
+        self.precision: str = self._backend.precision
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the backend's session and device memory."""
+        self._backend.close()
+
+    def __enter__(self: UpscalerT) -> UpscalerT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @overload
+    def run(
+        self, img: str | os.PathLike[str], samples: int = 1, *, progress: Progress | None = None,
+        stats: RunStats | None = None,
+    ) -> Image.Image | tuple[Image.Image, np.ndarray]: ...
+
+    @overload
+    def run(
+        self, img: ImageLike, samples: int = 1, *, progress: Progress | None = None, stats: RunStats | None = None
+    ) -> ImageLike | tuple[ImageLike, np.ndarray]: ...
+
+    def run(
+        self,
+        img: str | os.PathLike[str] | Image.Image | np.ndarray,
+        samples: int = 1,
+        *,
+        progress: Progress | None = None,
+        stats: RunStats | None = None,
+    ) -> Image.Image | np.ndarray | tuple[Image.Image | np.ndarray, np.ndarray]:
+        """Upscale `img` 4x; returns the same kind (a path gives a PIL image).
+
+        With `samples=K > 1` the model runs K times with different noise and the
+        result is `(mean image, std_map)`: `std_map` is float32 [4H, 4W], the
+        per-pixel standard deviation across samples (mean over RGB, in [0, 1]
+        units) -- where the model is unsure. Needs temperature > 0 to be non-zero.
+        `progress(done, total)` is called after each batch of tiles.
+        """
+        if samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 needs temperature > 0: at temperature 0 every sample is the same")
+        if not 1 <= samples <= self._bank.rows:
+            raise ValueError(f"samples must be in [1, {self._bank.rows}] (the noise bank rows), got {samples}")
+        decoded = self._decode(img)
+        mean, std = self._upscale(decoded, samples, progress, stats)
+        alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, self.spec.scale)
+        out = encode(mean, alpha, decoded.layout)
+        return out if std is None else (out, std)
+
+    def _decode(self, img: object) -> Decoded:
+        if isinstance(img, (str, os.PathLike)):
+            return decode_pil(open_image(img, self.max_pixels), self.max_pixels)
+        if isinstance(img, Image.Image):
+            return decode_pil(img, self.max_pixels)
+        if isinstance(img, np.ndarray):
+            return decode_array(img, self.max_pixels)
+        raise SRInputError(f"expected a path, PIL image or numpy array, got {type(img).__name__}")
+
+    def _upscale(
+        self, decoded: Decoded, samples: int, progress: Progress | None, stats: RunStats | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean (and std across samples, if several) of the blended HR RGB planes."""
+        h, w = decoded.size
+        plan = plan_tiles(h, w, self.spec.lr_size, self.tile_overlap)
+        padded = pad_image(decoded.rgb, plan)
+        total = plan.count * samples
+        done = 0
+        # Welford's running mean / sum of squares: one pass, no stack of K full-size images.
+        mean = np.zeros((3, h * self.spec.scale, w * self.spec.scale), np.float32)
+        m2 = np.zeros_like(mean) if samples > 1 else None
+        for sample in range(samples):
+            blender = Blender(plan, 3, self.spec.scale)
+            rows = self._bank.tile_rows(plan.grid, sample)
+            for first, count, start in self._bank.batches(rows, self.batch_size):
+                lr = extract(padded, plan, first, count)
+                t0 = time.perf_counter()
+                with self._lock:
+                    hr = self._backend.run(lr, start)
+                if stats is not None:
+                    stats.backend_seconds += time.perf_counter() - t0
+                    stats.tiles += count
+                    stats.batches += 1
+                blender.add(hr, first)
+                done += count
+                if progress is not None:
+                    progress(done, total)
+            result = blender.result()
+            if m2 is None:
+                return result, None
+            delta = result - mean
+            mean += delta / (sample + 1)
+            m2 += delta * (result - mean)
+        return mean, None if m2 is None else np.sqrt(m2 / samples).mean(axis=0)

@@ -1,0 +1,155 @@
+"""Tiling, blending and the noise bank: seams on a real photo, neighbour noise, tile plans."""
+# ruff: noqa: F811  (pytest fixtures imported from conftest_runtime are redefined as arguments)
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_runtime import double_model, photo_lr, upscaler  # noqa: F401  (pytest fixtures)
+
+from sr_runtime import Upscaler
+from sr_runtime.noise import NoiseBank
+from sr_runtime.tiling import TilePlan, plan_tiles, ramp
+
+
+def seam_ratio(hr: np.ndarray, plan: TilePlan, scale: int = 4) -> float:
+    """Mean |gradient| across tile borders divided by the mean |gradient| everywhere else.
+
+    Tile borders are where a tile starts or ends in output pixels (where a
+    hard-edged tiling would put a step), over both axes. Tile borders fall on
+    LR pixel borders, so "everywhere else" is the other positions of the same
+    phase modulo the scale: an x4 upscale's gradient varies with that phase
+    even without any tiling, which would bias the ratio.
+    """
+    lum = hr.astype(np.float64).mean(axis=2)
+    ratios = []
+    for axis, starts, pad, size in ((1, plan.xs, plan.pad_before[1], plan.tile[1]),
+                                    (0, plan.ys, plan.pad_before[0], plan.tile[0])):
+        grad = np.abs(np.diff(lum, axis=axis)).mean(axis=1 - axis)  # grad[i] = |I[i+1] - I[i]|
+        edges = {(s - pad) * scale for s in starts} | {(s + size - pad) * scale for s in starts}
+        seam = sorted(e - 1 for e in edges if 1 <= e < lum.shape[axis])
+        same_phase = np.arange(seam[0] % scale, len(grad), scale)
+        interior = np.setdiff1d(same_phase, seam)
+        assert all(e % scale == seam[0] % scale for e in seam)
+        ratios.append(grad[seam].mean() / grad[interior].mean())
+    return float(max(ratios))
+
+
+def test_seams_on_a_real_photo_are_within_10_percent(double_model: Path) -> None:
+    # 256 LR pixels give ~20 tile borders per axis: fewer make the ratio mostly photo content.
+    photo = photo_lr(256)
+    with Upscaler(double_model, backend="cpu") as up:
+        hr = up.run(photo)
+        plan = plan_tiles(256, 256, up.spec.lr_size, up.tile_overlap)
+    assert min(plan.grid) >= 10  # the photo really is split into many tiles in each direction
+    assert abs(seam_ratio(hr, plan) - 1.0) <= 0.10
+
+
+def test_seam_metric_detects_hard_tile_edges(double_model: Path) -> None:
+    """Negative control: without overlap/blending, the same photo shows seams the metric catches."""
+    photo = photo_lr(256)
+    with Upscaler(double_model, backend="cpu", tile_overlap=0) as up:
+        hr = up.run(photo)
+        plan = plan_tiles(256, 256, up.spec.lr_size, 0)
+    assert seam_ratio(hr, plan) > 1.10
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 31, 32, 33, 47, 48, 100, 257])
+def test_plan_covers_the_image_with_the_minimum_overlap(size: int) -> None:
+    plan = plan_tiles(size, size + 3, (32, 32), 8)
+    (ph, pw), (by, bx) = plan.padded_size, plan.pad_before
+    assert ph >= size + 16 and pw >= size + 3 + 16 and by >= 8 and bx >= 8
+    for starts, padded in ((plan.ys, ph), (plan.xs, pw)):
+        assert starts[0] == 0 and starts[-1] + 32 == padded  # first and last tile touch the borders
+        assert np.all(np.diff(starts) <= 32 - 8)  # neighbours share at least the overlap
+
+
+def test_plan_rejects_an_overlap_of_half_a_tile() -> None:
+    with pytest.raises(ValueError, match="tile overlap"):
+        plan_tiles(100, 100, (32, 32), 16)
+
+
+def test_ramp_is_smooth_positive_and_symmetric() -> None:
+    w = ramp(128, 32)
+    assert w.min() > 0 and w.max() == 1.0
+    assert np.allclose(w, w[::-1])
+    assert np.abs(np.diff(w)).max() < 0.06  # no step anywhere
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 7), (3, 15), (4, 16), (5, 17), (6, 31), (9, 9), (2, 33)])
+def test_noise_rows_differ_between_all_eight_neighbours(grid: tuple[int, int]) -> None:
+    bank = NoiseBank.create(8, temperature=1.0, seed=0, max_batch=8)
+    n_rows, n_cols = grid
+    for sample in range(3):
+        rows = bank.tile_rows(grid, sample).reshape(grid)
+        for r in range(n_rows):
+            for c in range(n_cols):
+                for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
+                    if 0 <= r + dr < n_rows and 0 <= c + dc < n_cols:
+                        assert rows[r, c] != rows[r + dr, c + dc], (grid, sample, r, c, dr, dc)
+
+
+def test_samples_give_every_tile_a_different_row() -> None:
+    bank = NoiseBank.create(8, temperature=1.0, seed=0, max_batch=4)
+    per_sample = np.stack([bank.tile_rows((3, 5), s) for s in range(bank.rows)])
+    assert all(len(set(col)) == bank.rows for col in per_sample.T)
+
+
+def test_batches_are_contiguous_bank_slices() -> None:
+    bank = NoiseBank.create(5, temperature=0.7, seed=3, max_batch=6)
+    rows = bank.tile_rows((4, 16))
+    batches = bank.batches(rows, 6)
+    assert sum(n for _, n, _ in batches) == len(rows) and all(n <= 6 for _, n, _ in batches)
+    for first, count, start in batches:
+        expected = bank.data[rows[first : first + count]]
+        assert np.array_equal(bank.slice(start, count), expected)
+
+
+def test_noise_bank_is_seeded_scaled_and_zero_at_temperature_zero() -> None:
+    a = NoiseBank.create(1000, temperature=0.5, seed=1, max_batch=4)
+    b = NoiseBank.create(1000, temperature=0.5, seed=1, max_batch=4)
+    c = NoiseBank.create(1000, temperature=0.5, seed=2, max_batch=4)
+    assert np.array_equal(a.data, b.data) and not np.array_equal(a.data, c.data)
+    assert abs(a.data[: a.rows].std() - 0.5) < 0.02
+    zero = NoiseBank.create(1000, temperature=0.0, seed=1, max_batch=4)
+    assert not zero.data.any()
+
+
+def test_adjacent_tiles_of_a_flat_image_get_different_texture(double_model: Path) -> None:
+    """At temperature > 0 a flat grey image must not repeat one texture with the tile stride."""
+    flat = np.full((120, 120), 0.5, np.float32)
+    with Upscaler(double_model, backend="cpu", temperature=1.0, seed=5) as up:
+        hr = up.run(flat)
+        plan = plan_tiles(120, 120, up.spec.lr_size, up.tile_overlap)
+    assert hr.std() > 0.01  # the noise really shows as texture
+    # Each tile's centre (16x16 HR pixels, far from any overlap) is that tile's noise alone.
+    def centre(row: int, col: int) -> np.ndarray:
+        y = (plan.ys[row] - plan.pad_before[0]) * 4 + 56
+        x = (plan.xs[col] - plan.pad_before[1]) * 4 + 56
+        return hr[y : y + 16, x : x + 16].ravel()
+
+    n_rows, n_cols = plan.grid
+    for r in range(n_rows - 1):
+        for c in range(n_cols - 1):
+            for dr, dc in ((0, 1), (1, 0), (1, 1)):
+                corr = np.corrcoef(centre(r, c), centre(r + dr, c + dc))[0, 1]
+                assert abs(corr) < 0.5, (r, c, dr, dc, corr)
+
+
+def test_temperature_zero_is_deterministic_and_seed_free(double_model: Path) -> None:
+    photo = photo_lr(40)
+    with Upscaler(double_model, backend="cpu", seed=1) as a, Upscaler(double_model, backend="cpu", seed=2) as b:
+        assert np.array_equal(a.run(photo), a.run(photo))
+        assert np.array_equal(a.run(photo), b.run(photo))
+
+
+def test_temperature_above_zero_depends_on_the_seed_only(double_model: Path) -> None:
+    photo = photo_lr(40)
+    runs = {}
+    for seed in (1, 1, 2):
+        with Upscaler(double_model, backend="cpu", temperature=0.8, seed=seed) as up:
+            runs.setdefault(seed, []).append(up.run(photo))
+    assert np.array_equal(runs[1][0], runs[1][1])
+    assert not np.array_equal(runs[1][0], runs[2][0])
