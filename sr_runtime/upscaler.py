@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar, overload
+from typing import TYPE_CHECKING, TypeVar, overload
 
 import numpy as np
 from PIL import Image
@@ -27,12 +27,14 @@ from sr_runtime.model import load_model_spec
 from sr_runtime.noise import DEFAULT_ROWS, NoiseBank
 from sr_runtime.tiling import Blender, extract, pad_image, plan_tiles
 
+if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at runtime here
+    from typing_extensions import Self
+
 #: LR pixels shared by neighbouring tiles (an eighth of a 64-pixel tile).
 DEFAULT_TILE_OVERLAP = 8
 
 ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray)
 Progress = Callable[[int, int], None]
-UpscalerT = TypeVar("UpscalerT", bound="Upscaler")
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Upscaler:
         """Release the backend's session and device memory."""
         self._backend.close()
 
-    def __enter__(self: UpscalerT) -> UpscalerT:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
