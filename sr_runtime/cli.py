@@ -205,11 +205,9 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], sampl
             bar.total = total
             bar.update(done - bar.n)
 
-        result = upscaler.run(img, samples, progress=progress, stats=stats)
-    out, std = result if isinstance(result, tuple) else (result, None)
-    assert isinstance(out, Image.Image)  # a PIL image in gives a PIL image out
+        out, std = upscaler.run(img, samples, progress=progress, stats=stats)
     save_atomic(out, dest)
-    if args.std_map and std is not None:
+    if args.std_map:
         save_atomic(std_map_image(std), std_dest)
     if args.timings:
         wall = time.perf_counter() - t0

@@ -107,40 +107,56 @@ class Upscaler:
 
     @overload
     def run(
-        self, img: str | os.PathLike[str], samples: int = 1, *, progress: Progress | None = None,
+        self, img: str | os.PathLike[str], samples: None = None, *, progress: Progress | None = None,
         stats: RunStats | None = None,
-    ) -> Image.Image | tuple[Image.Image, np.ndarray]: ...
+    ) -> Image.Image: ...
 
     @overload
     def run(
-        self, img: ImageLike, samples: int = 1, *, progress: Progress | None = None, stats: RunStats | None = None
-    ) -> ImageLike | tuple[ImageLike, np.ndarray]: ...
+        self, img: ImageLike, samples: None = None, *, progress: Progress | None = None,
+        stats: RunStats | None = None,
+    ) -> ImageLike: ...
+
+    @overload
+    def run(
+        self, img: str | os.PathLike[str], samples: int, *, progress: Progress | None = None,
+        stats: RunStats | None = None,
+    ) -> tuple[Image.Image, np.ndarray]: ...
+
+    @overload
+    def run(
+        self, img: ImageLike, samples: int, *, progress: Progress | None = None, stats: RunStats | None = None
+    ) -> tuple[ImageLike, np.ndarray]: ...
 
     def run(
         self,
         img: str | os.PathLike[str] | Image.Image | np.ndarray,
-        samples: int = 1,
+        samples: int | None = None,
         *,
         progress: Progress | None = None,
         stats: RunStats | None = None,
     ) -> Image.Image | np.ndarray | tuple[Image.Image | np.ndarray, np.ndarray]:
         """Upscale `img` 4x; returns the same kind (a path gives a PIL image).
 
-        With `samples=K > 1` the model runs K times with different noise and the
+        With `samples=K` the model runs K times with different noise and the
         result is `(mean image, std_map)`: `std_map` is float32 [4H, 4W], the
-        per-pixel standard deviation across samples (mean over RGB, in [0, 1]
-        units) -- where the model is unsure. Needs temperature > 0 to be non-zero.
-        `progress(done, total)` is called after each batch of tiles.
+        per-pixel standard deviation across the samples (mean over RGB, in
+        [0, 1] units) -- where the model is unsure. K > 1 needs temperature > 0.
+        `progress(done, total)` is called after each batch of tiles; `stats`,
+        if given, is filled with the time spent in the backend.
         """
-        if samples > 1 and self.temperature == 0:
+        n = 1 if samples is None else samples
+        if n > 1 and self.temperature == 0:
             raise ValueError("samples > 1 needs temperature > 0: at temperature 0 every sample is the same")
-        if not 1 <= samples <= self._bank.rows:
+        if not 1 <= n <= self._bank.rows:
             raise ValueError(f"samples must be in [1, {self._bank.rows}] (the noise bank rows), got {samples}")
         decoded = self._decode(img)
-        mean, std = self._upscale(decoded, samples, progress, stats)
+        mean, std = self._upscale(decoded, n, progress, stats)
         alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, self.spec.scale)
         out = encode(mean, alpha, decoded.layout)
-        return out if std is None else (out, std)
+        if samples is None:
+            return out
+        return out, np.zeros(mean.shape[1:], np.float32) if std is None else std
 
     def _decode(self, img: object) -> Decoded:
         if isinstance(img, (str, os.PathLike)):
@@ -154,7 +170,7 @@ class Upscaler:
     def _upscale(
         self, decoded: Decoded, samples: int, progress: Progress | None, stats: RunStats | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Mean (and std across samples, if several) of the blended HR RGB planes."""
+        """Mean and per-pixel std (mean over RGB) across samples of the blended HR planes; one sample: no std."""
         h, w = decoded.size
         plan = plan_tiles(h, w, self.spec.lr_size, self.tile_overlap)
         padded = pad_image(decoded.rgb, plan)

@@ -88,6 +88,7 @@ def test_exif_orientation_is_applied(upscaler: Upscaler, tmp_path: Path) -> None
 )
 def test_arrays_keep_shape_layout_and_dtype(upscaler: Upscaler, shape: tuple[int, ...], dtype: type) -> None:
     rng = np.random.default_rng(0)
+    arr: np.ndarray
     if np.issubdtype(dtype, np.floating):
         arr = rng.random(shape).astype(dtype)
     else:

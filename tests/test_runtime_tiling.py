@@ -147,7 +147,7 @@ def test_temperature_zero_is_deterministic_and_seed_free(double_model: Path) -> 
 
 def test_temperature_above_zero_depends_on_the_seed_only(double_model: Path) -> None:
     photo = photo_lr(40)
-    runs = {}
+    runs: dict[int, list[np.ndarray]] = {}
     for seed in (1, 1, 2):
         with Upscaler(double_model, backend="cpu", temperature=0.8, seed=seed) as up:
             runs.setdefault(seed, []).append(up.run(photo))
