@@ -42,6 +42,21 @@ def cmd_vdvae_parity(args: argparse.Namespace) -> int:
     return 0 if max(worst.values()) <= args.atol else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    result = train(TrainConfig(**values))
+    print(f"done: step {result['step']}, skipped updates {result['skips']}, last elbo {result.get('elbo', float('nan')):.4f}")
+    return 0
+
+
+def cmd_fetch_data(args: argparse.Namespace) -> int:
+    from .fetch_data import main as fetch_main
+
+    return int(fetch_main(args.fetch_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +71,37 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--reference", help="fixture directory (default: $VDVAE_REFERENCE_DIR or ../shared/...)")
     parity.add_argument("--atol", type=float, default=1e-4, help="exit 1 if any error exceeds this")
     parity.set_defaults(func=cmd_vdvae_parity)
+
+    tr = sub.add_parser("train", help="train or resume (resumes when RUN_DIR holds a run)")
+    tr.add_argument("--data", required=True, help="folder of training images (any size >= the HR tile)")
+    tr.add_argument("--run-dir", required=True, help="where checkpoints and logs go; an existing run is resumed")
+    tr.add_argument("--preset", help="model preset for a new run (default small-256)")
+    tr.add_argument("--init-checkpoint", help="start from this checkpoint's weights")
+    tr.add_argument("--init-vdvae", help="official VDVAE *-model(-ema).th for the HR encoder + decoder")
+    tr.add_argument("--freeze-hr-encoder", action="store_true", default=None)
+    tr.add_argument("--train-decoder-blocks", help="decoder blocks that train, e.g. '0-10,40' (default all)")
+    tr.add_argument("--steps", type=int, help="total steps (default 1000)")
+    tr.add_argument("--batch-size", type=int, help="per process (default 4)")
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--weight-decay", type=float)
+    tr.add_argument("--ema-rate", type=float)
+    tr.add_argument("--grad-clip", type=float)
+    tr.add_argument("--skip-threshold", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--log-every", type=int)
+    tr.add_argument("--save-every", type=int)
+    tr.add_argument("--val-every", type=int)
+    tr.add_argument("--val-images", help="folder for periodic EMA validation (DESIGN §7 protocol)")
+    tr.add_argument("--val-temperature", type=float)
+    tr.add_argument("--num-workers", type=int)
+    tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.set_defaults(func=cmd_train)
+
+    fetch = sub.add_parser("fetch-data", help="build the training set from Debian packages (see sr_train/fetch_data.py)",
+                           add_help=False)
+    fetch.add_argument("fetch_args", nargs=argparse.REMAINDER)
+    fetch.set_defaults(func=cmd_fetch_data)
     return parser
 
 

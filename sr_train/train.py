@@ -1,0 +1,269 @@
+"""The training loop, VDVAE's recipe: AdamW (betas 0.9, 0.9), linear warmup, EMA,
+gradient clipping, and the skip threshold (an update whose gradient norm is
+above it, or whose loss is NaN, is skipped and counted).
+
+A run directory holds ``latest/`` (raw weights + optimizer/RNG state, to
+resume exactly), ``ema/`` (the weights to ship), ``log.csv`` and
+``val.csv``. Resuming continues step for step: the data is a pure function of
+the global sample number (sr_train.data), and the torch RNG that draws the
+posterior noise is saved with the optimizer.
+
+Multi-GPU/CPU data parallelism: launch with ``torchrun --nproc_per_node K``;
+each rank takes every K-th sample and DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import atomic_write, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .data import CropSampler, RandomCropDataset
+from .model import VDVAESR, preset
+from .vdvae_import import import_vdvae_weights
+
+TRAIN_STATE = "train_state"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    run_dir: str
+    preset: str = "small-256"
+    init_checkpoint: str | None = None  # start from these weights (ours)
+    init_vdvae: str | None = None  # official VDVAE weights for HR encoder + decoder
+    freeze_hr_encoder: bool = False
+    train_decoder_blocks: str | None = None  # e.g. "0-10,40" ; None = all
+    steps: int = 1000
+    batch_size: int = 4  # per rank
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.9)
+    ema_rate: float = 0.999
+    grad_clip: float = 200.0
+    skip_threshold: float = 1000.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    val_every: int = 250
+    val_images: str | None = None
+    val_temperature: float = 0.1
+    num_workers: int = 0
+    threads: int | None = None
+
+
+# ---------------------------------------------------------------------------
+# Optimizer/RNG state without pickle: tensors in safetensors, the rest in JSON
+# ---------------------------------------------------------------------------
+
+
+def save_train_state(root: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    for idx, slots in state["state"].items():
+        for name, value in slots.items():
+            tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
+    atomic_write(root / f"{TRAIN_STATE}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    body = {"param_groups": state["param_groups"], **meta}
+    atomic_write(root / f"{TRAIN_STATE}.json", lambda tmp: tmp.write_text(json.dumps(body, indent=1)))
+
+
+def load_train_state(root: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    body = json.loads((root / f"{TRAIN_STATE}.json").read_text())
+    tensors = load_file(str(root / f"{TRAIN_STATE}.safetensors"))
+    slots: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            slots.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": body.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    return body
+
+
+# ---------------------------------------------------------------------------
+# Model set-up: init, transfer learning, freezing
+# ---------------------------------------------------------------------------
+
+
+def parse_block_ranges(spec: str) -> set[int]:
+    """'0-3,7' -> {0, 1, 2, 3, 7}."""
+    out: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def build_model(cfg: TrainConfig) -> VDVAESR:
+    if cfg.init_checkpoint:
+        model, _ = load_checkpoint(cfg.init_checkpoint)
+        model.train()
+    else:
+        torch.manual_seed(cfg.seed)
+        model = VDVAESR(preset(cfg.preset))
+    if cfg.init_vdvae:
+        import_vdvae_weights(model, cfg.init_vdvae)
+    if cfg.freeze_hr_encoder:
+        model.hr_encoder.requires_grad_(False)
+    if cfg.train_decoder_blocks is not None:
+        chosen = parse_block_ranges(cfg.train_decoder_blocks)
+        for i, block in enumerate(model.decoder.dec_blocks):
+            if i not in chosen:
+                for name, p in block.named_parameters():
+                    p.requires_grad_(name == "lr_gate")  # the SR gates always learn
+    # The 1x1 bias is VDVAE's unconditional start; in SR the LR encoder replaces it.
+    if "1" in model.decoder.bias_xs:
+        model.decoder.bias_xs["1"].requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world_size), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.mul_(rate).add_(p.detach(), alpha=1 - rate)
+
+
+def append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def validate(ema: VDVAESR, images: str, temperature: float, seed: int) -> dict[str, float]:
+    """PSNR/SSIM-Y of the EMA model on the evaluation protocol's crops (DESIGN §7)."""
+    from .evaluate import evaluate_model, torch_sample_fn
+
+    result = evaluate_model(
+        torch_sample_fn(ema), images, ema.config.hr_size, [temperature], seed, progress=False
+    )
+    row = result["temperatures"][0]
+    return {"psnr_y": row["psnr_y"], "ssim_y": row["ssim_y"], "bicubic_psnr_y": result["bicubic"]["psnr_y"]}
+
+
+def batches(loader: DataLoader) -> Iterator[dict[str, Tensor]]:
+    yield from loader  # CropSampler is endless
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns the final step, skips and last losses."""
+    rank, world = distributed_env()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    latest, ema_dir = run / "latest", run / "ema"
+    resuming = (latest / f"{TRAIN_STATE}.json").exists()
+    model = load_checkpoint(latest)[0].train() if resuming else build_model(cfg)
+    if resuming:  # freezing is part of the recipe, not of the weights
+        frozen = {n for n, p in build_model(cfg).named_parameters() if not p.requires_grad}
+        for n, p in model.named_parameters():
+            p.requires_grad_(n not in frozen)
+    ema = load_checkpoint(ema_dir)[0] if resuming else copy.deepcopy(model)
+    ema.eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    step, skips = 0, 0
+    if resuming:
+        meta = load_train_state(latest, optimizer)
+        step, skips = meta["step"], meta["skips"]
+        steps_saved = {read_checkpoint_meta(d)["step"] for d in (latest, ema_dir)}
+        if steps_saved != {step}:
+            raise ValueError(f"{run}: latest/, ema/ and the optimizer state disagree on the step ({steps_saved}, {step})")
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    dataset = RandomCropDataset(cfg.data, hr_size=model.config.hr_size, seed=cfg.seed)
+    sampler = CropSampler(start=step * cfg.batch_size * world, rank=rank, world_size=world)
+    # Its own generator: a DataLoader otherwise draws from the global RNG, which resuming restores.
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write(run / "train_config.json", lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=1)))
+
+    def checkpoint() -> None:
+        if rank == 0:
+            save_checkpoint(ema_dir, ema, step=step, ema=True)
+            save_checkpoint(latest, model, step=step)
+            save_train_state(latest, optimizer, {"step": step, "skips": skips})
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    last: dict[str, float] = {}
+    data = batches(loader)
+    t0 = time.time()
+    while step < cfg.steps:
+        batch = next(data)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        out = net(batch["hr"], batch["lr"])
+        loss = out["elbo"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        finite = math.isfinite(loss.item()) and math.isfinite(grad_norm)
+        if finite and grad_norm < cfg.skip_threshold:
+            optimizer.step()
+            update_ema(ema, model, cfg.ema_rate)
+        else:
+            skips += 1
+        step += 1
+        last = {
+            "elbo": loss.item(),
+            "distortion": out["distortion"].mean().item(),
+            "rate": out["rate"].mean().item(),
+            "grad_norm": grad_norm,
+        }
+        bar.update(1)
+        bar.set_postfix(elbo=f"{last['elbo']:.3f}", dist=f"{last['distortion']:.3f}", rate=f"{last['rate']:.3f}",
+                        gnorm=f"{grad_norm:.1f}", skips=skips)
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            append_csv(run / "log.csv", {"step": step, **last, "skips": skips, "lr": lr_at(step - 1, cfg),
+                                          "seconds": round(time.time() - t0, 1)})
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            checkpoint()
+        if rank == 0 and cfg.val_images and (step % cfg.val_every == 0 or step == cfg.steps):
+            scores = validate(ema, cfg.val_images, cfg.val_temperature, cfg.seed)
+            append_csv(run / "val.csv", {"step": step, "temperature": cfg.val_temperature, **scores})
+            bar.write(f"step {step}: EMA PSNR-Y {scores['psnr_y']:.2f} dB (bicubic {scores['bicubic_psnr_y']:.2f}),"
+                      f" SSIM-Y {scores['ssim_y']:.4f}")
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "skips": skips, **last}
