@@ -22,6 +22,8 @@ import numpy as np
 DEFAULT_ROWS = 16
 #: Below this many rows, no row multiplier keeps all 8 neighbours distinct.
 MIN_ROWS = 4
+#: Memory the bank may take before it gets fewer rows (a large model's noise is ~18 MB a row).
+MAX_BANK_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,13 @@ class NoiseBank:
         seed: int,
         max_batch: int,
         rows: int = DEFAULT_ROWS,
+        max_bytes: int = MAX_BANK_BYTES,
     ) -> NoiseBank:
-        """Draw the bank once: standard normal times `temperature`, or zeros at temperature 0."""
+        """Draw the bank once: standard normal times `temperature`, or zeros at temperature 0.
+
+        Where `rows` rows would take more than `max_bytes`, fewer are drawn
+        (never fewer than MIN_ROWS); `rows` on the result says how many.
+        """
         if temperature < 0 or not np.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if temperature == 0:
@@ -50,6 +57,8 @@ class NoiseBank:
             return cls(np.zeros((max_batch, noise_dim), np.float32), 1, max_batch)
         if rows < MIN_ROWS:
             raise ValueError(f"a noise bank needs at least {MIN_ROWS} rows, got {rows}")
+        row_bytes = noise_dim * np.dtype(np.float32).itemsize
+        rows = max(MIN_ROWS, min(rows, max_bytes // row_bytes - (max_batch - 1)))
         rng = np.random.default_rng(seed)
         base = rng.standard_normal((rows, noise_dim), dtype=np.float32)
         base *= np.float32(temperature)

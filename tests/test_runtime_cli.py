@@ -156,3 +156,11 @@ def test_runtime_works_with_torch_and_onnx_unimportable(double_model: Path, phot
                           cwd=Path(__file__).resolve().parent.parent, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
     assert Image.open(out).size == (96, 96)
+
+
+def test_bundled_sample_upscales(double_model: Path, tmp_path: Path) -> None:
+    """The README's main command works on the bundled sample (here with the test double)."""
+    sample = Path(__file__).resolve().parent.parent / "assets" / "sample.png"
+    assert sample.stat().st_size < 100_000
+    assert run_cli(double_model, str(sample), "-o", str(tmp_path) + "/") == 0
+    assert Image.open(tmp_path / "sample_x4.png").size == (512, 512)

@@ -117,6 +117,13 @@ def test_noise_bank_is_seeded_scaled_and_zero_at_temperature_zero() -> None:
     assert not zero.data.any()
 
 
+def test_a_large_noise_bank_gets_fewer_rows_but_never_below_four() -> None:
+    row = 1000 * 4  # bytes per row of 1000 float32
+    assert NoiseBank.create(1000, temperature=1.0, seed=0, max_batch=4, max_bytes=10 * row).rows == 7
+    assert NoiseBank.create(1000, temperature=1.0, seed=0, max_batch=4, max_bytes=2 * row).rows == 4
+    assert NoiseBank.create(1000, temperature=1.0, seed=0, max_batch=4).rows == 16
+
+
 def test_adjacent_tiles_of_a_flat_image_get_different_texture(double_model: Path) -> None:
     """At temperature > 0 a flat grey image must not repeat one texture with the tile stride."""
     flat = np.full((120, 120), 0.5, np.float32)

@@ -106,6 +106,12 @@ def _import_cuda() -> tuple[Any, Any]:
     raise BackendUnavailable("cuda-python is not installed (pip install cuda-python)")
 
 
+def _text(value: bytes | str) -> str:
+    """cuda-python gives C strings as bytes (NUL-padded) in some versions, str in others."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return text.rstrip("\x00")
+
+
 class _Cuda:
     """The few cudart calls used here, with errors turned into exceptions."""
 
@@ -115,7 +121,7 @@ class _Cuda:
     def __call__(self, result: tuple[Any, ...]) -> Any:
         err, *rest = result
         if err != self.rt.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"CUDA error: {self.rt.cudaGetErrorString(err)[1].decode(errors='replace')}")
+            raise RuntimeError(f"CUDA error: {_text(self.rt.cudaGetErrorString(err)[1])}")
         return rest[0] if len(rest) == 1 else rest
 
 
@@ -136,7 +142,7 @@ class TensorRTBackend:
         target = EngineTarget(
             onnx_sha256=spec.onnx_sha256.get(self.precision) or sha256_file(onnx_path),
             tensorrt_version=str(trt.__version__),
-            gpu_name=props.name.decode(errors="replace").rstrip("\x00"),
+            gpu_name=_text(props.name),
             compute_capability=f"{props.major}.{props.minor}",
             precision=self.precision,
             batch=bank.max_batch,
