@@ -180,23 +180,32 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr)
     failures = [f"{name}: {why}" for name, why in unmatched]
     inputs = {p.resolve() for p in sources}
-    with upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
-        for src in files:
-            try:
-                _process(upscaler, src, output_path(src, args, len(sources)), inputs, samples, args)
-            except (SRInputError, OSError) as exc:
-                failures.append(str(exc) if isinstance(exc, SRInputError) else f"{src}: {exc}")
+    written: set[Path] = set()
+    try:
+        with upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
+            for src in files:
+                try:
+                    _process(upscaler, src, output_path(src, args, len(sources)), inputs, written, samples, args)
+                except (SRInputError, OSError) as exc:
+                    failures.append(str(exc) if isinstance(exc, SRInputError) else f"{src}: {exc}")
+    except KeyboardInterrupt:
+        print("sr-upscale: interrupted", file=sys.stderr)
+        return 130
     for failure in failures:
         print(f"sr-upscale: failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
 
 
-def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], samples: int,
+def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], samples: int,
              args: argparse.Namespace) -> None:
+    """Upscale one file; `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
     std_dest = dest.with_name(f"{dest.stem}_std.png")
-    for target in (dest, std_dest) if args.std_map else (dest,):
+    targets = (dest, std_dest) if args.std_map else (dest,)
+    for target in targets:
         if target.resolve() in inputs:
             raise SRInputError(f"{src}: output {target} is an input; refusing to overwrite it")
+        if target.resolve() in written:
+            raise SRInputError(f"{src}: output {target} was already written for another input")
     t0 = time.perf_counter()
     img = open_image(src, upscaler.max_pixels)
     stats = RunStats()
@@ -209,6 +218,7 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], sampl
     save_atomic(out, dest)
     if args.std_map:
         save_atomic(std_map_image(std), std_dest)
+    written.update(t.resolve() for t in targets)
     if args.timings:
         wall = time.perf_counter() - t0
         share = 1.0 - stats.backend_seconds / wall if wall > 0 else 0.0

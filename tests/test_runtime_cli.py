@@ -75,6 +75,15 @@ def test_never_overwrites_an_input(double_model: Path, photos: Path, capsys: pyt
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
+def test_two_inputs_never_share_one_output(double_model: Path, photos: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    Image.fromarray(photo_lr(12)).save(photos / "a.webp")  # a.png and a.webp -> a_x4.png
+    out = tmp_path / "out"
+    assert run_cli(double_model, str(photos / "a.png"), str(photos / "a.webp"), "-o", str(out), "-f", "png") == 1
+    assert Image.open(out / "a_x4.png").size == (96, 96)  # the first one's result survives
+    assert "already written for another input" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
