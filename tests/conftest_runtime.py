@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from sr_runtime import Upscaler
+from sr_runtime.tiling import TilePlan
 
 
 def build_double(directory: Path, lr: int = 32, batch_max: int = 8, fp16: bool = False) -> Path:
@@ -101,6 +102,29 @@ def photo_lr(size: int = 96) -> np.ndarray:
     from skimage import data
 
     return np.asarray(Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def seam_ratio(hr: np.ndarray, plan: TilePlan, scale: int = 4) -> float:
+    """Mean |gradient| across tile borders divided by the mean |gradient| everywhere else.
+
+    Tile borders are where a tile starts or ends in output pixels (where a
+    hard-edged tiling would put a step), over both axes. Tile borders fall on
+    LR pixel borders, so "everywhere else" is the other positions of the same
+    phase modulo the scale: an x4 upscale's gradient varies with that phase
+    even without any tiling, which would bias the ratio.
+    """
+    lum = hr.astype(np.float64).mean(axis=2)
+    ratios = []
+    for axis, starts, pad, size in ((1, plan.xs, plan.pad_before[1], plan.tile[1]),
+                                    (0, plan.ys, plan.pad_before[0], plan.tile[0])):
+        grad = np.abs(np.diff(lum, axis=axis)).mean(axis=1 - axis)  # grad[i] = |I[i+1] - I[i]|
+        edges = {(s - pad) * scale for s in starts} | {(s + size - pad) * scale for s in starts}
+        seam = sorted(e - 1 for e in edges if 1 <= e < lum.shape[axis])
+        same_phase = np.arange(seam[0] % scale, len(grad), scale)
+        interior = np.setdiff1d(same_phase, seam)
+        assert all(e % scale == seam[0] % scale for e in seam)
+        ratios.append(grad[seam].mean() / grad[interior].mean())
+    return float(max(ratios))
 
 
 @pytest.fixture(scope="session")
