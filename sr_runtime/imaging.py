@@ -127,8 +127,6 @@ def decode_pil(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
 
 def decode_array(arr: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Float planes of an HxW / HxWxC (C in 1..4) uint8, uint16 or float [0, 1] array."""
-    if not isinstance(arr, np.ndarray):
-        raise SRInputError(f"expected a path, PIL image or numpy array, got {type(arr).__name__}")
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)):
         raise SRInputError(f"array must be HxW or HxWxC with C in 1..4, got shape {arr.shape}")
     _check_pixels((arr.shape[1], arr.shape[0]), max_pixels, "array")

@@ -33,6 +33,13 @@ def test_pil_modes_keep_mode_size_and_values(upscaler: Upscaler, mode: str, valu
                           np.atleast_1d(expected)[None])
 
 
+def test_float_and_bilevel_pil_modes(upscaler: Upscaler) -> None:
+    out = upscaler.run(Image.new("F", (9, 7), 0.25))
+    assert out.mode == "F" and out.size == (36, 28) and np.allclose(np.asarray(out), 0.25, atol=1e-6)
+    out = upscaler.run(Image.new("1", (9, 7), 1))
+    assert out.mode == "L" and np.all(np.asarray(out) == 255)
+
+
 def test_palette_image_comes_back_as_rgb(upscaler: Upscaler) -> None:
     img = Image.new("P", (20, 20), 1)
     img.putpalette([0, 0, 0, *FLAT_RGBA[:3]] + [0] * 762)
