@@ -124,11 +124,15 @@ def save_atomic(img: Image.Image, dest: Path) -> None:
 
 
 def _fit_format(img: Image.Image, fmt: str) -> Image.Image:
-    """Modes a format cannot store: JPEG has no alpha and no 16-bit, WebP no 16-bit."""
+    """Convert modes a format cannot store to the nearest one it can (only what is needed)."""
+    if img.mode == "F":  # float results: keep 16 bits where the format allows
+        img = Image.fromarray(np.rint(np.asarray(img) * 65535).astype(np.uint16))
     if img.mode == "I;16" and fmt != "PNG":
-        return Image.fromarray((np.asarray(img).astype(np.uint32) * 255 // 65535).astype(np.uint8))
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) * 255 // 65535).astype(np.uint8))
+    if img.mode == "CMYK" and fmt != "JPEG":
+        img = img.convert("RGB")
     if fmt == "JPEG" and img.mode in ("RGBA", "LA"):
-        return img.convert(img.mode[:-1] if img.mode == "LA" else "RGB")
+        img = img.convert(img.mode[:-1] if img.mode == "LA" else "RGB")
     return img
 
 

@@ -83,7 +83,7 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         raise SRInputError(f"{p}: not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError:
         raise SRInputError(f"{p}: refused as a decompression bomb (too many pixels for Pillow)") from None
-    except PermissionError as exc:
+    except OSError as exc:  # permissions, I/O errors
         raise SRInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
 
 

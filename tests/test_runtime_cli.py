@@ -54,6 +54,30 @@ def test_glob_next_to_inputs_with_format_and_suffix(double_model: Path, photos: 
     assert out.format == "JPEG" and out.size == (96, 96)
 
 
+@pytest.mark.parametrize(
+    ("mode", "ext", "saved_mode"),
+    [("CMYK", "png", "RGB"), ("CMYK", "jpg", "CMYK"), ("I;16", "jpg", "L"), ("I;16", "png", "I;16"),
+     ("LA", "jpg", "L"), ("RGBA", "webp", "RGBA"), ("F", "png", "I;16")],
+)
+def test_every_mode_is_saved_in_every_format(double_model: Path, tmp_path: Path, mode: str, ext: str,
+                                             saved_mode: str) -> None:
+    src = tmp_path / "src.tiff"  # TIFF holds all these modes
+    base = Image.fromarray(photo_lr(12))
+    gray = np.asarray(base.convert("L"))
+    if mode == "I;16":
+        img = Image.fromarray(gray.astype(np.uint16) * 257)
+    elif mode == "F":  # float images are taken as [0, 1], like float arrays
+        img = Image.fromarray(gray.astype(np.float32) / 255)
+    else:
+        img = base.convert("RGBA")
+        img.putalpha(128)  # a real alpha: WebP drops an opaque one
+        img = img.convert(mode)
+    img.save(src)
+    assert run_cli(double_model, str(src), "-o", str(tmp_path / "out") + "/", "-f", ext) == 0
+    out = Image.open(tmp_path / "out" / f"src_x4.{ext}")
+    assert out.size == (48, 48) and out.mode.replace("I;16B", "I;16") == saved_mode
+
+
 def test_exit_1_names_each_failed_input_and_keeps_going(double_model: Path, photos: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     broken = photos / "broken.png"
