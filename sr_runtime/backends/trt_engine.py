@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from sr_runtime.backends import resolve_precision
 from sr_runtime.errors import BackendUnavailable
 from sr_runtime.model import ModelSpec, sha256_file
 from sr_runtime.noise import NoiseBank
+
+if TYPE_CHECKING:  # checked against tensorrt-stubs; imported for real only in TensorRTBackend
+    import tensorrt as trt
 
 ENGINE_CACHE_ENV = "SR_ENGINE_CACHE"
 
@@ -90,17 +93,11 @@ def find_engine(directories: list[Path], target: EngineTarget) -> tuple[Path | N
     return None, rejected
 
 
-def _import_cuda() -> tuple[Any, Any]:
-    """(tensorrt, cudart) or BackendUnavailable; also refuses the stubs-only `tensorrt` namespace."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError as exc:
-        raise BackendUnavailable(f"tensorrt is not installed ({exc})") from None
-    if not hasattr(trt, "Runtime"):
-        raise BackendUnavailable("tensorrt is not installed (only its type stubs are)")
+def _import_cudart() -> Any:
+    """cuda-python's runtime module (new layout first, then the pre-12.8 one)."""
     for module in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
-            return trt, importlib.import_module(module)
+            return importlib.import_module(module)
         except ImportError:
             continue
     raise BackendUnavailable("cuda-python is not installed (pip install cuda-python)")
@@ -131,7 +128,13 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, spec: ModelSpec, precision: str, bank: NoiseBank) -> None:
-        trt, cudart = _import_cuda()
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise BackendUnavailable(f"tensorrt is not installed ({exc})") from None
+        if not hasattr(trt, "Runtime"):  # the type stubs alone import as an empty namespace package
+            raise BackendUnavailable("tensorrt is not installed (only its type stubs are)")
+        cudart = _import_cudart()
         cuda = _Cuda(cudart)
         err, count = cudart.cudaGetDeviceCount()
         if err != cudart.cudaError_t.cudaSuccess or count < 1:
@@ -151,28 +154,37 @@ class TensorRTBackend:
         self._cuda = cuda
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._trt_logger)
-        self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self._engine is None:
+        engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
             raise BackendUnavailable(f"TensorRT could not deserialize {engine_path}")
-        self._context = self._engine.create_execution_context()
+        self._engine: trt.ICudaEngine = engine
+        self._context: trt.IExecutionContext = engine.create_execution_context()
         self._lr_shape = (3, *spec.lr_size)
         self._hr_shape = (3, *spec.hr_size)
         self._noise_dim = spec.noise_dim
-        n = bank.max_batch
+        self._row_bytes = spec.noise_dim * np.dtype(np.float32).itemsize
+        self._allocs: list[tuple[str, int]] = []
+        self._stream: Any = None
+        try:
+            self._allocate(bank)
+        except Exception:
+            self.close()
+            raise
+
+    def _allocate(self, bank: NoiseBank) -> None:
+        """Buffers for the largest batch, once; the noise bank is copied to the GPU for good."""
+        rt, cuda, n = self._cuda.rt, self._cuda, bank.max_batch
         f32 = np.dtype(np.float32).itemsize
         lr_bytes = n * int(np.prod(self._lr_shape)) * f32
         hr_bytes = n * int(np.prod(self._hr_shape)) * f32
-        self._stream = cuda(cudart.cudaStreamCreate())
-        self._allocs: list[tuple[str, int]] = []
+        self._stream = cuda(rt.cudaStreamCreate())
         self._d_lr = self._alloc("device", lr_bytes)
         self._d_hr = self._alloc("device", hr_bytes)
         self._d_noise = self._alloc("device", bank.data.nbytes)
         self._h_lr = self._pinned(lr_bytes, (n, *self._lr_shape))
         self._h_hr = self._pinned(hr_bytes, (n, *self._hr_shape))
-        # The noise bank lives on the GPU from here on; batches bind a pointer into it.
-        cuda(cudart.cudaMemcpy(self._d_noise, bank.data.ctypes.data, bank.data.nbytes,
-                               cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-        self._row_bytes = spec.noise_dim * f32
+        cuda(rt.cudaMemcpy(self._d_noise, bank.data.ctypes.data, bank.data.nbytes,
+                           rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
 
     def _locate_engine(self, spec: ModelSpec, target: EngineTarget, onnx_path: Path) -> Path:
         cache = engine_cache_dir()
@@ -216,11 +228,15 @@ class TensorRTBackend:
         stream = self._stream
         cuda(rt.cudaMemcpyAsync(self._d_lr, self._h_lr.ctypes.data, lr.nbytes,
                                 rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-        ctx.set_input_shape("lr", (n, *self._lr_shape))
-        ctx.set_input_shape("noise", (n, self._noise_dim))
-        ctx.set_tensor_address("lr", self._d_lr)
-        ctx.set_tensor_address("noise", self._d_noise + noise_start * self._row_bytes)
-        ctx.set_tensor_address("hr", self._d_hr)
+        ok = (
+            ctx.set_input_shape("lr", (n, *self._lr_shape))
+            and ctx.set_input_shape("noise", (n, self._noise_dim))
+            and ctx.set_tensor_address("lr", self._d_lr)
+            and ctx.set_tensor_address("noise", self._d_noise + noise_start * self._row_bytes)
+            and ctx.set_tensor_address("hr", self._d_hr)
+        )
+        if not ok:
+            raise RuntimeError(f"TensorRT engine rejected a batch of {n} (shapes or tensor names lr/noise/hr)")
         if not ctx.execute_async_v3(int(stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         out_bytes = n * self._h_hr[0].nbytes
