@@ -140,6 +140,23 @@ def test_one_upscaler_shared_by_threads_gives_the_same_results(double_model: Pat
     assert all(np.array_equal(results[i], expected[i]) for i in range(len(images)))
 
 
+@pytest.mark.gpu
+def test_onnxruntime_cuda_matches_cpu(double_model: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here (onnxruntime-gpu not installed)")
+    photo = photo_lr(64)
+    try:
+        gpu = Upscaler(double_model, backend="cuda", precision="fp32", temperature=0.5, seed=2)
+    except BackendUnavailable as exc:
+        pytest.skip(f"CUDA backend cannot run here: {exc}")
+    with gpu, Upscaler(double_model, backend="cpu", temperature=0.5, seed=2) as cpu:
+        assert gpu.backend == "onnxruntime-cuda"
+        diff = np.abs(gpu.run(photo).astype(int) - cpu.run(photo).astype(int))
+    assert diff.max() <= 1  # same noise rows bound by pointer on the GPU as sliced on the CPU
+
+
 # --- TensorRT ----------------------------------------------------------------
 
 TARGET = EngineTarget("abc", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0", "fp16", 8)
@@ -193,10 +210,10 @@ def test_tensorrt_backend_matches_onnxruntime(double_model: Path, tmp_path: Path
     monkeypatch.setenv("SR_ENGINE_CACHE", str(tmp_path / "cache"))
     photo = photo_lr(64)
     try:
-        trt_up = Upscaler(double_model, backend="tensorrt", precision="fp32")
+        trt_up = Upscaler(double_model, backend="tensorrt", precision="fp32", temperature=0.5, seed=2)
     except BackendUnavailable as exc:
         pytest.skip(f"TensorRT backend cannot run here: {exc}")
-    with trt_up, Upscaler(double_model, backend="cpu") as cpu:
+    with trt_up, Upscaler(double_model, backend="cpu", temperature=0.5, seed=2) as cpu:
         assert trt_up.backend == "tensorrt"
         diff = np.abs(trt_up.run(photo).astype(int) - cpu.run(photo).astype(int))
     assert diff.max() <= 2
