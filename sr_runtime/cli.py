@@ -90,9 +90,9 @@ def expand_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, 
     return list(unique.values()), missing
 
 
-def output_path(src: Path, args: argparse.Namespace, n_inputs: int) -> Path:
+def output_path(src: Path, args: argparse.Namespace) -> Path:
     """Where `src`'s result goes: `-o` file, or `<folder>/<stem><suffix>.<ext>`."""
-    if args.output and n_inputs == 1 and not _is_folder(args.output):
+    if args.output and _output_is_file(args.output):
         out = Path(args.output)
         if args.ext:
             out = out.with_suffix("." + args.ext)
@@ -102,8 +102,9 @@ def output_path(src: Path, args: argparse.Namespace, n_inputs: int) -> Path:
     return folder / f"{src.stem}{args.suffix}.{ext}"
 
 
-def _is_folder(out: str) -> bool:
-    return out.endswith(("/", os.sep)) or Path(out).is_dir()
+def _output_is_file(out: str) -> bool:
+    """`-o` names a file when it has an extension and is not an existing folder; else a folder."""
+    return not out.endswith(("/", os.sep)) and not Path(out).is_dir() and Path(out).suffix != ""
 
 
 def save_atomic(img: Image.Image, dest: Path) -> None:
@@ -169,9 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         samples = _validate(args)
         sources, unmatched = expand_inputs(args.inputs)
-        if args.output and len(sources) > 1 and not _is_folder(args.output) and Path(args.output).suffix:
-            raise UsageError(f"-o {args.output} looks like a file but there are {len(sources)} inputs; "
-                             "give a folder")
+        if args.output and _output_is_file(args.output):
+            if len(sources) > 1:
+                raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
+            if Path(args.output).suffix.lower().lstrip(".") not in FORMATS and not args.ext:
+                raise UsageError(f"-o {args.output}: unknown output format (use .png, .jpg or .webp)")
         upscaler = Upscaler(
             args.model, backend=args.backend, temperature=args.temperature, seed=args.seed,
             tile_overlap=args.tile_overlap, batch_size=args.batch_size, precision=args.precision,
@@ -189,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
             for src in files:
                 try:
-                    _process(upscaler, src, output_path(src, args, len(sources)), inputs, written, samples, args)
+                    _process(upscaler, src, output_path(src, args), inputs, written, samples, args)
                 except (SRInputError, OSError) as exc:
                     failures.append(str(exc) if isinstance(exc, SRInputError) else f"{src}: {exc}")
     except KeyboardInterrupt:

@@ -130,6 +130,12 @@ def test_usage_errors_exit_2_without_traceback(double_model: Path, photos: Path,
 def test_one_file_output_for_many_inputs_is_a_usage_error(double_model: Path, photos: Path,
                                                           tmp_path: Path) -> None:
     assert run_cli(double_model, str(photos), "-o", str(tmp_path / "one.png")) == 2
+    assert run_cli(double_model, str(photos / "a.png"), "-o", str(tmp_path / "one.tif")) == 2
+
+
+def test_output_without_extension_is_a_folder(double_model: Path, photos: Path, tmp_path: Path) -> None:
+    assert run_cli(double_model, str(photos / "a.png"), "-o", str(tmp_path / "results")) == 0
+    assert (tmp_path / "results" / "a_x4.png").is_file()
 
 
 def test_std_map_is_written_as_16_bit(double_model: Path, photos: Path, tmp_path: Path) -> None:
