@@ -430,6 +430,9 @@ def dmol_autoregress(x: Tensor, coeffs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
+LR_SKIP_INIT_LOG_SCALE = -4.0
+
+
 class VDVAESR(nn.Module):
     """HR encoder + LR encoder + conditional top-down decoder + DMoL head."""
 
@@ -441,6 +444,14 @@ class VDVAESR(nn.Module):
         self.lr_encoder = Encoder(config.lr_enc_blocks, widths, config.lr_size, config.bottleneck_multiple)
         self.lr_resolutions = encoder_resolutions(config.lr_enc_blocks, config.lr_size)
         self.decoder = Decoder(config, self.lr_resolutions)
+        if config.lr_skip:
+            # Start exactly at the bicubic image (zero head weights) with logistic scales
+            # near bicubic's error (e^-4 ~ 2 grey levels) instead of VDVAE's e^0 = the
+            # whole range: otherwise thousands of CPU steps go into shrinking one bias.
+            m = config.num_mixtures
+            nn.init.zeros_(self.decoder.out_conv.weight)
+            bias = self.decoder.out_conv.bias.data.view(-1)[m:].view(3, 3 * m)
+            bias[:, m : 2 * m] = LR_SKIP_INIT_LOG_SCALE
 
     # -- preprocessing -------------------------------------------------------
     def encoder_input(self, img01: Tensor) -> Tensor:
