@@ -123,7 +123,7 @@ def test_sr_eval_on_a_checkpoint_matches_the_model(tmp_path: Path) -> None:
     assert hr_size == 256 and "step 5" in label
     _, lr = ev.prepare_eval_pair(_photos(1)["img0.png"], 256)
     out = sample(lr[None], 0.5, 3)
-    ref = model.sample_seeded(torch.from_numpy(lr[None]).permute(0, 3, 1, 2) / 255.0, 0.5, 3)
+    ref = model.sample_seeded(torch.tensor(lr[None]).permute(0, 3, 1, 2) / 255.0, 0.5, 3)
     expected = (ref.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(sample(lr[None], 0.5, 3), out)  # seeded: repeatable
