@@ -1,0 +1,160 @@
+"""FP32 ONNX export of ``VDVAESR.sample`` (deterministic head) and the structural checks.
+
+The graph takes ``lr`` [N,3,h,w] in [0,1] and one packed ``noise`` [N, noise_dim]
+(standard normal x temperature, laid out exactly as ``model.unpack_noise``
+reads it) and returns ``hr`` [N,3,4h,4w] in [0,1]. Only the batch axis is
+dynamic: the decoder has fixed-size bias tensors and a 1x1 top.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from sr_export.files import atomic_write_bytes
+from sr_train.model import VDVAESR
+
+# Opset 17 silently produces an invalid Split for the latent chunks; 18 is the floor.
+OPSET = 18
+INPUT_NAMES = ("lr", "noise")
+OUTPUT_NAME = "hr"
+
+
+class SampleGraph(nn.Module):
+    """``model.sample(lr, noise)`` as a two-input module, the shape the exporter traces."""
+
+    def __init__(self, model: VDVAESR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, lr: Tensor, noise: Tensor) -> Tensor:
+        return self.model.sample(lr, noise)
+
+
+def export_fp32(model: VDVAESR, path: str | Path, opset: int = OPSET, example_batch: int = 2) -> onnx.ModelProto:
+    """Export with the dynamo exporter; the example batch must be >= 2 or the batch axis is frozen to 1."""
+    if opset < OPSET:
+        raise ValueError(f"opset {opset} < {OPSET}: opset 17 emits an invalid Split for this model")
+    if example_batch < 2:
+        raise ValueError("example_batch must be >= 2 (a batch of 1 gets specialised into the graph)")
+    cfg = model.config
+    graph = SampleGraph(model).eval()
+    gen = torch.Generator().manual_seed(0)
+    lr = torch.rand(example_batch, 3, cfg.lr_size, cfg.lr_size, generator=gen)
+    noise = torch.randn(example_batch, model.noise_dim, generator=gen)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.export's own deprecation chatter, not about this model.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(
+            graph,
+            (lr, noise),
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"lr": {0: batch}, "noise": {0: batch}},
+            external_data=False,
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    strip_metadata(proto)
+    assert_no_random_ops(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return proto
+
+
+SCOPE_KEY = "scope"
+
+
+def strip_metadata(proto: onnx.ModelProto) -> None:
+    """Replace the exporter's debug metadata (two thirds of the file, with local paths) by one key.
+
+    Each node keeps ``scope``: the PyTorch module it came from (``decoder.dec_blocks.3.resnet.c1``),
+    so the FP16 pass can say which part of the model a tensor belongs to.
+    """
+    del proto.metadata_props[:]
+    for node in proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        del node.metadata_props[:]
+        path = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        if len(path) >= 2 and path[-2]:
+            node.metadata_props.add(key=SCOPE_KEY, value=path[-2].removeprefix("model."))
+    for vi in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        del vi.metadata_props[:]
+
+
+def node_scope(node: onnx.NodeProto) -> str:
+    """The module path :func:`strip_metadata` recorded, or '' for glue ops outside any submodule."""
+    return next((p.value for p in node.metadata_props if p.key == SCOPE_KEY), "")
+
+
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def assert_no_random_ops(proto: onnx.ModelProto) -> None:
+    """DESIGN §5: the noise is an input; a random op in the graph would make engines non-reproducible."""
+    found = sorted({n.op_type for n in proto.graph.node if n.op_type in RANDOM_OPS})
+    if found:
+        raise RuntimeError(f"exported graph contains random ops {found}")
+
+
+def op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type, most common first (for the summary)."""
+    return dict(Counter(n.op_type for n in proto.graph.node).most_common())
+
+
+@dataclass(frozen=True)
+class LintResult:
+    """polygraphy's verdict; ``ran`` is False (with ``detail`` saying why) where it is unavailable."""
+
+    ran: bool
+    passed: bool
+    detail: str
+
+
+def check_onnx(path: str | Path) -> None:
+    """onnx.checker with full shape/type inference; raises onnx.checker.ValidationError."""
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def polygraphy_lint(path: str | Path, input_shapes: dict[str, tuple[int, ...]]) -> LintResult:
+    """Run ``polygraphy check lint`` (it needs onnx-graphsurgeon) and read its JSON report."""
+    exe = Path(sys.executable).with_name("polygraphy")
+    cmd = str(exe) if exe.is_file() else shutil.which("polygraphy")
+    if cmd is None:
+        return LintResult(False, False, "polygraphy is not installed")
+    shapes = [f"{name}:{list(shape)}".replace(" ", "") for name, shape in input_shapes.items()]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "lint.json"
+        proc = subprocess.run(
+            [cmd, "check", "lint", str(path), "-o", str(report), "--input-shapes", *shapes],
+            capture_output=True, text=True, check=False,
+        )
+        if not report.is_file():
+            last = (proc.stdout + proc.stderr).strip().splitlines()
+            reason = next((ln for ln in reversed(last) if "required" in ln or "Error" in ln), last[-1] if last else "")
+            return LintResult(False, False, f"polygraphy lint did not run: {reason.strip()}")
+        data = json.loads(report.read_text())
+    failing = data.get("summary", {}).get("failing", [])
+    entries = data.get("lint_entries", [])
+    errors = [e for e in entries if str(e.get("level", "")).lower() == "exception"]
+    passed = not failing and not errors and proc.returncode == 0
+    detail = f"{len(data.get('summary', {}).get('passing', []))} nodes passing, {len(failing)} failing"
+    if entries:
+        detail += "; " + "; ".join(str(e.get("message", e))[:120] for e in entries[:3])
+    return LintResult(True, passed, detail)
