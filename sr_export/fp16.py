@@ -1,0 +1,361 @@
+"""FP16 ONNX with FP32 I/O and FP32 islands chosen by measured activation ranges.
+
+TensorRT 11 has no FP16 builder flag: precision must live in the network
+(strongly typed), so the FP16 graph is made here. Procedure:
+
+1. ``measure_ranges``: run the FP32 graph in ONNX Runtime on calibration
+   inputs (real photos at several temperatures, plus extreme images) with every
+   intermediate tensor exposed, recording max |x| per tensor.
+2. ``fp32_island``: a node stays FP32 when any float tensor it reads or writes
+   exceeds ``limit`` (well below FP16's 65504, leaving headroom for images the
+   calibration did not see and for the precision lost at large magnitudes), or
+   when it is an op this converter cannot retype.
+3. ``convert_to_fp16``: every other node computes in FP16; weights feeding only
+   FP16 nodes are stored as FP16; Casts are inserted at every precision
+   boundary; inputs and outputs stay FP32.
+4. ``choose_fp16``: verify on held-out photo crops against the FP32 graph; if
+   PSNR falls short or anything is non-finite, lower ``limit`` (a larger FP32
+   island) and try again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sr_export.onnx_export import node_scope
+
+FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
+FP16_MAX = 65504.0
+# Float inputs that are parameters, not data: they keep FP32 whatever the node computes in.
+NON_DATA_INPUTS: dict[str, frozenset[int]] = {"Resize": frozenset({1, 2}), "Upsample": frozenset({1})}
+# Ops whose output type is set by an attribute this converter knows how to retype.
+RETYPED_OPS = frozenset({"Cast", "ConstantOfShape", "Constant"})
+# Any other op with a type attribute stays FP32 rather than be converted wrongly.
+TYPE_ATTRS = frozenset({"to", "dtype", "output_dtype"})
+# Thresholds tried in order by choose_fp16: FP16 max / 16, then ever larger FP32 islands.
+DEFAULT_LIMITS = (4096.0, 1024.0, 256.0, 64.0, 16.0)
+PSNR_CAP_DB = 200.0
+
+
+def float_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor in the graph (after ONNX shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.input, *g.value_info, *g.output)}
+    types.update({init.name: init.data_type for init in g.initializer})
+    return types
+
+
+def _named(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes all have unique names (the island is a set of node names)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    seen: set[str] = set()
+    for i, node in enumerate(out.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return out
+
+
+def measure_ranges(
+    proto: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], budget_bytes: int = 1 << 29
+) -> dict[str, float]:
+    """max |x| of every float tensor (node outputs, graph inputs, initializers) over ``feeds``.
+
+    ORT runs without graph fusions so every tensor of the graph exists; outputs
+    are fetched in groups of at most ``budget_bytes`` so large models fit in memory.
+    Non-finite values count as infinite.
+    """
+    proto = _named(proto)
+    types = float_types(proto)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {vi.name: vi.type.tensor_type.shape for vi in (*inferred.graph.value_info, *inferred.graph.output)}
+    produced = [o for n in proto.graph.node for o in n.output if o and types.get(o) == FLOAT]
+    existing = {o.name for o in proto.graph.output}
+    for name in produced:
+        if name not in existing:
+            proto.graph.output.append(helper.make_tensor_value_info(name, FLOAT, None))
+    session = cpu_session_from_proto(proto)
+    ranges: dict[str, float] = {name: 0.0 for name in produced}
+    for init in proto.graph.initializer:
+        if init.data_type == FLOAT:
+            arr = numpy_helper.to_array(init)
+            ranges[init.name] = float(np.abs(arr).max()) if arr.size else 0.0
+    for feed in feeds:
+        batch = next(iter(feed.values())).shape[0]
+        for group in _groups(produced, shapes, batch, budget_bytes):
+            for name, value in zip(group, session.run(group, feed)):
+                peak = float(np.abs(value).max()) if np.isfinite(value).all() else math.inf
+                ranges[name] = max(ranges[name], peak)
+        for name, value in feed.items():
+            ranges[name] = max(ranges.get(name, 0.0), float(np.abs(value).max()))
+    return ranges
+
+
+def cpu_session_from_proto(proto: onnx.ModelProto) -> Any:
+    """An unoptimised ORT CPU session on an in-memory model (serialised to a temp file by ORT's API)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _groups(names: list[str], shapes: dict[str, Any], batch: int, budget: int) -> list[list[str]]:
+    """Split ``names`` so each group's float32 tensors together stay under ``budget`` bytes."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        dims = shapes[name].dim if name in shapes else []
+        size = 4 * math.prod(d.dim_value if d.HasField("dim_value") else batch for d in dims)
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _data_inputs(node: onnx.NodeProto) -> list[tuple[int, str]]:
+    skip = NON_DATA_INPUTS.get(node.op_type, frozenset())
+    return [(i, name) for i, name in enumerate(node.input) if name and i not in skip]
+
+
+def fp32_island(proto: onnx.ModelProto, ranges: dict[str, float], limit: float) -> dict[str, str]:
+    """Node name -> why it stays FP32: a float tensor it touches exceeds ``limit``, or an unconvertible op."""
+    proto = _named(proto)
+    types = float_types(proto)
+    keep: dict[str, str] = {}
+    for node in proto.graph.node:
+        attrs = {a.name for a in node.attribute}
+        if node.op_type not in RETYPED_OPS and attrs & TYPE_ATTRS:
+            keep[node.name] = f"{node.op_type} has a type attribute this converter does not retype"
+            continue
+        touched = [t for _, t in _data_inputs(node)] + list(node.output)
+        peaks = [(ranges.get(t, 0.0), t) for t in touched if types.get(t) == FLOAT]
+        if peaks:
+            peak, tensor = max(peaks)
+            if peak > limit:
+                keep[node.name] = f"max|{tensor}| = {peak:.4g} > {limit:g}"
+    return keep
+
+
+def convert_to_fp16(proto: onnx.ModelProto, keep_fp32: Iterable[str]) -> onnx.ModelProto:
+    """FP16 everywhere except the nodes in ``keep_fp32``; FP32 graph inputs and outputs; Casts at boundaries."""
+    model = _named(proto)
+    keep = set(keep_fp32)
+    types = float_types(model)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+
+    def computes_fp16(node: onnx.NodeProto) -> bool:
+        return node.name not in keep
+
+    # Which precision each consumer wants from each float tensor.
+    wanted: dict[str, set[int]] = {}
+    for node in g.node:
+        want = FLOAT16 if computes_fp16(node) else FLOAT
+        for i, name in enumerate(node.input):
+            if name and types.get(name) == FLOAT:
+                is_data = i not in NON_DATA_INPUTS.get(node.op_type, frozenset())
+                wanted.setdefault(name, set()).add(want if is_data else FLOAT)
+    for out in g.output:
+        wanted.setdefault(out.name, set()).add(FLOAT)
+
+    # Weights read only in FP16 are stored in FP16 (halves the file); shared ones get a Cast.
+    held: dict[str, int] = {name: FLOAT for name in graph_inputs if types.get(name) == FLOAT}
+    for name, init in inits.items():
+        if init.data_type != FLOAT:
+            continue
+        if wanted.get(name) == {FLOAT16} and name not in graph_inputs:
+            arr = numpy_helper.to_array(init).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16), name))
+            held[name] = FLOAT16
+        else:
+            held[name] = FLOAT
+
+    casts: dict[tuple[str, int], str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+
+    def as_type(name: str, dtype: int) -> str:
+        if held.get(name, dtype) == dtype:
+            return name
+        key = (name, dtype)
+        if key not in casts:
+            suffix = "fp16" if dtype == FLOAT16 else "fp32"
+            casts[key] = f"{name}__{suffix}"
+            new_nodes.append(helper.make_node("Cast", [name], [casts[key]], name=f"Cast_{name}__{suffix}", to=dtype))
+        return casts[key]
+
+    for node in g.node:
+        dtype = FLOAT16 if computes_fp16(node) else FLOAT
+        for i, name in enumerate(node.input):
+            if name and types.get(name) == FLOAT:
+                is_data = i not in NON_DATA_INPUTS.get(node.op_type, frozenset())
+                node.input[i] = as_type(name, dtype if is_data else FLOAT)
+        if dtype == FLOAT16:
+            _retype_attributes(node)
+        for out in node.output:
+            if out and types.get(out) == FLOAT:
+                held[out] = dtype
+        new_nodes.append(node)
+
+    # Graph outputs stay FP32: the producer writes <name>__fp16, a final Cast restores <name>.
+    for out in g.output:
+        if held.get(out.name) == FLOAT16:
+            inner = f"{out.name}__fp16"
+            for node in new_nodes:
+                node.output[:] = [inner if o == out.name else o for o in node.output]
+                node.input[:] = [inner if i == out.name else i for i in node.input]
+            new_nodes.append(helper.make_node("Cast", [inner], [out.name], name=f"Cast_{out.name}__out", to=FLOAT))
+
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _retype_attributes(node: onnx.NodeProto) -> None:
+    """Make an FP16 node's type-bearing attributes produce FP16 instead of FP32."""
+    if node.op_type == "Cast":
+        for a in node.attribute:
+            if a.name == "to" and a.i == FLOAT:
+                a.i = FLOAT16
+    elif node.op_type in ("ConstantOfShape", "Constant"):
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if value is None and node.op_type == "ConstantOfShape":  # default: float32 zero
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
+        elif value is not None and value.t.data_type == FLOAT:
+            arr = numpy_helper.to_array(value.t).astype(np.float16)
+            value.t.CopyFrom(numpy_helper.from_array(arr, value.t.name))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two [0, 1] images (capped at PSNR_CAP_DB for identical ones)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse == 0.0 else min(PSNR_CAP_DB, 10.0 * math.log10(1.0 / mse))
+
+
+# A pixel whose FP16 output differs by more than this (5/255) is counted as an outlier: in
+# practice the deterministic head's argmax picked another mixture component on a near-tie.
+OUTLIER_ABS = 0.02
+
+
+@dataclass
+class Fp16Check:
+    """FP16 vs FP32 on held-out inputs: worst per-image PSNR, outlier pixels, finiteness."""
+
+    min_psnr_db: float
+    per_case_psnr_db: dict[str, float]
+    outlier_pixel_fraction: float
+    max_abs_err: float
+    all_finite: bool
+    non_finite_cases: list[str] = field(default_factory=list)
+
+    def ok(self, target_db: float) -> bool:
+        return self.all_finite and self.min_psnr_db >= target_db
+
+
+def verify_fp16(
+    fp32: onnx.ModelProto, fp16: onnx.ModelProto, cases: dict[str, dict[str, np.ndarray]]
+) -> Fp16Check:
+    """Run both graphs on every case with ORT CPU, unfused, so each op's output is rounded to FP16.
+
+    ORT CPU lacks FP16 kernels for some ops and computes those in FP32 between
+    Casts; intermediate tensors are still stored in FP16, which is where the
+    error comes from, but TensorRT's numbers must be checked on the GPU too
+    (README: polygraphy run --trt --onnxrt).
+    """
+    s32, s16 = cpu_session_from_proto(fp32), cpu_session_from_proto(fp16)
+    per_case: dict[str, float] = {}
+    bad: list[str] = []
+    outliers = pixels = 0
+    worst = 0.0
+    for label, feed in cases.items():
+        ref = s32.run(["hr"], feed)[0]
+        out = s16.run(["hr"], feed)[0]
+        if not np.isfinite(out).all():
+            bad.append(label)
+            continue
+        err = np.abs(out.astype(np.float64) - ref).max(axis=1)
+        outliers += int((err > OUTLIER_ABS).sum())
+        pixels += err.size
+        worst = max(worst, float(err.max()))
+        for k in range(out.shape[0]):
+            per_case[f"{label}[{k}]"] = psnr(out[k], ref[k])
+    return Fp16Check(
+        min_psnr_db=min(per_case.values()) if per_case else -math.inf,
+        per_case_psnr_db=per_case,
+        outlier_pixel_fraction=outliers / pixels if pixels else 0.0,
+        max_abs_err=worst,
+        all_finite=not bad,
+        non_finite_cases=bad,
+    )
+
+
+@dataclass
+class Fp16Result:
+    """The chosen FP16 graph and the evidence for it."""
+
+    model: onnx.ModelProto
+    limit: float
+    island: dict[str, str]
+    check: Fp16Check
+    tried: list[dict[str, Any]]
+
+    def island_summary(self, fp32: onnx.ModelProto) -> dict[str, Any]:
+        """FP32 nodes grouped by module scope and op type (the per-node list is long)."""
+        by_name = {n.name: n for n in _named(fp32).graph.node}
+        scopes: Counter[str] = Counter()
+        ops: Counter[str] = Counter()
+        for name in self.island:
+            node = by_name[name]
+            scopes[_coarse_scope(node_scope(node))] += 1
+            ops[node.op_type] += 1
+        return {
+            "limit_abs": self.limit,
+            "nodes": len(self.island),
+            "of_nodes": len(fp32.graph.node),
+            "by_scope": dict(scopes.most_common()),
+            "by_op": dict(ops.most_common()),
+        }
+
+
+def _coarse_scope(scope: str) -> str:
+    """decoder.dec_blocks.7.resnet.c2 -> decoder.dec_blocks.7.resnet: a readable grouping."""
+    parts = scope.split(".")
+    return ".".join(parts[:4]) if parts and parts[0] == "decoder" else ".".join(parts[:3]) or "(top level)"
+
+
+def choose_fp16(
+    fp32: onnx.ModelProto,
+    calibration: Sequence[dict[str, np.ndarray]],
+    held_out: dict[str, dict[str, np.ndarray]],
+    target_psnr_db: float = 40.0,
+    limits: Sequence[float] = DEFAULT_LIMITS,
+) -> Fp16Result:
+    """Measure ranges once, then lower the FP32 threshold until the held-out check passes."""
+    ranges = measure_ranges(fp32, calibration)
+    tried: list[dict[str, Any]] = []
+    for limit in limits:
+        island = fp32_island(fp32, ranges, limit)
+        model = convert_to_fp16(fp32, island)
+        check = verify_fp16(fp32, model, held_out)
+        tried.append({"limit_abs": limit, "fp32_nodes": len(island), "min_psnr_db": check.min_psnr_db,
+                      "all_finite": check.all_finite})
+        if check.ok(target_psnr_db):
+            return Fp16Result(model, limit, island, check, tried)
+    raise RuntimeError(f"no FP32 island reached {target_psnr_db} dB without NaN/Inf: {tried}")
