@@ -1,0 +1,191 @@
+"""``sr-export``: write a model directory (FP32 + FP16 ONNX, manifest) and optionally TensorRT engines.
+
+Examples::
+
+    sr-export --res 256                      # the shipped default, from engines/vdvae-sr-256/checkpoint/
+    sr-export --checkpoint runs/x/ckpt --out out/x
+    sr-export --preset paper-256 --random-weights --out out/paper-256   # cost/benchmark model
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sr_export.tensorrt import (
+    EngineUnavailable,
+    build_engine,
+    check_batch,
+    default_cache_dir,
+    engine_unavailable_reason,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENGINES_DIR = REPO_ROOT / "engines"
+# --res -> the preset of the shipped model at that HR size (its random-weights stand-in).
+DEFAULT_PRESETS = {256: "small-256"}
+
+
+def model_dir_for(res: int) -> Path:
+    """engines/vdvae-sr-<res>/: where the shipped model for that HR tile size lives."""
+    return ENGINES_DIR / f"vdvae-sr-{res}"
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """'1,4,16' -> (1, 4, 16), validated."""
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+        return check_batch(parts)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--batch MIN,OPT,MAX: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sr-export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", type=Path, help="export this checkpoint directory (config.json + model.safetensors)")
+    src.add_argument("--preset", help="a model preset (e.g. paper-256); needs --random-weights")
+    p.add_argument("--res", type=int, help="HR tile size of the shipped model to export (default 256)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="use freshly initialised weights (cost/benchmark models, or a stand-in until a checkpoint exists)")
+    p.add_argument("--out", type=Path, help="output directory (default engines/vdvae-sr-<res>/ for the shipped model)")
+    p.add_argument("--batch", type=parse_batch, default=(1, 4, 16), help="engine batch profile MIN,OPT,MAX (default 1,4,16)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "both"), default="both",
+                   help="which graphs/engines: fp32 skips the FP16 graph; fp16 and both write both ONNX "
+                        "files (the FP16 one is derived from and checked against FP32), engines for the named ones")
+    p.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
+                   help="TensorRT engine: auto builds where TensorRT and a GPU exist; on fails without them")
+    p.add_argument("--engine-cache", type=Path, help=f"engine cache directory (default {default_cache_dir()})")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and check noise")
+    return p
+
+
+def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, str]:
+    """(model, checkpoint info, out dir, model name) from the CLI's source options; SystemExit(2) with a reason."""
+    import torch
+
+    from sr_train.checkpoint import CheckpointError, load_checkpoint
+    from sr_train.model import VDVAESR, preset
+
+    def random_model(preset_name: str) -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(args.seed)
+        model = VDVAESR(preset(preset_name))
+        info = {"step": None, "weights_sha256": None, "random_weights": True, "preset": preset_name, "seed": args.seed}
+        return model, info
+
+    if args.checkpoint is not None or args.preset is not None:
+        if args.out is None:
+            raise SystemExit("sr-export: --out is required with --checkpoint/--preset "
+                             "(so a one-off export never overwrites the shipped model in engines/)")
+        if args.preset is not None:
+            if not args.random_weights:
+                raise SystemExit(f"sr-export: preset {args.preset!r} has no trained weights; add --random-weights "
+                                 "for a cost/benchmark model, or export a checkpoint with --checkpoint")
+            model, info = random_model(args.preset)
+        else:
+            try:
+                model, meta = load_checkpoint(args.checkpoint)
+            except CheckpointError as exc:
+                raise SystemExit(f"sr-export: {exc}") from None
+            info = checkpoint_info(meta, args.checkpoint)
+        if args.res is not None and args.res != model.config.hr_size:
+            raise SystemExit(f"sr-export: --res {args.res} but the model's HR size is {model.config.hr_size}")
+        return model, info, args.out, args.out.name
+
+    res = args.res if args.res is not None else 256
+    home = model_dir_for(res)
+    ckpt = home / "checkpoint"
+    if (ckpt / "config.json").is_file():
+        try:
+            model, meta = load_checkpoint(ckpt)
+        except CheckpointError as exc:
+            raise SystemExit(f"sr-export: {exc}") from None
+        if model.config.hr_size != res:
+            raise SystemExit(f"sr-export: {ckpt} has HR size {model.config.hr_size}, not {res}")
+        return model, checkpoint_info(meta, ckpt), args.out or home, home.name
+    if not args.random_weights:
+        raise SystemExit(f"sr-export: no trained checkpoint at {ckpt} (config.json missing). Export one with "
+                         "--checkpoint DIR, or pass --random-weights for a clearly-labelled untrained stand-in.")
+    if res not in DEFAULT_PRESETS:
+        raise SystemExit(f"sr-export: no default model for --res {res} (known: {sorted(DEFAULT_PRESETS)}); "
+                         "use --preset NAME --random-weights --out DIR")
+    model, info = random_model(DEFAULT_PRESETS[res])
+    return model, info, args.out or home, home.name
+
+
+def checkpoint_info(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The manifest's ``checkpoint`` block: where the weights came from."""
+    try:
+        shown = str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        shown = str(path)
+    return {"step": meta.get("step"), "weights_sha256": meta.get("weights_sha256"), "weights": meta.get("weights"),
+            "random_weights": False, "path": shown}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    wanted = ["fp32", "fp16"] if args.precision == "both" else [args.precision]
+    no_engine = None if args.engine == "off" else engine_unavailable_reason()
+    if args.engine == "on" and no_engine is not None:
+        print(f"sr-export: --engine on, but no TensorRT engine can be built here: {no_engine}", file=sys.stderr)
+        return 1
+
+    model, info, out, name = load_source(args)
+    if info["random_weights"]:
+        print(f"WARNING: RANDOM WEIGHTS - exporting an untrained {info['preset']} (seed {args.seed}); "
+              "its output is not super-resolution, use it only for testing and cost measurements")
+
+    from sr_export.pipeline import ExportCheckFailed, ExportOptions, export_model_dir
+
+    opts = ExportOptions(out_dir=out, name=name, batch=args.batch, fp16=args.precision != "fp32", seed=args.seed)
+    print(f"sr-export: {name} ({model.config.name}, noise_dim {model.noise_dim}) -> {out}")
+    try:
+        report = export_model_dir(model, info, opts)
+    except ExportCheckFailed as exc:
+        print(f"sr-export: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print_summary(report)
+
+    if args.engine == "off":
+        print("engine: not built (--engine off)")
+        return 0
+    if no_engine is not None:
+        print(f"engine: not built: {no_engine}")
+        return 0
+    cache = args.engine_cache or default_cache_dir()
+    try:
+        for precision in wanted:
+            path = build_engine(report.files[precision], cache, precision=precision, batch=args.batch,
+                                model_config=report.manifest["model_config"])
+            print(f"engine: {precision}: {path}")
+    except (EngineUnavailable, RuntimeError) as exc:
+        print(f"engine: build failed: {exc}", file=sys.stderr)
+        return 1 if args.engine == "on" else 0
+    return 0
+
+
+def print_summary(report: Any) -> None:
+    """Files, sizes, node counts, parity errors, FP16 PSNR and FP32 islands, one fact per line."""
+    m = report.manifest
+    print("summary:")
+    for key, path in report.files.items():
+        entry = m["onnx"].get(key, {})
+        nodes = f", {entry['nodes']} nodes" if "nodes" in entry else ""
+        print(f"  {key:8s} {path}  {path.stat().st_size / 1e6:.2f} MB{nodes}")
+    print(f"  lint     {'passed' if report.lint.passed else 'not run' if not report.lint.ran else 'FAILED'}: "
+          f"{report.lint.detail}")
+    for c in report.parity:
+        ties = f" ({c.near_tie_pixels} near-tie px; max on others {c.max_abs_err_non_tie:.2e})" if c.near_tie_pixels else ""
+        print(f"  parity   t={c.temperature:g} batch={c.batch}: max |ORT - torch| = {c.max_abs_err:.2e}{ties}")
+    if report.fp16 is not None:
+        chk, isl = report.fp16.check, m["onnx"]["fp16"]["fp32_island"]
+        print(f"  fp16     PSNR vs FP32 >= {chk.min_psnr_db:.2f} dB (worst held-out image), "
+              f"outlier px (>0.02) {chk.outlier_pixel_fraction:.4%}, finite on extremes: {chk.all_finite}")
+        print(f"  fp16     FP32 island: {isl['nodes']}/{isl['of_nodes']} nodes (|x| > {isl['limit_abs']:g}) "
+              f"{isl['by_scope'] or ''}")
+    print(f"  seconds  {m['export_seconds']}")

@@ -1,0 +1,218 @@
+"""The whole export of one model into a model directory: ONNX files, checks, manifest.
+
+Order matters for readers: ONNX files are written (atomically) first and
+``manifest.json`` last, so a manifest never names a file that is not there,
+and the sha256 it records lets the runtime detect a half-updated directory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from sr_export.calibration import extreme_lr_batch, photo_lr_batch
+from sr_export.files import atomic_write_bytes, atomic_write_json, sha256_file
+from sr_export.fp16 import Fp16Result, choose_fp16
+from sr_export.onnx_export import (
+    OPSET,
+    LintResult,
+    check_onnx,
+    export_fp32,
+    op_histogram,
+    polygraphy_lint,
+)
+from sr_export.parity import ParityCase, parity_suite, parity_summary
+from sr_train.model import VDVAESR
+
+MANIFEST_FORMAT = "vdvae-sr-onnx/1"
+FP32_FILE, FP16_FILE, MANIFEST_FILE = "model.fp32.onnx", "model.fp16.onnx", "manifest.json"
+PARITY_TOLERANCE = 1e-4
+FP16_TARGET_PSNR_DB = 40.0
+CALIBRATION_TEMPERATURES = (0.0, 1.0)
+CHECK_TEMPERATURES = (0.0, 0.8)
+
+
+class ExportCheckFailed(RuntimeError):
+    """A check DESIGN §5 requires did not pass; the files written so far are left for inspection."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to write where; ``fp16`` False skips the calibration and the FP16 graph."""
+
+    out_dir: Path
+    name: str
+    batch: tuple[int, int, int] = (1, 4, 16)
+    fp16: bool = True
+    opset: int = OPSET
+    parity_tolerance: float = PARITY_TOLERANCE
+    fp16_target_psnr_db: float = FP16_TARGET_PSNR_DB
+    seed: int = 0
+
+
+@dataclass
+class ExportReport:
+    """Everything the CLI prints and the tests assert on."""
+
+    manifest: dict[str, Any]
+    files: dict[str, Path]
+    parity: list[ParityCase]
+    lint: LintResult
+    fp16: Fp16Result | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _noise_feed(n: int, dim: int, temperature: float, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, dim)) * temperature).astype(np.float32)
+
+
+def calibration_feeds(lr_size: int, noise_dim: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Range-measurement inputs: photo crops one by one at each temperature, plus extreme images."""
+    photos = photo_lr_batch(lr_size, per_photo=2)
+    extremes = list(extreme_lr_batch(lr_size, seed).values())
+    return [
+        {"lr": img[None], "noise": _noise_feed(1, noise_dim, t, seed + k)}
+        for k, img in enumerate([*photos, *(e[0] for e in extremes)])
+        for t in CALIBRATION_TEMPERATURES
+    ]
+
+
+def check_cases(lr_size: int, noise_dim: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Held-out FP16 checks: other crops of the photos (batches of 3), and the extreme images."""
+    photos = photo_lr_batch(lr_size, per_photo=3)
+    cases: dict[str, dict[str, np.ndarray]] = {}
+    for t in CHECK_TEMPERATURES:
+        for start in range(0, len(photos), 3):
+            chunk = photos[start : start + 3]
+            cases[f"photos{start}-{start + len(chunk) - 1}_t{t:g}"] = {
+                "lr": chunk, "noise": _noise_feed(len(chunk), noise_dim, t, seed + 100 + start)}
+    for label, img in extreme_lr_batch(lr_size, seed + 1).items():
+        for t in (0.0, 1.0):
+            cases[f"{label}_t{t:g}"] = {"lr": img, "noise": _noise_feed(1, noise_dim, t, seed + 200)}
+    return cases
+
+
+def export_model_dir(
+    model: VDVAESR, checkpoint: dict[str, Any], opts: ExportOptions, log: Callable[[str], None] = print
+) -> ExportReport:
+    """Export, check and describe ``model`` in ``opts.out_dir``; raises ExportCheckFailed on a failed check."""
+    model = model.eval()
+    cfg = model.config
+    out = opts.out_dir
+    seconds: dict[str, float] = {}
+    files = {"fp32": out / FP32_FILE}
+    steps = 4 if opts.fp16 else 3
+
+    t0 = time.perf_counter()
+    log(f"[1/{steps}] exporting FP32 ONNX (torch {torch.__version__} dynamo exporter, opset {opts.opset}) ...")
+    fp32 = export_fp32(model, files["fp32"], opset=opts.opset)
+    seconds["export_fp32"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[2/{steps}] onnx.checker + polygraphy lint ...")
+    check_onnx(files["fp32"])
+    lr_shape = (2, 3, cfg.lr_size, cfg.lr_size)
+    lint = polygraphy_lint(files["fp32"], {"lr": lr_shape, "noise": (2, model.noise_dim)})
+    if lint.ran and not lint.passed:
+        raise ExportCheckFailed(f"polygraphy lint failed on {files['fp32']}: {lint.detail}")
+    seconds["checks"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo crops, t in {CHECK_TEMPERATURES}, batch 1 and 3 ...")
+    parity = parity_suite(model, files["fp32"], photo_lr_batch(cfg.lr_size, per_photo=1), CHECK_TEMPERATURES,
+                          (1, 3), seed=opts.seed)
+    seconds["parity"] = time.perf_counter() - t0
+    worst = max(c.max_abs_err_non_tie for c in parity)
+    if worst > opts.parity_tolerance:
+        raise ExportCheckFailed(f"ONNX Runtime differs from PyTorch by {worst:.3g} > {opts.parity_tolerance:g}")
+
+    fp16_result: Fp16Result | None = None
+    if opts.fp16:
+        t0 = time.perf_counter()
+        log(f"[4/{steps}] FP16: measuring activation ranges on photos + extreme inputs, choosing FP32 islands ...")
+        fp16_result = choose_fp16(
+            fp32,
+            calibration_feeds(cfg.lr_size, model.noise_dim, opts.seed),
+            check_cases(cfg.lr_size, model.noise_dim, opts.seed),
+            target_psnr_db=opts.fp16_target_psnr_db,
+        )
+        files["fp16"] = out / FP16_FILE
+        atomic_write_bytes(files["fp16"], fp16_result.model.SerializeToString())
+        seconds["fp16"] = time.perf_counter() - t0
+
+    manifest = build_manifest(model, checkpoint, opts, files, parity, lint, fp32, fp16_result, seconds)
+    files["manifest"] = atomic_write_json(out / MANIFEST_FILE, manifest)
+    return ExportReport(manifest, files, parity, lint, fp16_result, seconds)
+
+
+def build_manifest(
+    model: VDVAESR,
+    checkpoint: dict[str, Any],
+    opts: ExportOptions,
+    files: dict[str, Path],
+    parity: list[ParityCase],
+    lint: LintResult,
+    fp32: onnx.ModelProto,
+    fp16: Fp16Result | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The model directory's contract with sr_runtime (keys fixed by the issue; extra keys are free)."""
+    cfg = model.config
+    lo, opt, hi = opts.batch
+    hr = cfg.lr_size * cfg.scale_factor
+    onnx_entries: dict[str, Any] = {
+        "fp32": {"file": files["fp32"].name, "sha256": sha256_file(files["fp32"]),
+                 "bytes": files["fp32"].stat().st_size, "nodes": len(fp32.graph.node), "ops": op_histogram(fp32)},
+    }
+    checks: dict[str, Any] = {
+        "parity_max_abs_err": parity_summary(parity),
+        "parity_tolerance": opts.parity_tolerance,
+        "parity_cases": [c.as_dict() for c in parity],
+        "polygraphy_lint": {"ran": lint.ran, "passed": lint.passed, "detail": lint.detail},
+        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__,
+                          "onnxruntime": onnxruntime.__version__, "opset": opts.opset},
+    }
+    if fp16 is not None:
+        onnx_entries["fp16"] = {
+            "file": files["fp16"].name, "sha256": sha256_file(files["fp16"]),
+            "bytes": files["fp16"].stat().st_size, "nodes": len(fp16.model.graph.node),
+            "ops": op_histogram(fp16.model),
+            "fp32_island": fp16.island_summary(fp32),
+        }
+        checks["fp16_psnr_db"] = round(fp16.check.min_psnr_db, 2)
+        checks["fp16_target_psnr_db"] = opts.fp16_target_psnr_db
+        checks["fp16_outlier_pixel_fraction"] = fp16.check.outlier_pixel_fraction
+        checks["fp16_max_abs_err"] = fp16.check.max_abs_err
+        checks["fp16_all_finite"] = fp16.check.all_finite
+        checks["fp16_cases_psnr_db"] = {k: round(v, 2) for k, v in fp16.check.per_case_psnr_db.items()}
+        checks["fp16_tried"] = fp16.tried
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": opts.name,
+        "scale": cfg.scale_factor,
+        "lr_size": [cfg.lr_size, cfg.lr_size],
+        "hr_size": [hr, hr],
+        "noise_dim": model.noise_dim,
+        "noise_layout": {
+            "blocks": [list(s) for s in model.latent_shapes],
+            "order": "decoder blocks in order, each [zdim, r, r] flattened C-order, concatenated",
+            "values": "standard normal x temperature (temperature 0 = all zeros)",
+        },
+        "batch": {"min": lo, "opt": opt, "max": hi},
+        "inputs": {"lr": ["N", 3, cfg.lr_size, cfg.lr_size], "noise": ["N", model.noise_dim]},
+        "outputs": {"hr": ["N", 3, hr, hr]},
+        "value_range": [0.0, 1.0],
+        "onnx": onnx_entries,
+        "model_config": cfg.to_dict(),
+        "checkpoint": checkpoint,
+        "checks": checks,
+        "export_seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
