@@ -1,0 +1,84 @@
+"""Markdown tables from the benchmark JSON (the JSON is the record; these are for reading)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _versions(v: dict[str, Any]) -> str:
+    keys = ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy", "python")
+    return ", ".join(f"{k} {v.get(k) or 'absent'}" for k in keys)
+
+
+def tile_table(rows: list[dict[str, Any]]) -> str:
+    """One line per backend x batch: latency percentiles, throughput, FLOP/s, memory, speed-up."""
+    head = ("| device | backend | precision | batch | n | p50 ms | p90 ms | p99 ms | ms/tile | out MP/s "
+            "| GFLOP/s | % of peak | vs PyTorch FP32 | peak RSS MiB |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        lat = r["latency"]
+        frac = None if r["peak_fraction"] is None else 100 * r["peak_fraction"]
+        speed = r.get("speedup_vs_pytorch_fp32")
+        lines.append(
+            f"| {r['device']} | {r['backend']} | {r['precision']} | {r['batch']} | {lat['n']} "
+            f"| {_f(lat['p50_ms'])} | {_f(lat['p90_ms'])} | {_f(lat['p99_ms'])} | {_f(r['per_tile_p50_ms'])} "
+            f"| {_f(r['throughput_mpix_s'], '.3f')} | {_f(r['gflops'])} | {_f(frac)} "
+            f"| {'-' if speed is None else f'{speed:.2f}x'} | {_f(r['memory']['peak_rss_mb'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def image_table(rows: list[dict[str, Any]]) -> str:
+    """One line per runtime backend x batch: whole-image wall time and the share outside the backend."""
+    head = "| device | backend | precision | batch | tiles | n | p50 s | p90 s | out MP/s | outside backend | peak RSS MiB |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lat = r["latency"]
+        lines.append(
+            f"| {r['device']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['tiles']} | {lat['n']} "
+            f"| {lat['p50_ms'] / 1e3:.2f} | {lat['p90_ms'] / 1e3:.2f} | {r['throughput_mpix_s']:.3f} "
+            f"| {100 * r['outside_backend_share']:.1f}% | {_f(r['memory']['peak_rss_mb'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def latency_markdown(result: dict[str, Any]) -> str:
+    """The whole result of one model as a readable page."""
+    m, host = result["model"], result["host"]
+    tiles = [r for r in result["rows"] if r["kind"] == "tile"]
+    images = [r for r in result["rows"] if r["kind"] == "image"]
+    out = [
+        f"# Latency: {m['config']} ({m['resolution']}), {result['created_utc']}",
+        "",
+        (
+            f"- model: `{m['key']}` = {m['config']}, weights: {m['weights']}; {m['gmac_per_tile']:.3f} GMAC "
+            f"per tile (torch FLOP counter), {m['generation_params']:,} generation-path params"
+        ),
+        (
+            f"- host: {host['cpu']} ({host['usable_cpus']} usable cores, torch threads {host['torch_threads']}); "
+            f"GPUs: {', '.join(host['gpus']) or 'none'}; load average {host['load_average_at_start']} at start, "
+            f"{host['load_average_at_end']} at end (other jobs share this machine: compare ratios within one table)"
+        ),
+        f"- versions: {_versions(result['versions'])}",
+        f"- mode: {result['mode']}; temperature 0; `{' '.join(result['command'])}`",
+        f"- ONNX Runtime vs PyTorch on one tile (same weights check): {m['parity_vs_pytorch']}",
+    ]
+    for name, p in result["peaks"].items():
+        out.append(f"- measured peak {name}: {p['gflops']:.1f} GFLOP/s (median {p['gflops_median']:.1f}; {p['method']})")
+    out += ["", "## Per tile", "", tile_table(tiles) if tiles else "(no backend ran)", ""]
+    out.append("ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; GFLOP/s = 2 x GMAC x batch / "
+               "p50; % of peak against the measured peak above (CPU rows against the fp32 peak); peak RSS is the "
+               "whole process's resident memory while that backend ran.")
+    if images:
+        out += ["", "## Whole image through `Upscaler`", "", image_table(images), "",
+                "outside backend = 1 - (time inside backend.run) / wall time: tiling, blending, conversions."]
+    notes = sorted({n for r in result["rows"] for n in r["notes"]})
+    if notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if result["skipped"]:
+        out += ["", "## Not measured", ""] + [f"- {s['backend']} ({s['what']}): {s['reason']}" for s in result["skipped"]]
+    return "\n".join(out) + "\n"

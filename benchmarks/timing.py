@@ -1,0 +1,69 @@
+"""Repeated timing after warm-up, and the percentiles every result reports (DESIGN §8)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+#: Runs one call and returns its duration in seconds, however the device must be timed.
+Timer = Callable[[Callable[[], object]], float]
+
+
+def host_timer(call: Callable[[], object]) -> float:
+    """Wall time of a call that returns only when its work is done (CPU, or a GPU call that syncs)."""
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def cuda_event_timer(call: Callable[[], object]) -> float:
+    """GPU time between two CUDA events around an asynchronous call (never host time, DESIGN §8)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def measure(
+    call: Callable[[], object], warmup: int, iters: int, budget_s: float, timer: Timer = host_timer
+) -> list[float]:
+    """``warmup`` untimed calls, then up to ``iters`` timed ones, stopping early once ``budget_s`` is spent.
+
+    At least one timed call always runs (two when ``iters`` allows), so a slow
+    model yields few samples instead of none; the count is reported with them.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    for _ in range(warmup):
+        call()
+    samples: list[float] = []
+    t_end = time.perf_counter() + budget_s
+    while len(samples) < iters:
+        samples.append(timer(call))
+        if len(samples) >= min(2, iters) and time.perf_counter() > t_end:
+            break
+    return samples
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Milliseconds: median, p90, p99, mean, min, max and the sample count (percentiles interpolate)."""
+    if not samples:
+        raise ValueError("no samples")
+    ms = np.asarray(samples, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {
+        "n": int(ms.size),
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+    }

@@ -1,0 +1,124 @@
+"""The benchmark harness: its statistics, and the --quick CPU run end to end (structure, never speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import latency
+from benchmarks.timing import measure, summarize
+
+
+def test_summarize_percentiles_in_milliseconds() -> None:
+    s = summarize([0.001 * k for k in range(1, 101)])  # 1..100 ms
+    assert s["n"] == 100
+    assert s["p50_ms"] == pytest.approx(50.5)
+    assert s["p90_ms"] == pytest.approx(90.1)
+    assert s["p99_ms"] == pytest.approx(99.01)
+    assert (s["min_ms"], s["max_ms"]) == pytest.approx((1.0, 100.0))
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_measure_warms_up_untimed_and_stops_at_iters() -> None:
+    calls: list[int] = []
+    samples = measure(lambda: calls.append(1), warmup=2, iters=5, budget_s=1e9, timer=lambda call: (call(), 0.5)[1])
+    assert len(calls) == 7  # 2 warm-up + 5 timed
+    assert samples == [0.5] * 5
+
+
+def test_measure_budget_keeps_at_least_two_samples() -> None:
+    samples = measure(lambda: None, warmup=0, iters=50, budget_s=0.0, timer=lambda call: 1.0)
+    assert len(samples) == 2
+    assert len(measure(lambda: None, warmup=0, iters=1, budget_s=0.0, timer=lambda call: 1.0)) == 1
+
+
+def test_speedups_are_relative_to_pytorch_fp32_on_the_same_device_and_batch() -> None:
+    def row(backend: str, precision: str, device: str, batch: int, p50: float) -> dict[str, Any]:
+        return {"model": "m", "backend": backend, "precision": precision, "device_type": device, "batch": batch,
+                "latency": {"p50_ms": p50}}
+
+    rows = [row("pytorch-eager", "fp32", "cpu", 1, 30.0), row("onnxruntime-cpu", "fp32", "cpu", 1, 10.0),
+            row("onnxruntime-cpu", "fp32", "cpu", 4, 20.0), row("tensorrt", "fp16", "cuda", 1, 1.0)]
+    latency.add_speedups(rows)
+    assert [r["speedup_vs_pytorch_fp32"] for r in rows] == [1.0, 3.0, None, None]
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One --quick run (tiny model exported into a fresh cache), shared by the structure tests."""
+    root = tmp_path_factory.mktemp("bench")
+    assert latency.main(["--quick", "--out", str(root / "out"), "--cache", str(root / "cache")]) == 0
+    jsons = sorted((root / "out").glob("*.json"))
+    mds = sorted((root / "out").glob("*.md"))
+    assert len(jsons) == 1 and len(mds) == 1
+    assert jsons[0].stem == mds[0].stem and jsons[0].stem.startswith("cpu-tiny-64-random-quick-")
+    return json.loads(jsons[0].read_text()), mds[0].read_text()
+
+
+def _positive_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_run_names_device_versions_and_peak(quick_result: tuple[dict[str, Any], str]) -> None:
+    result, _ = quick_result
+    assert result["schema"] == latency.SCHEMA and result["mode"] == "quick"
+    assert result["host"]["cpu"] and result["host"]["usable_cpus"] >= 1
+    assert result["versions"]["torch"] and result["versions"]["onnxruntime"]
+    assert _positive_finite(result["peaks"]["cpu fp32"]["gflops"])
+    model = result["model"]
+    assert model["config"] == "tiny-64" and model["trained"] is False and "random" in model["weights"]
+    assert _positive_finite(model["gmac_per_tile"])
+    assert model["parity_vs_pytorch"]["fraction_over_1e-3"] <= 0.01
+
+
+def test_quick_run_tile_rows(quick_result: tuple[dict[str, Any], str]) -> None:
+    result, _ = quick_result
+    tiles = [r for r in result["rows"] if r["kind"] == "tile"]
+    ran = {(r["backend"], r["precision"], r["batch"]) for r in tiles}
+    assert {("pytorch-eager", "fp32", 1), ("onnxruntime-cpu", "fp32", 1), ("onnxruntime-cpu", "fp32", 2)} <= ran
+    for r in tiles:
+        lat = r["latency"]
+        assert lat["n"] >= 2
+        for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms"):
+            assert _positive_finite(lat[key]), (r["backend"], key)
+        assert lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        for key in ("per_tile_p50_ms", "throughput_mpix_s", "gflops", "peak_fraction", "speedup_vs_pytorch_fp32"):
+            assert _positive_finite(r[key]), (r["backend"], key)
+        assert _positive_finite(r["memory"]["peak_rss_mb"])
+        assert r["device"] == result["host"]["cpu"] and r["resolution"] == "16x16->64x64"
+    reference = [r for r in tiles if r["backend"] == "pytorch-eager"]
+    assert all(r["speedup_vs_pytorch_fp32"] == 1.0 for r in reference)
+
+
+def test_quick_run_whole_image_rows(quick_result: tuple[dict[str, Any], str]) -> None:
+    result, _ = quick_result
+    images = [r for r in result["rows"] if r["kind"] == "image"]
+    assert {r["batch"] for r in images if r["backend"] == "onnxruntime-cpu"} == {1, 2}
+    for r in images:
+        assert r["resolution"] == "64x48->256x192"
+        assert r["tiles"] > 1
+        assert _positive_finite(r["latency"]["p50_ms"]) and _positive_finite(r["throughput_mpix_s"])
+        assert 0.0 < r["backend_share"] <= 1.0
+        assert r["outside_backend_share"] == pytest.approx(1.0 - r["backend_share"])
+
+
+def test_quick_run_lists_what_it_could_not_measure(quick_result: tuple[dict[str, Any], str]) -> None:
+    result, markdown = quick_result
+    skipped = {s["backend"] for s in result["skipped"]}
+    # no fp16 graph in --quick, no TensorRT on this CPU machine: each said, not silently dropped
+    assert "onnxruntime-cpu fp16 (cpu)" in skipped
+    assert all(s["reason"] for s in result["skipped"])
+    assert "| pytorch-eager | fp32 | 1 |" in markdown and "## Not measured" in markdown
+
+
+def test_results_directory_holds_only_pairs() -> None:
+    """Committed results come as JSON + markdown of the same name, and every JSON parses."""
+    results = Path(latency.RESULTS_DIR)
+    for path in results.glob("*.json"):
+        assert path.with_suffix(".md").is_file(), path
+        json.loads(path.read_text())
