@@ -45,6 +45,10 @@ DEFAULT_LIMITS = (4096.0, 1024.0, 256.0, 64.0, 16.0)
 PSNR_CAP_DB = 200.0
 
 
+class Fp16TargetMissed(RuntimeError):
+    """No FP32 island tried reached the PSNR target without NaN/Inf."""
+
+
 def float_types(proto: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor in the graph (after ONNX shape inference)."""
     inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
@@ -358,4 +362,4 @@ def choose_fp16(
                       "all_finite": check.all_finite})
         if check.ok(target_psnr_db):
             return Fp16Result(model, limit, island, check, tried)
-    raise RuntimeError(f"no FP32 island reached {target_psnr_db} dB without NaN/Inf: {tried}")
+    raise Fp16TargetMissed(f"no FP32 island reached {target_psnr_db} dB without NaN/Inf: {tried}")

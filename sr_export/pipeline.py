@@ -20,7 +20,7 @@ import torch
 
 from sr_export.calibration import extreme_lr_batch, photo_lr_batch
 from sr_export.files import atomic_write_bytes, atomic_write_json, sha256_file
-from sr_export.fp16 import Fp16Result, choose_fp16
+from sr_export.fp16 import Fp16Result, Fp16TargetMissed, choose_fp16
 from sr_export.onnx_export import (
     OPSET,
     LintResult,
@@ -118,7 +118,10 @@ def export_model_dir(
 
     t0 = time.perf_counter()
     log(f"[2/{steps}] onnx.checker + polygraphy lint ...")
-    check_onnx(files["fp32"])
+    try:
+        check_onnx(files["fp32"])
+    except onnx.checker.ValidationError as exc:
+        raise ExportCheckFailed(f"onnx.checker rejects {files['fp32']}: {exc}") from exc
     lr_shape = (2, 3, cfg.lr_size, cfg.lr_size)
     lint = polygraphy_lint(files["fp32"], {"lr": lr_shape, "noise": (2, model.noise_dim)})
     if lint.ran and not lint.passed:
@@ -138,12 +141,15 @@ def export_model_dir(
     if opts.fp16:
         t0 = time.perf_counter()
         log(f"[4/{steps}] FP16: measuring activation ranges on photos + extreme inputs, choosing FP32 islands ...")
-        fp16_result = choose_fp16(
-            fp32,
-            calibration_feeds(cfg.lr_size, model.noise_dim, opts.seed),
-            check_cases(cfg.lr_size, model.noise_dim, opts.seed),
-            target_psnr_db=opts.fp16_target_psnr_db,
-        )
+        try:
+            fp16_result = choose_fp16(
+                fp32,
+                calibration_feeds(cfg.lr_size, model.noise_dim, opts.seed),
+                check_cases(cfg.lr_size, model.noise_dim, opts.seed),
+                target_psnr_db=opts.fp16_target_psnr_db,
+            )
+        except Fp16TargetMissed as exc:
+            raise ExportCheckFailed(str(exc)) from exc
         files["fp16"] = out / FP16_FILE
         atomic_write_bytes(files["fp16"], fp16_result.model.SerializeToString())
         seconds["fp16"] = time.perf_counter() - t0
