@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -182,11 +183,17 @@ def test_engine_cache_skips_stale_engines(tmp_path: Path) -> None:
     (tmp_path / "a.engine").write_bytes(b"stale")
     (tmp_path / "a.engine.json").write_text(json.dumps({**GOOD, "tensorrt_version": "8.6.1"}))
     (tmp_path / "b.engine").write_bytes(b"no manifest")
-    (tmp_path / "c.engine").write_bytes(b"good")
-    (tmp_path / "c.engine.json").write_text(json.dumps(GOOD))
+    (tmp_path / "c.engine").write_bytes(b"corrupt")
+    (tmp_path / "c.engine.json").write_text(json.dumps({**GOOD, "engine_sha256": hashlib.sha256(b"good").hexdigest()}))
+    good = tmp_path / "key" / "model.fp16.engine"  # sr_export's layout: <cache>/<key>/model.<precision>.engine
+    good.parent.mkdir()
+    good.write_bytes(b"good")
+    good.with_name(good.name + ".json").write_text(
+        json.dumps({**GOOD, "engine_sha256": hashlib.sha256(b"good").hexdigest()}))
     engine, rejected = find_engine([tmp_path / "missing", tmp_path], TARGET)
-    assert engine == tmp_path / "c.engine"
-    assert len(rejected) == 2 and "8.6.1" in rejected[0] and "no readable manifest" in rejected[1]
+    assert engine == good
+    assert len(rejected) == 3 and "8.6.1" in rejected[0] and "no readable manifest" in rejected[1]
+    assert "does not match the sha256" in rejected[2]
 
 
 def _tensorrt_gpu_reason() -> str | None:

@@ -7,10 +7,12 @@ Written against the TensorRT 10.x Python API (name-based I/O,
 
 Engine cache: an engine `<stem>.engine` counts only with a sidecar
 `<stem>.engine.json` that names the ONNX sha256, TensorRT version, GPU name,
-compute capability and precision it was built for; a stale or foreign engine
-is never loaded blindly. Engines are looked up in the model directory and in
-the cache directory (`$SR_ENGINE_CACHE`, else `~/.cache/sr_runtime/engines`).
-Where no engine matches and `sr_export` is installed, one is built through
+compute capability, precision and batch profile it was built for (and, when
+given, the engine's own sha256); a stale or foreign engine is never loaded
+blindly. Engines are looked up under the model directory and the cache
+directory (`$SR_ENGINE_CACHE`, else `~/.cache/sr_runtime/engines`), at any
+depth: `sr_export` writes `<cache>/<key>/model.<precision>.engine`. Where no
+engine matches and `sr_export` is installed, one is built through
 `sr_export.tensorrt.build_engine(onnx_path, cache_dir, precision=..., batch=...)`.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ if TYPE_CHECKING:  # checked against tensorrt-stubs; imported for real only in T
     import tensorrt as trt
 
 ENGINE_CACHE_ENV = "SR_ENGINE_CACHE"
+log = logging.getLogger("sr_runtime")
 
 
 def engine_cache_dir() -> Path:
@@ -79,7 +83,7 @@ def find_engine(directories: list[Path], target: EngineTarget) -> tuple[Path | N
     """First engine in `directories` whose sidecar manifest matches, and why the others did not."""
     rejected: list[str] = []
     for directory in directories:
-        for engine in sorted(directory.glob("*.engine")):
+        for engine in sorted(directory.rglob("*.engine")):  # sr_export caches in <cache>/<key>/
             sidecar = engine.with_name(engine.name + ".json")
             try:
                 meta = json.loads(sidecar.read_text(encoding="utf-8"))
@@ -87,6 +91,8 @@ def find_engine(directories: list[Path], target: EngineTarget) -> tuple[Path | N
                 rejected.append(f"{engine.name}: no readable manifest ({exc.__class__.__name__})")
                 continue
             reason = target.mismatch(meta) if isinstance(meta, dict) else "manifest is not an object"
+            if reason is None and meta.get("engine_sha256") not in (None, sha256_file(engine)):
+                reason = "engine file does not match the sha256 in its manifest"
             if reason is None:
                 return engine, rejected
             rejected.append(f"{engine.name}: {reason}")
@@ -141,7 +147,7 @@ class TensorRTBackend:
             raise BackendUnavailable("no CUDA GPU found")
         self.precision = resolve_precision(spec, precision, gpu=True)
         props = cuda(cudart.cudaGetDeviceProperties(0))
-        onnx_path = spec.onnx_path(self.precision)
+        onnx_path = spec.verify(self.precision)
         target = EngineTarget(
             onnx_sha256=spec.onnx_sha256.get(self.precision) or sha256_file(onnx_path),
             tensorrt_version=str(trt.__version__),
@@ -201,7 +207,8 @@ class TensorRTBackend:
             raise BackendUnavailable("sr_export.tensorrt has no build_engine(); cannot build an engine")
         try:
             built = Path(build(onnx_path, cache, precision=target.precision,
-                               batch=(spec.batch_min, spec.batch_opt, spec.batch_max)))
+                               batch=(spec.batch_min, spec.batch_opt, spec.batch_max),
+                               log=lambda msg: log.info("sr_runtime: %s", msg)))
         except Exception as exc:
             raise BackendUnavailable(f"building a TensorRT engine failed: {exc}") from exc
         engine, rejected = find_engine([built.parent], target)
