@@ -165,6 +165,21 @@ def load_images(folder: str | Path) -> dict[str, np.ndarray]:
     return images
 
 
+def model_sample_fn(model: Any) -> SampleFn:
+    """A ``sample_fn`` over an in-memory ``VDVAESR`` (training's periodic validation uses it)."""
+    import torch
+
+    dev = next(model.parameters()).device
+
+    def sample(lr: np.ndarray, temperature: float, seed: int) -> np.ndarray:
+        x = torch.tensor(lr, device=dev).permute(0, 3, 1, 2).float().div(255.0)
+        with torch.no_grad():
+            y = model.sample_seeded(x, temperature, seed)
+        return y.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    return sample
+
+
 def checkpoint_sample_fn(path: str | Path, device: str | None = None) -> tuple[SampleFn, int, str]:
     """``(sample_fn, hr_size, label)`` for a project checkpoint directory."""
     import torch
@@ -174,15 +189,8 @@ def checkpoint_sample_fn(path: str | Path, device: str | None = None) -> tuple[S
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_checkpoint(path, map_location=dev)
     model.eval()
-
-    def sample(lr: np.ndarray, temperature: float, seed: int) -> np.ndarray:
-        x = torch.tensor(lr, device=dev).permute(0, 3, 1, 2).float().div(255.0)
-        with torch.no_grad():
-            y = model.sample_seeded(x, temperature, seed)
-        return y.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
     label = f"{model.config.name} ({meta.get('weights', '?')}, step {meta.get('step', '?')})"
-    return sample, int(model.config.hr_size), label
+    return model_sample_fn(model), int(model.config.hr_size), label
 
 
 def onnx_sample_fn(

@@ -166,14 +166,12 @@ def append_csv(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
-def validate(ema: VDVAESR, images: str, temperature: float, seed: int) -> dict[str, float]:
+def validate(ema: VDVAESR, images: dict[str, Any], temperature: float, seed: int) -> dict[str, float]:
     """PSNR/SSIM-Y of the EMA model on the evaluation protocol's crops (DESIGN §7)."""
-    from .evaluate import evaluate_model, torch_sample_fn
+    from .evaluate import evaluate_model, model_sample_fn
 
-    result = evaluate_model(
-        torch_sample_fn(ema), images, ema.config.hr_size, [temperature], seed, progress=False
-    )
-    row = result["temperatures"][0]
+    result = evaluate_model(model_sample_fn(ema), images, ema.config.hr_size, [temperature], seed)
+    row = result["model"][0]
     return {"psnr_y": row["psnr_y"], "ssim_y": row["ssim_y"], "bicubic_psnr_y": result["bicubic"]["psnr_y"]}
 
 
@@ -224,6 +222,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint(latest, model, step=step)
             save_train_state(latest, optimizer, {"step": step, "skips": skips})
 
+    val_images = None
+    if rank == 0 and cfg.val_images:
+        from .evaluate import load_images
+
+        val_images = load_images(cfg.val_images)
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     last: dict[str, float] = {}
     data = batches(loader)
@@ -258,8 +261,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                           "seconds": round(time.time() - t0, 1)})
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoint()
-        if rank == 0 and cfg.val_images and (step % cfg.val_every == 0 or step == cfg.steps):
-            scores = validate(ema, cfg.val_images, cfg.val_temperature, cfg.seed)
+        if val_images and (step % cfg.val_every == 0 or step == cfg.steps):
+            scores = validate(ema, val_images, cfg.val_temperature, cfg.seed)
             append_csv(run / "val.csv", {"step": step, "temperature": cfg.val_temperature, **scores})
             bar.write(f"step {step}: EMA PSNR-Y {scores['psnr_y']:.2f} dB (bicubic {scores['bicubic_psnr_y']:.2f}),"
                       f" SSIM-Y {scores['ssim_y']:.4f}")

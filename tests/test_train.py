@@ -63,6 +63,14 @@ def test_loss_goes_down(photos, init, tmp_path):
     assert np.mean(elbo[-5:]) < np.mean(elbo[:5]) - 0.3, elbo
 
 
+def test_periodic_validation_writes_psnr_of_the_ema_model(photos, init, tmp_path):
+    train(config(photos, init, tmp_path / "run", steps=2, val_images=str(photos), val_every=2))
+    with open(tmp_path / "run" / "val.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["2"]
+    assert 10 < float(rows[0]["psnr_y"]) < 60 and 0 < float(rows[0]["ssim_y"]) <= 1
+
+
 def test_resume_matches_uninterrupted_run_step_for_step(photos, init, tmp_path):
     train(config(photos, init, tmp_path / "whole", steps=6))
     train(config(photos, init, tmp_path / "split", steps=3))
