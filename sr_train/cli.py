@@ -51,12 +51,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fetch_data(args: argparse.Namespace) -> int:
-    from .fetch_data import main as fetch_main
-
-    return int(fetch_main(args.fetch_args))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,14 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, help="torch CPU threads")
     tr.set_defaults(func=cmd_train)
 
-    fetch = sub.add_parser("fetch-data", help="build the training set from Debian packages (see sr_train/fetch_data.py)",
-                           add_help=False)
-    fetch.add_argument("fetch_args", nargs=argparse.REMAINDER)
-    fetch.set_defaults(func=cmd_fetch_data)
+    # Listed for --help; main() hands its arguments to sr_train.fetch_data.
+    sub.add_parser("fetch-data", help="build the training set from Debian packages (sr-train fetch-data --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fetch-data"]:  # its own parser, flags included
+        from .fetch_data import main as fetch_main
+
+        return int(fetch_main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
