@@ -223,7 +223,7 @@ def fetch(photos: Sequence[Photo], out_root: Path, cache: Path, log: TextIO) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m sr_train.fetch_data [--out DIR] [--cache DIR] [--manifest TSV]``."""
-    ap = argparse.ArgumentParser(prog="fetch-data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="sr-train fetch-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="ground-truth PNG root")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where .deb files are kept")
     ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
