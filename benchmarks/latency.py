@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=60.0,
                    help="stop a measurement after this many seconds once 2 samples exist (default 60)")
     p.add_argument("--heavy-gmac", type=float, default=50.0,
-                   help="models costing more GMAC per tile run batch 1 only, --heavy-iters, no whole image")
+                   help="models costing more GMAC per tile run batch 1 only, --heavy-iters, no whole image, "
+                        "no FP16 export (default 50)")
     p.add_argument("--heavy-iters", type=int, default=3, help="timed calls for heavy models (default 3)")
     p.add_argument("--image", type=_size, default=None, help="whole-image LR size WxH (default 640x480)")
     p.add_argument("--image-iters", type=int, default=None, help="whole-image runs (default 5; --quick 2)")
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("peaks: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in peaks.items()))
     written: list[Path] = []
     for name in args.models:
-        model = load_model(name, args.cache, args.seed, fp16=not args.quick, log=log)
+        model = load_model(name, args.cache, args.seed, fp16_max_gmac=0.0 if args.quick else args.heavy_gmac, log=log)
         body = run_model(model, targets, args, peaks)
         result = {
             "schema": SCHEMA,

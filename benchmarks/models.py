@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sr_train.info import generation_gmac
+from sr_train.info import model_info
 from sr_train.model import VDVAESR, VDVAESRConfig, preset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,8 +104,17 @@ def _cached(out: Path, config: VDVAESRConfig, seed: int, fp16: bool) -> bool:
     )
 
 
-def random_model(config: VDVAESRConfig, key: str, cache: Path, seed: int, fp16: bool, log: Log) -> BenchModel:
-    """Random weights from ``seed``, exported with sr_export unless the cache already has them."""
+def random_model(
+    config: VDVAESRConfig, key: str, cache: Path, seed: int, fp16_max_gmac: float, log: Log
+) -> BenchModel:
+    """Random weights from ``seed``, exported with sr_export unless the cache already has them.
+
+    The FP16 graph is made only for models up to ``fp16_max_gmac`` per tile:
+    its calibration runs the FP32 graph many times, which costs too long on a
+    CPU for the paper-size models.
+    """
+    gmac = model_info(config).gmac_per_tile
+    fp16 = gmac <= fp16_max_gmac
     torch.manual_seed(seed)
     module = VDVAESR(config).eval()
     out = cache / f"{config.name}-seed{seed}"
@@ -121,16 +130,16 @@ def random_model(config: VDVAESRConfig, key: str, cache: Path, seed: int, fp16: 
         trained=False,
         module=module,
         model_dir=out,
-        gmac_per_tile=generation_gmac(module),
+        gmac_per_tile=gmac,
     )
 
 
-def shipped_model(cache: Path, seed: int, log: Log) -> BenchModel:
+def shipped_model(cache: Path, seed: int, fp16_max_gmac: float, log: Log) -> BenchModel:
     """The shipped default with its trained weights, or the clearly labelled random stand-in."""
     manifest_path, ckpt = SHIPPED_DIR / "manifest.json", SHIPPED_DIR / "checkpoint"
     if not (manifest_path.is_file() and (ckpt / "config.json").is_file()):
         log(f"no shipped model with a checkpoint at {SHIPPED_DIR}: using a random-weights {DEFAULT_PRESET} stand-in")
-        return random_model(preset(DEFAULT_PRESET), "default", cache, seed, fp16=True, log=log)
+        return random_model(preset(DEFAULT_PRESET), "default", cache, seed, fp16_max_gmac, log)
     from sr_train.checkpoint import load_checkpoint
 
     module, meta = load_checkpoint(ckpt)
@@ -144,17 +153,16 @@ def shipped_model(cache: Path, seed: int, log: Log) -> BenchModel:
         trained=True,
         module=module.eval(),
         model_dir=SHIPPED_DIR,
-        gmac_per_tile=generation_gmac(module),
+        gmac_per_tile=model_info(module.config).gmac_per_tile,
     )
 
 
-def load_model(name: str, cache: Path, seed: int, fp16: bool, log: Log) -> BenchModel:
+def load_model(name: str, cache: Path, seed: int, fp16_max_gmac: float, log: Log) -> BenchModel:
     """``default``, ``tiny`` or a preset name (random weights)."""
     if name == "default":
-        return shipped_model(cache, seed, log)
-    if name == "tiny":
-        return random_model(tiny_config(), "tiny", cache, seed, fp16=fp16, log=log)
-    return random_model(preset(name), name, cache, seed, fp16=fp16, log=log)
+        return shipped_model(cache, seed, fp16_max_gmac, log)
+    config = tiny_config() if name == "tiny" else preset(name)
+    return random_model(config, name, cache, seed, fp16_max_gmac, log)
 
 
 def parity(model: BenchModel, seed: int = 0) -> dict[str, float]:

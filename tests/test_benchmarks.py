@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from benchmarks import latency
@@ -122,3 +123,42 @@ def test_results_directory_holds_only_pairs() -> None:
     for path in results.glob("*.json"):
         assert path.with_suffix(".md").is_file(), path
         json.loads(path.read_text())
+
+
+def test_quality_bicubic_row_matches_the_protocols_bicubic(tmp_path: Path) -> None:
+    """Two bundled photos: the table carries bicubic (timed) and names what it skipped, with a reason."""
+    from benchmarks import quality
+
+    assert quality.main(["--images", str(tmp_path / "none"), "--limit", "2", "--model-dir", str(tmp_path),
+                         "--out", str(tmp_path / "out")]) == 0
+    (path,) = (tmp_path / "out").glob("quality-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert result["schema"] == quality.SCHEMA and result["n_images"] == 2
+    assert result["images"].startswith("scikit-image")
+    bic = result["methods"][0]
+    assert bic["method"] == "bicubic (Pillow)" and bic["temperature"] is None
+    assert bic["psnr_y"] == pytest.approx(result["bicubic"]["psnr_y"]) and bic["delta_psnr_vs_bicubic"] == 0.0
+    assert 15.0 < bic["psnr_y"] < 50.0 and 0.0 < bic["ssim_y"] <= 1.0
+    assert any(s["method"] == "VDVAE-SR" for s in result["skipped"])  # no trained model in tmp_path
+    for r in result["methods"]:
+        assert _positive_finite(r["seconds_per_image"]) and len(r["per_image"]) == 2
+    assert path.with_suffix(".md").read_text().count("| bicubic (Pillow) |") == 1
+
+
+def test_srmd_from_its_wheel_beats_bicubic_on_a_photo() -> None:
+    """The pretrained reference really super-resolves (offline, CPU): a clear gain over bicubic."""
+    from benchmarks.pretrained import PretrainedUnavailable, SrmdNcnn
+    from sr_train.degrade import upscale_bicubic_x4
+    from sr_train.evaluate import prepare_eval_pair
+    from sr_train.metrics import psnr_y
+
+    try:
+        srmd = SrmdNcnn(threads=1)
+    except PretrainedUnavailable as exc:
+        pytest.skip(f"optional pretrained model absent: {exc}")
+    from skimage import data
+
+    hr, lr = prepare_eval_pair(np.asarray(data.astronaut()), 128)
+    sr = srmd.upscale(lr)
+    assert sr.shape == hr.shape and sr.dtype == np.uint8
+    assert psnr_y(hr, sr) > psnr_y(hr, upscale_bicubic_x4(lr)) + 1.0
