@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +148,7 @@ def width_map(width: int, custom: str) -> dict[int, int]:
 def conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False) -> nn.Conv2d:
     """VDVAE's convs: zero bias always, optionally zero weights."""
     c = nn.Conv2d(in_ch, out_ch, kernel, 1, kernel // 2)
+    assert c.bias is not None
     nn.init.zeros_(c.bias)
     if zero_weights:
         nn.init.zeros_(c.weight)
@@ -199,12 +200,13 @@ class Encoder(nn.Module):
         self.widths = widths
         layers = parse_layer_string(blocks)
         self.in_conv = conv(3, widths[top_res], 3)
-        self.enc_blocks = nn.ModuleList(
+        modules = [
             Block(widths[res], int(widths[res] * bottleneck), widths[res], down_rate=down, residual=True, use_3x3=res > 2)
             for res, down in layers
-        )
-        for b in self.enc_blocks:
+        ]
+        for b in modules:
             b.c4.weight.data *= math.sqrt(1 / len(layers))
+        self.enc_blocks = nn.ModuleList(modules)
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         x = self.in_conv(x)
@@ -294,6 +296,9 @@ class Decoder(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, out_width, 1, 1))
         self.out_conv = conv(out_width, cfg.num_mixtures * 10, 1)
 
+    def blocks(self) -> list[DecBlock]:
+        return cast(list[DecBlock], list(self.dec_blocks))
+
     def initial_state(self, res: int, n: int, ref: Tensor) -> Tensor:
         if str(res) in self.bias_xs:
             return self.bias_xs[str(res)].expand(n, -1, -1, -1)
@@ -314,7 +319,7 @@ class Decoder(nn.Module):
         """
         xs: dict[int, Tensor] = {}
         stats = []
-        for i, block in enumerate(self.dec_blocks):
+        for i, block in enumerate(self.blocks()):
             res = block.res
             if res not in xs:
                 xs[res] = lr_acts[1] if (lr_acts is not None and res == 1) else self.initial_state(res, n, ref)
@@ -450,6 +455,7 @@ class VDVAESR(nn.Module):
             # whole range: otherwise thousands of CPU steps go into shrinking one bias.
             m = config.num_mixtures
             nn.init.zeros_(self.decoder.out_conv.weight)
+            assert self.decoder.out_conv.bias is not None
             bias = self.decoder.out_conv.bias.data.view(-1)[m:].view(3, 3 * m)
             bias[:, m : 2 * m] = LR_SKIP_INIT_LOG_SCALE
 
@@ -462,7 +468,7 @@ class VDVAESR(nn.Module):
     @property
     def latent_shapes(self) -> list[tuple[int, int, int]]:
         """(zdim, r, r) per decoder block, in decoder order."""
-        return [(self.config.zdim, b.res, b.res) for b in self.decoder.dec_blocks]
+        return [(self.config.zdim, b.res, b.res) for b in self.decoder.blocks()]
 
     @property
     def noise_dim(self) -> int:
@@ -508,7 +514,7 @@ class VDVAESR(nn.Module):
         target = hr * 2.0 - 1.0
         logits = self.decoder.out_conv(px_z)
         distortion = dmol_nll(target, logits, self.config.num_mixtures, self.config.low_bit, self.mean_base(lr))
-        rate = sum(s["kl"].sum(dim=(1, 2, 3)) for s in stats) / hr[0].numel()
+        rate = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats]).sum(0) / hr[0].numel()
         return {"elbo": distortion + rate, "distortion": distortion, "rate": rate}
 
     # -- super-resolution (the exported path) -----------------------------------

@@ -112,4 +112,4 @@ def config_from_vdvae_hparams(hparams: dict, lr_enc_blocks: str, **overrides: ob
         input_scale=float(hparams.get("encoder_input_scale", hparams.get("scale", 1.0))),
     )
     cfg.update(overrides)
-    return VDVAESRConfig(**cfg)  # type: ignore[arg-type]
+    return VDVAESRConfig(**cfg)
