@@ -49,15 +49,23 @@ def cpu_session(path: str | Path, optimize: bool = True) -> ort.InferenceSession
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _tie_mask(model: VDVAESR, lr: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
-    """[N, H, W] True where the two largest mixture logits are within TIE_GAP (PyTorch's values)."""
-    lr_acts = model.lr_encoder(model.encoder_input(lr))
-    px_z, _ = model.decoder(lr.shape[0], lr, lr_acts=lr_acts, eps=model.unpack_noise(noise))
-    logit_probs = model.decoder.out_conv(px_z)[:, : model.config.num_mixtures]
+def _sample_with_ties(model: VDVAESR, lr: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(model.sample output, [N,H,W] mask of pixels whose top two mixture logits are within TIE_GAP).
+
+    The logits are caught with a hook on the head's conv, so the tie test sees
+    exactly the values the argmax in ``sample`` saw.
+    """
+    caught: list[torch.Tensor] = []
+    hook = model.decoder.out_conv.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        hr = model.sample(lr, noise).numpy()
+    finally:
+        hook.remove()
+    logit_probs = caught[-1][:, : model.config.num_mixtures]
     if logit_probs.shape[1] < 2:
-        return np.zeros((lr.shape[0], *logit_probs.shape[2:]), dtype=bool)
+        return hr, np.zeros((lr.shape[0], *logit_probs.shape[2:]), dtype=bool)
     top2 = logit_probs.topk(2, dim=1).values
-    return ((top2[:, 0] - top2[:, 1]) < TIE_GAP).numpy()
+    return hr, ((top2[:, 0] - top2[:, 1]) < TIE_GAP).numpy()
 
 
 @torch.no_grad()
@@ -72,10 +80,9 @@ def compare(
     model = model.eval()
     noise = model.make_noise(lr.shape[0], temperature, seed).numpy().astype(np.float32)
     lr_t, noise_t = torch.from_numpy(lr), torch.from_numpy(noise)
-    ref = model.sample(lr_t, noise_t).numpy()
+    ref, ties = _sample_with_ties(model, lr_t, noise_t)
     out = session.run(["hr"], {"lr": lr, "noise": noise})[0]
     err = np.abs(out.astype(np.float64) - ref.astype(np.float64)).max(axis=1)  # per pixel, over RGB
-    ties = _tie_mask(model, lr_t, noise_t)
     return ParityCase(
         temperature=float(temperature),
         batch=int(lr.shape[0]),

@@ -265,6 +265,9 @@ def config_for(
     config = builder.create_builder_config()
     if precision == "fp16" and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default; an "fp32" engine is the accurate reference, so keep it true FP32.
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -336,6 +339,7 @@ def build_engine(
         "engine_bytes": len(blob),
         "onnx_file": str(onnx_file.resolve()),
         "fp16_builder_flag": precision == "fp16" and not strongly_typed,
+        "tf32": precision != "fp32",
         "timing_cache": str(timing),
         "build_seconds": round(seconds, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

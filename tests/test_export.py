@@ -232,3 +232,14 @@ def test_random_ops_are_rejected() -> None:
     )
     with pytest.raises(RuntimeError, match="RandomNormalLike"):
         assert_no_random_ops(onnx.helper.make_model(graph))
+
+
+def test_polygraphy_data_loader_feeds_real_photos(exported: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sr_export.polygraphy_data import load_data
+
+    monkeypatch.setenv("SR_MODEL_DIR", str(exported["out"]))
+    feeds = list(load_data())
+    assert len(feeds) == 2 and not feeds[0]["noise"].any() and feeds[1]["noise"].std() > 0.5
+    for feed in feeds:
+        assert feed["lr"].shape == (3, 3, 64, 64) and feed["noise"].shape == (3, exported["model"].noise_dim)
+        assert feed["lr"].dtype == feed["noise"].dtype == np.float32
