@@ -29,6 +29,7 @@ from PIL import Image
 from benchmarks import report
 from benchmarks.models import DEFAULT_CACHE, REPO, BenchModel, load_model, parity
 from benchmarks.runners import (
+    Runner,
     Target,
     Unavailable,
     all_targets,
@@ -46,7 +47,7 @@ from benchmarks.system import (
     rss_mb,
     versions,
 )
-from benchmarks.timing import measure, summarize
+from benchmarks.timing import measure_interleaved, summarize
 
 SCHEMA = "vdvae-sr-bench-latency/1"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -139,23 +140,40 @@ def peak_for(target: Target, peaks: dict[str, Any]) -> dict[str, Any] | None:
     return peaks.get(key)
 
 
-def tile_row(
-    target: Target, model: BenchModel, batch: int, warmup: int, iters: int, args: argparse.Namespace,
-    peaks: dict[str, Any],
-) -> dict[str, Any]:
-    """Create the backend, time ``iters`` batches after warm-up, and describe the result."""
+def prepare(target: Target, model: BenchModel, batch: int, warmup: int, seed: int) -> tuple[Runner, dict[str, Any]]:
+    """Create the backend and warm it up; its memory is what creation and warm-up added to the process."""
     reset_ok = reset_peak_rss()
     rss_before, _ = rss_mb()
     torch_gpu = target.device == "cuda" and torch.cuda.is_available()
     if torch_gpu:
         torch.cuda.reset_peak_memory_stats()
-    runner = make_runner(target, model, batch, args.seed)
+        allocated_before = torch.cuda.memory_allocated()
+    runner = make_runner(target, model, batch, seed)
     try:
-        samples = measure(runner.call, warmup, iters, args.budget_s, runner.timer)
-    finally:
-        _, rss_peak = rss_mb()
-        gpu_mem = gpu_memory_mb() if torch_gpu else None
+        for _ in range(warmup):
+            runner.call()
+    except BaseException:
         runner.close()
+        raise
+    _, rss_peak = rss_mb()
+    memory: dict[str, Any] = {
+        "peak_rss_mb": rss_peak,
+        "rss_before_mb": rss_before,
+        "added_rss_mb": None if rss_before is None or not reset_ok else rss_peak - rss_before,
+        "rss_scope": "creation + warm-up of this backend (VmHWM reset before it)" if reset_ok
+        else "process lifetime peak",
+    }
+    if torch_gpu:
+        memory["gpu"] = gpu_memory_mb() | {
+            "torch_added_peak_mb": (torch.cuda.max_memory_allocated() - allocated_before) / 2**20}
+    return runner, memory
+
+
+def tile_row(
+    target: Target, model: BenchModel, batch: int, samples: list[float], memory: dict[str, Any],
+    notes: list[str], peaks: dict[str, Any],
+) -> dict[str, Any]:
+    """One per-tile result row from its timings."""
     lat = summarize(samples)
     seconds = lat["p50_ms"] / 1e3
     hr = model.config.hr_size
@@ -178,14 +196,37 @@ def tile_row(
         "gflops": gflops,
         "peak_gflops": None if peak is None else peak["gflops"],
         "peak_fraction": None if peak is None else gflops / peak["gflops"],
-        "memory": {
-            "peak_rss_mb": rss_peak,
-            "rss_before_mb": rss_before,
-            "rss_scope": "this backend (VmHWM reset before it)" if reset_ok else "process lifetime peak",
-            **({"gpu": gpu_mem} if gpu_mem else {}),
-        },
-        "notes": runner.notes,
+        "memory": memory,
+        "notes": notes,
     }
+
+
+def tile_rows(
+    targets: list[Target], model: BenchModel, batch: int, warmup: int, iters: int, args: argparse.Namespace,
+    peaks: dict[str, Any], skipped: list[dict[str, str]],
+) -> list[dict[str, Any]]:
+    """All targets at one batch size, timed round-robin so that load changes hit every backend alike."""
+    prepared: list[tuple[Target, Runner, dict[str, Any]]] = []
+    try:
+        for target in targets:
+            log(f"[{model.key}] batch {batch}: preparing {target.label} ...")
+            try:
+                runner, memory = prepare(target, model, batch, warmup, args.seed)
+            except Unavailable as exc:
+                skipped.append({"backend": target.label, "what": f"tile batch {batch}", "reason": str(exc)})
+                log(f"  skipped: {exc}")
+                continue
+            prepared.append((target, runner, memory))
+        log(f"[{model.key}] batch {batch}: timing {len(prepared)} backends round-robin, up to {iters} rounds ...")
+        samples = measure_interleaved([(r.call, r.timer) for _, r, _ in prepared], iters,
+                                      args.budget_s * len(prepared))
+    finally:
+        for _, runner, _ in prepared:
+            runner.close()
+    rows = [tile_row(t, model, batch, s, m, r.notes, peaks) for (t, r, m), s in zip(prepared, samples, strict=True)]
+    for row in rows:
+        log(f"  {row['backend']} {row['precision']}: p50 {row['latency']['p50_ms']:.1f} ms (n={row['latency']['n']})")
+    return rows
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -278,17 +319,8 @@ def run_model(
     skipped: list[dict[str, str]] = []
     par = parity(model, args.seed)
     log(f"[{model.key}] {model.config.name}, {model.weights}; {model.gmac_per_tile:.3f} GMAC/tile; parity {par}")
-    for target in targets:
-        for batch in batches:
-            log(f"[{model.key}] tile {target.label} batch {batch} ...")
-            try:
-                row = tile_row(target, model, batch, warmup, iters, args, peaks)
-            except Unavailable as exc:
-                skipped.append({"backend": target.label, "what": "tile", "reason": str(exc)})
-                log(f"  skipped: {exc}")
-                break
-            rows.append(row)
-            log(f"  p50 {row['latency']['p50_ms']:.1f} ms (n={row['latency']['n']})")
+    for batch in batches:
+        rows += tile_rows(targets, model, batch, warmup, iters, args, peaks, skipped)
     add_speedups(rows)
     if heavy:
         skipped.append({"backend": "all", "what": "image",

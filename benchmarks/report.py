@@ -17,8 +17,8 @@ def _versions(v: dict[str, Any]) -> str:
 def tile_table(rows: list[dict[str, Any]]) -> str:
     """One line per backend x batch: latency percentiles, throughput, FLOP/s, memory, speed-up."""
     head = ("| device | backend | precision | batch | n | p50 ms | p90 ms | p99 ms | ms/tile | out MP/s "
-            "| GFLOP/s | % of peak | vs PyTorch FP32 | peak RSS MiB |")
-    lines = [head, "|" + "---|" * 14]
+            "| GFLOP/s | % of peak | vs PyTorch FP32 | +RSS MiB | peak RSS MiB |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lat = r["latency"]
         frac = None if r["peak_fraction"] is None else 100 * r["peak_fraction"]
@@ -27,7 +27,8 @@ def tile_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['device']} | {r['backend']} | {r['precision']} | {r['batch']} | {lat['n']} "
             f"| {_f(lat['p50_ms'])} | {_f(lat['p90_ms'])} | {_f(lat['p99_ms'])} | {_f(r['per_tile_p50_ms'])} "
             f"| {_f(r['throughput_mpix_s'], '.3f')} | {_f(r['gflops'])} | {_f(frac)} "
-            f"| {'-' if speed is None else f'{speed:.2f}x'} | {_f(r['memory']['peak_rss_mb'], '.0f')} |"
+            f"| {'-' if speed is None else f'{speed:.2f}x'} | {_f(r['memory']['added_rss_mb'], '.0f')} "
+            f"| {_f(r['memory']['peak_rss_mb'], '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -71,8 +72,10 @@ def latency_markdown(result: dict[str, Any]) -> str:
         out.append(f"- measured peak {name}: {p['gflops']:.1f} GFLOP/s (median {p['gflops_median']:.1f}; {p['method']})")
     out += ["", "## Per tile", "", tile_table(tiles) if tiles else "(no backend ran)", ""]
     out.append("ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; GFLOP/s = 2 x GMAC x batch / "
-               "p50; % of peak against the measured peak above (CPU rows against the fp32 peak); peak RSS is the "
-               "whole process's resident memory while that backend ran.")
+               "p50; % of peak against the measured peak above (CPU rows against the fp32 peak); +RSS = resident "
+               "memory the backend's creation and warm-up added (PyTorch rows: the module already existed, so "
+               "activations only); peak RSS = the whole process then. Backends were timed round-robin "
+               "(interleaved), so load changes during the run hit all of them alike.")
     if images:
         out += ["", "## Whole image through `Upscaler`", "", image_table(images), "",
                 "outside backend = 1 - (time inside backend.run) / wall time: tiling, blending, conversions."]

@@ -124,7 +124,7 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def rss_mb() -> tuple[float | None, float | None]:
+def rss_mb() -> tuple[float | None, float]:
     """(current RSS, peak RSS since the last reset) in MiB, from /proc/self/status."""
     cur, peak = _status_kb("VmRSS"), _status_kb("VmHWM")
     if peak is None:

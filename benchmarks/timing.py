@@ -31,23 +31,27 @@ def cuda_event_timer(call: Callable[[], object]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def measure(
-    call: Callable[[], object], warmup: int, iters: int, budget_s: float, timer: Timer = host_timer
-) -> list[float]:
-    """``warmup`` untimed calls, then up to ``iters`` timed ones, stopping early once ``budget_s`` is spent.
+def measure_interleaved(
+    calls: Sequence[tuple[Callable[[], object], Timer]], iters: int, budget_s: float
+) -> list[list[float]]:
+    """Time each (call, timer) ``iters`` times, round-robin, rotating who goes first each round.
 
-    At least one timed call always runs (two when ``iters`` allows), so a slow
-    model yields few samples instead of none; the count is reported with them.
+    On a shared machine the load drifts during a run; interleaving spreads the
+    drift over every backend instead of charging it to whichever ran last, so
+    the ratios between them hold. Stops early once ``budget_s`` is spent and
+    every call has two samples (one when ``iters`` is 1). Warm-up is the caller's.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    for _ in range(warmup):
-        call()
-    samples: list[float] = []
+    samples: list[list[float]] = [[] for _ in calls]
     t_end = time.perf_counter() + budget_s
-    while len(samples) < iters:
-        samples.append(timer(call))
-        if len(samples) >= min(2, iters) and time.perf_counter() > t_end:
+    n = len(calls)
+    for i in range(iters):
+        for k in range(n):
+            j = (i + k) % n
+            call, timer = calls[j]
+            samples[j].append(timer(call))
+        if i + 1 >= min(2, iters) and time.perf_counter() > t_end:
             break
     return samples
 

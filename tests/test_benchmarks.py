@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import latency
-from benchmarks.timing import measure, summarize
+from benchmarks.timing import measure_interleaved, summarize
 
 
 def test_summarize_percentiles_in_milliseconds() -> None:
@@ -25,17 +25,20 @@ def test_summarize_percentiles_in_milliseconds() -> None:
         summarize([])
 
 
-def test_measure_warms_up_untimed_and_stops_at_iters() -> None:
-    calls: list[int] = []
-    samples = measure(lambda: calls.append(1), warmup=2, iters=5, budget_s=1e9, timer=lambda call: (call(), 0.5)[1])
-    assert len(calls) == 7  # 2 warm-up + 5 timed
-    assert samples == [0.5] * 5
+def test_measure_interleaved_round_robin_rotates_and_stops_at_iters() -> None:
+    order: list[str] = []
+    calls = [(lambda name=name: order.append(name), lambda call: (call(), 0.5)[1]) for name in "abc"]
+    samples = measure_interleaved(calls, iters=3, budget_s=1e9)
+    assert samples == [[0.5] * 3] * 3
+    assert order == list("abc" "bca" "cab")  # who goes first rotates each round
 
 
-def test_measure_budget_keeps_at_least_two_samples() -> None:
-    samples = measure(lambda: None, warmup=0, iters=50, budget_s=0.0, timer=lambda call: 1.0)
-    assert len(samples) == 2
-    assert len(measure(lambda: None, warmup=0, iters=1, budget_s=0.0, timer=lambda call: 1.0)) == 1
+def test_measure_interleaved_budget_keeps_at_least_two_samples() -> None:
+    calls = [(lambda: None, lambda call: 1.0)] * 2
+    assert [len(s) for s in measure_interleaved(calls, iters=50, budget_s=0.0)] == [2, 2]
+    assert [len(s) for s in measure_interleaved(calls, iters=1, budget_s=0.0)] == [1, 1]
+    with pytest.raises(ValueError):
+        measure_interleaved(calls, iters=0, budget_s=1.0)
 
 
 def test_speedups_are_relative_to_pytorch_fp32_on_the_same_device_and_batch() -> None:
@@ -90,7 +93,7 @@ def test_quick_run_tile_rows(quick_result: tuple[dict[str, Any], str]) -> None:
         assert lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
         for key in ("per_tile_p50_ms", "throughput_mpix_s", "gflops", "peak_fraction", "speedup_vs_pytorch_fp32"):
             assert _positive_finite(r[key]), (r["backend"], key)
-        assert _positive_finite(r["memory"]["peak_rss_mb"])
+        assert _positive_finite(r["memory"]["peak_rss_mb"]) and r["memory"]["added_rss_mb"] >= 0
         assert r["device"] == result["host"]["cpu"] and r["resolution"] == "16x16->64x64"
     reference = [r for r in tiles if r["backend"] == "pytorch-eager"]
     assert all(r["speedup_vs_pytorch_fp32"] == 1.0 for r in reference)
