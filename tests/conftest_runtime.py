@@ -96,12 +96,18 @@ def build_double(directory: Path, lr: int = 32, batch_max: int = 8, fp16: bool =
     return directory
 
 
-def photo_lr(size: int = 96) -> np.ndarray:
-    """A real photo (scikit-image's astronaut, NASA, public domain) downscaled to `size`, uint8 HxWx3."""
+def photo_lr(size: int = 96, name: str = "astronaut") -> np.ndarray:
+    """A real photo from scikit-image downscaled to `size`, uint8 HxWx3.
+
+    "astronaut" (NASA, public domain) is a portrait with large structures;
+    "gravel" (CC0Textures, CC0; grey) is a stationary texture, so every column
+    looks alike and the seam ratio measures the tiling, not where edges fall.
+    """
     from PIL import Image
     from skimage import data
 
-    return np.asarray(Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.LANCZOS))
+    img = Image.fromarray(getattr(data, name)()).convert("RGB")
+    return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS))
 
 
 def seam_ratio(hr: np.ndarray, plan: TilePlan, scale: int = 4) -> float:

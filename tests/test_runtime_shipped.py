@@ -1,4 +1,4 @@
-"""sr_runtime against the shipped model in engines/vdvae-sr-256 (skipped until it is exported)."""
+"""sr_runtime against the shipped model (engines/vdvae-sr-256, or $SR_MODEL_DIR); skipped until it exists."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from conftest_runtime import photo_lr, seam_ratio
 from PIL import Image
 
 from sr_runtime import Upscaler
-from sr_runtime.model import DEFAULT_MODEL_NAME
+from sr_runtime.model import default_model_dir
 from sr_runtime.tiling import plan_tiles
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "engines" / DEFAULT_MODEL_NAME
+SHIPPED = default_model_dir()
 SAMPLE = REPO / "assets" / "sample.png"
 
 pytestmark = pytest.mark.skipif(
@@ -51,8 +51,11 @@ def test_shipped_model_is_deterministic_at_temperature_zero(shipped: Upscaler) -
 
 @pytest.mark.slow
 def test_shipped_model_leaves_no_seams_on_a_real_photo(shipped: Upscaler) -> None:
-    size = 192  # 4x4 tiles of 64 with the default overlap: enough borders for a stable ratio
-    photo = photo_lr(size)
+    # 4x4 tiles of 64. Gravel is a real but stationary photo: with this few tile borders a
+    # portrait's ratio is mostly where its edges happen to fall (an untiled bicubic x4 of
+    # the astronaut at 192 px scores 1.2 at these columns; gravel scores 1.01).
+    size = 192
+    photo = photo_lr(size, "gravel")
     hr = shipped.run(photo)
     plan = plan_tiles(size, size, shipped.spec.lr_size, shipped.tile_overlap)
     assert abs(seam_ratio(hr, plan) - 1.0) <= 0.10

@@ -14,9 +14,10 @@ from sr_runtime.noise import NoiseBank
 from sr_runtime.tiling import plan_tiles, ramp
 
 
-def test_seams_on_a_real_photo_are_within_10_percent(double_model: Path) -> None:
+@pytest.mark.parametrize("name", ["astronaut", "gravel"])
+def test_seams_on_a_real_photo_are_within_10_percent(double_model: Path, name: str) -> None:
     # 256 LR pixels give ~20 tile borders per axis: fewer make the ratio mostly photo content.
-    photo = photo_lr(256)
+    photo = photo_lr(256, name)
     with Upscaler(double_model, backend="cpu") as up:
         hr = up.run(photo)
         plan = plan_tiles(256, 256, up.spec.lr_size, up.tile_overlap)
@@ -24,9 +25,10 @@ def test_seams_on_a_real_photo_are_within_10_percent(double_model: Path) -> None
     assert abs(seam_ratio(hr, plan) - 1.0) <= 0.10
 
 
-def test_seam_metric_detects_hard_tile_edges(double_model: Path) -> None:
+@pytest.mark.parametrize("name", ["astronaut", "gravel"])
+def test_seam_metric_detects_hard_tile_edges(double_model: Path, name: str) -> None:
     """Negative control: without overlap/blending, the same photo shows seams the metric catches."""
-    photo = photo_lr(256)
+    photo = photo_lr(256, name)
     with Upscaler(double_model, backend="cpu", tile_overlap=0) as up:
         hr = up.run(photo)
         plan = plan_tiles(256, 256, up.spec.lr_size, 0)
