@@ -148,13 +148,18 @@ def prepare(target: Target, model: BenchModel, batch: int, warmup: int, seed: in
     if torch_gpu:
         torch.cuda.reset_peak_memory_stats()
         allocated_before = torch.cuda.memory_allocated()
-    runner = make_runner(target, model, batch, seed)
+    try:
+        runner = make_runner(target, model, batch, seed)
+    except Unavailable:
+        raise
+    except Exception as exc:  # a backend that breaks is a result to report, not a reason to stop the others
+        raise Unavailable(f"failed to load: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     try:
         for _ in range(warmup):
             runner.call()
-    except BaseException:
+    except Exception as exc:
         runner.close()
-        raise
+        raise Unavailable(f"failed to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     _, rss_peak = rss_mb()
     memory: dict[str, Any] = {
         "peak_rss_mb": rss_peak,
@@ -342,7 +347,19 @@ def run_model(
         skipped.append({"backend": "pytorch-*", "what": "image",
                         "reason": "no whole-image path: Upscaler runs the exported model only; other backends "
                                   "not measured per tile are not tried on whole images either"})
-    return {"model": model.describe() | {"parity_vs_pytorch": par}, "rows": rows, "skipped": skipped}
+    return {"model": model.describe() | {"parity_vs_pytorch": par}, "rows": rows, "skipped": merge_skipped(skipped)}
+
+
+def merge_skipped(skipped: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One entry per backend and reason, listing every measurement it was skipped for."""
+    merged: dict[tuple[str, str], dict[str, str]] = {}
+    for s in skipped:
+        key = (s["backend"], s["reason"])
+        if key in merged:
+            merged[key]["what"] += f", {s['what']}"
+        else:
+            merged[key] = dict(s)
+    return list(merged.values())
 
 
 def result_stem(device: str, model: BenchModel, date: str, quick: bool) -> str:

@@ -52,6 +52,16 @@ def test_speedups_are_relative_to_pytorch_fp32_on_the_same_device_and_batch() ->
     assert [r["speedup_vs_pytorch_fp32"] for r in rows] == [1.0, 3.0, None, None]
 
 
+def test_skipped_entries_merge_per_backend_and_reason() -> None:
+    skipped = [{"backend": "tensorrt fp16 (cuda)", "what": "tile batch 1", "reason": "no GPU"},
+               {"backend": "tensorrt fp16 (cuda)", "what": "tile batch 4", "reason": "no GPU"},
+               {"backend": "onnxruntime-cpu fp16 (cpu)", "what": "tile batch 1", "reason": "no fp16 ONNX"}]
+    assert latency.merge_skipped(skipped) == [
+        {"backend": "tensorrt fp16 (cuda)", "what": "tile batch 1, tile batch 4", "reason": "no GPU"},
+        {"backend": "onnxruntime-cpu fp16 (cpu)", "what": "tile batch 1", "reason": "no fp16 ONNX"},
+    ]
+
+
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     """One --quick run (tiny model exported into a fresh cache), shared by the structure tests."""
