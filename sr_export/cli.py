@@ -183,9 +183,11 @@ def print_summary(report: Any) -> None:
         ties = f" ({c.near_tie_pixels} near-tie px; max on others {c.max_abs_err_non_tie:.2e})" if c.near_tie_pixels else ""
         print(f"  parity   t={c.temperature:g} batch={c.batch}: max |ORT - torch| = {c.max_abs_err:.2e}{ties}")
     if report.fp16 is not None:
-        chk, isl = report.fp16.check, m["onnx"]["fp16"]["fp32_island"]
-        print(f"  fp16     PSNR vs FP32 >= {chk.min_psnr_db:.2f} dB (worst held-out image), "
-              f"outlier px (>0.02) {chk.outlier_pixel_fraction:.4%}, finite on extremes: {chk.all_finite}")
+        isl = m["onnx"]["fp16"]["fp32_island"]
+        for label, chk in (("ORT CPU, FP16 file", report.fp16.ort), ("FP16 rounding sim", report.fp16.simulated)):
+            print(f"  fp16     {label}: PSNR vs FP32 >= {chk.min_psnr_db:.2f} dB (worst held-out image; "
+                  f"{chk.min_psnr_db_same_component:.2f} dB without the {chk.flip_fraction:.4%} of pixels whose "
+                  f"argmax component flipped), all finite incl. black/white/noise: {chk.all_finite}")
         print(f"  fp16     FP32 island: {isl['nodes']}/{isl['of_nodes']} nodes (|x| > {isl['limit_abs']:g}) "
               f"{isl['by_scope'] or ''}")
     print(f"  seconds  {m['export_seconds']}")

@@ -20,7 +20,16 @@ import torch
 from sr_export import cli
 from sr_export.calibration import extreme_lr_batch, photo_lr_batch
 from sr_export.files import sha256_file
-from sr_export.fp16 import FLOAT16, convert_to_fp16, cpu_session_from_proto, fp32_island, psnr
+from sr_export.fp16 import (
+    FLOAT16,
+    ISLAND_METADATA_KEY,
+    convert_to_fp16,
+    cpu_session_from_proto,
+    fp16_rounding_model,
+    fp32_island,
+    psnr,
+    verify_fp16,
+)
 from sr_export.onnx_export import RANDOM_OPS, assert_no_random_ops, export_fp32
 from sr_export.parity import cpu_session, parity_suite
 from sr_export.tensorrt import engine_unavailable_reason
@@ -169,11 +178,17 @@ def test_fp16_finite_on_extreme_inputs(exported: dict) -> None:
 
 
 def test_fp16_psnr_vs_fp32_on_a_real_photo(exported: dict) -> None:
+    """The FP16 file in ORT: >= 40 dB over all pixels. The FP16 rounding simulation (what ORT CPU's FP32
+    fallback hides): >= 40 dB where the same mixture component is chosen, and few component flips."""
+    fp32 = onnx.load(str(exported["out"] / "model.fp32.onnx"))
+    fp16 = onnx.load(str(exported["out"] / "model.fp16.onnx"))
+    island = json.loads(next(p.value for p in fp16.metadata_props if p.key == ISLAND_METADATA_KEY))
     lr = photo_lr_batch(64, per_photo=1)[:1]  # astronaut
-    s32, s16 = (cpu_session(exported["out"] / f"model.{p}.onnx") for p in ("fp32", "fp16"))
-    for t in (0.0, 0.8):
-        feed = {"lr": lr, "noise": exported["model"].make_noise(1, t, 11).numpy()}
-        assert psnr(s16.run(["hr"], feed)[0], s32.run(["hr"], feed)[0]) >= 40.0
+    cases = {f"t{t}": {"lr": lr, "noise": exported["model"].make_noise(1, t, 11).numpy()} for t in (0.0, 0.8)}
+    in_ort = verify_fp16(fp32, fp16, cases)
+    assert in_ort.ok(40.0), in_ort
+    simulated = verify_fp16(fp32, fp16_rounding_model(fp32, island), cases)
+    assert simulated.ok(40.0, exclude_flips=True) and simulated.flip_fraction < 0.01, simulated
 
 
 def test_fp32_island_keeps_large_tensors_in_fp32(exported: dict) -> None:
@@ -243,3 +258,46 @@ def test_polygraphy_data_loader_feeds_real_photos(exported: dict, monkeypatch: p
     for feed in feeds:
         assert feed["lr"].shape == (3, 3, 64, 64) and feed["noise"].shape == (3, exported["model"].noise_dim)
         assert feed["lr"].dtype == feed["noise"].dtype == np.float32
+
+
+def _overflowing_graph() -> onnx.ModelProto:
+    """hr = ((lr * 3e4) * 4) / 1.2e5 + 0 * mean(noise): fine in FP32, inf in FP16 (1.2e5 > 65504)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = {"a": 3e4, "b": 4.0, "c": 1.0 / 1.2e5, "z": 0.0}
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["lr", "a"], ["t1"], name="scale_up"),
+         helper.make_node("Mul", ["t1", "b"], ["t2"], name="overflow"),
+         helper.make_node("Mul", ["t2", "c"], ["t3"], name="scale_down"),
+         helper.make_node("ReduceMean", ["noise"], ["m"], name="mean", axes=[1], keepdims=1),
+         helper.make_node("Mul", ["m", "z"], ["m0"], name="zero"),
+         helper.make_node("Unsqueeze", ["m0", "ax"], ["m4"], name="unsq"),
+         helper.make_node("Add", ["t3", "m4"], ["hr"], name="out")],
+        "overflow",
+        [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, 4, 4]),
+         helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()]
+        + [numpy_helper.from_array(np.array([2, 3], np.int64), "ax")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fp16_islands_come_from_measured_ranges() -> None:
+    """Values that overflow FP16 are found by measurement and kept in FP32; without that the output is inf."""
+    from sr_export.fp16 import choose_fp16, measure_ranges
+
+    proto = _overflowing_graph()
+    rng = np.random.default_rng(0)
+    feeds = [{"lr": rng.random((1, 3, 4, 4), dtype=np.float32), "noise": rng.standard_normal((1, 2)).astype(np.float32)}
+             for _ in range(3)]
+    ranges = measure_ranges(proto, feeds)
+    assert 1e4 < ranges["t1"] <= 3e4 and ranges["t2"] > 65504 and ranges["t3"] <= 1.0
+    naive = cpu_session_from_proto(fp16_rounding_model(proto, set())).run(["hr"], feeds[0])[0]
+    assert not np.isfinite(naive).all()  # all-FP16 overflows (ORT CPU's FP32 fallback alone would hide it)
+    result = choose_fp16(proto, feeds, {"held_out": {"lr": np.ones((2, 3, 4, 4), np.float32),
+                                                     "noise": np.zeros((2, 2), np.float32)}})
+    assert set(result.island) == {"scale_up", "overflow", "scale_down"}
+    assert result.simulated.all_finite and result.ort.all_finite
+    assert result.simulated.min_psnr_db >= 40.0 and result.ort.min_psnr_db >= 40.0
+    assert result.limit == 4096.0 and result.tried[0]["fp32_nodes"] == 3
