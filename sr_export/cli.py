@@ -180,7 +180,12 @@ def print_summary(report: Any) -> None:
     print(f"  lint     {'passed' if report.lint.passed else 'not run' if not report.lint.ran else 'FAILED'}: "
           f"{report.lint.detail}")
     for c in report.parity:
-        ties = f" ({c.near_tie_pixels} near-tie px; max on others {c.max_abs_err_non_tie:.2e})" if c.near_tie_pixels else ""
+        if c.near_tie_pixels == c.pixels:
+            ties = " (every pixel is a near-tie of its top two mixture logits)"
+        elif c.near_tie_pixels:
+            ties = f" ({c.near_tie_pixels} near-tie px; max on the others {c.max_abs_err_non_tie:.2e})"
+        else:
+            ties = ""
         print(f"  parity   t={c.temperature:g} batch={c.batch}: max |ORT - torch| = {c.max_abs_err:.2e}{ties}")
     if report.fp16 is not None:
         isl = m["onnx"]["fp16"]["fp32_island"]
