@@ -1,4 +1,4 @@
-"""``sr-export``: write a model directory (FP32 + FP16 ONNX, manifest) and optionally TensorRT engines.
+"""sr-export: write a model directory (FP32 + FP16 ONNX, manifest) and optionally TensorRT engines.
 
 Examples::
 
