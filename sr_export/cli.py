@@ -195,4 +195,7 @@ def print_summary(report: Any) -> None:
                   f"argmax component flipped), all finite incl. black/white/noise: {chk.all_finite}")
         print(f"  fp16     FP32 island: {isl['nodes']}/{isl['of_nodes']} nodes (|x| > {isl['limit_abs']:g}) "
               f"{isl['by_scope'] or ''}")
+        top = isl["largest_measured"][0] if isl["largest_measured"] else None
+        if top:
+            print(f"  fp16     largest measured |x|: {top['max_abs']:.4g} ({top['op']} in {top['scope'] or 'top level'})")
     print(f"  seconds  {m['export_seconds']}")

@@ -407,6 +407,7 @@ class Fp16Result:
     simulated: Fp16Check  # FP16 rounding of every FP16 tensor made explicit (the strict check)
     ort: Fp16Check  # the FP16 ONNX file itself in ONNX Runtime CPU
     tried: list[dict[str, Any]]
+    ranges: dict[str, float]  # measured max |x| per float tensor
 
     def island_summary(self, fp32: onnx.ModelProto) -> dict[str, Any]:
         """FP32 nodes grouped by module scope and op type (the per-node list is long)."""
@@ -417,12 +418,19 @@ class Fp16Result:
             node = by_name[name]
             scopes[_coarse_scope(node_scope(node))] += 1
             ops[node.op_type] += 1
+        producer = {o: n for n in by_name.values() for o in n.output}
+        largest = sorted(((v, k) for k, v in self.ranges.items() if k in producer), reverse=True)[:8]
         return {
             "limit_abs": self.limit,
             "nodes": len(self.island),
             "of_nodes": len(fp32.graph.node),
             "by_scope": dict(scopes.most_common()),
             "by_op": dict(ops.most_common()),
+            "reasons": dict(sorted(self.island.items())[:20]),
+            "largest_measured": [
+                {"tensor": k, "max_abs": v, "op": producer[k].op_type, "scope": node_scope(producer[k])}
+                for v, k in largest
+            ],
         }
 
 
@@ -462,5 +470,5 @@ def choose_fp16(
         entry["ort"] = {k: v for k, v in ort.as_dict().items() if k != "cases_psnr_db"}
         if ort.ok(target_psnr_db):
             model.metadata_props.add(key=ISLAND_METADATA_KEY, value=json.dumps(sorted(island)))
-            return Fp16Result(model, limit, island, simulated, ort, tried)
+            return Fp16Result(model, limit, island, simulated, ort, tried, ranges)
     raise Fp16TargetMissed(f"no FP32 island reached {target_psnr_db} dB without NaN/Inf: {tried}")
