@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "no FP16 export (default 50)")
     p.add_argument("--heavy-iters", type=int, default=3, help="timed calls for heavy models (default 3)")
     p.add_argument("--image", type=_size, default=None, help="whole-image LR size WxH (default 640x480)")
-    p.add_argument("--image-iters", type=int, default=None, help="whole-image runs (default 5; --quick 2)")
+    p.add_argument("--image-iters", type=int, default=None, help="timed whole-image runs (default 3; --quick 2)")
+    p.add_argument("--image-batches", type=_ints, default=None,
+                   help="Upscaler batch sizes for the whole image (default: the largest of --batches)")
     p.add_argument("--no-image", action="store_true", help="skip the whole-image measurement")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
@@ -115,7 +117,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.iters = args.iters or (3 if q else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
     args.image = args.image or ((64, 48) if q else (640, 480))
-    args.image_iters = args.image_iters or (2 if q else 5)
+    args.image_iters = args.image_iters or (2 if q else 3)
+    args.image_batches = args.image_batches or [max(args.batches)]
     args.backends = None if args.backends is None else set(args.backends.split(","))
     return args
 
@@ -175,10 +178,10 @@ def prepare(target: Target, model: BenchModel, batch: int, warmup: int, seed: in
 
 
 def tile_row(
-    target: Target, model: BenchModel, batch: int, samples: list[float], memory: dict[str, Any],
+    target: Target, model: BenchModel, batch: int, samples: list[float], cpu: list[float], memory: dict[str, Any],
     notes: list[str], peaks: dict[str, Any],
 ) -> dict[str, Any]:
-    """One per-tile result row from its timings."""
+    """One per-tile result row from its timings (wall or device time, and process CPU time)."""
     lat = summarize(samples)
     seconds = lat["p50_ms"] / 1e3
     hr = model.config.hr_size
@@ -196,6 +199,7 @@ def tile_row(
         "batch": batch,
         "resolution": model.resolution,
         "latency": lat,
+        "cpu_time": summarize(cpu),
         "per_tile_p50_ms": lat["p50_ms"] / batch,
         "throughput_mpix_s": batch * hr * hr / 1e6 / seconds,
         "gflops": gflops,
@@ -223,12 +227,15 @@ def tile_rows(
                 continue
             prepared.append((target, runner, memory))
         log(f"[{model.key}] batch {batch}: timing {len(prepared)} backends round-robin, up to {iters} rounds ...")
-        samples = measure_interleaved([(r.call, r.timer) for _, r, _ in prepared], iters,
-                                      args.budget_s * len(prepared))
+        samples, cpu = measure_interleaved([(r.call, r.timer) for _, r, _ in prepared], iters,
+                                           args.budget_s * len(prepared))
     finally:
         for _, runner, _ in prepared:
             runner.close()
-    rows = [tile_row(t, model, batch, s, m, r.notes, peaks) for (t, r, m), s in zip(prepared, samples, strict=True)]
+    rows = [
+        tile_row(t, model, batch, s, c, m, r.notes, peaks)
+        for (t, r, m), s, c in zip(prepared, samples, cpu, strict=True)
+    ]
     for row in rows:
         log(f"  {row['backend']} {row['precision']}: p50 {row['latency']['p50_ms']:.1f} ms (n={row['latency']['n']})")
     return rows
@@ -335,7 +342,7 @@ def run_model(
         img = test_image(args.image)
         ran = {(r["backend"], r["precision"], r["device_type"]) for r in rows}
         for target in (t for t in targets if not t.is_torch and (t.backend, t.precision, t.device) in ran):
-            for batch in args.batches:
+            for batch in args.image_batches:
                 log(f"[{model.key}] image {args.image[0]}x{args.image[1]} {target.label} batch {batch} ...")
                 try:
                     rows.append(image_row(target, model, batch, img, args))
@@ -393,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "peaks": peaks,
             "settings": {"batches": args.batches, "iters": args.iters, "warmup": args.warmup,
                          "budget_s": args.budget_s, "heavy_gmac": args.heavy_gmac, "heavy_iters": args.heavy_iters,
-                         "image": list(args.image), "image_iters": args.image_iters, "temperature": 0.0,
+                         "image": list(args.image), "image_iters": args.image_iters,
+                         "image_batches": args.image_batches, "temperature": 0.0,
                          "seed": args.seed},
             **body,
         }

@@ -16,16 +16,17 @@ def _versions(v: dict[str, Any]) -> str:
 
 def tile_table(rows: list[dict[str, Any]]) -> str:
     """One line per backend x batch: latency percentiles, throughput, FLOP/s, memory, speed-up."""
-    head = ("| device | backend | precision | batch | n | p50 ms | p90 ms | p99 ms | ms/tile | out MP/s "
-            "| GFLOP/s | % of peak | vs PyTorch FP32 | +RSS MiB | peak RSS MiB |")
-    lines = [head, "|" + "---|" * 15]
+    head = ("| device | backend | precision | batch | n | p50 ms | p90 ms | p99 ms | CPU ms p50 | ms/tile "
+            "| out MP/s | GFLOP/s | % of peak | vs PyTorch FP32 | +RSS MiB | peak RSS MiB |")
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
         lat = r["latency"]
         frac = None if r["peak_fraction"] is None else 100 * r["peak_fraction"]
         speed = r.get("speedup_vs_pytorch_fp32")
         lines.append(
             f"| {r['device']} | {r['backend']} | {r['precision']} | {r['batch']} | {lat['n']} "
-            f"| {_f(lat['p50_ms'])} | {_f(lat['p90_ms'])} | {_f(lat['p99_ms'])} | {_f(r['per_tile_p50_ms'])} "
+            f"| {_f(lat['p50_ms'])} | {_f(lat['p90_ms'])} | {_f(lat['p99_ms'])} | {_f(r['cpu_time']['p50_ms'])} "
+            f"| {_f(r['per_tile_p50_ms'])} "
             f"| {_f(r['throughput_mpix_s'], '.3f')} | {_f(r['gflops'])} | {_f(frac)} "
             f"| {'-' if speed is None else f'{speed:.2f}x'} | {_f(r['memory']['added_rss_mb'], '.0f')} "
             f"| {_f(r['memory']['peak_rss_mb'], '.0f')} |"
@@ -71,7 +72,8 @@ def latency_markdown(result: dict[str, Any]) -> str:
     for name, p in result["peaks"].items():
         out.append(f"- measured peak {name}: {p['gflops']:.1f} GFLOP/s (median {p['gflops_median']:.1f}; {p['method']})")
     out += ["", "## Per tile", "", tile_table(tiles) if tiles else "(no backend ran)", ""]
-    out.append("ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; GFLOP/s = 2 x GMAC x batch / "
+    out.append("CPU ms = process CPU time per call, all threads (less sensitive to other jobs than wall time; "
+               "counts spin-waiting threads); ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; GFLOP/s = 2 x GMAC x batch / "
                "p50; % of peak against the measured peak above (CPU rows against the fp32 peak); +RSS = resident "
                "memory the backend's creation and warm-up added (PyTorch rows: the module already existed, so "
                "activations only); peak RSS = the whole process then. Backends were timed round-robin "

@@ -33,27 +33,34 @@ def cuda_event_timer(call: Callable[[], object]) -> float:
 
 def measure_interleaved(
     calls: Sequence[tuple[Callable[[], object], Timer]], iters: int, budget_s: float
-) -> list[list[float]]:
+) -> tuple[list[list[float]], list[list[float]]]:
     """Time each (call, timer) ``iters`` times, round-robin, rotating who goes first each round.
 
     On a shared machine the load drifts during a run; interleaving spreads the
     drift over every backend instead of charging it to whichever ran last, so
     the ratios between them hold. Stops early once ``budget_s`` is spent and
     every call has two samples (one when ``iters`` is 1). Warm-up is the caller's.
+
+    Returns (timed seconds, process CPU seconds) per call: CPU time (all threads)
+    is far less sensitive to other jobs than wall time, though it counts
+    spin-waiting threads as work.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     samples: list[list[float]] = [[] for _ in calls]
+    cpu: list[list[float]] = [[] for _ in calls]
     t_end = time.perf_counter() + budget_s
     n = len(calls)
     for i in range(iters):
         for k in range(n):
             j = (i + k) % n
             call, timer = calls[j]
+            c0 = time.process_time()
             samples[j].append(timer(call))
+            cpu[j].append(time.process_time() - c0)
         if i + 1 >= min(2, iters) and time.perf_counter() > t_end:
             break
-    return samples
+    return samples, cpu
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
