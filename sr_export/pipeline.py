@@ -156,6 +156,8 @@ def export_model_dir(
 
     manifest = build_manifest(model, checkpoint, opts, files, parity, lint, fp32, fp16_result, seconds)
     files["manifest"] = atomic_write_json(out / MANIFEST_FILE, manifest)
+    if not opts.fp16:  # an FP16 graph left by an earlier export no longer matches the FP32 one
+        (out / FP16_FILE).unlink(missing_ok=True)
     return ExportReport(manifest, files, parity, lint, fp16_result, seconds)
 
 
