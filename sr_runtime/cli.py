@@ -12,7 +12,7 @@ import glob
 import logging
 import os
 import sys
-import tempfile
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,7 +118,9 @@ def save_atomic(img: Image.Image, dest: Path) -> None:
         raise SRInputError(f"{dest}: unknown output format {dest.suffix!r} (use .png, .jpg or .webp)")
     img = _fit_format(img, fmt)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+    # os.open with 0o666 honours the umask like a plain open(); mkstemp would leave 0600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             img.save(fh, format=fmt, **SAVE_OPTIONS[fmt])

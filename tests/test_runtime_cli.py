@@ -203,3 +203,15 @@ def test_bundled_sample_upscales(double_model: Path, tmp_path: Path) -> None:
     assert sample.stat().st_size < 100_000
     assert run_cli(double_model, str(sample), "-o", str(tmp_path) + "/") == 0
     assert Image.open(tmp_path / "sample_x4.png").size == (512, 512)
+
+
+def test_outputs_get_the_usual_permissions_and_no_temp_files(double_model: Path, photos: Path, tmp_path: Path) -> None:
+    """Atomic writes must not leave mkstemp's 0600: users expect what a plain save gives under their umask."""
+    old = os.umask(0o022)
+    try:
+        assert run_cli(double_model, str(photos / "a.png"), "-o", str(tmp_path / "out") + "/") == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out" / "a_x4.png"
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in out.parent.iterdir()] == ["a_x4.png"]
