@@ -435,7 +435,8 @@ def dmol_autoregress(x: Tensor, coeffs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
-LR_SKIP_INIT_LOG_SCALE = -4.0
+LR_SKIP_INIT_LOG_SCALES = (-5.0, -3.0)
+LR_SKIP_INIT_WEIGHT_STD = 1e-3
 
 
 class VDVAESR(nn.Module):
@@ -450,14 +451,16 @@ class VDVAESR(nn.Module):
         self.lr_resolutions = encoder_resolutions(config.lr_enc_blocks, config.lr_size)
         self.decoder = Decoder(config, self.lr_resolutions)
         if config.lr_skip:
-            # Start exactly at the bicubic image (zero head weights) with logistic scales
-            # near bicubic's error (e^-4 ~ 2 grey levels) instead of VDVAE's e^0 = the
+            # Start near the bicubic image (tiny head weights) with logistic scales near
+            # bicubic's error (e^-5..e^-3, ~1-6 grey levels) instead of VDVAE's e^0 = the
             # whole range: otherwise thousands of CPU steps go into shrinking one bias.
+            # Weights and scales differ per component: identical components would get
+            # identical gradients and the mixture could never separate.
             m = config.num_mixtures
-            nn.init.zeros_(self.decoder.out_conv.weight)
+            nn.init.normal_(self.decoder.out_conv.weight, std=LR_SKIP_INIT_WEIGHT_STD)
             assert self.decoder.out_conv.bias is not None
             bias = self.decoder.out_conv.bias.data.view(-1)[m:].view(3, 3 * m)
-            bias[:, m : 2 * m] = LR_SKIP_INIT_LOG_SCALE
+            bias[:, m : 2 * m] = torch.linspace(*LR_SKIP_INIT_LOG_SCALES, m)
 
     # -- preprocessing -------------------------------------------------------
     def encoder_input(self, img01: Tensor) -> Tensor:
