@@ -151,13 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods += rows
 
     manifest = args.model_dir / "manifest.json"
-    trained = manifest.is_file() and not json.loads(manifest.read_text()).get("checkpoint", {}).get("random_weights")
-    if trained:
+    ckpt = json.loads(manifest.read_text()).get("checkpoint", {}) if manifest.is_file() else {}
+    if manifest.is_file() and not ckpt.get("random_weights"):
         from sr_train.evaluate import onnx_sample_fn
 
         fn, _, label = onnx_sample_fn(args.model_dir, args.seed, "onnxruntime-cpu")
-        rows, _ = method_rows(f"VDVAE-SR {args.model_dir.name} {label}", cpu, lambda: fn, images,
-                              args.temperatures, args.seed)
+        name = f"VDVAE-SR {args.model_dir.name} ({ckpt.get('weights', '?')} step {ckpt.get('step', '?')}), {label}"
+        rows, _ = method_rows(name, cpu, lambda: fn, images, args.temperatures, args.seed)
         methods += rows
     else:
         skipped.append({"method": "VDVAE-SR", "reason": f"no trained model at {args.model_dir} "

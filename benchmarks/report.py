@@ -76,7 +76,8 @@ def latency_markdown(result: dict[str, Any]) -> str:
                "counts spin-waiting threads); ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; GFLOP/s = 2 x GMAC x batch / "
                "p50; % of peak against the measured peak above (CPU rows against the fp32 peak); +RSS = resident "
                "memory the backend's creation and warm-up added (PyTorch rows: the module already existed, so "
-               "activations only); peak RSS = the whole process then. Backends were timed round-robin "
+               "activations only; memory an earlier step freed and this one reused shows as 0); peak RSS = the "
+               "whole process then, including models measured earlier in the same run. Backends were timed round-robin "
                "(interleaved), so load changes during the run hit all of them alike.")
     if images:
         out += ["", "## Whole image through `Upscaler`", "", image_table(images), "",
