@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_train.degrade import SCALE, degrade_bicubic_x4, list_images, load_rgb, upscale_bicubic_x4
 from sr_train.metrics import psnr_y, ssim_y
 
@@ -312,7 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--markdown", type=Path, help="write the markdown table here")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError, SRModelError, BackendUnavailable) as e:  # CheckpointError is a ValueError
+        print(f"sr-eval: error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         sample_fn, hr_size, label = checkpoint_sample_fn(args.checkpoint, args.device)
     elif args.onnx:

@@ -152,3 +152,12 @@ def test_fid_with_the_wheels_inception() -> None:
     fid = ev.make_fid(weights)
     assert fid(hrs, hrs) == pytest.approx(0.0, abs=1e-3)
     assert fid(hrs, blurred) > 1.0
+
+
+def test_cli_reports_a_bad_checkpoint_or_folder_without_a_traceback(tmp_path, capsys):
+    from sr_train.evaluate import main
+
+    assert main(["--checkpoint", str(tmp_path), "--images", str(tmp_path)]) == 2
+    assert main(["--bicubic", "--images", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "not a VDVAE-SR checkpoint" in err and "not found" in err and "Traceback" not in err
