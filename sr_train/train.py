@@ -20,7 +20,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +111,7 @@ def parse_block_ranges(spec: str) -> set[int]:
 
 
 def build_model(cfg: TrainConfig) -> VDVAESR:
+    """A new run's starting weights (preset, our checkpoint, official VDVAE), recipe's freezing applied."""
     if cfg.init_checkpoint:
         model, _ = load_checkpoint(cfg.init_checkpoint)
         model.train()
@@ -120,6 +120,12 @@ def build_model(cfg: TrainConfig) -> VDVAESR:
         model = VDVAESR(preset(cfg.preset))
     if cfg.init_vdvae:
         import_vdvae_weights(model, cfg.init_vdvae)
+    apply_freezing(model, cfg)
+    return model
+
+
+def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:
+    """Which parameters train is part of the recipe, not of the weights: applied on start and on resume."""
     if cfg.freeze_hr_encoder:
         model.hr_encoder.requires_grad_(False)
     if cfg.train_decoder_blocks is not None:
@@ -131,7 +137,6 @@ def build_model(cfg: TrainConfig) -> VDVAESR:
     # The 1x1 bias is VDVAE's unconditional start; in SR the LR encoder replaces it.
     if "1" in model.decoder.bias_xs:
         model.decoder.bias_xs["1"].requires_grad_(False)
-    return model
 
 
 # ---------------------------------------------------------------------------
@@ -175,10 +180,6 @@ def validate(ema: VDVAESR, images: dict[str, Any], temperature: float, seed: int
     return {"psnr_y": row["psnr_y"], "ssim_y": row["ssim_y"], "bicubic_psnr_y": result["bicubic"]["psnr_y"]}
 
 
-def batches(loader: DataLoader) -> Iterator[dict[str, Tensor]]:
-    yield from loader  # CropSampler is endless
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the final step, skips and last losses."""
     rank, world = distributed_env()
@@ -187,11 +188,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = Path(cfg.run_dir)
     latest, ema_dir = run / "latest", run / "ema"
     resuming = (latest / f"{TRAIN_STATE}.json").exists()
-    model = load_checkpoint(latest)[0].train() if resuming else build_model(cfg)
-    if resuming:  # freezing is part of the recipe, not of the weights
-        frozen = {n for n, p in build_model(cfg).named_parameters() if not p.requires_grad}
-        for n, p in model.named_parameters():
-            p.requires_grad_(n not in frozen)
+    if resuming:
+        model = load_checkpoint(latest)[0].train()
+        apply_freezing(model, cfg)
+    else:
+        model = build_model(cfg)
     ema = load_checkpoint(ema_dir)[0] if resuming else copy.deepcopy(model)
     ema.eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -229,7 +230,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         val_images = load_images(cfg.val_images)
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     last: dict[str, float] = {}
-    data = batches(loader)
+    data = iter(loader)  # CropSampler is endless
     t0 = time.time()
     while step < cfg.steps:
         batch = next(data)
