@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     result = train(TrainConfig(**values))
-    print(f"done: step {result['step']}, skipped updates {result['skips']}, last elbo {result.get('elbo', float('nan')):.4f}")
+    print(f"done: step {result['step']}, skipped updates {result['skips']}, last loss {result.get('elbo', result.get('loss', float('nan'))):.4f}")
     return 0
 
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-vdvae", help="official VDVAE *-model(-ema).th for the HR encoder + decoder")
     tr.add_argument("--freeze-hr-encoder", action="store_true", default=None)
     tr.add_argument("--train-decoder-blocks", help="decoder blocks that train, e.g. '0-10,40' (default all)")
+    tr.add_argument("--objective", choices=["elbo", "skip"],
+                    help="elbo (default): VDVAE's loss; skip: L1 of the LR skip alone (conditioning warm-up)")
     tr.add_argument("--steps", type=int, help="total steps (default 1000)")
     tr.add_argument("--batch-size", type=int, help="per process (default 4)")
     tr.add_argument("--lr", type=float)

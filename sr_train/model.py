@@ -28,6 +28,7 @@ from torch import Tensor, nn
 # Configuration and the layer-string vocabulary
 # ---------------------------------------------------------------------------
 
+HEAD_STATISTICS = ("mode", "mean")
 IMAGENET64_STATS = (-115.92961967, 1.0 / 69.37404)
 FFHQ256_STATS = (-112.8666757481, 1.0 / 69.84780273)
 
@@ -60,11 +61,23 @@ class VDVAESRConfig:
     # Project addition for small CPU-trained models: the DMoL means are offsets
     # from the bicubically upsampled LR image, so the decoder models the residual.
     lr_skip: bool = False
+    # Learned x4 upsampling on top of the LR skip (project addition, 0 = bicubic alone):
+    # conv3x3 (this width) -> GELU -> conv3x3 -> pixel shuffle over the LR encoder's
+    # top activation, added to the bicubic image. Its last conv starts at zero.
+    skip_upsampler_width: int = 0
+    # Deterministic output (temperature-0 image): "mode" = the most likely mixture
+    # component's mean (VDVAE's choice), "mean" = the mixture's expected value (what
+    # PSNR rewards).
+    head_statistic: str = "mode"
     input_shift: float = IMAGENET64_STATS[0]
     input_scale: float = IMAGENET64_STATS[1]
     scale_factor: int = field(default=4)
 
     def __post_init__(self) -> None:
+        if self.head_statistic not in HEAD_STATISTICS:
+            raise ValueError(f"head_statistic must be one of {HEAD_STATISTICS}, got {self.head_statistic!r}")
+        if self.skip_upsampler_width < 0 or (self.skip_upsampler_width and not self.lr_skip):
+            raise ValueError("skip_upsampler_width needs lr_skip and must be >= 0")
         if self.hr_size != self.lr_size * self.scale_factor:
             raise ValueError(
                 f"hr_size {self.hr_size} must be scale_factor {self.scale_factor} x lr_size {self.lr_size}"
@@ -408,6 +421,21 @@ def dmol_mode(logits: Tensor, nr_mix: int, base: Tensor | None = None) -> Tensor
     return dmol_autoregress((means * sel).sum(dim=2), (coeffs * sel).sum(dim=2))
 
 
+def dmol_mean(logits: Tensor, nr_mix: int, base: Tensor | None = None) -> Tensor:
+    """Deterministic head: the mixture's expected value in [-1, 1] (the MSE-optimal guess).
+
+    Each component's mean is channel-autoregressive in its own means (E[x1 | k] =
+    mu1 + c0 * mu0, ...); components are weighted by their softmax probabilities.
+    Clipping to [-1, 1] comes last, so pixels near the ends are approximate.
+    """
+    logit_probs, means, _, coeffs = dmol_split(logits, nr_mix, base)
+    m0 = means[:, 0]
+    m1 = means[:, 1] + coeffs[:, 0] * m0
+    m2 = means[:, 2] + coeffs[:, 1] * m0 + coeffs[:, 2] * m1
+    weights = torch.softmax(logit_probs, dim=1)
+    return torch.stack([(weights * m).sum(dim=1) for m in (m0, m1, m2)], dim=1).clamp(-1.0, 1.0)
+
+
 def dmol_sample(
     logits: Tensor, nr_mix: int, base: Tensor | None = None, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -435,6 +463,24 @@ def dmol_autoregress(x: Tensor, coeffs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
+class SkipUpsampler(nn.Module):
+    """Learned x``scale`` residual over the bicubic skip, from LR features (ESPCN-style).
+
+    Capacity at the LR resolution is where SR networks spend theirs: a 3x3 conv
+    per LR pixel predicts all ``scale**2`` sub-pixels, rearranged by pixel shuffle.
+    The last conv starts at zero, so an untrained model still outputs bicubic.
+    """
+
+    def __init__(self, in_width: int, width: int, scale: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.c1 = conv(in_width, width, 3)
+        self.c2 = conv(width, 3 * scale * scale, 3, zero_weights=True)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return F.pixel_shuffle(self.c2(F.gelu(self.c1(feats))), self.scale)
+
+
 LR_SKIP_INIT_LOG_SCALES = (-5.0, -3.0)
 LR_SKIP_INIT_WEIGHT_STD = 1e-3
 
@@ -450,6 +496,11 @@ class VDVAESR(nn.Module):
         self.lr_encoder = Encoder(config.lr_enc_blocks, widths, config.lr_size, config.bottleneck_multiple)
         self.lr_resolutions = encoder_resolutions(config.lr_enc_blocks, config.lr_size)
         self.decoder = Decoder(config, self.lr_resolutions)
+        self.skip_upsampler = (
+            SkipUpsampler(widths[config.lr_size], config.skip_upsampler_width, config.scale_factor)
+            if config.skip_upsampler_width
+            else None
+        )
         if config.lr_skip:
             # Start near the bicubic image (tiny head weights) with logistic scales near
             # bicubic's error (e^-5..e^-3, ~1-6 grey levels) instead of VDVAE's e^0 = the
@@ -487,36 +538,66 @@ class VDVAESR(nn.Module):
         return out
 
     # -- training ------------------------------------------------------------
-    def forward(self, hr: Tensor, lr: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, hr: Tensor, lr: Tensor | None = None, objective: str = "elbo") -> dict[str, Tensor]:
         """Negative ELBO per dimension (VDVAE's loss) for HR images in [0, 1].
 
         Returns per-image ``elbo``, ``distortion`` and ``rate`` [N], averaged by the caller.
         ``lr`` defaults to nothing only for pure VDVAE use; SR training always passes it.
+        ``objective="skip"`` returns ``{"loss": skip_loss}`` instead (the conditioning warm-up).
         """
-        px_z, stats = self.posterior_pass(hr, lr)
-        return self.loss_from(px_z, stats, hr, lr)
+        if objective == "skip":
+            if lr is None:
+                raise ValueError("the skip objective needs the LR image")
+            return {"loss": self.skip_loss(hr, lr)}
+        if objective != "elbo":
+            raise ValueError(f"objective must be 'elbo' or 'skip', got {objective!r}")
+        lr_acts = self.lr_encoder(self.encoder_input(lr)) if lr is not None else None
+        px_z, stats = self.posterior_pass(hr, lr, lr_acts=lr_acts)
+        return self.loss_from(px_z, stats, hr, self.mean_base(lr, lr_acts))
 
     def posterior_pass(
-        self, hr: Tensor, lr: Tensor | None, eps: list[Tensor | None] | None = None
+        self,
+        hr: Tensor,
+        lr: Tensor | None,
+        eps: list[Tensor | None] | None = None,
+        lr_acts: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, list[dict[str, Tensor]]]:
         hr_acts = self.hr_encoder(self.encoder_input(hr))
-        lr_acts = self.lr_encoder(self.encoder_input(lr)) if lr is not None else None
+        if lr_acts is None and lr is not None:
+            lr_acts = self.lr_encoder(self.encoder_input(lr))
         if eps is None:
             eps = [torch.randn(hr.shape[0], c, h, w, device=hr.device, dtype=hr.dtype) for c, h, w in self.latent_shapes]
         return self.decoder(hr.shape[0], hr, lr_acts=lr_acts, hr_acts=hr_acts, eps=eps)
 
-    def mean_base(self, lr: Tensor | None) -> Tensor | None:
-        """The LR skip: bicubic x4 of the LR image in [-1, 1], or None when the config has none."""
+    def mean_base(self, lr: Tensor | None, lr_acts: dict[int, Tensor] | None = None) -> Tensor | None:
+        """The LR skip in [-1, 1]: bicubic x4 of the LR image, plus the learned upsampler's
+        residual when the config has one; None when the config has no skip."""
         if not self.config.lr_skip or lr is None:
             return None
-        return F.interpolate(lr * 2.0 - 1.0, scale_factor=self.config.scale_factor, mode="bicubic", align_corners=False)
+        base = F.interpolate(lr * 2.0 - 1.0, scale_factor=self.config.scale_factor, mode="bicubic", align_corners=False)
+        if self.skip_upsampler is not None:
+            if lr_acts is None:
+                lr_acts = self.lr_encoder(self.encoder_input(lr))
+            base = base + self.skip_upsampler(lr_acts[self.config.lr_size])
+        return base
+
+    def skip_loss(self, hr: Tensor, lr: Tensor) -> Tensor:
+        """Per-image L1 (in [0, 1] units) of the deterministic skip alone: LR encoder + upsampler.
+
+        The conditioning warm-up objective (sr-train --objective skip): it trains the
+        LR path at the LR resolution's cost, before the ELBO trains everything.
+        """
+        base = self.mean_base(lr)
+        if base is None:
+            raise ValueError(f"{self.config.name} has no LR skip to train (lr_skip is off)")
+        return (base.clamp(-1.0, 1.0) - (hr * 2.0 - 1.0)).abs().mean(dim=(1, 2, 3)) * 0.5
 
     def loss_from(
-        self, px_z: Tensor, stats: list[dict[str, Tensor]], hr: Tensor, lr: Tensor | None = None
+        self, px_z: Tensor, stats: list[dict[str, Tensor]], hr: Tensor, base: Tensor | None = None
     ) -> dict[str, Tensor]:
         target = hr * 2.0 - 1.0
         logits = self.decoder.out_conv(px_z)
-        distortion = dmol_nll(target, logits, self.config.num_mixtures, self.config.low_bit, self.mean_base(lr))
+        distortion = dmol_nll(target, logits, self.config.num_mixtures, self.config.low_bit, base)
         rate = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats]).sum(0) / hr[0].numel()
         return {"elbo": distortion + rate, "distortion": distortion, "rate": rate}
 
@@ -531,9 +612,11 @@ class VDVAESR(nn.Module):
         lr_acts = self.lr_encoder(self.encoder_input(lr))
         px_z, _ = self.decoder(lr.shape[0], lr, lr_acts=lr_acts, eps=self.unpack_noise(noise))
         logits = self.decoder.out_conv(px_z)
-        base = self.mean_base(lr)
+        base = self.mean_base(lr, lr_acts)
         if stochastic_head:
             x = dmol_sample(logits, self.config.num_mixtures, base, generator)
+        elif self.config.head_statistic == "mean":
+            x = dmol_mean(logits, self.config.num_mixtures, base)
         else:
             x = dmol_mode(logits, self.config.num_mixtures, base)
         return (x + 1.0) * 0.5
@@ -582,8 +665,8 @@ def _small_256(**overrides: Any) -> VDVAESRConfig:
         name="small-256", hr_size=256, lr_size=64, width=64, custom_width_str="128:32,256:16",
         enc_blocks="256x1,256d2,128x1,128d2,64x2,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
         dec_blocks="1x1,4m1,4x1,16m4,16x1,32m16,32x2,64m32,64x5,128m64,128x1,256m128",
-        lr_enc_blocks="64x4,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
-        zdim=8, num_mixtures=5, no_bias_above=64, lr_skip=True,
+        lr_enc_blocks="64x8,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
+        zdim=8, num_mixtures=5, no_bias_above=64, lr_skip=True, skip_upsampler_width=64, head_statistic="mean",
         input_shift=IMAGENET64_STATS[0], input_scale=IMAGENET64_STATS[1],
     )
     return VDVAESRConfig(**{**base, **overrides})

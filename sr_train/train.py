@@ -48,6 +48,7 @@ class TrainConfig:
     init_vdvae: str | None = None  # official VDVAE weights for HR encoder + decoder
     freeze_hr_encoder: bool = False
     train_decoder_blocks: str | None = None  # e.g. "0-10,40" ; None = all
+    objective: str = "elbo"  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
     steps: int = 1000
     batch_size: int = 4  # per rank
     lr: float = 1e-3
@@ -137,6 +138,9 @@ def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:
     # The 1x1 bias is VDVAE's unconditional start; in SR the LR encoder replaces it.
     if "1" in model.decoder.bias_xs:
         model.decoder.bias_xs["1"].requires_grad_(False)
+    if cfg.objective == "skip":  # only the LR encoder and the upsampler feed the skip
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("lr_encoder.", "skip_upsampler.")))
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +210,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise ValueError(f"{run}: latest/, ema/ and the optimizer state disagree on the step ({steps_saved}, {step})")
     else:
         torch.manual_seed(cfg.seed + rank)
-    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # The skip objective leaves the LR encoder's coarse blocks out of the loss.
+    net: nn.Module = (
+        nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.objective == "skip") if world > 1 else model
+    )
 
     dataset = RandomCropDataset(cfg.data, hr_size=model.config.hr_size, seed=cfg.seed)
     sampler = CropSampler(start=step * cfg.batch_size * world, rank=rank, world_size=world)
@@ -236,8 +243,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         batch = next(data)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        out = net(batch["hr"], batch["lr"])
-        loss = out["elbo"].mean()
+        out = net(batch["hr"], batch["lr"], objective=cfg.objective)
+        loss = out["loss" if cfg.objective == "skip" else "elbo"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -248,15 +255,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         else:
             skips += 1
         step += 1
-        last = {
-            "elbo": loss.item(),
-            "distortion": out["distortion"].mean().item(),
-            "rate": out["rate"].mean().item(),
-            "grad_norm": grad_norm,
-        }
+        last = {name: value.mean().item() for name, value in out.items()} | {"grad_norm": grad_norm}
         bar.update(1)
-        bar.set_postfix(elbo=f"{last['elbo']:.3f}", dist=f"{last['distortion']:.3f}", rate=f"{last['rate']:.3f}",
-                        gnorm=f"{grad_norm:.1f}", skips=skips)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()} | {"skips": skips})
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             append_csv(run / "log.csv", {"step": step, **last, "skips": skips, "lr": lr_at(step - 1, cfg),
                                           "seconds": round(time.time() - t0, 1)})
