@@ -2,24 +2,31 @@
 # The shipped default's recipe (small-256), both stages, resumable: re-running
 # it continues whichever stage is unfinished.
 #   stage 1, conditioning warm-up: the LR encoder + learned upsampler alone on
-#            the L1 of the LR skip (cheap: LR resolution only), batch 16;
-#   stage 2, VDVAE-SR: the whole model on the ELBO, from stage 1's EMA weights.
-# Usage: bash scripts/train_default.sh [RUN_ROOT] [extra sr-train flags...]
-# Env: STAGE1_STEPS (2000), STAGE2_STEPS (20000), DATA (data/photos/train),
-#      VAL (data/photos/val), SR_TRAIN (.venv/bin/sr-train).
+#            the L1 of the LR skip (cheap: LR resolution only);
+#   stage 2, VDVAE-SR: the whole model on the ELBO, from stage 1's last raw weights
+#            (its EMA lags while the LR path still improves fast),
+#            the KL weight ramped 0 -> 1 over the first 200 steps.
+# Usage: bash scripts/train_default.sh [RUN_ROOT] [extra sr-train flags for both stages...]
+# Env: STAGE1_STEPS (3000), STAGE1_BATCH (16), STAGE2_STEPS (20000), STAGE2_BATCH (4),
+#      MAX_MINUTES (stage 2 stops and saves after this wall time; unset = no limit),
+#      DATA (data/photos/train), VAL (data/photos/val; empty = no periodic validation),
+#      SR_TRAIN (.venv/bin/sr-train).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/small256}
 shift || true
-SR_TRAIN=${SR_TRAIN:-.venv/bin/sr-train}
+read -r -a SR_TRAIN <<< "${SR_TRAIN:-.venv/bin/sr-train}"
 DATA=${DATA:-data/photos/train}
-VAL=${VAL:-data/photos/val}
-[ -d "$DATA" ] || "$SR_TRAIN" fetch-data
-"$SR_TRAIN" train --preset small-256 --objective skip --data "$DATA" --val-images "$VAL" \
-    --run-dir "$ROOT/stage1" --steps "${STAGE1_STEPS:-2000}" --batch-size 16 --lr 1e-3 --warmup-steps 100 \
-    --ema-rate 0.998 --val-every 250 --val-temperature 0 --save-every 100 "$@"
-INIT=()
-[ -f "$ROOT/stage2/latest/train_state.json" ] || INIT=(--init-checkpoint "$ROOT/stage1/ema")
-"$SR_TRAIN" train --objective elbo --data "$DATA" --val-images "$VAL" "${INIT[@]}" \
-    --run-dir "$ROOT/stage2" --steps "${STAGE2_STEPS:-20000}" --batch-size 4 --lr 5e-4 --warmup-steps 200 \
-    --ema-rate 0.998 --val-every 250 --val-temperature 0 --save-every 100 "$@"
+VAL=${VAL-data/photos/val}
+[ -d "$DATA" ] || "${SR_TRAIN[@]}" fetch-data
+VAL_FLAGS=()
+[ -z "$VAL" ] || VAL_FLAGS=(--val-images "$VAL" --val-every 250 --val-temperature 0)
+"${SR_TRAIN[@]}" train --preset small-256 --objective skip --data "$DATA" "${VAL_FLAGS[@]}" \
+    --run-dir "$ROOT/stage1" --steps "${STAGE1_STEPS:-3000}" --batch-size "${STAGE1_BATCH:-16}" --lr 1e-3 \
+    --warmup-steps 100 --ema-rate 0.998 --save-every 100 "$@"
+STAGE2=()
+[ -f "$ROOT/stage2/latest/train_state.json" ] || STAGE2+=(--init-checkpoint "$ROOT/stage1/latest")
+[ -z "${MAX_MINUTES:-}" ] || STAGE2+=(--max-minutes "$MAX_MINUTES")
+"${SR_TRAIN[@]}" train --objective elbo --data "$DATA" "${VAL_FLAGS[@]}" "${STAGE2[@]}" \
+    --run-dir "$ROOT/stage2" --steps "${STAGE2_STEPS:-20000}" --batch-size "${STAGE2_BATCH:-4}" --lr 5e-4 \
+    --warmup-steps 200 --kl-warmup-steps 200 --ema-rate 0.998 --save-every 100 "$@"

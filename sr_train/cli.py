@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-decoder-blocks", help="decoder blocks that train, e.g. '0-10,40' (default all)")
     tr.add_argument("--objective", choices=["elbo", "skip"],
                     help="elbo (default): VDVAE's loss; skip: L1 of the LR skip alone (conditioning warm-up)")
+    tr.add_argument("--kl-warmup-steps", type=int, help="ramp the KL weight 0 -> 1 over these steps (default 0)")
     tr.add_argument("--steps", type=int, help="total steps (default 1000)")
     tr.add_argument("--batch-size", type=int, help="per process (default 4)")
     tr.add_argument("--lr", type=float)
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-temperature", type=float)
     tr.add_argument("--num-workers", type=int)
     tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--max-minutes", type=float, help="stop and save after this wall time (resume later)")
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): CUDA when present")
+    tr.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                    help="autocast precision (default fp32); the DMoL loss and KL stay fp32")
     tr.set_defaults(func=cmd_train)
 
     # Listed for --help; main() hands its arguments to sr_train.fetch_data.

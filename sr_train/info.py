@@ -27,13 +27,14 @@ class ModelInfo:
 
 
 def parameter_groups(model: VDVAESR) -> dict[str, int]:
-    """HR encoder, LR encoder, decoder prior path, decoder posterior, head."""
-    groups = {"hr_encoder": 0, "lr_encoder": 0, "decoder_prior_path": 0, "decoder_posterior": 0, "head": 0}
+    """HR encoder, LR encoder, skip upsampler, decoder prior path, decoder posterior, head."""
+    groups = {"hr_encoder": 0, "lr_encoder": 0, "skip_upsampler": 0, "decoder_prior_path": 0, "decoder_posterior": 0,
+              "head": 0}
     for name, p in model.named_parameters():
         if name.startswith("hr_encoder."):
             key = "hr_encoder"
-        elif name.startswith("lr_encoder."):
-            key = "lr_encoder"
+        elif name.startswith(("lr_encoder.", "skip_upsampler.")):
+            key = name.split(".")[0]
         elif ".posterior." in name:
             key = "decoder_posterior"
         elif name.startswith("decoder.out_conv."):
@@ -42,7 +43,7 @@ def parameter_groups(model: VDVAESR) -> dict[str, int]:
             key = "decoder_prior_path"
         groups[key] += p.numel()
     groups["total"] = sum(groups.values())
-    groups["generation_path"] = groups["lr_encoder"] + groups["decoder_prior_path"] + groups["head"]
+    groups["generation_path"] = groups["lr_encoder"] + groups["skip_upsampler"] + groups["decoder_prior_path"] + groups["head"]
     return groups
 
 

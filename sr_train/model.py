@@ -275,7 +275,7 @@ class DecBlock(nn.Module):
         if hr_act is not None:
             qm, qv = self.posterior(torch.cat([x, hr_act], dim=1)).chunk(2, dim=1)
             z = qm if eps is None else qm + qv.exp() * eps
-            stats["kl"] = gaussian_kl(qm, pm, qv, pv)
+            stats["kl"] = gaussian_kl(qm.float(), pm.float(), qv.float(), pv.float())
         else:
             z = pm if eps is None else pm + pv.exp() * eps
         if z_given is not None:
@@ -590,13 +590,13 @@ class VDVAESR(nn.Module):
         base = self.mean_base(lr)
         if base is None:
             raise ValueError(f"{self.config.name} has no LR skip to train (lr_skip is off)")
-        return (base.clamp(-1.0, 1.0) - (hr * 2.0 - 1.0)).abs().mean(dim=(1, 2, 3)) * 0.5
+        return (base.float().clamp(-1.0, 1.0) - (hr * 2.0 - 1.0)).abs().mean(dim=(1, 2, 3)) * 0.5
 
     def loss_from(
         self, px_z: Tensor, stats: list[dict[str, Tensor]], hr: Tensor, base: Tensor | None = None
     ) -> dict[str, Tensor]:
         target = hr * 2.0 - 1.0
-        logits = self.decoder.out_conv(px_z)
+        logits = self.decoder.out_conv(px_z).float()  # the DMoL likelihood in fp32 under autocast
         distortion = dmol_nll(target, logits, self.config.num_mixtures, self.config.low_bit, base)
         rate = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats]).sum(0) / hr[0].numel()
         return {"elbo": distortion + rate, "distortion": distortion, "rate": rate}

@@ -48,7 +48,8 @@ class TrainConfig:
     init_vdvae: str | None = None  # official VDVAE weights for HR encoder + decoder
     freeze_hr_encoder: bool = False
     train_decoder_blocks: str | None = None  # e.g. "0-10,40" ; None = all
-    objective: str = "elbo"  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
+    objective: str = "elbo"
+    kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
     steps: int = 1000
     batch_size: int = 4  # per rank
     lr: float = 1e-3
@@ -66,6 +67,9 @@ class TrainConfig:
     val_temperature: float = 0.1
     num_workers: int = 0
     threads: int | None = None
+    max_minutes: float | None = None  # stop (and save) after this wall time: time-boxed runs resume later
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda; under torchrun one GPU per rank
+    precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 with a gradient scaler); the loss stays fp32
 
 
 # ---------------------------------------------------------------------------
@@ -76,6 +80,8 @@ class TrainConfig:
 def save_train_state(root: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     state = optimizer.state_dict()
     tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     for idx, slots in state["state"].items():
         for name, value in slots.items():
             tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
@@ -94,6 +100,8 @@ def load_train_state(root: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
             slots.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": body.pop("param_groups")})
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return body
 
 
@@ -148,12 +156,36 @@ def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def distributed_env() -> tuple[int, int]:
+def distributed_env(device: torch.device) -> tuple[int, int]:
     """(rank, world_size), initialising the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str) -> torch.device:
+    """'auto' -> CUDA when present; under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch build or machine has no CUDA GPU")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed crop size: the autotuned kernels are reused every step
+    return device
+
+
+def kl_weight(step: int, cfg: TrainConfig) -> float:
+    """KL warm-up: the optimised loss is distortion + w * rate, w rising linearly to 1 (the logged ELBO keeps w = 1)."""
+    return min(1.0, (step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps > 0 else 1.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -186,7 +218,10 @@ def validate(ema: VDVAESR, images: dict[str, Any], temperature: float, seed: int
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the final step, skips and last losses."""
-    rank, world = distributed_env()
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    device = pick_device(cfg.device)
+    rank, world = distributed_env(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.run_dir)
@@ -198,7 +233,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         model = build_model(cfg)
     ema = load_checkpoint(ema_dir)[0] if resuming else copy.deepcopy(model)
-    ema.eval().requires_grad_(False)
+    model.to(device)
+    ema.to(device).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     step, skips = 0, 0
@@ -212,14 +248,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.manual_seed(cfg.seed + rank)
     # The skip objective leaves the LR encoder's coarse blocks out of the loss.
     net: nn.Module = (
-        nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.objective == "skip") if world > 1 else model
+        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                            find_unused_parameters=cfg.objective == "skip")
+        if world > 1
+        else model
     )
+    low_precision = PRECISIONS[cfg.precision] if cfg.precision != "fp32" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     dataset = RandomCropDataset(cfg.data, hr_size=model.config.hr_size, seed=cfg.seed)
     sampler = CropSampler(start=step * cfg.batch_size * world, rank=rank, world_size=world)
     # Its own generator: a DataLoader otherwise draws from the global RNG, which resuming restores.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / "train_config.json", lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=1)))
@@ -240,22 +281,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     data = iter(loader)  # CropSampler is endless
     t0 = time.time()
     while step < cfg.steps:
+        if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
+            bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+            checkpoint()
+            break
         batch = next(data)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        out = net(batch["hr"], batch["lr"], objective=cfg.objective)
-        loss = out["loss" if cfg.objective == "skip" else "elbo"].mean()
+        hr, lr = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr"))
+        with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=low_precision is not None):
+            out = net(hr, lr, objective=cfg.objective)
+        loss = out["loss"].mean() if cfg.objective == "skip" else (out["distortion"] + kl_weight(step, cfg) * out["rate"]).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         finite = math.isfinite(loss.item()) and math.isfinite(grad_norm)
         if finite and grad_norm < cfg.skip_threshold:
-            optimizer.step()
+            scaler.step(optimizer)
             update_ema(ema, model, cfg.ema_rate)
         else:
             skips += 1
+        scaler.update()
         step += 1
         last = {name: value.mean().item() for name, value in out.items()} | {"grad_norm": grad_norm}
+        if cfg.objective == "elbo" and cfg.kl_warmup_steps:
+            last["kl_weight"] = kl_weight(step - 1, cfg)
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()} | {"skips": skips})
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):

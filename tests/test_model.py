@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sr_train.info import model_info
-from sr_train.model import VDVAESR, VDVAESRConfig, parse_layer_string, preset
+from sr_train.model import VDVAESR, VDVAESRConfig, dmol_mean, dmol_mode, dmol_sample, parse_layer_string, preset
 
 
 def tiny(name: str) -> VDVAESRConfig:
@@ -144,3 +144,62 @@ def test_mixture_components_start_distinct_and_stay_distinct_after_a_step():
     per_component = [w[m:].view(3, 3, m, -1)[:, :, k] for k in range(m)]  # means, scales, coeffs of component k
     assert not torch.equal(per_component[0], per_component[1])
     assert not torch.equal(w[0], w[1])  # mixture logits
+
+
+def test_mixture_mean_head_is_the_expected_value_of_the_sampler():
+    """dmol_mean must equal the average of many stochastic-head samples (means kept off the clip)."""
+    torch.manual_seed(0)
+    m, n = 3, 20000
+    logits = torch.randn(1, 10 * m, 2, 2) * 0.5
+    params = logits[:, m:].view(1, 3, 3 * m, 2, 2)
+    params[:, :, :m] *= 0.4  # means and scales e^-3 keep every sample inside [-1, 1]: no clipping
+    params[:, :, m : 2 * m] = -3.0
+    g = torch.Generator().manual_seed(1)
+    samples = dmol_sample(logits.expand(n, -1, -1, -1), m, generator=g)
+    expected = dmol_mean(logits, m)
+    assert (samples.mean(0, keepdim=True) - expected).abs().max() < 0.01
+    # and it is not the mode: the most likely component's mean differs from the average here
+    assert (dmol_mode(logits, m) - expected).abs().max() > 0.05
+
+
+def test_head_statistic_selects_the_deterministic_output():
+    torch.manual_seed(0)
+    lr = torch.rand(1, 3, 64, 64)
+    outs = {}
+    for stat in ("mode", "mean"):
+        torch.manual_seed(0)
+        model = VDVAESR(tiny("small-256") if stat == "mean" else preset("small-256", width=16, custom_width_str="",
+                                                                        zdim=4, num_mixtures=2, head_statistic="mode"))
+        model.decoder.out_conv.weight.data.normal_(std=0.3)  # components far apart
+        with torch.no_grad():
+            outs[stat] = model.sample(lr, torch.zeros(1, model.noise_dim))
+    assert (outs["mode"] - outs["mean"]).abs().max() > 1 / 255
+    with pytest.raises(ValueError, match="head_statistic"):
+        preset("small-256", head_statistic="median")
+
+
+def test_skip_upsampler_is_a_learned_residual_over_bicubic():
+    """Zero last conv: the skip starts at bicubic; after a few steps on the skip objective it is closer to HR."""
+    torch.manual_seed(0)
+    cfg = tiny("small-256")
+    model = VDVAESR(cfg)
+    assert model.skip_upsampler is not None
+    hr = torch.nn.functional.interpolate(torch.rand(2, 3, 32, 32), size=cfg.hr_size, mode="bilinear")
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    bicubic = torch.nn.functional.interpolate(lr * 2 - 1, scale_factor=4, mode="bicubic", align_corners=False)
+    assert torch.equal(model.mean_base(lr), bicubic)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    before = model(hr, lr, objective="skip")["loss"].mean().item()
+    for _ in range(15):
+        opt.zero_grad()
+        model(hr, lr, objective="skip")["loss"].mean().backward()
+        opt.step()
+    after = model(hr, lr, objective="skip")["loss"].mean().item()
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(ValueError, match="objective"):
+        model(hr, lr, objective="mse")
+
+
+def test_skip_upsampler_requires_the_lr_skip():
+    with pytest.raises(ValueError, match="skip_upsampler_width"):
+        preset("small-256", lr_skip=False)

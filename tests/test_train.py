@@ -117,6 +117,64 @@ def test_frozen_hr_encoder_and_decoder_blocks_stay_put(photos, init, tmp_path):
     assert any(k.startswith("decoder.dec_blocks.4.") for k in moved)
 
 
+def test_skip_objective_trains_only_the_lr_path(photos, tmp_path):
+    """The conditioning warm-up moves the LR encoder and upsampler, nothing the ELBO alone owns."""
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    save_checkpoint(init, VDVAESR(VDVAESRConfig(**{**TINY.to_dict(), "skip_upsampler_width": 8})))
+    result = train(config(photos, init, tmp_path / "run", steps=4, objective="skip"))
+    assert result["step"] == 4 and "loss" in read_log(tmp_path / "run")[0]
+    before = load_file(init / "model.safetensors")
+    after = load_file(tmp_path / "run" / "latest" / "model.safetensors")
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"lr_encoder", "skip_upsampler"}
+
+
+def test_bf16_autocast_trains_with_an_fp32_loss(photos, init, tmp_path):
+    result = train(config(photos, init, tmp_path / "run", steps=3, precision="bf16", device="cpu"))
+    assert result["skips"] == 0 and np.isfinite(result["elbo"])
+    rows = read_log(tmp_path / "run")
+    assert len(rows) == 3 and all(np.isfinite(float(r["elbo"])) for r in rows)
+
+
+def test_max_minutes_stops_early_with_a_resumable_checkpoint(photos, init, tmp_path):
+    result = train(config(photos, init, tmp_path / "run", steps=50, max_minutes=0.0))
+    assert result["step"] == 0
+    result = train(config(photos, init, tmp_path / "run", steps=2))  # resumes from the saved step 0
+    assert result["step"] == 2 and [r["step"] for r in read_log(tmp_path / "run")] == ["1", "2"]
+
+
+def test_kl_warmup_weights_the_rate_and_logs_the_true_elbo(photos, init, tmp_path):
+    from sr_train.train import kl_weight
+
+    cfg = config(photos, init, tmp_path / "run", steps=4, kl_warmup_steps=4)
+    assert [kl_weight(s, cfg) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    train(cfg)
+    rows = read_log(tmp_path / "run")
+    assert [float(r["kl_weight"]) for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    assert all(float(r["elbo"]) == pytest.approx(float(r["distortion"]) + float(r["rate"]), rel=1e-5) for r in rows)
+
+
+def test_bad_device_and_precision_are_value_errors(photos, init, tmp_path):
+    with pytest.raises(ValueError, match="precision"):
+        train(config(photos, init, tmp_path / "a", steps=1, precision="fp8"))
+    with pytest.raises(ValueError, match="device"):
+        train(config(photos, init, tmp_path / "b", steps=1, device="tpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_cuda_training_matches_its_resume(photos, init, tmp_path):
+    """On the GPU, batches and model live on the device and resuming restores the CUDA RNG too
+    (cuDNN autotuning may pick other kernels, hence a tolerance instead of equality)."""
+    kw = dict(device="cuda", precision="bf16")
+    train(config(photos, init, tmp_path / "whole", steps=4, **kw))
+    train(config(photos, init, tmp_path / "split", steps=3, **kw))
+    train(config(photos, init, tmp_path / "split", steps=4, **kw))
+    whole, split = (float(read_log(tmp_path / d)[-1]["elbo"]) for d in ("whole", "split"))
+    assert whole == pytest.approx(split, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(photos, init, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
