@@ -58,13 +58,13 @@ def test_manifest_is_consistent() -> None:
     assert len({p.name for p in photos}) == len(photos)
     debs = [p for p in photos if p.source == "deb"]
     wheels = [p for p in photos if p.source == "wheel"]
-    assert len(debs) == 60 and len(wheels) == 7
+    assert len(debs) == 58 and len(wheels) == 7
     for p in debs:
         assert p.split == fd.split_for(p.path), p.name  # the split is the documented rule
         assert p.downscale == (2 if p.path.endswith(".jpg") else 1), p.name
     assert all(p.split == "val" for p in wheels)
     assert all(len(p.sha256) == 64 for p in photos)
-    assert sum(p.split == "train" for p in photos) == 51
+    assert sum(p.split == "train" for p in photos) == 49
 
 
 # The 16 validation photos every reported score is on: adding training photos must not move one.
