@@ -1,11 +1,15 @@
 """Build the project's training/validation photos on a fresh machine.
 
 The pixels are never committed: ``training_photos.tsv`` (next to this file)
-names natural photos inside Debian wallpaper packages and inside the
-scikit-image / scikit-learn wheels, with their split. This command fetches
+names natural photos inside Debian packages (wallpapers, and photos that
+digikam-data, palapeli-data and stellarium-data ship) and inside the
+scikit-image / scikit-learn wheels, with their split, sha256 and licence (as
+the package's copyright file or the wheel's docs state it). This command fetches
 the ``.deb`` files with ``apt-get download`` into a cache, streams only the
 listed files out of ``dpkg-deb --fsys-tarfile``, and writes ground-truth PNGs
-to ``<out>/{train,val}/<name>.png``.
+to ``<out>/{train,val}/<name>.png``, plus ``<out>/manifest.tsv``: one row per
+PNG present (its size, source, sha256 and licence), so a data folder carries
+its own provenance.
 
 JPEG photos are downscaled x2 first (manifest column ``downscale``) to hide
 their compression artefacts: Pillow LANCZOS with ``reducing_gap=None``, i.e.
@@ -42,7 +46,13 @@ DEFAULT_MANIFEST = Path(__file__).with_name("training_photos.tsv")
 DEFAULT_OUT = Path("data/photos")
 DEFAULT_CACHE = Path("data/cache/debs")
 VAL_FRACTION = 0.15
-_COLUMNS = ("source", "package", "path", "w", "h", "downscale", "split", "name", "sha256")
+_COLUMNS = (
+    "source", "package", "path", "w", "h", "downscale", "split", "name", "sha256", "licence"
+)  # fmt: skip
+OUT_MANIFEST = "manifest.tsv"  # written into the output root
+_OUT_COLUMNS = (
+    "split", "name", "w", "h", "source", "package", "path", "downscale", "sha256", "licence"
+)  # fmt: skip
 
 
 class FetchError(RuntimeError):
@@ -62,6 +72,7 @@ class Photo:
     split: str
     name: str
     sha256: str  # of the source file's bytes; empty = not pinned
+    licence: str = ""  # SPDX-style id as the package's copyright file / docs state it
 
     def output(self, out_root: Path) -> Path:
         return out_root / self.split / f"{self.name}.png"
@@ -90,6 +101,7 @@ def read_manifest(path: Path = DEFAULT_MANIFEST) -> list[Photo]:
                 split=r["split"],
                 name=r["name"],
                 sha256=r["sha256"],
+                licence=r["licence"],
             )
             for r in reader
         ]
@@ -221,6 +233,28 @@ def fetch(photos: Sequence[Photo], out_root: Path, cache: Path, log: TextIO) -> 
     return errors
 
 
+def write_out_manifest(photos: Sequence[Photo], out_root: Path) -> Path:
+    """Write ``<out>/manifest.tsv`` for the photos whose PNG exists (sizes are the PNG's).
+
+    Rewritten only when its content changes, so a second run leaves it untouched.
+    """
+    lines = ["\t".join(_OUT_COLUMNS)]
+    for p in sorted(photos, key=lambda p: (p.split, p.name)):
+        if p.output(out_root).exists():
+            w, h = p.w // p.downscale, p.h // p.downscale
+            row = (p.split, p.name, w, h, p.source, p.package, p.path, p.downscale,
+                   p.sha256, p.licence)  # fmt: skip
+            lines.append("\t".join(str(v) for v in row))
+    text = "\n".join(lines) + "\n"
+    dest = out_root / OUT_MANIFEST
+    if not dest.exists() or dest.read_text() != text:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dest)
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m sr_train.fetch_data [--out DIR] [--cache DIR] [--manifest TSV]``."""
     ap = argparse.ArgumentParser(prog="sr-train fetch-data", description=__doc__.split("\n\n")[0])
@@ -231,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     photos = read_manifest(args.manifest)
     errors = fetch(photos, args.out, args.cache, sys.stdout)
+    write_out_manifest(photos, args.out)
     counts = {
         s: sum(p.output(args.out).exists() for p in photos if p.split == s)
         for s in ("train", "val")

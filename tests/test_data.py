@@ -58,13 +58,61 @@ def test_manifest_is_consistent() -> None:
     assert len({p.name for p in photos}) == len(photos)
     debs = [p for p in photos if p.source == "deb"]
     wheels = [p for p in photos if p.source == "wheel"]
-    assert len(debs) == 50 and len(wheels) == 7
+    assert len(debs) == 58 and len(wheels) == 7
     for p in debs:
         assert p.split == fd.split_for(p.path), p.name  # the split is the documented rule
         assert p.downscale == (2 if p.path.endswith(".jpg") else 1), p.name
     assert all(p.split == "val" for p in wheels)
     assert all(len(p.sha256) == 64 for p in photos)
-    assert sum(p.split == "train" for p in photos) == 41
+    assert sum(p.split == "train" for p in photos) == 49
+
+
+# The 16 validation photos every reported score is on: adding training photos must not move one.
+KNOWN_VAL = {
+    "plasma_BytheWater", "plasma_ColdRipple", "plasma_FallenLeaf", "mate_Garden",
+    "mate_GreenMeadow", "mate_RainDrops", "mate_YellowFlower",
+    "lomiri_Bridge_by_Sander_Klootwijk", "lxqt_after-the-rain", "skimage_astronaut",
+    "skimage_chelsea", "skimage_coffee", "skimage_rocket", "skimage_motorcycle_left",
+    "sklearn_china", "sklearn_flower",
+}  # fmt: skip
+
+
+def test_the_known_validation_photos_stay_val_and_new_ones_go_by_the_rule() -> None:
+    photos = fd.read_manifest()
+    assert {p.name for p in photos if p.split == "val"} == KNOWN_VAL
+    for p in photos:
+        if p.source == "deb":
+            assert fd.split_for(p.path) == p.split, p.name
+
+
+def test_every_row_has_a_licence_and_a_pinned_sha256() -> None:
+    photos = fd.read_manifest()
+    assert len({(p.package, p.path) for p in photos}) == len(photos)
+    for p in photos:
+        assert p.licence.strip() == p.licence and p.licence, p.name
+        assert len(p.sha256) == 64 and int(p.sha256, 16) >= 0, p.name
+    by_package = {p.package: p.licence for p in photos if p.source == "deb"}
+    assert by_package["plasma-workspace-wallpapers"] == "GPL-2+"
+    assert by_package["lxqt-themes"] == "LGPL-2.1+"
+    assert by_package["stellarium-data"] == "GPL-2+"
+
+
+def test_training_photos_are_big_enough_and_from_no_benchmark_set() -> None:
+    banned = ("kodak", "set5", "set14", "bsd", "urban100", "manga109", "middlebury", "div2k",
+              "pyiqa", "motorcycle")  # fmt: skip
+    for p in fd.read_manifest():
+        if p.source == "deb":  # at least one 512x512 tile after the downscale
+            assert min(p.w, p.h) // p.downscale >= 512, p.name
+        if p.split == "train":
+            text = f"{p.package}/{p.path}/{p.licence}".lower()
+            assert not any(b in text for b in banned), p.name
+
+
+def test_a_manifest_without_the_licence_column_is_rejected(tmp_path: Path) -> None:
+    old = tmp_path / "old.tsv"
+    old.write_text("\t".join(fd._COLUMNS[:-1]) + "\n")
+    with pytest.raises(ValueError, match="licence"):
+        fd.read_manifest(old)
 
 
 def test_split_is_deterministic_and_roughly_the_fraction() -> None:
@@ -157,6 +205,29 @@ def test_main_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     rc = fd.main(["--manifest", str(manifest), "--out", str(tmp_path / "o")])
     assert rc == 0
     assert "0 train, 2 val photos" in capsys.readouterr().out
+    rows = (tmp_path / "o" / fd.OUT_MANIFEST).read_text().splitlines()
+    assert rows[0].split("\t") == list(fd._OUT_COLUMNS)
+    assert [r.split("\t")[1] for r in rows[1:]] == ["sklearn_china", "sklearn_flower"]
+    assert all(r.endswith("\tCC-BY-2.0") for r in rows[1:])
+
+
+def test_out_manifest_lists_the_pngs_present_and_is_idempotent(tmp_path: Path) -> None:
+    row = {"source": "deb", "package": "p", "downscale": 2, "sha256": "ab" * 32}
+    photos = [
+        fd.Photo(**row, path="a.jpg", w=66, h=48, split="train", name="a", licence="CC0-1.0"),
+        fd.Photo(**row, path="b.jpg", w=20, h=30, split="val", name="b", licence="GPL-2+"),
+    ]
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (33, 24)).save(tmp_path / "train" / "a.png")  # b.png is missing
+    dest = fd.write_out_manifest(photos, tmp_path)
+    lines = dest.read_text().splitlines()
+    assert lines[1:] == ["train\ta\t33\t24\tdeb\tp\ta.jpg\t2\t" + "ab" * 32 + "\tCC0-1.0"]
+    mtime = dest.stat().st_mtime_ns
+    fd.write_out_manifest(photos, tmp_path)
+    assert dest.stat().st_mtime_ns == mtime  # unchanged content: not rewritten
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (10, 15)).save(tmp_path / "val" / "b.png")
+    assert len(fd.write_out_manifest(photos, tmp_path).read_text().splitlines()) == 3
 
 
 # --- dataset ----------------------------------------------------------------------------
