@@ -19,7 +19,6 @@ import onnxruntime
 import torch
 
 from sr_export.calibration import extreme_lr_batch, photo_lr_batch
-from sr_export.files import atomic_write_bytes, atomic_write_json, sha256_file
 from sr_export.fp16 import Fp16Result, Fp16TargetMissed, choose_fp16
 from sr_export.onnx_export import (
     OPSET,
@@ -30,9 +29,10 @@ from sr_export.onnx_export import (
     polygraphy_lint,
 )
 from sr_export.parity import ParityCase, parity_suite, parity_summary
+from sr_runtime.files import atomic_write_bytes, atomic_write_json, sha256_file
+from sr_runtime.model import MANIFEST_FORMAT
 from sr_train.model import VDVAESR
 
-MANIFEST_FORMAT = "vdvae-sr-onnx/1"
 FP32_FILE, FP16_FILE, MANIFEST_FILE = "model.fp32.onnx", "model.fp16.onnx", "manifest.json"
 PARITY_TOLERANCE = 1e-4
 FP16_TARGET_PSNR_DB = 40.0
