@@ -182,11 +182,11 @@ class Upscaler:
         # Welford's running mean / sum of squares: one pass, no stack of K full-size images.
         mean = np.zeros((3, h * self.spec.scale, w * self.spec.scale), np.float32)
         m2 = np.zeros_like(mean) if samples > 1 else None
+        fixed = self._backend.batch_sizes
         for sample in range(samples):
             blender = Blender(plan, 3, self.spec.scale)
             rows = self._bank.tile_rows(plan.grid, sample)
             for first, count, start in self._bank.batches(rows, self.batch_size):
-                fixed = self._backend.batch_sizes
                 lr = extract(padded, plan, first, count, count if fixed is None else bucket_for(count, fixed))
                 t0 = time.perf_counter()
                 with self._lock:

@@ -14,7 +14,13 @@ from PIL import Image
 from sr_runtime import RunStats, Upscaler
 from sr_runtime import upscaler as upscaler_module
 from sr_runtime.backends import batch_buckets, bucket_for
-from sr_runtime.backends.onnxrt import BucketBindings, OrtCpuBackend, OrtCudaBackend
+from sr_runtime.backends.onnxrt import (
+    MULTI_GRAPH_SINCE,
+    BucketBindings,
+    OrtCpuBackend,
+    OrtCudaBackend,
+    version_tuple,
+)
 from sr_runtime.model import ModelSpec, load_model_spec
 from sr_runtime.noise import NoiseBank
 
@@ -123,6 +129,11 @@ def test_bucket_bindings_match_the_plain_cpu_session(double_model: Path) -> None
     assert np.array_equal(first, kept)  # results are fresh arrays, not views of the bound output buffer
     with pytest.raises(ValueError, match="not one of the prepared sizes"):
         bound.run(lr[:3], 0)
+
+
+def test_cuda_graphs_only_where_onnxruntime_keeps_one_per_graph_id() -> None:
+    assert version_tuple("1.31.1") == (1, 31, 1) and version_tuple("1.19.0.dev20240501") == (1, 19, 0)
+    assert version_tuple("1.17.3") < MULTI_GRAPH_SINCE <= version_tuple("1.18.0")
 
 
 @pytest.mark.gpu

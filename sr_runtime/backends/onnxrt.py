@@ -25,6 +25,18 @@ log = logging.getLogger("sr_runtime")
 ORT_ERRORS = (EPFail, Fail, InvalidArgument, RuntimeException)
 #: Regular runs ONNX Runtime makes before it captures a graph (for its allocations), plus the capture.
 CUDA_GRAPH_WARMUP_RUNS = 3
+#: Several CUDA graphs per session (`gpu_graph_id`) since 1.18; before, every run would replay the first one.
+MULTI_GRAPH_SINCE = (1, 18)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'1.31.1' -> (1, 31, 1); stops at the first part that is not a number ('1.19.0.dev' -> (1, 19, 0))."""
+    parts: list[int] = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
 
 
 def cpu_cores() -> int:
@@ -165,16 +177,22 @@ class OrtCudaBackend:
         self.precision = resolve_precision(spec, precision, gpu=True)
         self.batch_sizes = buckets
         path = spec.verify(self.precision)
-        try:
-            self.cuda_graphs = True
-            self._bound = self._load(path, spec, bank, cuda_graphs=True)
-        except ORT_ERRORS as exc:
-            log.warning("sr_runtime: onnxruntime-cuda runs without CUDA graphs: %s", str(exc).splitlines()[0])
-            self.cuda_graphs = False
+        attempts = (True, False) if version_tuple(ort.__version__) >= MULTI_GRAPH_SINCE else (False,)
+        if attempts == (False,):
+            log.warning("sr_runtime: onnxruntime %s keeps one CUDA graph per session; running fixed shapes "
+                        "without graphs", ort.__version__)
+        failure = ""
+        for cuda_graphs in attempts:
             try:
-                self._bound = self._load(path, spec, bank, cuda_graphs=False)
-            except ORT_ERRORS as again:
-                raise BackendUnavailable(f"CUDA session failed: {str(again).splitlines()[0]}") from again
+                self._bound = self._load(path, spec, bank, cuda_graphs)
+            except ORT_ERRORS as exc:
+                failure = str(exc).splitlines()[0]
+                if cuda_graphs:
+                    log.warning("sr_runtime: onnxruntime-cuda runs without CUDA graphs: %s", failure)
+                continue
+            self.cuda_graphs = cuda_graphs
+            return
+        raise BackendUnavailable(f"CUDA session failed: {failure}")
 
     def _load(self, path: Path, spec: ModelSpec, bank: NoiseBank, cuda_graphs: bool) -> BucketBindings:
         cuda = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": str(int(cuda_graphs))}
