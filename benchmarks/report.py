@@ -83,9 +83,9 @@ def latency_markdown(result: dict[str, Any]) -> str:
                "(interleaved), so load changes during the run hit all of them alike.")
     if images:
         out += ["", "## Whole image through `Upscaler`", "", image_table(images), "",
-                "load s = Upscaler() (a GPU backend's per-shape warm-up included); first s = the first image "
-                "after load, outside the steady-state p50/p90; outside backend = 1 - (time inside backend.run) / "
-                "wall time: tiling, blending, conversions."]
+                ("load s = Upscaler() (a GPU backend's per-shape warm-up included); first s = the first image "
+                 "after load, outside the steady-state p50/p90; outside backend = 1 - (time inside backend.run) / "
+                 "wall time: tiling, blending, conversions.")]
     notes = sorted({n for r in result["rows"] for n in r["notes"]})
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]

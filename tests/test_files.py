@@ -12,7 +12,13 @@ from typing import BinaryIO
 
 import pytest
 
-from sr_runtime.files import atomic_write, atomic_write_bytes, atomic_write_json, file_lock, sha256_file
+from sr_runtime.files import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    sha256_file,
+)
 
 TRY_LOCK = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
 
