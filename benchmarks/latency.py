@@ -72,11 +72,11 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)x(\d+)", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text}")
-    return int(m[1]), int(m[2])
+def _sizes(text: str) -> list[tuple[int, int]]:
+    sizes = [re.fullmatch(r"(\d+)x(\d+)", part.strip()) for part in text.split(",")]
+    if not all(sizes):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text}")
+    return [(int(m[1]), int(m[2])) for m in sizes if m]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: default (shipped, or random small-256 stand-in), tiny, or a preset "
                         "(random weights). Default: default,paper-256 (--quick: tiny)")
     p.add_argument("--batches", type=_ints, default=None, help="tile batch sizes (default 1,4; --quick 1,2)")
+    p.add_argument("--devices", default=None, help="only backends on these devices (comma list of cpu,cuda)")
     p.add_argument("--backends", default=None,
                    help="only these backends (comma list of e.g. pytorch-eager,onnxruntime-cpu,tensorrt)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 30; --quick 3)")
@@ -94,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=60.0,
                    help="stop a measurement after this many seconds once 2 samples exist (default 60)")
     p.add_argument("--heavy-gmac", type=float, default=50.0,
-                   help="models costing more GMAC per tile run batch 1 only, --heavy-iters, no whole image, "
+                   help="models costing more GMAC per tile run --heavy-batches only, --heavy-iters, no whole image, "
                         "no FP16 export (default 50)")
     p.add_argument("--heavy-iters", type=int, default=3, help="timed calls for heavy models (default 3)")
-    p.add_argument("--image", type=_size, default=None, help="whole-image LR size WxH (default 640x480)")
+    p.add_argument("--heavy-batches", type=_ints, default=[1], help="tile batch sizes for heavy models (default 1)")
+    p.add_argument("--image", type=_sizes, default=None,
+                   help="whole-image LR sizes WxH, comma-separated (default 640x480)")
     p.add_argument("--image-iters", type=int, default=None, help="timed whole-image runs (default 3; --quick 2)")
     p.add_argument("--image-batches", type=_ints, default=None,
                    help="Upscaler batch sizes for the whole image (default: the largest of --batches)")
@@ -116,10 +119,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.batches = args.batches or ([1, 2] if q else [1, 4])
     args.iters = args.iters or (3 if q else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
-    args.image = args.image or ((64, 48) if q else (640, 480))
+    args.image = args.image or [(64, 48) if q else (640, 480)]
     args.image_iters = args.image_iters or (2 if q else 3)
     args.image_batches = args.image_batches or [max(args.batches)]
     args.backends = None if args.backends is None else set(args.backends.split(","))
+    args.devices = None if args.devices is None else set(args.devices.split(","))
     return args
 
 
@@ -262,22 +266,31 @@ def test_image(size: tuple[int, int]) -> np.ndarray:
 def image_row(
     target: Target, model: BenchModel, batch: int, img: np.ndarray, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Whole-image latency through Upscaler, and how much of it is outside the backend."""
+    """Whole-image latency through Upscaler, and how much of it is outside the backend.
+
+    Loading (which includes a GPU backend's per-shape warm-up) and the first
+    image are timed apart from the steady state: the first image should not
+    pay per-shape set-up again.
+    """
     from sr_runtime import RunStats, Upscaler
     from sr_runtime.errors import BackendUnavailable, SRModelError
     from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP
 
     reset_ok = reset_peak_rss()
+    t_load = time.perf_counter()
     try:
         up = Upscaler(model.model_dir, backend=target.backend, precision=target.precision, batch_size=batch,
                       seed=args.seed, tile_overlap=min(DEFAULT_TILE_OVERLAP, model.config.lr_size // 8))
     except (BackendUnavailable, SRModelError, ImportError, ValueError) as exc:
         raise Unavailable(str(exc).splitlines()[0]) from exc
+    load_s = time.perf_counter() - t_load
     walls: list[float] = []
     shares: list[float] = []
     tiles = 0
     try:
-        up.run(img)  # warm-up
+        t_first = time.perf_counter()
+        up.run(img)  # the first image: untimed for the steady state, reported apart
+        first_call_ms = (time.perf_counter() - t_first) * 1e3
         for _ in range(args.image_iters):
             stats = RunStats()
             t0 = time.perf_counter()
@@ -306,6 +319,8 @@ def image_row(
         "resolution": f"{w}x{h}->{w * s}x{h * s}",
         "tiles": tiles,
         "tile_overlap": up.tile_overlap,
+        "load_s": load_s,
+        "first_call_ms": first_call_ms,
         "latency": lat,
         "throughput_mpix_s": w * s * h * s / 1e6 / (lat["p50_ms"] / 1e3),
         "backend_share": backend_share,
@@ -324,7 +339,7 @@ def run_model(
 ) -> dict[str, Any]:
     """Every target x batch for one model, then the whole image; unavailable targets are listed with why."""
     heavy = model.gmac_per_tile > args.heavy_gmac
-    batches = [1] if heavy else args.batches
+    batches = args.heavy_batches if heavy else args.batches
     iters = min(args.iters, args.heavy_iters) if heavy else args.iters
     warmup = min(args.warmup, 1) if heavy else args.warmup
     rows: list[dict[str, Any]] = []
@@ -339,17 +354,18 @@ def run_model(
                         "reason": f"{model.gmac_per_tile:.0f} GMAC/tile > --heavy-gmac {args.heavy_gmac:g}: "
                                   "a whole image is ~100 tiles, too long for this device"})
     elif not args.no_image:
-        img = test_image(args.image)
         ran = {(r["backend"], r["precision"], r["device_type"]) for r in rows}
-        for target in (t for t in targets if not t.is_torch and (t.backend, t.precision, t.device) in ran):
-            for batch in args.image_batches:
-                log(f"[{model.key}] image {args.image[0]}x{args.image[1]} {target.label} batch {batch} ...")
-                try:
-                    rows.append(image_row(target, model, batch, img, args))
-                except Unavailable as exc:
-                    skipped.append({"backend": target.label, "what": "image", "reason": str(exc)})
-                    log(f"  skipped: {exc}")
-                    break
+        for size in args.image:
+            img = test_image(size)
+            for target in (t for t in targets if not t.is_torch and (t.backend, t.precision, t.device) in ran):
+                for batch in args.image_batches:
+                    log(f"[{model.key}] image {size[0]}x{size[1]} {target.label} batch {batch} ...")
+                    try:
+                        rows.append(image_row(target, model, batch, img, args))
+                    except Unavailable as exc:
+                        skipped.append({"backend": target.label, "what": "image", "reason": str(exc)})
+                        log(f"  skipped: {exc}")
+                        break
     if not heavy and not args.no_image:
         skipped.append({"backend": "pytorch-*", "what": "image",
                         "reason": "no whole-image path: Upscaler runs the exported model only; other backends "
@@ -379,7 +395,8 @@ def result_stem(device: str, model: BenchModel, date: str, quick: bool) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = resolve(build_parser().parse_args(argv))
     cuda = torch.cuda.is_available()
-    targets = [t for t in all_targets(cuda) if args.backends is None or t.backend in args.backends]
+    targets = [t for t in all_targets(cuda) if (args.backends is None or t.backend in args.backends)
+               and (args.devices is None or t.device in args.devices)]
     started = dt.datetime.now(dt.timezone.utc)
     host, vers = host_info(), versions()
     log(f"host: {host['cpu']}, {host['usable_cpus']} usable cores, load {host['load_average_at_start']}, "
@@ -400,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "peaks": peaks,
             "settings": {"batches": args.batches, "iters": args.iters, "warmup": args.warmup,
                          "budget_s": args.budget_s, "heavy_gmac": args.heavy_gmac, "heavy_iters": args.heavy_iters,
-                         "image": list(args.image), "image_iters": args.image_iters,
+                         "heavy_batches": args.heavy_batches,
+                         "image": [list(size) for size in args.image], "image_iters": args.image_iters,
                          "image_batches": args.image_batches, "temperature": 0.0,
                          "seed": args.seed},
             **body,

@@ -177,7 +177,7 @@ def parity(model: BenchModel, seed: int = 0) -> dict[str, float]:
 
     spec = load_model_spec(model.model_dir)
     bank = NoiseBank.create(spec.noise_dim, temperature=0.0, seed=seed, max_batch=1)
-    backend = create_backend(spec, "onnxruntime-cpu", "fp32", bank)
+    backend = create_backend(spec, "onnxruntime-cpu", "fp32", bank, (1,))
     lr = np.random.default_rng(seed).random((1, 3, *spec.lr_size), dtype=np.float32)
     try:
         ort_out = backend.run(lr, 0)

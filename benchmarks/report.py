@@ -36,13 +36,15 @@ def tile_table(rows: list[dict[str, Any]]) -> str:
 
 def image_table(rows: list[dict[str, Any]]) -> str:
     """One line per runtime backend x batch: whole-image wall time and the share outside the backend."""
-    head = "| device | backend | precision | batch | tiles | n | p50 s | p90 s | out MP/s | outside backend | peak RSS MiB |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| device | backend | precision | resolution | batch | tiles | load s | first s | n | p50 s | p90 s "
+            "| out MP/s | outside backend | peak RSS MiB |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lat = r["latency"]
         lines.append(
-            f"| {r['device']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['tiles']} | {lat['n']} "
-            f"| {lat['p50_ms'] / 1e3:.2f} | {lat['p90_ms'] / 1e3:.2f} | {r['throughput_mpix_s']:.3f} "
+            f"| {r['device']} | {r['backend']} | {r['precision']} | {r['resolution']} | {r['batch']} | {r['tiles']} "
+            f"| {r['load_s']:.2f} | {r['first_call_ms'] / 1e3:.3f} | {lat['n']} "
+            f"| {lat['p50_ms'] / 1e3:.3f} | {lat['p90_ms'] / 1e3:.3f} | {r['throughput_mpix_s']:.3f} "
             f"| {100 * r['outside_backend_share']:.1f}% | {_f(r['memory']['peak_rss_mb'], '.0f')} |"
         )
     return "\n".join(lines)
@@ -81,7 +83,9 @@ def latency_markdown(result: dict[str, Any]) -> str:
                "(interleaved), so load changes during the run hit all of them alike.")
     if images:
         out += ["", "## Whole image through `Upscaler`", "", image_table(images), "",
-                "outside backend = 1 - (time inside backend.run) / wall time: tiling, blending, conversions."]
+                ("load s = Upscaler() (a GPU backend's per-shape warm-up included); first s = the first image "
+                 "after load, outside the steady-state p50/p90; outside backend = 1 - (time inside backend.run) / "
+                 "wall time: tiling, blending, conversions.")]
     notes = sorted({n for r in result["rows"] for n in r["notes"]})
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]

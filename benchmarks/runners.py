@@ -137,7 +137,7 @@ def _runtime_runner(target: Target, model: BenchModel, batch: int, seed: int) ->
         raise Unavailable(f"batch {batch} > the model's batch max {spec.batch_max}")
     bank = NoiseBank.create(spec.noise_dim, temperature=0.0, seed=seed, max_batch=batch)
     try:
-        backend = create_backend(spec, target.backend, target.precision, bank)
+        backend = create_backend(spec, target.backend, target.precision, bank, (batch,))
     except (BackendUnavailable, SRModelError, ImportError) as exc:
         raise Unavailable(str(exc).splitlines()[0]) from exc
     lr, _ = _inputs(model, batch, seed)

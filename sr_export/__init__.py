@@ -2,6 +2,7 @@
 
 `sr-export` (sr_export.cli) writes the model directory that `sr_runtime`
 reads: `model.fp32.onnx`, `model.fp16.onnx` and `manifest.json` (DESIGN §5).
-`sr_export.tensorrt` and `sr_export.files` import neither torch nor TensorRT at
-module level, so the torch-free runtime can use them to build engines lazily.
+Engine identity and the TensorRT build live below, in the torch-free runtime
+(`sr_runtime.backends.engine_identity`, `sr_runtime.backends.engine_build`),
+and are imported from there: one rule set for the engine cache.
 """

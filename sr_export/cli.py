@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sr_export.tensorrt import (
+from sr_runtime.backends.engine_build import EngineBuildFailed, build_engine
+from sr_runtime.backends.engine_identity import (
     EngineUnavailable,
-    build_engine,
     check_batch,
-    default_cache_dir,
+    engine_cache_dir,
     engine_unavailable_reason,
 )
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "files (the FP16 one is derived from and checked against FP32), engines for the named ones")
     p.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
                    help="TensorRT engine: auto builds where TensorRT and a GPU exist; on fails without them")
-    p.add_argument("--engine-cache", type=Path, help=f"engine cache directory (default {default_cache_dir()})")
+    p.add_argument("--engine-cache", type=Path, help=f"engine cache directory (default {engine_cache_dir()})")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and check noise")
     return p
 
@@ -157,13 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if no_engine is not None:
         print(f"engine: not built: {no_engine}")
         return 0
-    cache = args.engine_cache or default_cache_dir()
+    cache = args.engine_cache or engine_cache_dir()
     try:
         for precision in wanted:
             path = build_engine(report.files[precision], cache, precision=precision, batch=args.batch,
                                 model_config=report.manifest["model_config"])
             print(f"engine: {precision}: {path}")
-    except (EngineUnavailable, RuntimeError) as exc:
+    except (EngineUnavailable, EngineBuildFailed) as exc:
         print(f"engine: build failed: {exc}", file=sys.stderr)
         return 1 if args.engine == "on" else 0
     return 0

@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from sr_export.files import atomic_write_bytes
+from sr_runtime.files import atomic_write_bytes
 from sr_train.model import VDVAESR
 
 # Opset 17 silently produces an invalid Split for the latent chunks; 18 is the floor.

@@ -8,7 +8,8 @@ and the sha256 it records lets the runtime detect a half-updated directory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ import onnxruntime
 import torch
 
 from sr_export.calibration import extreme_lr_batch, photo_lr_batch
-from sr_export.files import atomic_write_bytes, atomic_write_json, sha256_file
 from sr_export.fp16 import Fp16Result, Fp16TargetMissed, choose_fp16
 from sr_export.onnx_export import (
     OPSET,
@@ -30,9 +30,10 @@ from sr_export.onnx_export import (
     polygraphy_lint,
 )
 from sr_export.parity import ParityCase, parity_suite, parity_summary
+from sr_runtime.files import atomic_write_bytes, atomic_write_json, sha256_file
+from sr_runtime.model import MANIFEST_FORMAT
 from sr_train.model import VDVAESR
 
-MANIFEST_FORMAT = "vdvae-sr-onnx/1"
 FP32_FILE, FP16_FILE, MANIFEST_FILE = "model.fp32.onnx", "model.fp16.onnx", "manifest.json"
 PARITY_TOLERANCE = 1e-4
 FP16_TARGET_PSNR_DB = 40.0
@@ -100,6 +101,14 @@ def check_cases(lr_size: int, noise_dim: int, seed: int) -> dict[str, dict[str, 
     return cases
 
 
+@contextmanager
+def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+    """Record the block's wall time as `seconds[step]` (the manifest's export_seconds)."""
+    started = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - started
+
+
 def export_model_dir(
     model: VDVAESR, checkpoint: dict[str, Any], opts: ExportOptions, log: Callable[[str], None] = print
 ) -> ExportReport:
@@ -111,50 +120,48 @@ def export_model_dir(
     files = {"fp32": out / FP32_FILE}
     steps = 4 if opts.fp16 else 3
 
-    t0 = time.perf_counter()
-    log(f"[1/{steps}] exporting FP32 ONNX (torch {torch.__version__} dynamo exporter, opset {opts.opset}) ...")
-    fp32 = export_fp32(model, files["fp32"], opset=opts.opset)
-    seconds["export_fp32"] = time.perf_counter() - t0
+    with _timed(seconds, "export_fp32"):
+        log(f"[1/{steps}] exporting FP32 ONNX (torch {torch.__version__} dynamo exporter, opset {opts.opset}) ...")
+        fp32 = export_fp32(model, files["fp32"], opset=opts.opset)
 
-    t0 = time.perf_counter()
-    log(f"[2/{steps}] onnx.checker + polygraphy lint ...")
-    try:
-        check_onnx(files["fp32"])
-    except onnx.checker.ValidationError as exc:
-        raise ExportCheckFailed(f"onnx.checker rejects {files['fp32']}: {exc}") from exc
-    lr_shape = (2, 3, cfg.lr_size, cfg.lr_size)
-    lint = polygraphy_lint(files["fp32"], {"lr": lr_shape, "noise": (2, model.noise_dim)})
-    if lint.ran and not lint.passed:
-        raise ExportCheckFailed(f"polygraphy lint failed on {files['fp32']}: {lint.detail}")
-    seconds["checks"] = time.perf_counter() - t0
+    with _timed(seconds, "checks"):
+        log(f"[2/{steps}] onnx.checker + polygraphy lint ...")
+        try:
+            check_onnx(files["fp32"])
+        except onnx.checker.ValidationError as exc:
+            raise ExportCheckFailed(f"onnx.checker rejects {files['fp32']}: {exc}") from exc
+        lr_shape = (2, 3, cfg.lr_size, cfg.lr_size)
+        lint = polygraphy_lint(files["fp32"], {"lr": lr_shape, "noise": (2, model.noise_dim)})
+        if lint.ran and not lint.passed:
+            raise ExportCheckFailed(f"polygraphy lint failed on {files['fp32']}: {lint.detail}")
 
-    t0 = time.perf_counter()
-    log(f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo crops, t in {CHECK_TEMPERATURES}, batch 1 and 3 ...")
-    parity = parity_suite(model, files["fp32"], photo_lr_batch(cfg.lr_size, per_photo=1), CHECK_TEMPERATURES,
-                          (1, 3), seed=opts.seed)
-    seconds["parity"] = time.perf_counter() - t0
+    with _timed(seconds, "parity"):
+        log(f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo crops, t in {CHECK_TEMPERATURES}, "
+            "batch 1 and 3 ...")
+        parity = parity_suite(model, files["fp32"], photo_lr_batch(cfg.lr_size, per_photo=1), CHECK_TEMPERATURES,
+                              (1, 3), seed=opts.seed)
     worst = max(c.max_abs_err_non_tie for c in parity)
     if worst > opts.parity_tolerance:
         raise ExportCheckFailed(f"ONNX Runtime differs from PyTorch by {worst:.3g} > {opts.parity_tolerance:g}")
 
     fp16_result: Fp16Result | None = None
     if opts.fp16:
-        t0 = time.perf_counter()
-        log(f"[4/{steps}] FP16: measuring activation ranges on photos + extreme inputs, choosing FP32 islands ...")
-        try:
-            fp16_result = choose_fp16(
-                fp32,
-                calibration_feeds(cfg.lr_size, model.noise_dim, opts.seed),
-                check_cases(cfg.lr_size, model.noise_dim, opts.seed),
-                target_psnr_db=opts.fp16_target_psnr_db,
-            )
-        except Fp16TargetMissed as exc:
-            raise ExportCheckFailed(str(exc)) from exc
-        files["fp16"] = out / FP16_FILE
-        atomic_write_bytes(files["fp16"], fp16_result.model.SerializeToString())
-        seconds["fp16"] = time.perf_counter() - t0
+        with _timed(seconds, "fp16"):
+            log(f"[4/{steps}] FP16: measuring activation ranges on photos + extreme inputs, choosing FP32 islands ...")
+            try:
+                fp16_result = choose_fp16(
+                    fp32,
+                    calibration_feeds(cfg.lr_size, model.noise_dim, opts.seed),
+                    check_cases(cfg.lr_size, model.noise_dim, opts.seed),
+                    target_psnr_db=opts.fp16_target_psnr_db,
+                )
+            except Fp16TargetMissed as exc:
+                raise ExportCheckFailed(str(exc)) from exc
+            files["fp16"] = out / FP16_FILE
+            atomic_write_bytes(files["fp16"], fp16_result.model.SerializeToString())
 
-    manifest = build_manifest(model, checkpoint, opts, files, parity, lint, fp32, fp16_result, seconds)
+    manifest = build_manifest(model, checkpoint, opts, files=files, parity=parity, lint=lint, fp32=fp32,
+                              fp16=fp16_result, seconds=seconds)
     files["manifest"] = atomic_write_json(out / MANIFEST_FILE, manifest)
     if not opts.fp16:  # an FP16 graph left by an earlier export no longer matches the FP32 one
         (out / FP16_FILE).unlink(missing_ok=True)
@@ -165,6 +172,7 @@ def build_manifest(
     model: VDVAESR,
     checkpoint: dict[str, Any],
     opts: ExportOptions,
+    *,
     files: dict[str, Path],
     parity: list[ParityCase],
     lint: LintResult,

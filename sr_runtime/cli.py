@@ -12,7 +12,6 @@ import glob
 import logging
 import os
 import sys
-import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRInputError, SRModelError
+from sr_runtime.files import atomic_write
 from sr_runtime.imaging import DEFAULT_MAX_PIXELS, open_image
 from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler
 
@@ -117,17 +117,7 @@ def save_atomic(img: Image.Image, dest: Path) -> None:
     if fmt is None:
         raise SRInputError(f"{dest}: unknown output format {dest.suffix!r} (use .png, .jpg or .webp)")
     img = _fit_format(img, fmt)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-    # os.open with 0o666 honours the umask like a plain open(); mkstemp would leave 0600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format=fmt, **SAVE_OPTIONS[fmt])
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda fh: img.save(fh, format=fmt, **SAVE_OPTIONS[fmt]))
 
 
 def _fit_format(img: Image.Image, fmt: str) -> Image.Image:

@@ -6,13 +6,13 @@ so this module is the single place that knows the manifest layout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from sr_runtime.errors import SRModelError
+from sr_runtime.files import sha256_file
 
 MANIFEST_FORMAT = "vdvae-sr-onnx/1"
 DEFAULT_MODEL_NAME = "vdvae-sr-256"
@@ -60,14 +60,6 @@ class ModelSpec:
         if expected and sha256_file(path) != expected.lower():
             raise SRModelError(f"{path} does not match the sha256 in its manifest (corrupt or stale copy)")
         return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model_spec(model: str | os.PathLike[str] | None = None) -> ModelSpec:

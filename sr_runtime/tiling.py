@@ -72,10 +72,13 @@ def pad_image(chw: np.ndarray, plan: TilePlan) -> np.ndarray:
     return np.pad(chw, pads, mode="edge")
 
 
-def extract(padded: np.ndarray, plan: TilePlan, first: int, count: int) -> np.ndarray:
-    """Tiles `first .. first+count-1` as one contiguous float32 [N, C, th, tw] batch."""
+def extract(padded: np.ndarray, plan: TilePlan, first: int, count: int, size: int) -> np.ndarray:
+    """Tiles `first .. first+count-1` as one contiguous float32 [size, C, th, tw] batch, zero-padded to `size`."""
+    if size < count:
+        raise ValueError(f"a batch of size {size} cannot hold {count} tiles")
     th, tw = plan.tile
-    out = np.empty((count, padded.shape[0], th, tw), np.float32)
+    out = np.empty((size, padded.shape[0], th, tw), np.float32)
+    out[count:] = 0.0
     for k in range(count):
         y, x = plan.origin(first + k)
         out[k] = padded[:, y : y + th, x : x + tw]
@@ -115,15 +118,16 @@ class Blender:
         for x in plan.xs:
             self._sum_x[x * scale : (x + tw) * scale] += wx
         self._acc = np.zeros((channels, ph * scale, pw * scale), np.float32)
+        self._weighted = np.empty((channels, th * scale, tw * scale), np.float32)
 
     def add(self, hr: np.ndarray, first: int) -> None:
-        """Add a batch `[N, C, th*s, tw*s]` of HR tiles (weighted in place) starting at tile `first`."""
+        """Add a batch `[N, C, th*s, tw*s]` of HR tiles starting at tile `first`; `hr` is left as it was."""
         s = self.scale
         hh, hw = hr.shape[2], hr.shape[3]
-        hr *= self._window
         for k in range(hr.shape[0]):
             y, x = self.plan.origin(first + k)
-            self._acc[:, y * s : y * s + hh, x * s : x * s + hw] += hr[k]
+            np.multiply(hr[k], self._window, out=self._weighted)
+            self._acc[:, y * s : y * s + hh, x * s : x * s + hw] += self._weighted
 
     def result(self) -> np.ndarray:
         """Blended [C, H*s, W*s] image clipped to [0, 1] (a view of the accumulator: call once)."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar, overload
 import numpy as np
 from PIL import Image
 
-from sr_runtime.backends import Backend, create_backend
+from sr_runtime.backends import Backend, batch_buckets, bucket_for, create_backend
 from sr_runtime.errors import SRInputError
 from sr_runtime.imaging import (
     DEFAULT_MAX_PIXELS,
@@ -72,6 +72,8 @@ class Upscaler:
         `temperature` scales the prior's sampling noise (0 = deterministic);
         `seed` fixes the noise bank; `tile_overlap` is in LR pixels;
         `batch_size` caps tiles per backend call (default: the model's batch max);
+        GPU backends are prepared at load for that size and the profile's
+        smaller min/opt, and every call is padded to one of them;
         `precision` is "auto", "fp32" or "fp16"; `max_pixels` bounds input size;
         `noise_rows` is the noise bank size (also the most distinct `samples`).
         """
@@ -90,7 +92,8 @@ class Upscaler:
         self._bank = NoiseBank.create(
             self.spec.noise_dim, temperature=self.temperature, seed=seed, max_batch=batch, rows=noise_rows
         )
-        self._backend: Backend = create_backend(self.spec, backend, precision, self._bank)
+        self._backend: Backend = create_backend(self.spec, backend, precision, self._bank,
+                                                batch_buckets(self.spec, batch))
         self.backend: str = self._backend.name
         self.precision: str = self._backend.precision
         self._lock = threading.Lock()
@@ -179,14 +182,15 @@ class Upscaler:
         # Welford's running mean / sum of squares: one pass, no stack of K full-size images.
         mean = np.zeros((3, h * self.spec.scale, w * self.spec.scale), np.float32)
         m2 = np.zeros_like(mean) if samples > 1 else None
+        fixed = self._backend.batch_sizes
         for sample in range(samples):
             blender = Blender(plan, 3, self.spec.scale)
             rows = self._bank.tile_rows(plan.grid, sample)
             for first, count, start in self._bank.batches(rows, self.batch_size):
-                lr = extract(padded, plan, first, count)
+                lr = extract(padded, plan, first, count, count if fixed is None else bucket_for(count, fixed))
                 t0 = time.perf_counter()
                 with self._lock:
-                    hr = self._backend.run(lr, start)
+                    hr = self._backend.run(lr, start)[:count]
                 if stats is not None:
                     stats.backend_seconds += time.perf_counter() - t0
                     stats.tiles += count

@@ -53,6 +53,14 @@ def test_speedups_are_relative_to_pytorch_fp32_on_the_same_device_and_batch() ->
     assert [r["speedup_vs_pytorch_fp32"] for r in rows] == [1.0, 3.0, None, None]
 
 
+def test_whole_image_sizes_are_a_comma_list() -> None:
+    args = latency.resolve(latency.build_parser().parse_args(["--image", "640x480,960x540"]))
+    assert args.image == [(640, 480), (960, 540)]
+    assert latency.resolve(latency.build_parser().parse_args([])).image == [(640, 480)]
+    with pytest.raises(SystemExit):
+        latency.build_parser().parse_args(["--image", "640x480,960"])
+
+
 def test_skipped_entries_merge_per_backend_and_reason() -> None:
     skipped = [{"backend": "tensorrt fp16 (cuda)", "what": "tile batch 1", "reason": "no GPU"},
                {"backend": "tensorrt fp16 (cuda)", "what": "tile batch 4", "reason": "no GPU"},
@@ -118,6 +126,7 @@ def test_quick_run_whole_image_rows(quick_result: tuple[dict[str, Any], str]) ->
     for r in images:
         assert r["resolution"] == "64x48->256x192"
         assert r["tiles"] > 1
+        assert _positive_finite(r["load_s"]) and _positive_finite(r["first_call_ms"])
         assert _positive_finite(r["latency"]["p50_ms"]) and _positive_finite(r["throughput_mpix_s"])
         assert 0.0 < r["backend_share"] <= 1.0
         assert r["outside_backend_share"] == pytest.approx(1.0 - r["backend_share"])

@@ -19,7 +19,6 @@ import torch
 
 from sr_export import cli
 from sr_export.calibration import extreme_lr_batch, photo_lr_batch
-from sr_export.files import sha256_file
 from sr_export.fp16 import (
     FLOAT16,
     ISLAND_METADATA_KEY,
@@ -32,7 +31,8 @@ from sr_export.fp16 import (
 )
 from sr_export.onnx_export import RANDOM_OPS, assert_no_random_ops, export_fp32
 from sr_export.parity import cpu_session, parity_suite
-from sr_export.tensorrt import engine_unavailable_reason
+from sr_runtime.backends.engine_identity import engine_unavailable_reason
+from sr_runtime.files import sha256_file
 from sr_train.checkpoint import save_checkpoint
 from sr_train.model import VDVAESR, preset
 

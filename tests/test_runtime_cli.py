@@ -1,5 +1,4 @@
 """sr-upscale: outputs, naming, formats, exit codes, atomic writes; a torch-free subprocess run."""
-# ruff: noqa: F811  (pytest fixtures imported from conftest_runtime are redefined as arguments)
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_runtime import double_model, photo_lr  # noqa: F401  (pytest fixtures)
+from doubles import photo_lr
 from PIL import Image
 
 from sr_runtime.cli import main

@@ -1,5 +1,4 @@
 """Every kind of image in, the same kind 4x larger out; every kind of bad input refused clearly."""
-# ruff: noqa: F811  (pytest fixtures imported from conftest_runtime are redefined as arguments)
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_runtime import double_model, photo_lr, upscaler  # noqa: F401  (pytest fixtures)
+from doubles import photo_lr
 from PIL import Image
 
 from sr_runtime import SRInputError, Upscaler

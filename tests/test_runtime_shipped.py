@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_runtime import photo_lr, seam_ratio
+from doubles import photo_lr, seam_ratio
 from PIL import Image
 
 from sr_runtime import Upscaler

@@ -1,5 +1,4 @@
 """Tiling, blending and the noise bank: seams on a real photo, neighbour noise, tile plans."""
-# ruff: noqa: F811  (pytest fixtures imported from conftest_runtime are redefined as arguments)
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_runtime import double_model, photo_lr, seam_ratio, upscaler  # noqa: F401  (pytest fixtures)
+from doubles import photo_lr, seam_ratio
 
 from sr_runtime import Upscaler
 from sr_runtime.noise import NoiseBank

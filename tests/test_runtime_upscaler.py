@@ -1,22 +1,32 @@
 """Upscaler: model lookup, backend choice, precision, samples/std map, threads, TensorRT engine cache."""
-# ruff: noqa: F811  (pytest fixtures imported from conftest_runtime are redefined as arguments)
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import dataclasses
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest_runtime import double_model, photo_lr, upscaler  # noqa: F401  (pytest fixtures)
+from doubles import photo_lr
 
 from sr_runtime import BackendUnavailable, RunStats, SRModelError, Upscaler
-from sr_runtime.backends.trt_engine import EngineTarget, find_engine
-from sr_runtime.model import MODEL_DIR_ENV, default_model_dir
+from sr_runtime.backends import trt_engine
+from sr_runtime.backends.engine_identity import (
+    ENGINE_CACHE_ENV,
+    ENGINE_FORMAT,
+    EngineIdentity,
+    GpuInfo,
+    engine_unavailable_reason,
+)
+from sr_runtime.files import atomic_write_bytes, atomic_write_json, sha256_file
+from sr_runtime.model import MODEL_DIR_ENV, default_model_dir, load_model_spec
+from sr_runtime.noise import NoiseBank
+from sr_runtime.tiling import plan_tiles
 
 
 def test_default_model_is_the_shipped_one_or_the_env_override(monkeypatch: pytest.MonkeyPatch,
@@ -51,17 +61,6 @@ def test_manifest_of_another_format_is_refused(double_model: Path, tmp_path: Pat
         Upscaler(copy)
 
 
-def test_auto_reports_what_really_runs(upscaler: Upscaler, double_model: Path) -> None:
-    import onnxruntime as ort
-
-    with Upscaler(double_model) as auto:
-        if "CUDAExecutionProvider" not in ort.get_available_providers() and \
-                importlib.util.find_spec("cuda") is None:
-            assert auto.backend == "onnxruntime-cpu" and auto.precision == "fp32"
-        assert auto.backend in ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-    assert upscaler.backend == "onnxruntime-cpu"
-
-
 def test_a_named_backend_that_cannot_run_raises(double_model: Path) -> None:
     import onnxruntime as ort
 
@@ -93,12 +92,15 @@ def test_fp16_model_stays_close_to_fp32(double_model: Path) -> None:
 
 def test_batch_size_does_not_change_the_result(double_model: Path) -> None:
     photo = photo_lr(80)
+    plan = plan_tiles(80, 80, (32, 32), 8)
     outs = []
     for batch in (1, 3, 8):
         with Upscaler(double_model, backend="cpu", temperature=0.7, seed=3, batch_size=batch) as up:
             stats = RunStats()
             outs.append(up.run(photo, stats=stats))
-            assert stats.batches >= stats.tiles / batch
+        bank = NoiseBank.create(up.spec.noise_dim, temperature=0.7, seed=3, max_batch=batch)
+        assert stats.tiles == plan.count
+        assert stats.batches == len(bank.batches(bank.tile_rows(plan.grid), batch))
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
@@ -141,99 +143,81 @@ def test_one_upscaler_shared_by_threads_gives_the_same_results(double_model: Pat
     assert all(np.array_equal(results[i], expected[i]) for i in range(len(images)))
 
 
-@pytest.mark.gpu
-def test_onnxruntime_cuda_matches_cpu(double_model: Path) -> None:
+def _gpu_backend_missing(backend: str) -> str | None:
+    """Why `backend` cannot be tested here, or None where it must load."""
+    if backend == "tensorrt":
+        return engine_unavailable_reason()
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider here (onnxruntime-gpu not installed)")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    return "onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("backend", "tolerance"), [("onnxruntime-cuda", 1), ("tensorrt", 2)])
+def test_gpu_backend_matches_cpu(double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 backend: str, tolerance: int) -> None:
+    """Same noise rows bound by pointer on the GPU as sliced on the CPU; 9 tiles make a padded 1-tile batch."""
+    missing = _gpu_backend_missing(backend)
+    if missing:
+        pytest.skip(f"{backend} not testable here: {missing}")
+    monkeypatch.setenv(ENGINE_CACHE_ENV, str(tmp_path / "cache"))
     photo = photo_lr(64)
-    try:
-        gpu = Upscaler(double_model, backend="cuda", precision="fp32", temperature=0.5, seed=2)
-    except BackendUnavailable as exc:
-        pytest.skip(f"CUDA backend cannot run here: {exc}")
-    with gpu, Upscaler(double_model, backend="cpu", temperature=0.5, seed=2) as cpu:
-        assert gpu.backend == "onnxruntime-cuda"
-        diff = np.abs(gpu.run(photo).astype(int) - cpu.run(photo).astype(int))
-    assert diff.max() <= 1  # same noise rows bound by pointer on the GPU as sliced on the CPU
+    with Upscaler(double_model, backend=backend, precision="fp32", temperature=0.5, seed=2) as gpu, \
+            Upscaler(double_model, backend="cpu", temperature=0.5, seed=2) as cpu:
+        assert gpu.backend == backend
+        for _ in range(2):  # the second run replays captured graphs
+            diff = np.abs(gpu.run(photo).astype(int) - cpu.run(photo).astype(int))
+            assert diff.max() <= tolerance
 
 
 # --- TensorRT ----------------------------------------------------------------
 
-TARGET = EngineTarget("abc", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0", "fp16", 8)
-GOOD = {"onnx_sha256": "abc", "tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3",
-        "compute_capability": [9, 0], "precision": "fp16", "batch": {"min": 1, "opt": 4, "max": 16}}
+FAKE_GPU = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+FAKE_TRT_VERSION = "10.13.0.35"
 
 
-@pytest.mark.parametrize(
-    ("change", "reason"),
-    [({}, None), ({"tensorrt_version": "10.12.0"}, "tensorrt_version"), ({"gpu_name": "NVIDIA A10"}, "gpu_name"),
-     ({"compute_capability": "8.6"}, "compute_capability"), ({"onnx_sha256": "def"}, "onnx_sha256"),
-     ({"precision": "fp32"}, "precision"), ({"batch": {"max": 4}}, "batch max")],
-)
-def test_engine_manifest_must_match_gpu_tensorrt_and_onnx(change: dict, reason: str | None) -> None:
-    mismatch = TARGET.mismatch({**GOOD, **change})
-    if reason is None:
-        assert mismatch is None
-    else:
-        assert mismatch is not None and reason in mismatch
+@pytest.mark.skipif(engine_unavailable_reason() is None, reason="TensorRT and a GPU are here: a real build would run")
+def test_an_engine_for_batch_2_up_is_refused_where_1_tile_batches_run(
+    double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's profile is 1..8 (a 1-tile last batch is legal); an engine built for 2..8 must never load.
+
+    TensorRT and the GPU query are faked (only their version and name are read
+    before an engine is chosen); the engine files are fakes too. One 2..8
+    engine sits under its own key, a copy is mislabelled under the key the
+    runtime opens: the first is never looked at, the second is refused by
+    its manifest, and the rebuild fails for want of TensorRT.
+    """
+    monkeypatch.setattr(trt_engine, "import_tensorrt", lambda: SimpleNamespace(__version__=FAKE_TRT_VERSION))
+    monkeypatch.setattr(trt_engine, "query_gpu", lambda: FAKE_GPU)
+    monkeypatch.setenv(ENGINE_CACHE_ENV, str(tmp_path))
+    spec = load_model_spec(double_model)
+    wanted = EngineIdentity(spec.onnx_sha256["fp32"], "fp32", (1, 4, 8), FAKE_GPU, FAKE_TRT_VERSION)
+    built_for_2 = dataclasses.replace(wanted, batch=(2, 4, 8))
+    for engine, sidecar in (built_for_2.paths(tmp_path), wanted.paths(tmp_path)):
+        atomic_write_bytes(engine, b"not a real engine")
+        atomic_write_json(sidecar, {"format": ENGINE_FORMAT, **built_for_2.fields(), "engine_sha256": sha256_file(engine)})
+    with pytest.raises(BackendUnavailable) as refused:
+        Upscaler(double_model, backend="tensorrt", precision="fp32")
+    message = str(refused.value)
+    assert "batch is {'min': 2, 'opt': 4, 'max': 8}, need {'min': 1, 'opt': 4, 'max': 8}" in message
+    assert "building one failed: TensorRT is not installed" in message
+    assert str(built_for_2.paths(tmp_path)[0]) not in message
 
 
-def test_engine_cache_skips_stale_engines(tmp_path: Path) -> None:
-    (tmp_path / "a.engine").write_bytes(b"stale")
-    (tmp_path / "a.engine.json").write_text(json.dumps({**GOOD, "tensorrt_version": "8.6.1"}))
-    (tmp_path / "b.engine").write_bytes(b"no manifest")
-    (tmp_path / "c.engine").write_bytes(b"corrupt")
-    (tmp_path / "c.engine.json").write_text(json.dumps({**GOOD, "engine_sha256": hashlib.sha256(b"good").hexdigest()}))
-    good = tmp_path / "key" / "model.fp16.engine"  # sr_export's layout: <cache>/<key>/model.<precision>.engine
-    good.parent.mkdir()
-    good.write_bytes(b"good")
-    good.with_name(good.name + ".json").write_text(
-        json.dumps({**GOOD, "engine_sha256": hashlib.sha256(b"good").hexdigest()}))
-    engine, rejected = find_engine([tmp_path / "missing", tmp_path], TARGET)
-    assert engine == good
-    assert len(rejected) == 3 and "8.6.1" in rejected[0] and "no readable manifest" in rejected[1]
-    assert "does not match the sha256" in rejected[2]
+def test_auto_without_a_gpu_backend_runs_the_cpu_and_says_why(double_model: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
 
-
-def _tensorrt_gpu_reason() -> str | None:
-    try:
-        import tensorrt
-    except ImportError:
-        return "tensorrt is not installed"
-    if not hasattr(tensorrt, "Runtime"):
-        return "only the tensorrt type stubs are installed, not TensorRT"
-    if importlib.util.find_spec("cuda") is None:
-        return "cuda-python is not installed"
-    return None
-
-
-@pytest.mark.gpu
-def test_tensorrt_backend_matches_onnxruntime(double_model: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    reason = _tensorrt_gpu_reason()
-    if reason:
-        pytest.skip(f"TensorRT backend not testable here: {reason}")
-    monkeypatch.setenv("SR_ENGINE_CACHE", str(tmp_path / "cache"))
-    photo = photo_lr(64)
-    try:
-        trt_up = Upscaler(double_model, backend="tensorrt", precision="fp32", temperature=0.5, seed=2)
-    except BackendUnavailable as exc:
-        pytest.skip(f"TensorRT backend cannot run here: {exc}")
-    with trt_up, Upscaler(double_model, backend="cpu", temperature=0.5, seed=2) as cpu:
-        assert trt_up.backend == "tensorrt"
-        diff = np.abs(trt_up.run(photo).astype(int) - cpu.run(photo).astype(int))
-    assert diff.max() <= 2
-
-
-def test_tensorrt_without_tensorrt_falls_back_with_a_reason(double_model: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
-    reason = _tensorrt_gpu_reason()
-    if reason is None:
-        pytest.skip("TensorRT and cuda-python are installed: no fallback to see")
-    with pytest.raises(BackendUnavailable):
+    reason = engine_unavailable_reason()
+    if reason is None or "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a GPU backend may load here")
+    with pytest.raises(BackendUnavailable, match=re.escape(reason)):
         Upscaler(double_model, backend="tensorrt")
     with caplog.at_level("INFO", logger="sr_runtime"), Upscaler(double_model) as up:
-        assert up.backend != "tensorrt"
-    assert any("skipping tensorrt" in r.getMessage() for r in caplog.records)
-
+        assert (up.backend, up.precision) == ("onnxruntime-cpu", "fp32")
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    no_cuda = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    assert skipped == [f"sr_runtime: skipping tensorrt: {reason}", f"sr_runtime: skipping onnxruntime-cuda: {no_cuda}"]

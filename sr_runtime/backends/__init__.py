@@ -3,6 +3,13 @@
 A backend owns its session and its copy of the noise bank (device-resident on
 GPUs) and runs one batch: `run(lr [N, 3, h, w] float32, noise_start) -> hr`,
 where the batch's noise is rows `[noise_start, noise_start + N)` of the bank.
+
+GPU backends take fixed shapes only (DESIGN §6): they are prepared at load for
+a few batch sizes, the buckets, and list them in `batch_sizes`; the caller pads
+a batch to the smallest bucket that holds it. A new shape would make ONNX
+Runtime's CUDA provider re-plan its convolutions and could not replay a
+captured CUDA graph. The CPU backend has no per-shape set-up and takes any N
+(`batch_sizes` None), so it never computes padding.
 """
 
 from __future__ import annotations
@@ -38,12 +45,37 @@ class Backend(Protocol):
     name: str
     precision: str
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...] | None:
+        """The batch sizes `run` accepts, ascending; None: any."""
+
     def run(self, lr: np.ndarray, noise_start: int) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
 
-Factory = Callable[[ModelSpec, str, NoiseBank], Backend]
+Factory = Callable[[ModelSpec, str, NoiseBank, tuple[int, ...]], Backend]
+
+
+def batch_buckets(spec: ModelSpec, batch_size: int) -> tuple[int, ...]:
+    """The batch sizes GPU backends are prepared for: the profile's min/opt/max below `batch_size`, and it.
+
+    They match the engine's optimisation profile (its opt is what TensorRT
+    tuned for), so a 1-tile remainder is not padded to 16 where the profile
+    has a 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    profile = (spec.batch_min, spec.batch_opt, spec.batch_max)
+    return tuple(sorted({b for b in profile if b < batch_size} | {batch_size}))
+
+
+def bucket_for(count: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding `count` tiles."""
+    for size in buckets:
+        if size >= count:
+            return size
+    raise ValueError(f"a batch of {count} tiles exceeds the largest bucket {buckets[-1]}")
 
 
 def resolve_precision(spec: ModelSpec, precision: str, gpu: bool) -> str:
@@ -68,8 +100,13 @@ def _factory(name: str) -> Factory:
     return OrtCudaBackend if name == "onnxruntime-cuda" else OrtCpuBackend
 
 
-def create_backend(spec: ModelSpec, backend: str, precision: str, bank: NoiseBank) -> Backend:
+def create_backend(
+    spec: ModelSpec, backend: str, precision: str, bank: NoiseBank, buckets: tuple[int, ...]
+) -> Backend:
     """The requested backend, or with "auto" the first of AUTO_ORDER that works here.
+
+    `buckets` are the batch sizes a GPU backend prepares (and warms up) at load;
+    the largest must not exceed the bank's `max_batch`.
 
     A named backend that cannot run raises BackendUnavailable; `auto` logs a
     one-line reason per skipped backend and moves on.
@@ -79,13 +116,15 @@ def create_backend(spec: ModelSpec, backend: str, precision: str, bank: NoiseBan
         raise ValueError(f"backend must be one of {sorted(ALIASES)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not buckets or buckets[-1] > bank.max_batch:
+        raise ValueError(f"batch buckets {buckets} must be non-empty and fit the noise bank's {bank.max_batch} rows")
     if name != "auto":
-        chosen = _factory(name)(spec, precision, bank)
+        chosen = _factory(name)(spec, precision, bank, buckets)
         log.info("sr_runtime: backend %s (%s)", chosen.name, chosen.precision)
         return chosen
     for candidate in AUTO_ORDER:
         try:
-            chosen = _factory(candidate)(spec, precision, bank)
+            chosen = _factory(candidate)(spec, precision, bank, buckets)
         except BackendUnavailable as exc:
             log.info("sr_runtime: skipping %s: %s", candidate, exc)
             continue

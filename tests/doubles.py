@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from sr_runtime import Upscaler
 from sr_runtime.tiling import TilePlan
 
 
@@ -131,16 +128,3 @@ def seam_ratio(hr: np.ndarray, plan: TilePlan, scale: int = 4) -> float:
         assert all(e % scale == seam[0] % scale for e in seam)
         ratios.append(grad[seam].mean() / grad[interior].mean())
     return float(max(ratios))
-
-
-@pytest.fixture(scope="session")
-def double_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Model directory of the test double (fp32 and fp16 ONNX), built once per test session."""
-    return build_double(tmp_path_factory.mktemp("double") / "test-double", fp16=True)
-
-
-@pytest.fixture(scope="session")
-def upscaler(double_model: Path) -> Iterator[Upscaler]:
-    """A deterministic (temperature 0) Upscaler on the test double, shared by read-only tests."""
-    with Upscaler(double_model, backend="cpu") as up:
-        yield up

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU check of issue 10 in one device call: install what the machine lacks,
+# `pytest -m gpu`, the latency harness' GPU rows and the whole-image rows, all
+# within GPU_CHECK_BUDGET_S (default 480 s = 8 min), results into $OUT.
+#
+# The lent GPU machines reach no package registry and lack onnxruntime-gpu.
+# Prepare its parts here first:   ../shared/tools/gpu-pack .gpu   (.gpu must be
+# git-ignored: echo .gpu >> .git/info/exclude). Then, while the machine stays
+# warm, back to back:
+#   calls 1..N-1: carry [".gpu/pK"], command: mkdir -p /tmp/parts && cp .gpu/pK/* /tmp/parts/
+#   last call:    carry [".gpu/pN"], command: bash scripts/gpu_check.sh     (timeout_s 540)
+# Extra wheels the machine lacks (say safetensors) may ride along in
+# .gpu/pN/extra/*.whl; they are installed into the same /tmp/site.
+#
+# Writes: $OUT/gpu_check.json (each step: command, exit status, seconds, log
+# file), $OUT/gpu_check.md (the steps and every benchmark page), the logs, the
+# pytest junit XML and the benchmark JSON/markdown under $OUT/bench/.
+# Every step is cut at the time left, so a slow step cannot lose the others'
+# results; a step that fails is recorded and the next one runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder the results go to}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+PACK=${GPU_PACK_DIR:-.gpu}
+PY=${PYTHON:-python3}
+START=$(date +%s)
+mkdir -p "$OUT/bench"
+: > "$OUT/steps.tsv"
+
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND cut at min(MAX_SECONDS, time left - 10 s), logs to $OUT/NAME.log.
+step() {
+    local name=$1 max=$2; shift 2
+    local limit=$(( $(left) - 10 )); (( limit > max )) && limit=$max
+    if (( limit < 5 )); then
+        printf '%s\t%s\t%s\t%s\n' "$name" "skipped: out of time" 0 "$*" >> "$OUT/steps.tsv"; return
+    fi
+    echo "== $name (up to ${limit}s): $*" >&2
+    local t0=$(date +%s)
+    timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $(( $(date +%s) - t0 )) "$*" >> "$OUT/steps.tsv"
+    tail -n 3 "$OUT/$name.log" >&2
+}
+
+install_missing() {
+    if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+        echo "onnxruntime-gpu already importable"; return 0
+    fi
+    local last
+    last=$(ls -d "$PACK"/p* 2>/dev/null | sort -V | tail -n 1)
+    [[ -n "$last" && -x "$last/install" ]] || { echo "no $PACK/pN/install: run ../shared/tools/gpu-pack first"; return 1; }
+    bash "$last/install" || return 1
+    if compgen -G "$last/extra/*.whl" > /dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$last"/extra/*.whl
+    fi
+}
+
+environment() {
+    nvidia-smi
+    "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+    for module in onnxruntime onnx pytest PIL skimage safetensors tqdm; do
+        "$PY" -c "import $module" 2>/dev/null && echo "have $module" || echo "MISSING $module"
+    done
+    "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+    "$PY" -c "from sr_runtime.backends.engine_identity import engine_unavailable_reason as why
+print('TensorRT engines:', why() or 'can be built here')"
+}
+
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" SR_ENGINE_CACHE=/tmp/sr_engines PACK PY
+export -f environment install_missing
+
+step install 120 bash -c install_missing
+step environment 30 bash -c environment
+step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+# Per tile (default model at batch 1/4/16) and whole images, 960x540 -> 3840x2160 among them, at batch 16.
+step bench_default 200 "$PY" -m benchmarks.latency --models default --devices cuda \
+    --backends pytorch-eager,pytorch-cudagraph,onnxruntime-cuda,tensorrt --batches 1,4,16 \
+    --image 256x256,640x480,960x540 --image-batches 16 --iters 30 --budget-s 15 --out "$OUT/bench"
+# paper-256 (random weights, heavy): batch 1 and 16 per tile, no whole image.
+step bench_paper 150 "$PY" -m benchmarks.latency --models paper-256 --devices cuda \
+    --backends pytorch-eager,pytorch-cudagraph,onnxruntime-cuda,tensorrt --heavy-batches 1,16 --heavy-iters 10 \
+    --no-image --budget-s 15 --cache /tmp/sr_bench_cache --out "$OUT/bench"
+
+"$PY" - "$OUT" "$START" <<'EOF'
+import json, pathlib, sys, time
+out, start = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+steps = []
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, status, seconds, command = line.split("\t", 3)
+    steps.append({"step": name, "exit_status": status, "seconds": int(seconds), "command": command,
+                  "log": f"{name}.log"})
+pages = sorted((out / "bench").glob("*.md"))
+summary = {"schema": "vdvae-sr-gpu-check/1", "total_seconds": int(time.time()) - start, "steps": steps,
+           "benchmarks": [str(p.relative_to(out)) for p in sorted((out / "bench").glob("*.json"))]}
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+lines = ["# GPU check", "", "| step | exit status | seconds |", "|---|---|---|"]
+lines += [f"| {s['step']} | {s['exit_status']} | {s['seconds']} |" for s in steps]
+for page in pages:
+    lines += ["", page.read_text()]
+(out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines[:4 + len(steps)]))
+EOF
