@@ -92,7 +92,8 @@ def test_noise_drives_the_sample_and_zero_noise_is_deterministic():
         d = model.sample_seeded(lr, temperature=0.8, seed=1)
         e = model.sample_seeded(lr, temperature=0.8, seed=2)
     assert torch.equal(a, b) and torch.equal(c, d)
-    assert not torch.equal(c, e) and not torch.equal(a, c)
+    # noise moves pixels by whole grey levels, not by rounding error
+    assert (c - e).abs().max() > 1 / 255 and (a - c).abs().max() > 1 / 255
     assert model.noise_dim == sum(cfg.zdim * r * r for r, _ in parse_layer_string(cfg.dec_blocks))
 
 
@@ -114,7 +115,7 @@ def test_stochastic_head_samples_differ_and_stay_in_range():
         g = torch.Generator().manual_seed(0)
         x1 = model.sample(lr, noise, stochastic_head=True, generator=g)
         x2 = model.sample(lr, noise, stochastic_head=True, generator=g)
-    assert not torch.equal(x1, x2) and 0 <= x1.min() and x1.max() <= 1
+    assert (x1 - x2).abs().mean() > 1 / 255 and 0 <= x1.min() and x1.max() <= 1
 
 
 def test_lr_skip_starts_near_the_bicubic_image():
@@ -142,8 +143,9 @@ def test_mixture_components_start_distinct_and_stay_distinct_after_a_step():
     opt.step()
     w = model.decoder.out_conv.weight.detach().flatten(1)
     per_component = [w[m:].view(3, 3, m, -1)[:, :, k] for k in range(m)]  # means, scales, coeffs of component k
-    assert not torch.equal(per_component[0], per_component[1])
-    assert not torch.equal(w[0], w[1])  # mixture logits
+    # distinct by far more than rounding: the init's spread (std 1e-3) survives the step
+    assert (per_component[0] - per_component[1]).abs().max() > 1e-4
+    assert (w[0] - w[1]).abs().max() > 1e-4  # mixture logits
 
 
 def test_mixture_mean_head_is_the_expected_value_of_the_sampler():
