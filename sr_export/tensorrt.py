@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sr_export.files import atomic_write_bytes, atomic_write_json, sha256_file
+from sr_runtime.backends.trt_engine import untrusted_location
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -168,6 +169,9 @@ def cached_engine(
     engine, sidecar = engine_paths(cache_dir, key, precision)
     if not engine.is_file() or not sidecar.is_file():
         return None, [f"no engine at {engine}"]
+    unsafe = untrusted_location(cache_dir, engine) or untrusted_location(cache_dir, sidecar)
+    if unsafe is not None:
+        return None, [unsafe]
     try:
         manifest = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from sr_runtime.errors import SRInputError
 
@@ -114,7 +114,8 @@ def _warn_about_lost_content(img: Image.Image, path: Path) -> None:
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         log.warning("%s: %d frames: only the first is upscaled", path, frames)
-    rawmodes = [t[3] if isinstance(t[3], str) else t[3][0] for t in img.tile if t[3]]
+    tiles = img.tile if isinstance(img, ImageFile.ImageFile) else []
+    rawmodes = [t[3] if isinstance(t[3], str) else t[3][0] for t in tiles if t[3]]
     if img.mode in ("RGB", "RGBA") and any(";16" in str(r) for r in rawmodes):
         log.warning("%s: 16-bit colour is read at 8 bits per channel (Pillow's limit; 16-bit grey is kept)", path)
 

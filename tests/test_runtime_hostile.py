@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from conftest_runtime import build_double, double_model, photo_lr, upscaler  # n
 from PIL import EpsImagePlugin, Image
 
 from sr_runtime import SRInputError, SRModelError, Upscaler
+from sr_runtime.backends.trt_engine import EngineTarget, find_engine
 from sr_runtime.cli import main
 from sr_runtime.upscaler import BYTES_PER_OUTPUT_PIXEL, default_max_pixels
 
@@ -294,3 +296,39 @@ def test_interrupt_still_lists_the_failures_so_far(double_model: Path, tmp_path:
     assert run_cli(double_model, str(tmp_path / "a.png"), str(tmp_path / "b.png")) == 130
     err = capsys.readouterr().err
     assert "a.png: empty file" in err and "interrupted" in err
+
+
+# --- 7. the engine cache trusts no planted file ---------------------------------------------------------
+
+TRT_TARGET = EngineTarget("abc", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0", "fp16", 8)
+TRT_SIDECAR = {"onnx_sha256": "abc", "tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3",
+               "compute_capability": [9, 0], "precision": "fp16", "batch": {"min": 1, "opt": 4, "max": 16}}
+
+
+def _plant_engine(directory: Path, sidecar: dict) -> Path:
+    engine = directory / "key" / "model.fp16.engine"
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    engine.write_bytes(b"planted")
+    engine.with_name(engine.name + ".json").write_text(json.dumps(sidecar))
+    return engine
+
+
+def test_engine_without_its_sha256_is_never_selected(tmp_path: Path) -> None:
+    _plant_engine(tmp_path, TRT_SIDECAR)  # only public, guessable fields
+    engine, rejected = find_engine([tmp_path], TRT_TARGET)
+    assert engine is None and "names none" in rejected[0]
+
+
+def test_engine_reached_through_a_symlink_or_a_shared_directory_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    planted = _plant_engine(elsewhere, {**TRT_SIDECAR, "engine_sha256": hashlib.sha256(b"planted").hexdigest()})
+    linked = tmp_path / "cache" / "key" / planted.name
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(planted)
+    linked.with_name(linked.name + ".json").symlink_to(planted.with_name(planted.name + ".json"))
+    assert find_engine([elsewhere], TRT_TARGET)[0] == planted  # the genuine location is fine
+    engine, rejected = find_engine([tmp_path / "cache"], TRT_TARGET)
+    assert engine is None and "is a symlink" in rejected[0]
+    planted.parent.chmod(0o777)
+    engine, rejected = find_engine([elsewhere], TRT_TARGET)
+    assert engine is None and "writable by other users" in rejected[0]

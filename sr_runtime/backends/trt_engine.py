@@ -7,9 +7,10 @@ Written against the TensorRT 10.x Python API (name-based I/O,
 
 Engine cache: an engine `<stem>.engine` counts only with a sidecar
 `<stem>.engine.json` that names the ONNX sha256, TensorRT version, GPU name,
-compute capability, precision and batch profile it was built for (and, when
-given, the engine's own sha256); a stale or foreign engine is never loaded
-blindly. Engines are looked up under the model directory and the cache
+compute capability, precision and batch profile it was built for, and the
+engine's own sha256 (required: the other fields are public or guessable); a
+stale or foreign engine is never loaded blindly, nor one reached through a
+symlink or lying in a directory another user owns or may write. Engines are looked up under the model directory and the cache
 directory (`$SR_ENGINE_CACHE`, else `~/.cache/sr_runtime/engines`), at any
 depth: `sr_export` writes `<cache>/<key>/model.<precision>.engine`. Where no
 engine matches and `sr_export` is installed, one is built through
@@ -23,6 +24,7 @@ import importlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,20 +81,50 @@ class EngineTarget:
         return None
 
 
+def untrusted_location(root: Path, path: Path) -> str | None:
+    """Why `path` (at or under `root`) may have been planted by someone else, or None.
+
+    Every step from `root` down to `path` must be no symlink, owned by this user
+    (or root) and not writable by others: a deserialised engine runs code.
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    current = path
+    while True:
+        try:
+            info = current.lstat()
+        except FileNotFoundError:  # nothing there to trust; reading it fails with its own reason
+            return None
+        except OSError as exc:
+            return f"{current}: cannot stat ({exc.strerror or exc})"
+        if stat.S_ISLNK(info.st_mode):
+            return f"{current} is a symlink"
+        if info.st_mode & stat.S_IWOTH:
+            return f"{current} is writable by other users"
+        if uid is not None and info.st_uid not in (uid, 0):
+            return f"{current} belongs to another user (uid {info.st_uid})"
+        if current == root or current.parent == current:
+            return None
+        current = current.parent
+
+
 def find_engine(directories: list[Path], target: EngineTarget) -> tuple[Path | None, list[str]]:
     """First engine in `directories` whose sidecar manifest matches, and why the others did not."""
     rejected: list[str] = []
     for directory in directories:
         for engine in sorted(directory.rglob("*.engine")):  # sr_export caches in <cache>/<key>/
             sidecar = engine.with_name(engine.name + ".json")
+            unsafe = untrusted_location(directory, engine) or untrusted_location(directory, sidecar)
+            if unsafe is not None:
+                rejected.append(f"{engine.name}: {unsafe}")
+                continue
             try:
                 meta = json.loads(sidecar.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 rejected.append(f"{engine.name}: no readable manifest ({exc.__class__.__name__})")
                 continue
             reason = target.mismatch(meta) if isinstance(meta, dict) else "manifest is not an object"
-            if reason is None and meta.get("engine_sha256") not in (None, sha256_file(engine)):
-                reason = "engine file does not match the sha256 in its manifest"
+            if reason is None and meta.get("engine_sha256") != sha256_file(engine):
+                reason = "engine file does not match the sha256 in its manifest (or it names none)"
             if reason is None:
                 return engine, rejected
             rejected.append(f"{engine.name}: {reason}")
