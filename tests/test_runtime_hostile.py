@@ -332,3 +332,26 @@ def test_engine_reached_through_a_symlink_or_a_shared_directory_is_refused(tmp_p
     planted.parent.chmod(0o777)
     engine, rejected = find_engine([elsewhere], TRT_TARGET)
     assert engine is None and "writable by other users" in rejected[0]
+
+
+def test_sigterm_during_a_save_removes_the_temp_file(double_model: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+
+    (tmp_path / "a.png").write_bytes(b"")
+    Image.fromarray(photo_lr(12)).save(tmp_path / "b.png")
+    real_save = Image.Image.save
+
+    def terminated_mid_write(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        real_save(self, fp, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Image.Image, "save", terminated_mid_write)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    assert run_cli(double_model, str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(out)) == 143
+    assert list(out.iterdir()) == []
+    assert "a.png: empty file" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == handler_before
