@@ -17,6 +17,7 @@ import secrets
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -293,7 +294,11 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], writt
         if target.resolve() in written:
             raise SRInputError(f"{src}: output {target} was already written for another input")
     t0 = time.perf_counter()
-    img = open_image(src, upscaler.max_pixels)
+    with warnings.catch_warnings(record=True) as caught:  # the CLI decodes in one thread: safe here
+        warnings.simplefilter("always")
+        img = open_image(src, upscaler.max_pixels)
+    for message in dict.fromkeys(str(w.message).strip() for w in caught):
+        logging.getLogger("sr_runtime").warning("%s: %s", src, message)
     stats = RunStats()
     with tqdm(desc=src.name, unit="tile", leave=False, disable=args.quiet or None) as bar:
         def progress(done: int, total: int) -> None:
