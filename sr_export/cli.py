@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sr_runtime.cli import sigterm_as_exit
 from sr_export.tensorrt import (
     EngineUnavailable,
     build_engine,
@@ -23,6 +22,7 @@ from sr_export.tensorrt import (
     default_cache_dir,
     engine_unavailable_reason,
 )
+from sr_runtime.cli import sigterm_as_exit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINES_DIR = REPO_ROOT / "engines"

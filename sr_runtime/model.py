@@ -101,8 +101,10 @@ def load_model_spec(model: str | os.PathLike[str] | None = None) -> ModelSpec:
 
 def _int(raw: object, what: str, low: int, high: int) -> int:
     """An integer manifest value in [low, high]: values are bounded before anything is allocated from them."""
-    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
-        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {raw!r}")
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise TypeError(f"{what} must be an integer, got {raw!r}")
+    if not low <= raw <= high:
+        raise ValueError(f"{what} must be in [{low}, {high}], got {raw}")
     return raw
 
 
@@ -114,7 +116,7 @@ def _parse(raw: dict, directory: Path) -> ModelSpec:
     noise_dim = _int(raw["noise_dim"], "noise_dim", 1, 2**31 - 1)
     batch = raw.get("batch", {})
     if not isinstance(batch, dict):
-        raise ValueError("batch must be an object")
+        raise TypeError("batch must be an object")
     batch_max = _int(batch.get("max", 1), "batch.max", 1, MAX_BATCH)
     batch_opt = _int(batch.get("opt", batch_max), "batch.opt", 1, batch_max)
     batch_min = _int(batch.get("min", 1), "batch.min", 1, batch_opt)

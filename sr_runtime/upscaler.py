@@ -69,9 +69,9 @@ def default_max_pixels(scale: int = 4, samples: int = 1) -> int:
 
 
 def checked_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """`value` if it is an integer in [low, high]; ValueError naming `name` otherwise (never truncates)."""
+    """`value` if it is an integer in [low, high]; TypeError/ValueError naming `name` otherwise (never truncates)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bounds}, got {value}")
@@ -116,8 +116,9 @@ class Upscaler:
             "batch_size", batch_size, 1, self._batch_limit())
         if max_pixels is None:
             max_pixels = default_max_pixels(self.spec.scale)
-        elif isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)) \
-                or not math.isfinite(max_pixels) or max_pixels < 1:
+        elif isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)):
+            raise TypeError(f"max_pixels must be a number, got {max_pixels!r}")
+        elif not math.isfinite(max_pixels) or max_pixels < 1:
             raise ValueError(f"max_pixels must be a finite number >= 1, got {max_pixels!r}")
         self.temperature = float(temperature)
         self.tile_overlap = tile_overlap

@@ -107,7 +107,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         with torch.device("meta"):  # shapes only, no memory
             expected = {k: tuple(v.shape) for k, v in VDVAESR(config).state_dict().items()}
         with safe_open(str(weights), "pt") as header:
-            stored = {k: tuple(header.get_slice(k).get_shape()) for k in header.keys()}
+            stored = {k: tuple(header.get_slice(k).get_shape()) for k in header.keys()}  # noqa: SIM118 -- not a dict
     except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{root}: unreadable checkpoint ({e})") from None
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))

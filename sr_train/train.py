@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import CONFIG, WEIGHTS, atomic_write, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    atomic_write,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from .data import CropSampler, RandomCropDataset
 from .model import VDVAESR, preset
 from .vdvae_import import import_vdvae_weights
@@ -91,7 +98,7 @@ def load_train_state(root: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
         body = json.loads(body_path.read_text())
         if not isinstance(body, dict) or not isinstance(body.get("step"), int) or not isinstance(
                 body.get("skips"), int):
-            raise ValueError("not an object with integer step and skips")
+            raise ValueError("not an object with integer step and skips")  # noqa: TRY004 -- reported below
         param_groups = body.pop("param_groups")
     except (OSError, UnicodeDecodeError, ValueError, KeyError) as e:
         raise ValueError(f"{body_path}: damaged training state ({type(e).__name__}: {e})") from None

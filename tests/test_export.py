@@ -304,7 +304,7 @@ def test_fp16_islands_come_from_measured_ranges() -> None:
 
 
 def test_unknown_preset_and_file_out_are_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sr_export.pipeline as pipeline
+    from sr_export import pipeline
 
     monkeypatch.setattr(pipeline, "export_model_dir", lambda *a, **k: pytest.fail("exported before checking"))
     rc, _, err = run_cli(["--preset", "nope", "--random-weights", "--out", str(tmp_path / "x")])
@@ -316,7 +316,7 @@ def test_unknown_preset_and_file_out_are_one_error_line(tmp_path: Path, monkeypa
 
 def test_interrupted_reexport_leaves_no_manifest_to_serve_old_files(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import sr_export.pipeline as pipeline
+    from sr_export import pipeline
     from sr_export.pipeline import ExportOptions, export_model_dir
     from sr_runtime import SRModelError, Upscaler
 
