@@ -335,3 +335,23 @@ def test_interrupted_reexport_leaves_no_manifest_to_serve_old_files(tmp_path: Pa
     assert sorted(p.name for p in out.iterdir()) == ["model.fp32.onnx"]
     with pytest.raises(SRModelError, match="no model manifest"):
         Upscaler(out)
+
+
+def test_sigterm_during_an_export_removes_its_temporary_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import tempfile
+
+    from sr_export import pipeline
+
+    made: list[Path] = []
+
+    def terminated_mid_export(*args: object, **kwargs: object) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            made.append(Path(tmp))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "export_model_dir", terminated_mid_export)
+    rc, _, _ = run_cli(["--preset", "small-256", "--random-weights", "--out", str(tmp_path / "x")])
+    assert rc == 143 and made and not made[0].exists()
