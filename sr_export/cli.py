@@ -22,6 +22,7 @@ from sr_runtime.backends.engine_identity import (
     engine_cache_dir,
     engine_unavailable_reason,
 )
+from sr_runtime.cli import sigterm_as_exit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINES_DIR = REPO_ROOT / "engines"
@@ -85,7 +86,10 @@ def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, st
             if not args.random_weights:
                 raise SystemExit(f"sr-export: preset {args.preset!r} has no trained weights; add --random-weights "
                                  "for a cost/benchmark model, or export a checkpoint with --checkpoint")
-            model, info = random_model(args.preset)
+            try:
+                model, info = random_model(args.preset)
+            except KeyError as exc:
+                raise SystemExit(f"sr-export: {exc.args[0]}") from None
         else:
             try:
                 model, meta = load_checkpoint(args.checkpoint)
@@ -129,6 +133,14 @@ def checkpoint_info(meta: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"sr-export: error: --out {args.out} is a file; give a directory", file=sys.stderr)
+        return 2
+    with sigterm_as_exit():  # temp files and directories are removed on SIGTERM as on Ctrl-C
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     wanted = ["fp32", "fp16"] if args.precision == "both" else [args.precision]
     no_engine = None if args.engine == "off" else engine_unavailable_reason()
     if args.engine == "on" and no_engine is not None:

@@ -1,8 +1,9 @@
 """The whole export of one model into a model directory: ONNX files, checks, manifest.
 
-Order matters for readers: ONNX files are written (atomically) first and
-``manifest.json`` last, so a manifest never names a file that is not there,
-and the sha256 it records lets the runtime detect a half-updated directory.
+Order matters for readers: an earlier export's manifest (and FP16 graph) is
+removed first, ONNX files are written (atomically) next and ``manifest.json``
+last. So an interrupted or failed re-export leaves a directory the runtime
+refuses as a whole ("no model manifest"), never old files served beside new ones.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def export_model_dir(
     seconds: dict[str, float] = {}
     files = {"fp32": out / FP32_FILE}
     steps = 4 if opts.fp16 else 3
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    (out / FP16_FILE).unlink(missing_ok=True)
 
     with _timed(seconds, "export_fp32"):
         log(f"[1/{steps}] exporting FP32 ONNX (torch {torch.__version__} dynamo exporter, opset {opts.opset}) ...")
@@ -163,8 +166,6 @@ def export_model_dir(
     manifest = build_manifest(model, checkpoint, opts, files=files, parity=parity, lint=lint, fp32=fp32,
                               fp16=fp16_result, seconds=seconds)
     files["manifest"] = atomic_write_json(out / MANIFEST_FILE, manifest)
-    if not opts.fp16:  # an FP16 graph left by an earlier export no longer matches the FP32 one
-        (out / FP16_FILE).unlink(missing_ok=True)
     return ExportReport(manifest, files, parity, lint, fp16_result, seconds)
 
 

@@ -8,12 +8,16 @@ print a traceback. Outputs are written atomically and never over an input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import logging
+import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,9 @@ from tqdm import tqdm
 from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRInputError, SRModelError
 from sr_runtime.files import atomic_write
-from sr_runtime.imaging import DEFAULT_MAX_PIXELS, open_image
-from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler
+from sr_runtime.imaging import open_image
+from sr_runtime.noise import DEFAULT_ROWS
+from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler, default_max_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -49,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--scale", type=int, default=4, help="upscale factor; the model does 4 only")
     p.add_argument("-t", "--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP,
                    help=f"LR pixels shared by neighbouring tiles (default {DEFAULT_TILE_OVERLAP})")
-    p.add_argument("--suffix", default="_x4", help="added to the file name in folder outputs (default _x4)")
+    p.add_argument("--suffix", default="_x4", help="added to the file name in folder outputs (default _x4); "
+                   "a folder input skips files that are such outputs of its other images")
+    p.add_argument("-n", "--no-clobber", action="store_true", help="skip inputs whose output file already exists")
     p.add_argument("-f", "--ext", "--format", dest="ext", choices=sorted(FORMATS),
                    help="output format (default: the input's if png/jpg/webp, else png)")
     p.add_argument("--backend", default="auto", choices=sorted(ALIASES), help="inference backend (default auto)")
@@ -59,25 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise bank (default 0)")
     p.add_argument("--model", help="model directory (default: the shipped one, or $SR_MODEL_DIR)")
     p.add_argument("--batch-size", type=int, help="tiles per backend call (default: the model's maximum)")
-    p.add_argument("--samples", type=int, help="average this many samples (default 1; 8 with --std-map)")
+    p.add_argument("--samples", type=int,
+                   help=f"average this many samples, at most {DEFAULT_ROWS} (the noise bank; fewer for very "
+                        "large models) (default 1; 8 with --std-map)")
     p.add_argument("--std-map", action="store_true",
                    help="also write <output>_std.png: per-pixel std across samples, 16-bit, 65535 = std 0.5")
-    p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse inputs with more pixels than this (default {DEFAULT_MAX_PIXELS:.0f})")
+    p.add_argument("--max-pixels", type=float,
+                   help="refuse inputs with more pixels than this; memory grows with it, ~31 bytes per output "
+                        f"pixel (44 with --samples) (default here {default_max_pixels():.0f}: what half the "
+                        "RAM holds, at most 64 MP)")
     p.add_argument("--timings", action="store_true", help="print wall time and backend share per file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend selection details")
     return p
 
 
-def expand_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files named by files, folders (their images, sorted) and globs; plus inputs that matched nothing."""
+def expand_inputs(patterns: Sequence[str], suffix: str) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named by files, folders (their images, sorted) and globs; plus inputs that matched nothing.
+
+    A folder's earlier outputs (`a<suffix>.png` beside `a.jpg`) are left out, so a re-run
+    next to the inputs does not upscale its own results.
+    """
     found: list[Path] = []
     missing: list[tuple[str, str]] = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
             images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = [p for p in images if not _is_output_of_another(p, images, suffix)]
             if not images:
                 missing.append((pattern, "folder has no image files"))
             found.extend(images)
@@ -92,6 +108,17 @@ def expand_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, 
     for p in found:
         unique.setdefault(p.resolve(), p)
     return list(unique.values()), missing
+
+
+def _is_output_of_another(path: Path, images: list[Path], suffix: str) -> bool:
+    """Whether `path` is named like this tool's output (or std map) of another image in `images`."""
+    if not suffix:
+        return False
+    stem = path.stem.removesuffix("_std")
+    if not stem.endswith(suffix):
+        return False
+    source_stem = stem[: -len(suffix)]
+    return any(other.stem == source_stem for other in images if other != path)
 
 
 def output_path(src: Path, args: argparse.Namespace) -> Path:
@@ -139,21 +166,46 @@ def std_map_image(std: np.ndarray) -> Image.Image:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """Number of samples to draw; UsageError for flag combinations that cannot work."""
+    """Number of samples to draw; UsageError naming the flag for values that cannot work."""
     if args.scale != 4:
         raise UsageError(f"scale {args.scale} is not supported: the VDVAE-SR model upscales x4 only")
-    if args.temperature < 0:
-        raise UsageError("--temperature must be >= 0")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError("--temperature must be a finite number >= 0")
     samples = args.samples if args.samples is not None else (8 if args.std_map else 1)
-    if samples < 1:
-        raise UsageError("--samples must be >= 1")
+    if not 1 <= samples <= DEFAULT_ROWS:
+        raise UsageError(f"--samples must be in [1, {DEFAULT_ROWS}] (the noise bank's rows)")
     if samples > 1 and args.temperature == 0:
         raise UsageError("--samples/--std-map need --temperature > 0 (at 0 every sample is the same)")
     if args.std_map and samples < 2:
         raise UsageError("--std-map needs --samples >= 2")
-    if args.max_pixels < 1:
-        raise UsageError("--max-pixels must be positive")
+    if args.max_pixels is not None and (not math.isfinite(args.max_pixels) or args.max_pixels < 1):
+        raise UsageError("--max-pixels must be a finite number >= 1")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError("--seed must be in [0, 2**63)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    if args.tile_overlap < 0:
+        raise UsageError("--tile-overlap must be >= 0")
+    if any(sep and sep in args.suffix for sep in (os.sep, os.altsep, "/")) or args.suffix in (".", ".."):
+        raise UsageError("--suffix must not contain a path separator (outputs stay in the output folder)")
     return samples
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """While active, SIGTERM raises SystemExit(143): `finally` blocks remove temp files as on Ctrl-C."""
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,10 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad flags, 0 on --help
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sr-upscale: %(message)s")
     try:
         samples = _validate(args)
-        sources, unmatched = expand_inputs(args.inputs)
+        sources, unmatched = expand_inputs(args.inputs, args.suffix)
         if args.output and _output_is_file(args.output):
             if len(sources) > 1:
                 raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
@@ -174,29 +226,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         upscaler = Upscaler(
             args.model, backend=args.backend, temperature=args.temperature, seed=args.seed,
             tile_overlap=args.tile_overlap, batch_size=args.batch_size, precision=args.precision,
-            max_pixels=int(args.max_pixels),
+            max_pixels=None if args.max_pixels is None else int(args.max_pixels),
         )
     except (UsageError, SRModelError, BackendUnavailable, ValueError) as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
+        return 2
+    if samples > upscaler.max_samples:
+        upscaler.close()
+        print(f"sr-upscale: error: --samples must be at most {upscaler.max_samples} for this model "
+              "(its noise bank)", file=sys.stderr)
         return 2
     print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})",
           file=sys.stderr)
     failures = [f"{name}: {why}" for name, why in unmatched]
     inputs = {p.resolve() for p in sources}
     written: set[Path] = set()
+    status = 0
     try:
-        with upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
+        with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file",
+                                               disable=args.quiet or None) as files:
             for src in files:
                 try:
                     _process(upscaler, src, output_path(src, args), inputs, written, samples, args)
-                except (SRInputError, OSError) as exc:
-                    failures.append(str(exc) if isinstance(exc, SRInputError) else f"{src}: {exc}")
+                except (SRInputError, OSError, MemoryError) as exc:
+                    failures.append(_failure_line(src, exc))
     except KeyboardInterrupt:
-        print("sr-upscale: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    except SystemExit as exc:  # SIGTERM
+        status = exc.code if isinstance(exc.code, int) else 143
     for failure in failures:
         print(f"sr-upscale: failed: {failure}", file=sys.stderr)
+    if status:
+        print("sr-upscale: interrupted", file=sys.stderr)
+        return status
     return 1 if failures else 0
+
+
+def _failure_line(src: Path, exc: BaseException) -> str:
+    """`<input>: <reason>`, naming the input once whatever raised."""
+    if isinstance(exc, MemoryError):
+        return f"{src}: not enough memory (lower --max-pixels or --samples)"
+    reason = str(exc)
+    return reason if reason.startswith(str(src)) else f"{src}: {reason}"
 
 
 def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], samples: int,
@@ -204,13 +275,20 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], writt
     """Upscale one file; `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
     std_dest = dest.with_name(f"{dest.stem}_std.png")
     targets = (dest, std_dest) if args.std_map else (dest,)
+    if args.no_clobber and any(t.exists() for t in targets):
+        logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", src, dest)
+        return
     for target in targets:
         if target.resolve() in inputs:
             raise SRInputError(f"{src}: output {target} is an input; refusing to overwrite it")
         if target.resolve() in written:
             raise SRInputError(f"{src}: output {target} was already written for another input")
     t0 = time.perf_counter()
-    img = open_image(src, upscaler.max_pixels)
+    with warnings.catch_warnings(record=True) as caught:  # the CLI decodes in one thread: safe here
+        warnings.simplefilter("always")
+        img = open_image(src, upscaler.max_pixels)
+    for message in dict.fromkeys(str(w.message).strip() for w in caught):
+        logging.getLogger("sr_runtime").warning("%s: %s", src, message)
     stats = RunStats()
     with tqdm(desc=src.name, unit="tile", leave=False, disable=args.quiet or None) as bar:
         def progress(done: int, total: int) -> None:

@@ -3,22 +3,31 @@
 Every input (path, PIL image of any common mode, uint8/uint16/float array) is
 turned into float32 RGB planes in [0, 1] plus an optional alpha plane, and a
 `Layout` that remembers how to rebuild the caller's kind of image: grayscale
-stays grayscale, 16-bit stays 16-bit, alpha is kept.
+stays grayscale, 16-bit grey stays 16-bit, alpha is kept. Pillow reads 48/64-bit
+colour at 8 bits per channel; that, and animated files (first frame only), are
+logged as warnings naming the file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from sr_runtime.errors import SRInputError
 
 #: Default limit on input pixels (width x height): refuses decompression bombs.
 DEFAULT_MAX_PIXELS = 64_000_000
+#: The raster formats untrusted files may be decoded as. Pillow's other plugins
+#: include EPS (runs Ghostscript) and formats nobody upscales; a file's name
+#: never widens this list, its bytes are matched against these plugins only.
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "TGA")
+
+log = logging.getLogger("sr_runtime")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 #: PIL modes decoded by converting to a mode we handle; the value is that mode.
@@ -59,7 +68,12 @@ class Decoded:
 
 
 def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image file, with EXIF orientation applied; SRInputError if unusable."""
+    """Open and fully decode an image file, with EXIF orientation applied; SRInputError if unusable.
+
+    Any exception a decoder raises becomes an SRInputError naming the file:
+    plugins raise ValueError, SyntaxError, struct.error... on hostile bytes,
+    and one bad input must never abort a batch.
+    """
     p = Path(path)
     if p.is_dir():
         raise SRInputError(f"{p}: is a directory, not an image file")
@@ -72,27 +86,46 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     if size == 0:
         raise SRInputError(f"{p}: empty file (0 bytes)")
     try:
-        with Image.open(p) as img:
+        with Image.open(p, formats=RASTER_FORMATS) as img:
             _check_pixels(img.size, max_pixels, str(p))
+            _warn_about_lost_content(img, p)
             try:
                 img.load()
             except (OSError, SyntaxError, ValueError, EOFError) as exc:
                 raise SRInputError(f"{p}: truncated or corrupt image ({exc})") from None
             return ImageOps.exif_transpose(img)
+    except SRInputError:
+        raise
     except UnidentifiedImageError:
-        raise SRInputError(f"{p}: not an image (or a format Pillow cannot read)") from None
+        raise SRInputError(
+            f"{p}: not an image (or not one of {', '.join(RASTER_FORMATS)})") from None
     except Image.DecompressionBombError:
         raise SRInputError(f"{p}: refused as a decompression bomb (too many pixels for Pillow)") from None
+    except MemoryError:
+        raise SRInputError(f"{p}: not enough memory to decode it") from None
     except OSError as exc:  # permissions, I/O errors
         raise SRInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 -- a decoder's error on hostile bytes is this input's failure
+        raise SRInputError(f"{p}: corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def _warn_about_lost_content(img: Image.Image, path: Path) -> None:
+    """Say so when only part of a file is upscaled: animation frames, colour bits beyond 8."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        log.warning("%s: %d frames: only the first is upscaled", path, frames)
+    tiles = img.tile if isinstance(img, ImageFile.ImageFile) else []
+    rawmodes = [t[3] if isinstance(t[3], str) else t[3][0] for t in tiles if t[3]]
+    if img.mode in ("RGB", "RGBA") and any(";16" in str(r) for r in rawmodes):
+        log.warning("%s: 16-bit colour is read at 8 bits per channel (Pillow's limit; 16-bit grey is kept)", path)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
     w, h = size
     if w * h > max_pixels:
         raise SRInputError(
-            f"{what}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the pixel limit of {max_pixels / 1e6:g} MP "
-            "(decompression bomb guard; raise max_pixels / --max-pixels to allow it)"
+            f"{what}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the pixel limit of {max_pixels / 1e6:.1f} MP "
+            "(decompression bomb and memory guard; raise max_pixels / --max-pixels to allow it)"
         )
     if w == 0 or h == 0:
         raise SRInputError(f"{what}: image has no pixels ({w}x{h})")
@@ -101,7 +134,10 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
 def decode_pil(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Float planes of a PIL image (EXIF orientation applied); the layout rebuilds the same mode."""
     _check_pixels(img.size, max_pixels, "image")
-    img = ImageOps.exif_transpose(img)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # noqa: BLE001 -- EXIF is parsed lazily, by plugins that raise anything
+        raise SRInputError(f"corrupt EXIF data ({type(exc).__name__}: {exc})") from None
     source_mode = img.mode
     if source_mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from sr_runtime.files import sha256_file
 MANIFEST_FORMAT = "vdvae-sr-onnx/1"
 DEFAULT_MODEL_NAME = "vdvae-sr-256"
 MODEL_DIR_ENV = "SR_MODEL_DIR"
+#: Largest batch a manifest may ask for: backends allocate buffers (and noise rows) for it.
+MAX_BATCH = 256
+#: Largest LR tile side a manifest may name (the shipped model's is 64).
+MAX_TILE = 4096
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def default_model_dir() -> Path:
@@ -56,8 +62,7 @@ class ModelSpec:
     def verify(self, precision: str) -> Path:
         """Check the ONNX file against its manifest checksum, so a truncated copy fails loudly."""
         path = self.onnx_path(precision)
-        expected = self.onnx_sha256.get(precision, "")
-        if expected and sha256_file(path) != expected.lower():
+        if sha256_file(path) != self.onnx_sha256[precision]:
             raise SRModelError(f"{path} does not match the sha256 in its manifest (corrupt or stale copy)")
         return path
 
@@ -78,40 +83,65 @@ def load_model_spec(model: str | os.PathLike[str] | None = None) -> ModelSpec:
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SRModelError(f"cannot read {manifest_path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SRModelError(f"{manifest_path} is not a valid model manifest: not a JSON object")
     try:
         return _parse(raw, directory)
     except (KeyError, TypeError, ValueError) as exc:
         raise SRModelError(f"{manifest_path} is not a valid model manifest: {exc!r}") from exc
 
 
+def _int(raw: object, what: str, low: int, high: int) -> int:
+    """An integer manifest value in [low, high]: values are bounded before anything is allocated from them."""
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise TypeError(f"{what} must be an integer, got {raw!r}")
+    if not low <= raw <= high:
+        raise ValueError(f"{what} must be in [{low}, {high}], got {raw}")
+    return raw
+
+
 def _parse(raw: dict, directory: Path) -> ModelSpec:
     if raw.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"format is {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    lr_h, lr_w = (int(v) for v in raw["lr_size"])
-    scale = int(raw["scale"])
-    noise_dim = int(raw["noise_dim"])
+    lr_h, lr_w = (_int(v, "lr_size", 1, MAX_TILE) for v in raw["lr_size"])
+    scale = _int(raw["scale"], "scale", 1, 16)
+    noise_dim = _int(raw["noise_dim"], "noise_dim", 1, 2**31 - 1)
     batch = raw.get("batch", {})
-    batch_max = int(batch.get("max", 1))
-    if min(lr_h, lr_w, scale, noise_dim, batch_max) < 1:
-        raise ValueError("sizes, scale, noise_dim and batch.max must be positive")
-    if [int(v) for v in raw.get("hr_size", [lr_h * scale, lr_w * scale])] != [lr_h * scale, lr_w * scale]:
+    if not isinstance(batch, dict):
+        raise TypeError("batch must be an object")
+    batch_max = _int(batch.get("max", 1), "batch.max", 1, MAX_BATCH)
+    batch_opt = _int(batch.get("opt", batch_max), "batch.opt", 1, batch_max)
+    batch_min = _int(batch.get("min", 1), "batch.min", 1, batch_opt)
+    if list(raw.get("hr_size", [lr_h * scale, lr_w * scale])) != [lr_h * scale, lr_w * scale]:
         raise ValueError("hr_size is not lr_size * scale")
     files: dict[str, Path] = {}
     sums: dict[str, str] = {}
     for precision, entry in raw["onnx"].items():
-        files[precision] = directory / entry["file"]
-        sums[precision] = str(entry.get("sha256", ""))
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"unknown precision {precision!r} under 'onnx'")
+        files[precision] = _model_file(directory, entry["file"])
+        sums[precision] = str(entry.get("sha256", "")).lower()
+        if not _SHA256.fullmatch(sums[precision]):
+            raise ValueError(f"onnx.{precision}.sha256 must be the file's 64-digit hex sha256")
     if "fp32" not in files:
         raise ValueError("no fp32 entry under 'onnx'")
+    name = str(raw.get("name", directory.name))
     return ModelSpec(
         directory=directory,
-        name=str(raw.get("name", directory.name)),
+        name="".join(c if c.isprintable() else "?" for c in name),  # it is printed: no terminal escapes
         scale=scale,
         lr_size=(lr_h, lr_w),
         noise_dim=noise_dim,
-        batch_min=int(batch.get("min", 1)),
-        batch_opt=int(batch.get("opt", batch_max)),
+        batch_min=batch_min,
+        batch_opt=batch_opt,
         batch_max=batch_max,
         onnx_files=files,
         onnx_sha256=sums,
     )
+
+
+def _model_file(directory: Path, name: object) -> Path:
+    """A file named by the manifest, which must be a plain name inside the model directory."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"ONNX file {name!r} must be a plain file name inside the model directory")
+    return directory / name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from sr_runtime.backends import Backend, batch_buckets, bucket_for, create_backend
-from sr_runtime.errors import SRInputError
+from sr_runtime.errors import SRInputError, SRModelError
 from sr_runtime.imaging import (
     DEFAULT_MAX_PIXELS,
     Decoded,
@@ -24,7 +25,7 @@ from sr_runtime.imaging import (
     upscale_alpha,
 )
 from sr_runtime.model import load_model_spec
-from sr_runtime.noise import DEFAULT_ROWS, NoiseBank
+from sr_runtime.noise import DEFAULT_ROWS, MAX_BANK_BYTES, MIN_ROWS, NoiseBank
 from sr_runtime.tiling import Blender, extract, pad_image, plan_tiles
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at runtime here
@@ -32,6 +33,13 @@ if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at ru
 
 #: LR pixels shared by neighbouring tiles (an eighth of a 64-pixel tile).
 DEFAULT_TILE_OVERLAP = 8
+
+#: Peak memory of one run per output pixel (uint8 input, measured): the blend accumulator,
+#: the encode buffers and the output image. Several samples add the running mean and variance.
+BYTES_PER_OUTPUT_PIXEL = 31
+BYTES_PER_OUTPUT_PIXEL_SAMPLES = 44
+#: Share of the machine's RAM one image may take by default.
+MEMORY_SHARE = 0.5
 
 ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray)
 Progress = Callable[[int, int], None]
@@ -44,6 +52,30 @@ class RunStats:
     backend_seconds: float = 0.0
     tiles: int = 0
     batches: int = 0
+
+
+def default_max_pixels(scale: int = 4, samples: int = 1) -> int:
+    """Input pixels whose run fits in half this machine's RAM, at most DEFAULT_MAX_PIXELS.
+
+    Memory grows with the output (scale^2 times the input), so the pixel guard is
+    also the memory guard; where the RAM size is unknown only the bomb limit applies.
+    """
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return DEFAULT_MAX_PIXELS
+    per_pixel = (BYTES_PER_OUTPUT_PIXEL if samples == 1 else BYTES_PER_OUTPUT_PIXEL_SAMPLES) * scale * scale
+    return max(1, min(DEFAULT_MAX_PIXELS, int(ram * MEMORY_SHARE) // per_pixel))
+
+
+def checked_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """`value` if it is an integer in [low, high]; TypeError/ValueError naming `name` otherwise (never truncates)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return int(value)
 
 
 class Upscaler:
@@ -64,7 +96,7 @@ class Upscaler:
         tile_overlap: int = DEFAULT_TILE_OVERLAP,
         batch_size: int | None = None,
         precision: str = "auto",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = None,
         noise_rows: int = DEFAULT_ROWS,
     ) -> None:
         """Load the model (`None`: the shipped default, or `$SR_MODEL_DIR`) and pick a backend.
@@ -74,21 +106,26 @@ class Upscaler:
         `batch_size` caps tiles per backend call (default: the model's batch max);
         GPU backends are prepared at load for that size and the profile's
         smaller min/opt, and every call is padded to one of them;
-        `precision` is "auto", "fp32" or "fp16"; `max_pixels` bounds input size;
+        `precision` is "auto", "fp32" or "fp16"; `max_pixels` bounds input size
+        (default: what half the RAM holds, see `default_max_pixels`);
         `noise_rows` is the noise bank size (also the most distinct `samples`).
         """
         self.spec = load_model_spec(model)
         tile = self.spec.lr_size
+        tile_overlap = checked_int("tile_overlap", tile_overlap, 0)
         plan_tiles(tile[0], tile[1], tile, tile_overlap)  # validates the overlap early
-        batch = self.spec.batch_max if batch_size is None else int(batch_size)
-        if not 1 <= batch <= self.spec.batch_max:
-            raise ValueError(f"batch_size must be in [1, {self.spec.batch_max}] for this model, got {batch_size}")
-        if max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        batch = self._batch_limit() if batch_size is None else checked_int(
+            "batch_size", batch_size, 1, self._batch_limit())
+        if max_pixels is None:
+            max_pixels = default_max_pixels(self.spec.scale)
+        elif isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)):
+            raise TypeError(f"max_pixels must be a number, got {max_pixels!r}")
+        elif not math.isfinite(max_pixels) or max_pixels < 1:
+            raise ValueError(f"max_pixels must be a finite number >= 1, got {max_pixels!r}")
         self.temperature = float(temperature)
         self.tile_overlap = tile_overlap
         self.batch_size = batch
-        self.max_pixels = max_pixels
+        self.max_pixels = int(max_pixels)
         self._bank = NoiseBank.create(
             self.spec.noise_dim, temperature=self.temperature, seed=seed, max_batch=batch, rows=noise_rows
         )
@@ -97,6 +134,20 @@ class Upscaler:
         self.backend: str = self._backend.name
         self.precision: str = self._backend.precision
         self._lock = threading.Lock()
+
+    def _batch_limit(self) -> int:
+        """The manifest's batch max, lowered so the noise bank (MIN_ROWS + batch - 1 rows) fits its budget."""
+        row_bytes = self.spec.noise_dim * np.dtype(np.float32).itemsize
+        fits = MAX_BANK_BYTES // row_bytes - MIN_ROWS + 1
+        if fits < 1:
+            raise SRModelError(f"model {self.spec.name!r}: noise_dim {self.spec.noise_dim} would need a noise bank "
+                               f"over {MAX_BANK_BYTES >> 20} MiB")
+        return min(self.spec.batch_max, fits)
+
+    @property
+    def max_samples(self) -> int:
+        """The most `samples` one run may average: each needs its own rows of the noise bank."""
+        return self._bank.rows
 
     def close(self) -> None:
         """Release the backend's session and device memory."""
@@ -148,7 +199,7 @@ class Upscaler:
         `progress(done, total)` is called after each batch of tiles; `stats`,
         if given, is filled with the time spent in the backend.
         """
-        n = 1 if samples is None else samples
+        n = 1 if samples is None else checked_int("samples", samples, 1)
         if n > 1 and self.temperature == 0:
             raise ValueError("samples > 1 needs temperature > 0: at temperature 0 every sample is the same")
         if not 1 <= n <= self._bank.rows:
@@ -163,7 +214,11 @@ class Upscaler:
 
     def _decode(self, img: object) -> Decoded:
         if isinstance(img, (str, os.PathLike)):
-            return decode_pil(open_image(img, self.max_pixels), self.max_pixels)
+            opened = open_image(img, self.max_pixels)
+            try:
+                return decode_pil(opened, self.max_pixels)
+            except ValueError as exc:  # SRInputError included: the message should name the file
+                raise SRInputError(f"{os.fspath(img)}: {exc}") from None
         if isinstance(img, Image.Image):
             return decode_pil(img, self.max_pixels)
         if isinstance(img, np.ndarray):
@@ -191,6 +246,10 @@ class Upscaler:
                 t0 = time.perf_counter()
                 with self._lock:
                     hr = self._backend.run(lr, start)[:count]
+                if not np.isfinite(hr).all():
+                    raise SRInputError(
+                        f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
+                        "a lower temperature may help")
                 if stats is not None:
                     stats.backend_seconds += time.perf_counter() - t0
                     stats.tiles += count

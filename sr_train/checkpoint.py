@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import VDVAESR, VDVAESRConfig
@@ -37,7 +38,9 @@ def atomic_write(path: Path, write: Any) -> None:
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, unlike mkstemp
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(Path(tmp))
+        os.chmod(tmp, mode)  # safetensors replaces the file with a 0600 one
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,26 +88,38 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VDVAESR, dict[str, Any]]:
-    """Rebuild the model from ``config.json`` and load its weights, checking every key and shape."""
+    """Rebuild the model from ``config.json`` and load its weights, checking every key and shape.
+
+    The config is compared with the weights file's header before the model is
+    built for real: a copied config with other sizes allocates nothing.
+    """
     root = Path(path)
     meta = read_checkpoint_meta(root)
     weights = root / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{root}: {WEIGHTS} is missing")
-    if meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
+    if not isinstance(meta.get("weights_sha256"), str) or not meta["weights_sha256"]:
+        raise CheckpointError(f"{root / CONFIG}: no weights_sha256 (it ties {WEIGHTS} to this config)")
+    if sha256_file(weights) != meta["weights_sha256"]:
         raise CheckpointError(f"{weights}: checksum differs from {CONFIG} (partial or mixed-up checkpoint)")
     try:
         config = VDVAESRConfig.from_dict(meta["model"])
-        state = load_file(str(weights), device=str(map_location))
-    except (SafetensorError, ValueError, TypeError, KeyError) as e:
+        with torch.device("meta"):  # shapes only, no memory
+            expected = {k: tuple(v.shape) for k, v in VDVAESR(config).state_dict().items()}
+        with safe_open(str(weights), "pt") as header:
+            stored = {k: tuple(header.get_slice(k).get_shape()) for k in header.keys()}  # noqa: SIM118 -- not a dict
+    except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{root}: unreadable checkpoint ({e})") from None
-    model = VDVAESR(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mis_shaped = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    mis_shaped = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
     if missing or unexpected or mis_shaped:
         raise CheckpointError(
-            f"{weights} does not fit its config: missing {missing}, unexpected {unexpected}, shape mismatch {mis_shaped}"
+            f"{weights} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatch {mis_shaped[:5]}"
         )
-    model.load_state_dict(state)
+    model = VDVAESR(config)
+    try:
+        model.load_state_dict(load_file(str(weights), device=str(map_location)))
+    except (SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"{root}: unreadable checkpoint ({e})") from None
     return model.to(map_location).eval(), meta

@@ -43,12 +43,41 @@ def cmd_vdvae_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from pathlib import Path
 
+    from .checkpoint import read_checkpoint_meta
+    from .train import TrainConfig, check_run_dir, train
+
+    run = Path(args.run_dir)
+    if check_run_dir(run):
+        model = read_checkpoint_meta(run / "latest").get("model")
+        run_preset = model.get("name") if isinstance(model, dict) else None
+        if args.preset is not None and args.preset != run_preset:
+            raise ValueError(f"{run} is a {run_preset} run: resuming keeps its model, --preset {args.preset} "
+                             "cannot apply (use a new --run-dir)")
+        if args.init_checkpoint or args.init_vdvae:
+            raise ValueError(f"{run} is resumed from its own weights: --init-checkpoint/--init-vdvae apply to "
+                             "a new run only")
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     result = train(TrainConfig(**values))
     print(f"done: step {result['step']}, skipped updates {result['skips']}, last loss {result.get('elbo', result.get('loss', float('nan'))):.4f}")
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,23 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-decoder-blocks", help="decoder blocks that train, e.g. '0-10,40' (default all)")
     tr.add_argument("--objective", choices=["elbo", "skip"],
                     help="elbo (default): VDVAE's loss; skip: L1 of the LR skip alone (conditioning warm-up)")
-    tr.add_argument("--kl-warmup-steps", type=int, help="ramp the KL weight 0 -> 1 over these steps (default 0)")
-    tr.add_argument("--steps", type=int, help="total steps (default 1000)")
-    tr.add_argument("--batch-size", type=int, help="per process (default 4)")
+    tr.add_argument("--kl-warmup-steps", type=non_negative_int,
+                    help="ramp the KL weight 0 -> 1 over these steps (default 0)")
+    tr.add_argument("--steps", type=positive_int, help="total steps (default 1000)")
+    tr.add_argument("--batch-size", type=positive_int, help="per process (default 4)")
     tr.add_argument("--lr", type=float)
-    tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--warmup-steps", type=non_negative_int)
     tr.add_argument("--weight-decay", type=float)
     tr.add_argument("--ema-rate", type=float)
     tr.add_argument("--grad-clip", type=float)
     tr.add_argument("--skip-threshold", type=float)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--log-every", type=int)
-    tr.add_argument("--save-every", type=int)
-    tr.add_argument("--val-every", type=int)
+    tr.add_argument("--seed", type=non_negative_int)
+    tr.add_argument("--log-every", type=positive_int)
+    tr.add_argument("--save-every", type=positive_int)
+    tr.add_argument("--val-every", type=positive_int)
     tr.add_argument("--val-images", help="folder for periodic EMA validation (DESIGN §7 protocol)")
     tr.add_argument("--val-temperature", type=float)
-    tr.add_argument("--num-workers", type=int)
-    tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--num-workers", type=non_negative_int)
+    tr.add_argument("--threads", type=positive_int, help="torch CPU threads")
     tr.add_argument("--max-minutes", type=float, help="stop and save after this wall time (resume later)")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): CUDA when present")
     tr.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
@@ -114,8 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"sr-train: error: {e.args[0] if e.args else e}", file=sys.stderr)
+    except KeyError as e:
+        print(f"sr-train: error: missing key {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"sr-train: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -41,7 +41,8 @@ class RandomCropDataset(Dataset[dict[str, torch.Tensor]]):
 
     Images are picked with probability proportional to the number of crop
     positions they offer, i.e. crops are uniform over all pixels of the set.
-    Images smaller than the tile are skipped with a warning.
+    Images smaller than the tile, and files that do not decode, are skipped
+    with a warning naming them: one bad file must not stop a training run.
     """
 
     def __init__(
@@ -58,8 +59,13 @@ class RandomCropDataset(Dataset[dict[str, torch.Tensor]]):
         self.paths: list[Path] = []
         self.images: list[np.ndarray] = []
         skipped = []
+        unreadable = []
         for p in paths:
-            img = load_rgb(p)
+            try:
+                img = load_rgb(p)
+            except ValueError as exc:  # names the file
+                unreadable.append(str(exc))
+                continue
             if min(img.shape[:2]) < hr_size:
                 skipped.append(p.name)
                 continue
@@ -70,6 +76,8 @@ class RandomCropDataset(Dataset[dict[str, torch.Tensor]]):
                 f"skipped {len(skipped)} images smaller than {hr_size}px: {skipped[:5]}",
                 stacklevel=2,
             )
+        for reason in unreadable:
+            warnings.warn(f"skipped {reason}", stacklevel=2)
         if not self.images:
             raise ValueError(f"no image of at least {hr_size}x{hr_size} in {images}")
         positions = np.array(

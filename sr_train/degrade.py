@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from sr_runtime.imaging import RASTER_FORMATS
+
 SCALE = 4
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -49,13 +51,20 @@ def upscale_bicubic_x4(lr: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB, honouring its EXIF orientation."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L"):
-            # 16-bit greyscale: keep the top 8 bits instead of Pillow's clipping.
-            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
-        return np.asarray(im.convert("RGB"))
+    """Decode an image file to HxWx3 uint8 RGB, honouring its EXIF orientation.
+
+    Only raster formats are tried (never a plugin that runs a program); any
+    decoding failure is a ValueError naming the file.
+    """
+    try:
+        with Image.open(path, formats=RASTER_FORMATS) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L"):
+                # 16-bit greyscale: keep the top 8 bits instead of Pillow's clipping.
+                im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 -- hostile bytes raise anything; the caller needs the file name
+        raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 
 def list_images(root: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:

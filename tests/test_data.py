@@ -312,3 +312,20 @@ def test_loader_batches_do_not_depend_on_workers(folder: Path) -> None:
 
 def test_benchmark_counts_crops(folder: Path) -> None:
     assert benchmark_crops(_dataset(folder), n=32, batch_size=8) > 0
+
+
+def test_unreadable_images_are_skipped_with_a_warning_naming_them(folder: Path) -> None:
+    truncated = folder / "truncated.png"
+    truncated.write_bytes((folder / "a.png").read_bytes()[:300])
+    (folder / "eps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.warns(UserWarning) as record:
+        ds = RandomCropDataset(folder, hr_size=64)
+    text = "\n".join(str(w.message) for w in record)
+    assert "truncated.png" in text and "eps.png" in text
+    assert sorted(p.name for p in ds.paths) == ["a.png", "b.webp"]
+
+
+def test_a_photo_that_does_not_decode_fails_alone(tmp_path: Path) -> None:
+    photo = fd.Photo("wheel", "skimage", "x.png", 8, 8, 1, "val", "broken", "")
+    with pytest.raises(fd.FetchError, match="broken: x.png is not a readable raster image"):
+        fd.make_ground_truth(photo, b"P6\n4 4\n255\xd5\n" + bytes(48), tmp_path, io.StringIO())

@@ -161,3 +161,66 @@ def test_cli_reports_a_bad_checkpoint_or_folder_without_a_traceback(tmp_path, ca
     assert main(["--bicubic", "--images", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "not a VDVAE-SR checkpoint" in err and "not found" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--batch-size", "0"], "--batch-size: must be >= 1"), (["--hr-size", "3"], "--hr-size: must be a multiple"),
+     (["--temperatures", "nan"], "finite temperatures"), (["--temperatures", "0,inf"], "finite temperatures")],
+)
+def test_sr_eval_refuses_bad_values_naming_the_flag(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--bicubic", "--images", str(tmp_path), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sr_eval_refuses_an_output_folder_before_evaluating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    for flag in ("--out", "--markdown"):
+        with pytest.raises(SystemExit):
+            ev.main(["--bicubic", "--images", str(tmp_path), flag, str(tmp_path)])
+        assert "is a directory" in capsys.readouterr().err
+
+
+def test_sr_eval_writes_its_outputs_atomically(tmp_path):
+    """A new file is renamed over the old one: a reader of the old file never sees it half rewritten."""
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_photos(1)["img0.png"]).save(folder / "a.png")
+    out, md = tmp_path / "results.json", tmp_path / "table.md"
+    for path in (out, md):
+        path.write_text("previous")
+        os.link(path, path.with_suffix(".reader"))
+    assert ev.main(["--bicubic", "--images", str(folder), "--hr-size", "64", "--out", str(out),
+                    "--markdown", str(md)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 1 and "bicubic" in md.read_text()
+    assert out.with_suffix(".reader").read_text() == md.with_suffix(".reader").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_sr_eval_names_an_unreadable_image(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_photos(1)["img0.png"]).save(folder / "good.png")
+    (folder / "cut.png").write_bytes((folder / "good.png").read_bytes()[:200])
+    assert ev.main(["--bicubic", "--images", str(folder), "--hr-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "cut.png" in err and "Traceback" not in err
+
+
+def test_non_finite_model_output_is_not_scored():
+    torch = pytest.importorskip("torch")
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def sample_seeded(self, x, temperature, seed):
+            return torch.full((x.shape[0], 3, x.shape[2] * 4, x.shape[3] * 4), float("nan"))
+
+    sample = ev.model_sample_fn(Overflowing())
+    with pytest.raises(ValueError, match="not finite"):
+        ev.evaluate_model(sample, _photos(2), 64, [100.0], 0)

@@ -162,12 +162,14 @@ def _console_script() -> str:
 
 def test_console_script_in_a_subprocess(double_model: Path, photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.png"
+    # This checkout's code, whichever checkout the console script was installed from.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([_console_script(), str(photos / "b.jpg"), "-o", str(out), "--model", str(double_model)],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "backend onnxruntime-cpu" in proc.stderr and Image.open(out).size == (80, 80)
     bad = subprocess.run([_console_script(), str(photos / "b.jpg"), "-s", "3"],
-                         capture_output=True, text=True, timeout=120, check=False)
+                         capture_output=True, text=True, timeout=120, check=False, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 

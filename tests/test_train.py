@@ -185,3 +185,65 @@ def test_ddp_two_processes_gloo(photos, init, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_log(tmp_path / "ddp")] == ["1", "2", "3"]
     assert (tmp_path / "ddp" / "ema" / "model.safetensors").exists()
+
+
+def _saved_run(run: Path) -> Path:
+    """A run directory as train() leaves it at step 3 (latest/ with state, ema/), without training."""
+    from sr_train.train import save_train_state
+
+    torch.manual_seed(0)
+    model = VDVAESR(TINY)
+    save_checkpoint(run / "latest", model, step=3)
+    save_checkpoint(run / "ema", model, step=3, ema=True)
+    save_train_state(run / "latest", torch.optim.AdamW(model.parameters()), {"step": 3, "skips": 0})
+    return run
+
+
+@pytest.mark.parametrize("lost", ["latest/train_state.json", "latest"])
+def test_a_partial_run_is_refused_never_overwritten(photos, init, tmp_path, lost):
+    import shutil
+
+    run = _saved_run(tmp_path / "run")
+    target = run / lost
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    ema_before = (run / "ema" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="refusing to resume or to overwrite"):
+        train(config(photos, None, run, steps=1))
+    assert (run / "ema" / "model.safetensors").read_bytes() == ema_before
+
+
+@pytest.mark.parametrize(("name", "data"), [("train_state.json", b"{not json"),
+                                            ("train_state.safetensors", b"\x08" + bytes(20))])
+def test_a_damaged_train_state_is_an_error_naming_the_file(photos, tmp_path, name, data):
+    run = _saved_run(tmp_path / "run")
+    (run / "latest" / name).write_bytes(data)
+    with pytest.raises(ValueError, match=f"{name}: damaged training state"):
+        train(config(photos, None, run, steps=4))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--steps", "0"], "--steps: must be >= 1"), (["--steps", "-5"], "--steps: must be >= 1"),
+     (["--batch-size", "0"], "--batch-size: must be >= 1")],
+)
+def test_sr_train_refuses_bad_counts(tmp_path, capsys, args, message):
+    from sr_train.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sr_train_errors_are_one_line_naming_the_problem(photos, tmp_path, capsys):
+    from sr_train.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["train", "--data", str(photos), "--run-dir", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "x.th").write_text("not a state dict")
+    assert main(["train", "--data", str(photos), "--run-dir", str(tmp_path / "new"), "--init-vdvae",
+                 str(tmp_path / "x.th"), "--steps", "1"]) == 2
+    assert "x.th: not a readable PyTorch state dict" in capsys.readouterr().err
+    run = _saved_run(tmp_path / "run")
+    assert main(["train", "--data", str(photos), "--run-dir", str(run), "--preset", "paper-256"]) == 2
+    assert "tiny-32 run" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,9 @@ class EngineIdentity:
     def cached_engine(self, cache_dir: Path) -> tuple[Path | None, list[str]]:
         """The engine under this identity's key if its manifest is current and its bytes match; else None and why."""
         engine, sidecar = self.paths(cache_dir)
+        unsafe = untrusted_location(cache_dir, engine) or untrusted_location(cache_dir, sidecar)
+        if unsafe is not None:
+            return None, [unsafe]
         if not engine.is_file() or not sidecar.is_file():
             return None, [f"no engine at {engine}"]
         try:
@@ -145,6 +149,32 @@ class EngineIdentity:
         if not reasons and manifest.get("engine_sha256") != sha256_file(engine):
             reasons.append("engine file does not match the sha256 in its manifest")
         return (None, reasons) if reasons else (engine, [])
+
+
+def untrusted_location(root: Path, path: Path) -> str | None:
+    """Why `path` (at or under `root`) may have been planted by someone else, or None.
+
+    Every step from `root` down to `path` must be no symlink, owned by this user
+    (or root) and not writable by others: a deserialised engine runs code.
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    current = path
+    while True:
+        try:
+            info = current.lstat()
+        except FileNotFoundError:  # nothing there to trust; the lookup reports it missing
+            return None
+        except OSError as exc:
+            return f"{current}: cannot stat ({exc.strerror or exc})"
+        if stat.S_ISLNK(info.st_mode):
+            return f"{current} is a symlink"
+        if info.st_mode & stat.S_IWOTH:
+            return f"{current} is writable by other users"
+        if uid is not None and info.st_uid not in (uid, 0):
+            return f"{current} belongs to another user (uid {info.st_uid})"
+        if current == root or current.parent == current:
+            return None
+        current = current.parent
 
 
 def timing_cache_path(cache_dir: Path, gpu: GpuInfo, trt_version: str) -> Path:

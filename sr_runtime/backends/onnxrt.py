@@ -59,13 +59,16 @@ def session_options() -> ort.SessionOptions:
 def _check_io(session: ort.InferenceSession, spec: ModelSpec) -> None:
     """Fail at load time, not mid-image, if the graph does not follow the export contract."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
-    outputs = {o.name for o in session.get_outputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
     if set(inputs) != {"lr", "noise"} or "hr" not in outputs:
         raise SRModelError(f"ONNX graph of {spec.name} has inputs {sorted(inputs)} / outputs {sorted(outputs)}, "
                            "expected lr, noise -> hr")
     if list(inputs["lr"][1:]) != [3, *spec.lr_size] or inputs["noise"][1:] != [spec.noise_dim]:
         raise SRModelError(f"ONNX input shapes {inputs} do not match the manifest "
                            f"(lr [N, 3, {spec.lr_size[0]}, {spec.lr_size[1]}], noise [N, {spec.noise_dim}])")
+    if list(outputs["hr"][1:]) != [3, *spec.hr_size]:
+        raise SRModelError(f"ONNX output shape {outputs['hr']} does not match the manifest's scale {spec.scale} "
+                           f"(hr [N, 3, {spec.hr_size[0]}, {spec.hr_size[1]}])")
 
 
 class OrtCpuBackend:
