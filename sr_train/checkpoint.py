@@ -9,17 +9,16 @@ mismatched pair is detected on load. Every file is written atomically
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
-import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_weights
+
+from sr_runtime.files import atomic_write_bytes, atomic_write_json, sha256_file
 
 from .model import VDVAESR, VDVAESRConfig
 
@@ -32,36 +31,13 @@ class CheckpointError(ValueError):
     """The path is not a readable VDVAE-SR checkpoint."""
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, unlike mkstemp
-    try:
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        write(Path(tmp))
-        os.chmod(tmp, mode)  # safetensors replaces the file with a 0600 one
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(
     path: str | Path, model: VDVAESR, *, step: int = 0, ema: bool = False, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model``'s weights and config into the directory ``path``."""
     root = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(root / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_bytes(root / WEIGHTS, save_weights(state))
     meta = {
         "format": FORMAT,
         "model": model.config.to_dict(),
@@ -70,7 +46,7 @@ def save_checkpoint(
         "weights_sha256": sha256_file(root / WEIGHTS),
         **(extra or {}),
     }
-    atomic_write(root / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    atomic_write_json(root / CONFIG, meta)
     return root
 
 

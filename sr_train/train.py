@@ -26,15 +26,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from sr_runtime.files import atomic_write_bytes, atomic_write_json
+
 from .checkpoint import (
     CONFIG,
     WEIGHTS,
-    atomic_write,
     load_checkpoint,
     read_checkpoint_meta,
     save_checkpoint,
@@ -92,9 +94,9 @@ def save_train_state(root: Path, optimizer: torch.optim.Optimizer, meta: dict[st
     for idx, slots in state["state"].items():
         for name, value in slots.items():
             tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
-    atomic_write(root / f"{TRAIN_STATE}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_bytes(root / f"{TRAIN_STATE}.safetensors", save_tensors(tensors))
     body = {"param_groups": state["param_groups"], **meta}
-    atomic_write(root / f"{TRAIN_STATE}.json", lambda tmp: tmp.write_text(json.dumps(body, indent=1)))
+    atomic_write_json(root / f"{TRAIN_STATE}.json", body)
 
 
 def load_train_state(root: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -300,7 +302,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        atomic_write(run / "train_config.json", lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=1)))
+        atomic_write_json(run / "train_config.json", asdict(cfg))
 
     def checkpoint() -> None:
         if rank == 0:

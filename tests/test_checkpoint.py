@@ -67,12 +67,12 @@ def test_corrupted_or_mismatched_weights_are_refused(tmp_path, model):
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, model, monkeypatch):
     save_checkpoint(tmp_path / "ck", model, step=1)
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
-    import sr_train.checkpoint as ck
+    import sr_runtime.files as files
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(files.os, "replace", boom)  # the weights' temp file is written, its rename fails
     with pytest.raises(OSError):
         save_checkpoint(tmp_path / "ck", model, step=2)
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
