@@ -74,6 +74,18 @@ def sample_fn(model: PlainCNN):  # type: ignore[no-untyped-def]
     return sample
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The result as the markdown table committed beside its JSON."""
+    return (
+        f"# Plain CNN baseline, {result['minutes']:g} min on {result['threads']} CPU thread(s), {result['date']}\n\n"
+        f"{result['model']}, {result['params']:,} parameters, batch {result['batch_size']}, "
+        f"{result['steps']:,} steps in {result['seconds']:.0f} s; validation photos, DESIGN §7 protocol.\n\n"
+        "| method | PSNR-Y (dB) | SSIM-Y | ΔPSNR-Y vs bicubic |\n|---|---|---|---|\n"
+        f"| bicubic | {result['bicubic_psnr_y']:.2f} | {result['bicubic_ssim_y']:.4f} |  |\n"
+        f"| plain CNN | {result['psnr_y']:.2f} | {result['ssim_y']:.4f} | {result['delta_psnr_y']:+.2f} |\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cnn_baseline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/photos/train")
@@ -83,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the result JSON here")
+    parser.add_argument("--out", help="write the result JSON here (and markdown beside it, .md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -95,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": dt.date.today().isoformat(),
         "model": "PlainCNN (ESPCN-style, bicubic residual, L1)",
         "params": sum(p.numel() for p in model.parameters()),
+        "minutes": args.minutes,
         "threads": args.threads,
         "batch_size": args.batch_size,
         **run,
@@ -108,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".md").write_text(markdown(result))
     return 0
 
 

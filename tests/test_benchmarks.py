@@ -186,3 +186,22 @@ def test_srmd_from_its_wheel_beats_bicubic_on_a_photo() -> None:
     sr = srmd.upscale(lr)
     assert sr.shape == hr.shape and sr.dtype == np.uint8
     assert psnr_y(hr, sr) > psnr_y(hr, upscale_bicubic_x4(lr)) + 1.0
+
+
+def test_cnn_baseline_trains_scores_and_writes_json_and_markdown(tmp_path: Path) -> None:
+    """A few seconds of the plain-CNN yardstick on real photos: it runs, stays near bicubic, writes both files."""
+    from PIL import Image
+    from skimage import data
+
+    from benchmarks import cnn_baseline
+
+    for split, names in (("train", ("astronaut", "coffee")), ("val", ("chelsea",))):
+        (tmp_path / split).mkdir()
+        for name in names:
+            Image.fromarray(getattr(data, name)()[..., :3]).save(tmp_path / split / f"{name}.png")
+    out = tmp_path / "cnn.json"
+    assert cnn_baseline.main(["--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                              "--minutes", "0.05", "--batch-size", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["steps"] >= 1 and abs(result["delta_psnr_y"]) < 1.0  # zero-init head: starts at bicubic
+    assert f"{result['psnr_y']:.2f}" in out.with_suffix(".md").read_text()
