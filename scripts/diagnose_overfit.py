@@ -7,7 +7,12 @@ that crop, and the gradient norm of each component. A recipe that can learn
 x4 detail must at least memorise one crop: its PSNR rises well above bicubic.
 
 Usage: ``.venv/bin/python scripts/diagnose_overfit.py --preset small-256
-[--head mode|mean] [--steps 300] [--every 25] [--data data/photos/train]``.
+[--set KEY=VALUE ...] [--steps 300] [--every 25] [--data data/photos/train]``.
+The recipe small-256 had before issue 9 (bicubic skip only, mode head, 4 LR
+blocks at 64x64)::
+
+    --set skip_upsampler_width=0 --set head_statistic=mode \
+    --set lr_enc_blocks=64x4,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def main() -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default="small-256")
     src.add_argument("--checkpoint")
-    parser.add_argument("--head", choices=["mode", "mean"], help="override the config's head_statistic")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a preset field (ints and strings), e.g. head_statistic=mode")
     parser.add_argument("--objective", choices=["elbo", "skip"], default="elbo")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=25)
@@ -57,9 +63,11 @@ def main() -> None:
     print(f"crop {pick}: Pillow bicubic PSNR-Y {bicubic_psnr[pick]:.2f} dB")
 
     torch.manual_seed(0)
-    model = load_checkpoint(args.checkpoint)[0].train() if args.checkpoint else VDVAESR(preset(args.preset))
-    if args.head:
-        model.config.head_statistic = args.head
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint)[0].train()
+    else:
+        overrides = dict(item.split("=", 1) for item in args.set)
+        model = VDVAESR(preset(args.preset, **{k: int(v) if v.isdigit() else v for k, v in overrides.items()}))
     groups = {
         "hr_encoder": list(model.hr_encoder.parameters()),
         "lr_encoder": list(model.lr_encoder.parameters()),

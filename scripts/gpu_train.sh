@@ -3,7 +3,7 @@
 #
 # Here, on the CPU machine, first:
 #   .venv/bin/python scripts/pack_gpu_data.py                # -> .gpudata/train (<= 40 MB, exact pixels)
-#   grep -qx '/.gpudata/' .git/info/exclude || echo /.gpudata/ >> .git/info/exclude
+#   (.gpudata/ is git-ignored, so only `carry` takes it to the device)
 #   to continue a run: mkdir -p .gpudata/run && cp -r runs/small256/stage{1,2} .gpudata/run/
 # Device call (the device tool): command "bash scripts/gpu_train.sh 7", carry [".gpudata"], timeout_s 600.
 # It trains for MINUTES (default 7) with bf16 autocast, batch 16, then writes to $OUT:

@@ -6,8 +6,8 @@ photo is centre-cropped by the same area fraction until the PNGs fit the
 budget: every photo stays represented, pixels stay exact.
 
 Usage: ``.venv/bin/python scripts/pack_gpu_data.py [--src data/photos/train]
-[--out .gpudata/train] [--budget-mb 40]``. ``.gpudata/`` must be git-ignored
-(scripts/gpu_train.sh adds it to .git/info/exclude).
+[--out .gpudata/train] [--budget-mb 40]``. ``.gpudata/`` is git-ignored: only
+a device call's ``carry`` takes it along (scripts/gpu_train.sh).
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "a new run only")
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     result = train(TrainConfig(**values))
-    print(f"done: step {result['step']}, skipped updates {result['skips']}, last loss {result.get('elbo', result.get('loss', float('nan'))):.4f}")
+    last = result.get("elbo", result.get("loss"))
+    tail = "no step left to run" if last is None else f"last loss {last:.4f}"
+    print(f"done: step {result['step']}, skipped updates {result['skips']}, {tail}")
     return 0
 
 
