@@ -329,3 +329,29 @@ def test_a_photo_that_does_not_decode_fails_alone(tmp_path: Path) -> None:
     photo = fd.Photo("wheel", "skimage", "x.png", 8, 8, 1, "val", "broken", "")
     with pytest.raises(fd.FetchError, match="broken: x.png is not a readable raster image"):
         fd.make_ground_truth(photo, b"P6\n4 4\n255\xd5\n" + bytes(48), tmp_path, io.StringIO())
+
+
+def test_gpu_data_pack_fits_its_budget_with_exact_centre_crops(tmp_path):
+    """scripts/pack_gpu_data.py: every photo kept, all under the budget, pixels an exact crop of the source."""
+    import importlib.util
+
+    from skimage import data as skdata
+
+    spec = importlib.util.spec_from_file_location("pack_gpu_data", Path(__file__).parents[1] / "scripts" / "pack_gpu_data.py")
+    assert spec is not None and spec.loader is not None
+    pack_gpu_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack_gpu_data)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skdata, name)()[..., :3]).save(src / f"{name}.png")
+    total = sum(p.stat().st_size for p in src.iterdir())
+    budget = total // 2
+    written = pack_gpu_data.pack(src, tmp_path / "out", budget)
+    assert written <= budget and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in src.iterdir())
+    for packed in (tmp_path / "out").iterdir():
+        full = np.asarray(Image.open(src / packed.name))
+        crop = np.asarray(Image.open(packed))
+        h, w = crop.shape[:2]
+        top, left = (full.shape[0] - h) // 2, (full.shape[1] - w) // 2
+        assert min(h, w) >= 256 and np.array_equal(full[top : top + h, left : left + w], crop)
