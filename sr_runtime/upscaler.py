@@ -210,7 +210,8 @@ class Upscaler:
         out = encode(mean, alpha, decoded.layout)
         if samples is None:
             return out
-        return out, np.zeros(mean.shape[1:], np.float32) if std is None else std
+        # one sample has no spread: a read-only zero view instead of a full-size allocation
+        return out, np.broadcast_to(np.float32(0.0), mean.shape[1:]) if std is None else std
 
     def _decode(self, img: object) -> Decoded:
         if isinstance(img, (str, os.PathLike)):

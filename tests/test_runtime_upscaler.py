@@ -221,3 +221,10 @@ def test_auto_without_a_gpu_backend_runs_the_cpu_and_says_why(double_model: Path
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     no_cuda = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
     assert skipped == [f"sr_runtime: skipping tensorrt: {reason}", f"sr_runtime: skipping onnxruntime-cuda: {no_cuda}"]
+
+
+def test_one_sample_has_a_zero_std_map_without_allocating_one(upscaler: Upscaler) -> None:
+    lr = photo_lr(40)
+    out, std = upscaler.run(lr, samples=1)
+    assert std.shape == out.shape[:2] and not std.any()
+    assert std.base is not None and std.base.size == 1  # a view of one zero, not H x W floats
