@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sr_train.data import RandomCropDataset
-from sr_train.evaluate import evaluate_model, load_images
+from sr_train.evaluate import SampleFn, evaluate_model, load_images
 
 
 class PlainCNN(nn.Module):
@@ -51,7 +51,7 @@ class PlainCNN(nn.Module):
 def train_for(model: PlainCNN, data: str, seconds: float, batch_size: int, lr: float, seed: int) -> dict[str, Any]:
     dataset = RandomCropDataset(data, hr_size=256, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99))
-    step, start = 0, time.time()
+    step, start, last_loss = 0, time.time(), float("nan")
     while time.time() - start < seconds:
         items = [dataset[step * batch_size + i] for i in range(batch_size)]
         hr = torch.stack([b["hr"] for b in items])
@@ -61,10 +61,11 @@ def train_for(model: PlainCNN, data: str, seconds: float, batch_size: int, lr: f
         loss.backward()
         opt.step()
         step += 1
-    return {"steps": step, "seconds": round(time.time() - start, 1), "last_loss": float(loss)}
+        last_loss = float(loss)
+    return {"steps": step, "seconds": round(time.time() - start, 1), "last_loss": last_loss}
 
 
-def sample_fn(model: PlainCNN):  # type: ignore[no-untyped-def]
+def sample_fn(model: PlainCNN) -> SampleFn:
     def sample(lr: np.ndarray, temperature: float, seed: int) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(lr)).permute(0, 3, 1, 2).float().div(255.0)
         with torch.no_grad():

@@ -32,6 +32,9 @@ for s in stage1 stage2; do
     [ -f "$ROOT/$s/log.csv" ] && python3 - "$ROOT/$s/log.csv" <<'PY' | tee -a "$OUT/gpu_train.log"
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
+# "seconds" restarts with each process: rate over this call's rows only (a carried run has older ones)
+starts = [i for i in range(1, len(rows)) if float(rows[i]["seconds"]) < float(rows[i - 1]["seconds"])]
+rows = rows[starts[-1]:] if starts else rows
 if len(rows) > 1:
     a, b = rows[0], rows[-1]
     rate = (int(b["step"]) - int(a["step"])) / max(1e-9, float(b["seconds"]) - float(a["seconds"]))

@@ -38,9 +38,9 @@ def hardest(images: dict[str, np.ndarray], rows: int) -> list[tuple[str, np.ndar
     return [(name, hr, lr) for _, name, hr, lr in scored[:rows]]
 
 
-def panels(model: str | None, hr: np.ndarray, lr: np.ndarray) -> list[np.ndarray]:
-    det = Upscaler(model, temperature=0.0).run(lr)
-    hot = Upscaler(model, temperature=0.8, seed=1)
+def panels(cold: Upscaler, hot: Upscaler, hr: np.ndarray, lr: np.ndarray) -> list[np.ndarray]:
+    """The six panels of one row; `cold` runs at t = 0, `hot` at t = 0.8."""
+    det = cold.run(lr)
     sample = hot.run(lr)
     _, std = hot.run(lr, samples=8)
     std_img = np.clip(std * 255.0 / STD_WHITE, 0, 255).astype(np.uint8)
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--out", default="assets/comparison.png")
     args = parser.parse_args()
     rows = hardest(load_images(args.images), args.rows)
+    cold, hot = Upscaler(args.model, temperature=0.0), Upscaler(args.model, temperature=0.8, seed=1)
     label_h, gap = 18, 4
     width = len(LABELS) * (HR + gap) - gap
     sheet = Image.new("RGB", (width, label_h + len(rows) * (HR + gap)), "white")
@@ -69,7 +70,7 @@ def main() -> None:
     for col, label in enumerate(LABELS):
         draw.text((col * (HR + gap) + 4, 3), label, fill="black")
     for r, (name, hr, lr) in enumerate(rows):
-        for col, panel in enumerate(panels(args.model, hr, lr)):
+        for col, panel in enumerate(panels(cold, hot, hr, lr)):
             sheet.paste(Image.fromarray(panel), (col * (HR + gap), label_h + r * (HR + gap)))
         print(f"row {r}: {name}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,8 @@ class TrainConfig:
     init_vdvae: str | None = None  # official VDVAE weights for HR encoder + decoder
     freeze_hr_encoder: bool = False
     train_decoder_blocks: str | None = None  # e.g. "0-10,40" ; None = all
-    objective: str = "elbo"
-    kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
+    objective: str = "elbo"  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
+    kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)
     steps: int = 1000
     batch_size: int = 4  # per rank
     lr: float = 1e-3
@@ -199,7 +199,7 @@ def distributed_env(device: torch.device) -> tuple[int, int]:
     """(rank, world_size), initialising the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -330,7 +330,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         hr, lr = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr"))
         with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=low_precision is not None):
             out = net(hr, lr, objective=cfg.objective)
-        loss = out["loss"].mean() if cfg.objective == "skip" else (out["distortion"] + kl_weight(step, cfg) * out["rate"]).mean()
+        beta = kl_weight(step, cfg)
+        loss = out["loss"].mean() if cfg.objective == "skip" else (out["distortion"] + beta * out["rate"]).mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -345,7 +346,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step += 1
         last = {name: value.mean().item() for name, value in out.items()} | {"grad_norm": grad_norm}
         if cfg.objective == "elbo" and cfg.kl_warmup_steps:
-            last["kl_weight"] = kl_weight(step - 1, cfg)
+            last["kl_weight"] = beta
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()} | {"skips": skips})
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
