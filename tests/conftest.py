@@ -22,3 +22,15 @@ def upscaler(double_model: Path) -> Iterator[Upscaler]:
     """A deterministic (temperature 0) Upscaler on the test double, shared by read-only tests."""
     with Upscaler(double_model, backend="cpu") as up:
         yield up
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[object]:
+    """A local 2-CPU Ray cluster on the loopback address, started once per test session (~10 s)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (the `cluster` extra)")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
