@@ -6,7 +6,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar, overload
 
@@ -206,12 +206,68 @@ class Upscaler:
             raise ValueError(f"samples must be in [1, {self._bank.rows}] (the noise bank rows), got {samples}")
         decoded = self._decode(img)
         mean, std = self._upscale(decoded, n, progress, stats)
-        alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, self.spec.scale)
-        out = encode(mean, alpha, decoded.layout)
+        out = self._encode(decoded, mean)
         if samples is None:
             return out
         # one sample has no spread: a read-only zero view instead of a full-size allocation
         return out, np.broadcast_to(np.float32(0.0), mean.shape[1:]) if std is None else std
+
+    def run_many(
+        self, images: Sequence[str | os.PathLike[str] | Image.Image | np.ndarray], *, stats: RunStats | None = None
+    ) -> list[Image.Image | np.ndarray]:
+        """Upscale several images 4x, each returned as `run` returns it.
+
+        At temperature 0 the tiles of all images share backend batches: many
+        small images (a service's concurrent requests) then fill the batch the
+        backend is fastest at instead of one small call each. At temperature > 0
+        each image runs alone, because its noise rows are keyed by its own tile
+        grid and one backend call reads one contiguous slice of the noise bank.
+        Pixels equal `run`'s up to float rounding where a backend's arithmetic
+        depends on the batch a tile shares.
+        """
+        if self.temperature > 0:
+            return [self.run(img, stats=stats) for img in images]
+        decoded = [self._decode(img) for img in images]
+        plans = [plan_tiles(*d.size, self.spec.lr_size, self.tile_overlap) for d in decoded]
+        padded = [pad_image(d.rgb, plan) for d, plan in zip(decoded, plans)]
+        blenders = [Blender(plan, 3, self.spec.scale) for plan in plans]
+        queue = [(image, tile) for image, plan in enumerate(plans) for tile in range(plan.count)]
+        fixed = self._backend.batch_sizes
+        for begin in range(0, len(queue), self.batch_size):
+            runs = _runs_by_image(queue[begin : begin + self.batch_size])
+            count = sum(n for _, _, n in runs)
+            size = count if fixed is None else bucket_for(count, fixed)
+            lr = np.zeros((size, 3, *self.spec.lr_size), np.float32)
+            offset = 0
+            for image, first, n in runs:
+                lr[offset : offset + n] = extract(padded[image], plans[image], first, n, n)
+                offset += n
+            hr = self._run_backend(lr, 0, count, stats)  # bank start 0: at temperature 0 every row is zero
+            offset = 0
+            for image, first, n in runs:
+                blenders[image].add(hr[offset : offset + n], first)
+                offset += n
+        return [self._encode(d, b.result()) for d, b in zip(decoded, blenders)]
+
+    def _encode(self, decoded: Decoded, rgb: np.ndarray) -> Image.Image | np.ndarray:
+        """The HR planes back in the input's layout, with its alpha upscaled beside them."""
+        alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, self.spec.scale)
+        return encode(rgb, alpha, decoded.layout)
+
+    def _run_backend(self, lr: np.ndarray, start: int, count: int, stats: RunStats | None) -> np.ndarray:
+        """The first `count` HR tiles of one backend call; refuses a non-finite result."""
+        t0 = time.perf_counter()
+        with self._lock:
+            hr = self._backend.run(lr, start)[:count]
+        if not np.isfinite(hr).all():
+            raise SRInputError(
+                f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
+                "a lower temperature may help")
+        if stats is not None:
+            stats.backend_seconds += time.perf_counter() - t0
+            stats.tiles += count
+            stats.batches += 1
+        return hr
 
     def _decode(self, img: object) -> Decoded:
         if isinstance(img, (str, os.PathLike)):
@@ -244,18 +300,7 @@ class Upscaler:
             rows = self._bank.tile_rows(plan.grid, sample)
             for first, count, start in self._bank.batches(rows, self.batch_size):
                 lr = extract(padded, plan, first, count, count if fixed is None else bucket_for(count, fixed))
-                t0 = time.perf_counter()
-                with self._lock:
-                    hr = self._backend.run(lr, start)[:count]
-                if not np.isfinite(hr).all():
-                    raise SRInputError(
-                        f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
-                        "a lower temperature may help")
-                if stats is not None:
-                    stats.backend_seconds += time.perf_counter() - t0
-                    stats.tiles += count
-                    stats.batches += 1
-                blender.add(hr, first)
+                blender.add(self._run_backend(lr, start, count, stats), first)
                 done += count
                 if progress is not None:
                     progress(done, total)
@@ -266,3 +311,14 @@ class Upscaler:
             mean += delta / (sample + 1)
             m2 += delta * (result - mean)
         return mean, None if m2 is None else np.sqrt(m2 / samples).mean(axis=0)
+
+
+def _runs_by_image(batch: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """`(image, tile)` pairs in order, as `(image, first_tile, count)` runs of consecutive tiles."""
+    runs: list[tuple[int, int, int]] = []
+    for image, tile in batch:
+        if runs and runs[-1][0] == image and runs[-1][1] + runs[-1][2] == tile:
+            runs[-1] = (image, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((image, tile, 1))
+    return runs

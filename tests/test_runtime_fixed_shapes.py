@@ -23,6 +23,7 @@ from sr_runtime.backends.onnxrt import (
 )
 from sr_runtime.model import ModelSpec, load_model_spec
 from sr_runtime.noise import NoiseBank
+from sr_runtime.tiling import plan_tiles
 
 
 class RecordingBackend:
@@ -148,3 +149,23 @@ def test_onnxruntime_cuda_replays_each_bucket_and_noise_start_like_the_cpu(doubl
     lr = np.random.default_rng(1).random((8, 3, 32, 32), dtype=np.float32)
     for size, start in ((8, 0), (4, 3), (1, 0), (4, 3), (8, bank.rows - 1), (8, 0)):  # repeats replay graphs
         np.testing.assert_allclose(gpu.run(lr[:size], start), cpu.run(lr[:size], start), atol=1e-4)
+
+
+def test_run_many_packs_small_images_into_bucket_batches(shipped_shape_model: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Five small images of a few tiles each: alone they make five small calls, packed one call of 16.
+    images = [np.asarray(Image.fromarray(photo_lr(128)).resize(size)) for size in
+              ((40, 40), (60, 40), (40, 60), (56, 56), (20, 30))]
+    counts = [plan_tiles(img.shape[0], img.shape[1], (64, 64), 8).count for img in images]
+    assert 1 < sum(counts) <= 16 and max(counts) < sum(counts)
+    up, made = recording_upscaler(shipped_shape_model, monkeypatch, temperature=0.0)
+    stats = RunStats()
+    with up:
+        outs = up.run_many(images, stats=stats)
+    backend = made[0]
+    assert [shape[0] for shape, _ in backend.calls] == [bucket_for(sum(counts), (1, 4, 16))]
+    assert stats.tiles == sum(counts) and stats.batches == 1
+    for img, out in zip(images, outs):  # the fake repeats pixels: each image gets its own tiles back
+        expected = img.repeat(4, axis=0).repeat(4, axis=1)
+        assert out.shape == expected.shape
+        assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1

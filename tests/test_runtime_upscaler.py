@@ -228,3 +228,27 @@ def test_one_sample_has_a_zero_std_map_without_allocating_one(upscaler: Upscaler
     out, std = upscaler.run(lr, samples=1)
     assert std.shape == out.shape[:2] and not std.any()
     assert std.base is not None and std.base.size == 1  # a view of one zero, not H x W floats
+
+
+def test_run_many_equals_run_on_each_image(double_model: Path) -> None:
+    photo = photo_lr(96)
+    grey = photo[:40, :70, 0].copy()
+    rgba = np.dstack([photo[:50, :45], np.full((50, 45), 200, np.uint8)])
+    images = [photo[:70, :90], grey, rgba, photo[10:43, 5:38]]
+    with Upscaler(double_model, backend="cpu", batch_size=8) as up:
+        alone, shared = RunStats(), RunStats()
+        expected = [up.run(img, stats=alone) for img in images]
+        got = up.run_many(images, stats=shared)
+    assert shared.tiles == alone.tiles and shared.batches < alone.batches  # tiles of several images shared calls
+    for want, out in zip(expected, got):
+        assert out.shape == want.shape and out.dtype == want.dtype
+        assert np.array_equal(out, want)  # the CPU backend's results do not depend on the batch (see above)
+
+
+def test_run_many_at_temperature_runs_each_image_with_its_own_noise(double_model: Path) -> None:
+    images = [photo_lr(70), photo_lr(50, "gravel")]
+    with Upscaler(double_model, backend="cpu", temperature=0.8, seed=5) as up:
+        expected = [up.run(img) for img in images]
+        got = up.run_many(images)
+        assert up.run_many([]) == []
+    assert all(np.array_equal(out, want) for out, want in zip(got, expected))
