@@ -13,8 +13,9 @@
 # .gpu/pN/extra/*.whl; they are installed into the same /tmp/site.
 #
 # Writes: $OUT/gpu_check.json (each step: command, exit status, seconds, log
-# file), $OUT/gpu_check.md (the steps and every benchmark page), the logs, the
-# pytest junit XML and the benchmark JSON/markdown under $OUT/bench/.
+# file), $OUT/gpu_check.md (the steps and every benchmark page), the benchmark
+# JSON under $OUT/bench/, and logs.tar.gz (the logs, the pytest junit XML, the
+# benchmark markdown): the device returns at most 8 files, so the rest is packed.
 # Every step is cut at the time left, so a slow step cannot lose the others'
 # results; a step that fails is recorded and the next one runs.
 set -uo pipefail
@@ -102,3 +103,6 @@ for page in pages:
 (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:4 + len(steps)]))
 EOF
+(cd "$OUT" && tar czf logs.tar.gz ./*.log steps.tsv pytest_gpu.xml bench/*.md 2>/dev/null; \
+    rm -f ./*.log steps.tsv pytest_gpu.xml bench/*.md)
+find "$OUT" -type f | sort
