@@ -642,33 +642,33 @@ FFHQ256_ENC = "256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4
 
 
 def _paper_64(**overrides: Any) -> VDVAESRConfig:
-    base: dict[str, Any] = dict(
-        name="paper-64", hr_size=64, lr_size=16, width=512, enc_blocks=IMAGENET64_ENC, dec_blocks=IMAGENET64_DEC,
-        lr_enc_blocks="16x9,16d2,8x8,8d2,4x7,4d4,1x5", zdim=16, num_mixtures=10, no_bias_above=64,
-        input_shift=IMAGENET64_STATS[0], input_scale=IMAGENET64_STATS[1],
-    )
+    base: dict[str, Any] = {
+        "name": "paper-64", "hr_size": 64, "lr_size": 16, "width": 512, "enc_blocks": IMAGENET64_ENC, "dec_blocks": IMAGENET64_DEC,
+        "lr_enc_blocks": "16x9,16d2,8x8,8d2,4x7,4d4,1x5", "zdim": 16, "num_mixtures": 10, "no_bias_above": 64,
+        "input_shift": IMAGENET64_STATS[0], "input_scale": IMAGENET64_STATS[1],
+    }
     return VDVAESRConfig(**{**base, **overrides})
 
 
 def _paper_256(**overrides: Any) -> VDVAESRConfig:
-    base: dict[str, Any] = dict(
-        name="paper-256", hr_size=256, lr_size=64, width=512, enc_blocks=FFHQ256_ENC, dec_blocks=FFHQ256_DEC,
-        lr_enc_blocks=IMAGENET64_ENC, zdim=16, num_mixtures=10, no_bias_above=64, low_bit=True,
-        input_shift=FFHQ256_STATS[0], input_scale=FFHQ256_STATS[1],
-    )
+    base: dict[str, Any] = {
+        "name": "paper-256", "hr_size": 256, "lr_size": 64, "width": 512, "enc_blocks": FFHQ256_ENC, "dec_blocks": FFHQ256_DEC,
+        "lr_enc_blocks": IMAGENET64_ENC, "zdim": 16, "num_mixtures": 10, "no_bias_above": 64, "low_bit": True,
+        "input_shift": FFHQ256_STATS[0], "input_scale": FFHQ256_STATS[1],
+    }
     return VDVAESRConfig(**{**base, **overrides})
 
 
 def _small_256(**overrides: Any) -> VDVAESRConfig:
     """The shipped default: CPU-trainable 64 -> 256 (project design, see README)."""
-    base: dict[str, Any] = dict(
-        name="small-256", hr_size=256, lr_size=64, width=64, custom_width_str="128:32,256:16",
-        enc_blocks="256x1,256d2,128x1,128d2,64x2,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
-        dec_blocks="1x1,4m1,4x1,16m4,16x1,32m16,32x2,64m32,64x5,128m64,128x1,256m128",
-        lr_enc_blocks="64x8,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
-        zdim=8, num_mixtures=5, no_bias_above=64, lr_skip=True, skip_upsampler_width=64, head_statistic="mean",
-        input_shift=IMAGENET64_STATS[0], input_scale=IMAGENET64_STATS[1],
-    )
+    base: dict[str, Any] = {
+        "name": "small-256", "hr_size": 256, "lr_size": 64, "width": 64, "custom_width_str": "128:32,256:16",
+        "enc_blocks": "256x1,256d2,128x1,128d2,64x2,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
+        "dec_blocks": "1x1,4m1,4x1,16m4,16x1,32m16,32x2,64m32,64x5,128m64,128x1,256m128",
+        "lr_enc_blocks": "64x8,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
+        "zdim": 8, "num_mixtures": 5, "no_bias_above": 64, "lr_skip": True, "skip_upsampler_width": 64, "head_statistic": "mean",
+        "input_shift": IMAGENET64_STATS[0], "input_scale": IMAGENET64_STATS[1],
+    }
     return VDVAESRConfig(**{**base, **overrides})
 
 

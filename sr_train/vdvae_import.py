@@ -63,7 +63,7 @@ def import_vdvae_weights(model: VDVAESR, source: str | Path | dict[str, Tensor])
     """
     official = source if isinstance(source, dict) else load_vdvae_state_dict(source)
     ours = model.state_dict()
-    bias_res = sorted(int(r) for r in model.decoder.bias_xs.keys())
+    bias_res = sorted(int(r) for r in model.decoder.bias_xs)
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in official.items():
@@ -99,22 +99,22 @@ def config_from_vdvae_hparams(hparams: dict, lr_enc_blocks: str, **overrides: ob
     """A VDVAE-SR config whose HR encoder/decoder match an official run's hyper-parameters."""
     hr = int(hparams["image_size"])
     low_bit = hparams.get("low_bit_loss", hparams.get("dataset") == "ffhq_256")
-    cfg = dict(
-        name=f"vdvae-{hparams.get('dataset', 'import')}",
-        hr_size=hr,
-        lr_size=hr // 4,
-        width=int(hparams["width"]),
-        custom_width_str=hparams.get("custom_width_str", "") or "",
-        enc_blocks=hparams["enc_blocks"],
-        dec_blocks=hparams["dec_blocks"],
-        lr_enc_blocks=lr_enc_blocks,
-        zdim=int(hparams["zdim"]),
-        bottleneck_multiple=float(hparams["bottleneck_multiple"]),
-        num_mixtures=int(hparams["num_mixtures"]),
-        no_bias_above=int(hparams["no_bias_above"]),
-        low_bit=bool(low_bit),
-        input_shift=float(hparams.get("encoder_input_shift", hparams.get("shift", 0.0))),
-        input_scale=float(hparams.get("encoder_input_scale", hparams.get("scale", 1.0))),
-    )
+    cfg = {
+        "name": f"vdvae-{hparams.get('dataset', 'import')}",
+        "hr_size": hr,
+        "lr_size": hr // 4,
+        "width": int(hparams["width"]),
+        "custom_width_str": hparams.get("custom_width_str", "") or "",
+        "enc_blocks": hparams["enc_blocks"],
+        "dec_blocks": hparams["dec_blocks"],
+        "lr_enc_blocks": lr_enc_blocks,
+        "zdim": int(hparams["zdim"]),
+        "bottleneck_multiple": float(hparams["bottleneck_multiple"]),
+        "num_mixtures": int(hparams["num_mixtures"]),
+        "no_bias_above": int(hparams["no_bias_above"]),
+        "low_bit": bool(low_bit),
+        "input_shift": float(hparams.get("encoder_input_shift", hparams.get("shift", 0.0))),
+        "input_scale": float(hparams.get("encoder_input_scale", hparams.get("scale", 1.0))),
+    }
     cfg.update(overrides)
     return VDVAESRConfig(**cfg)

@@ -51,7 +51,7 @@ def reference_pairs(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
     hparams, expected, model = load_reference(root)
     x = expected["x_uint8"].permute(0, 3, 1, 2).float() / 255.0
     n = x.shape[0]
-    nhwc = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731 - the official DMoL layout
+    nhwc = lambda t: t.permute(0, 2, 3, 1)
     pairs: dict[str, tuple[Tensor, Tensor]] = {}
 
     acts = model.hr_encoder(model.encoder_input(x))

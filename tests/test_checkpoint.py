@@ -7,7 +7,12 @@ import json
 import pytest
 import torch
 
-from sr_train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from sr_train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from sr_train.model import VDVAESR, preset
 
 
@@ -67,7 +72,7 @@ def test_corrupted_or_mismatched_weights_are_refused(tmp_path, model):
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, model, monkeypatch):
     save_checkpoint(tmp_path / "ck", model, step=1)
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
-    import sr_runtime.files as files
+    from sr_runtime import files
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from sr_train.info import model_info
-from sr_train.model import VDVAESR, VDVAESRConfig, dmol_mean, dmol_mode, dmol_sample, parse_layer_string, preset
+from sr_train.model import (
+    VDVAESR,
+    VDVAESRConfig,
+    dmol_mean,
+    dmol_mode,
+    dmol_sample,
+    parse_layer_string,
+    preset,
+)
 
 
 def tiny(name: str) -> VDVAESRConfig:
