@@ -19,6 +19,7 @@ Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`.
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import sys
 import time
@@ -61,6 +62,8 @@ MAX_ATTEMPTS = 3
 START_TIMEOUT_S = 300.0
 #: How long an interrupted job waits for its killed workers before removing their temporary files.
 STOP_TIMEOUT_S = 15.0
+#: Pause between pings of a worker Ray is restarting.
+RESTART_POLL_S = 0.2
 #: Longest the driver blocks in one `ray.wait`, so Ctrl-C and SIGTERM are handled promptly.
 POLL_S = 1.0
 
@@ -193,6 +196,14 @@ def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -
     return jobs
 
 
+class WorkerState(enum.Enum):
+    """UP takes files; RESTARTING (Ray is restarting it) takes none until a ping answers; DEAD never again."""
+
+    UP = "up"
+    RESTARTING = "restarting"
+    DEAD = "dead"
+
+
 class WorkerPool:
     """The actors and the files in flight on each; feeds them from a queue and resubmits a dead worker's files."""
 
@@ -207,7 +218,8 @@ class WorkerPool:
         ]
         self._in_flight: dict[Any, tuple[int, FileJob]] = {}  # ObjectRef -> (actor index, job)
         self._order: list[deque[Any]] = [deque() for _ in self.actors]  # each actor's refs, oldest (running) first
-        self._alive = [True] * len(self.actors)
+        self._state = [WorkerState.UP] * len(self.actors)
+        self._pings: dict[Any, int] = {}  # ObjectRef of `info` -> index of a restarting actor
 
     def __enter__(self) -> Self:
         return self
@@ -229,17 +241,20 @@ class WorkerPool:
         """Until the queue is empty and nothing is in flight: keep every live worker fed, collect results."""
         while queue or self._in_flight:
             self._feed(queue)
-            if not self._in_flight:  # work left but no live worker
+            if not self._in_flight and not self._pings:  # work left but no live worker
                 summary.failures.extend(f"{job.src}: no Ray worker left to upscale it (all died)" for job in queue)
                 queue.clear()
                 break
-            ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait([*self._in_flight, *self._pings], num_returns=1, timeout=POLL_S)
             for ref in ready:
-                self._collect(ref, queue, summary, bar)
+                if ref in self._pings:
+                    self._answer(ref)
+                else:
+                    self._collect(ref, queue, summary, bar)
 
     def _feed(self, queue: deque[FileJob]) -> None:
         for index, actor in enumerate(self.actors):
-            while self._alive[index] and queue and len(self._order[index]) < IN_FLIGHT_PER_WORKER:
+            while self._state[index] is WorkerState.UP and queue and len(self._order[index]) < IN_FLIGHT_PER_WORKER:
                 job = queue.popleft()
                 ref = actor.upscale.remote(job)
                 self._in_flight[ref] = (index, job)
@@ -252,8 +267,7 @@ class WorkerPool:
         try:
             outcome: FileOutcome = ray.get(ref)
         except RayActorError as exc:  # the worker died; ActorDiedError: for good (its restarts are spent)
-            if isinstance(exc, ActorDiedError):
-                self._alive[index] = False
+            self._went_down(index, exc)
             self._retry(replace(job, deaths=job.deaths + running), queue, summary, bar)
             return
         except RayTaskError as exc:  # a bug, not bad input: still one line for this file, the rest go on
@@ -265,6 +279,28 @@ class WorkerPool:
             outcome.notes.report()
             summary.done += 1
         bar.update()
+
+    def _went_down(self, index: int, exc: RayActorError) -> None:
+        """Feed a restarting worker nothing (calls to it would fail at once) until it answers a ping."""
+        if isinstance(exc, ActorDiedError):
+            self._state[index] = WorkerState.DEAD
+        elif self._state[index] is WorkerState.UP:
+            self._state[index] = WorkerState.RESTARTING
+            self._pings[self.actors[index].info.remote()] = index
+
+    def _answer(self, ping: Any) -> None:
+        """A restarting worker's ping came back: up again, still restarting (ping again), or dead."""
+        index = self._pings.pop(ping)
+        try:
+            info: WorkerInfo = ray.get(ping)
+        except ActorDiedError:
+            self._state[index] = WorkerState.DEAD
+            return
+        except RayActorError:
+            time.sleep(RESTART_POLL_S)
+            self._pings[self.actors[index].info.remote()] = index
+            return
+        self._state[index] = WorkerState.DEAD if info.error is not None else WorkerState.UP
 
     def _retry(self, job: FileJob, queue: deque[FileJob], summary: Summary, bar: tqdm) -> None:
         """A file whose worker died: done if its outputs made it, failed after MAX_ATTEMPTS, else first in line."""
