@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
         "versions": {name: metadata.version(name) for name in ("ray", "onnxruntime")},
         "load_average_at_end": load_average(),
-        "command": "python -m benchmarks.cluster_batch " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "-m", "benchmarks.cluster_batch", *(sys.argv[1:] if argv is None else argv)]),
         "note": args.note,
         "runs": runs,
     }
