@@ -3,6 +3,9 @@
 Exit status: 0 every input done, 1 some inputs failed (each named on stderr
 with its reason), 2 usage error (bad flags, no model...). User errors never
 print a traceback. Outputs are written atomically and never over an input.
+
+`--ray` is the one optional hand-off: the same checks, then `sr_cluster.batch`
+(the `cluster` extra, imported only then) spreads the files over Ray workers.
 """
 
 from __future__ import annotations
@@ -10,14 +13,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +43,13 @@ FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 #: longer than all tiling and blending of a 2048x2048 result.
 SAVE_OPTIONS: dict[str, dict[str, int]] = {"PNG": {"compress_level": 3}, "JPEG": {"quality": 95},
                                            "WEBP": {"quality": 95}}
+
+
+#: What one input may fail with: reported as `failed: <input>: <reason>`, the batch goes on.
+FILE_ERRORS = (SRInputError, OSError, MemoryError)
+#: `--ray` ADDRESS: auto, host:port (the GCS) or ray://host:port (Ray Client).
+RAY_ADDRESS = re.compile(r"auto|(ray://)?[^\s:/]+:\d{1,5}")
+RAY_EXTRA_MISSING = "--ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"
 
 
 class UsageError(Exception):
@@ -76,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"pixel (44 with --samples) (default here {default_max_pixels():.0f}: what half the "
                         "RAM holds, at most 64 MP)")
     p.add_argument("--timings", action="store_true", help="print wall time and backend share per file")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="spread the files over a Ray cluster (needs the cluster extra): ADDRESS is host:6379, "
+                        "ray://host:10001 or auto (the default: RAY_ADDRESS, a cluster started on this machine, "
+                        "else a new local one); paths must be on a filesystem every worker shares; outputs "
+                        "already there are kept (resume), as with --no-clobber")
+    p.add_argument("--workers", type=int,
+                   help="Ray workers, one Upscaler each (default: one per GPU of the cluster, else one per CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend selection details")
     return p
@@ -188,7 +208,20 @@ def _validate(args: argparse.Namespace) -> int:
         raise UsageError("--tile-overlap must be >= 0")
     if any(sep and sep in args.suffix for sep in (os.sep, os.altsep, "/")) or args.suffix in (".", ".."):
         raise UsageError("--suffix must not contain a path separator (outputs stay in the output folder)")
+    if args.ray is not None and not RAY_ADDRESS.fullmatch(args.ray):
+        raise UsageError(f"--ray {args.ray}: expected host:port, ray://host:port or auto")
+    if args.workers is not None and (args.ray is None or args.workers < 1):
+        raise UsageError("--workers must be >= 1 and needs --ray")
     return samples
+
+
+def _check_output_file(args: argparse.Namespace, sources: list[Path]) -> None:
+    """An `-o` file takes one input, in a format we can write."""
+    if args.output and _output_is_file(args.output):
+        if len(sources) > 1:
+            raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
+        if Path(args.output).suffix.lower().lstrip(".") not in FORMATS and not args.ext:
+            raise UsageError(f"-o {args.output}: unknown output format (use .png, .jpg or .webp)")
 
 
 @contextlib.contextmanager
@@ -218,17 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         samples = _validate(args)
         sources, unmatched = expand_inputs(args.inputs, args.suffix)
-        if args.output and _output_is_file(args.output):
-            if len(sources) > 1:
-                raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
-            if Path(args.output).suffix.lower().lstrip(".") not in FORMATS and not args.ext:
-                raise UsageError(f"-o {args.output}: unknown output format (use .png, .jpg or .webp)")
-        upscaler = Upscaler(
-            args.model, backend=args.backend, temperature=args.temperature, seed=args.seed,
-            tile_overlap=args.tile_overlap, batch_size=args.batch_size, precision=args.precision,
-            max_pixels=None if args.max_pixels is None else int(args.max_pixels),
-        )
-    except (UsageError, SRModelError, BackendUnavailable, ValueError) as exc:
+        _check_output_file(args, sources)
+    except UsageError as exc:
+        print(f"sr-upscale: error: {exc}", file=sys.stderr)
+        return 2
+    if args.ray is not None:
+        return _run_on_ray(args, samples, sources, unmatched)
+    try:
+        upscaler = upscaler_from_args(args)
+    except (SRModelError, BackendUnavailable, ValueError) as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
     if samples > upscaler.max_samples:
@@ -248,21 +279,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             for src in files:
                 try:
                     _process(upscaler, src, output_path(src, args), inputs, written, samples, args)
-                except (SRInputError, OSError, MemoryError) as exc:
-                    failures.append(_failure_line(src, exc))
+                except FILE_ERRORS as exc:
+                    failures.append(failure_line(src, exc))
     except KeyboardInterrupt:
         status = 130
     except SystemExit as exc:  # SIGTERM
         status = exc.code if isinstance(exc.code, int) else 143
+    return final_status(failures, status)
+
+
+def upscaler_from_args(args: argparse.Namespace, cpu_threads: int | None = None) -> Upscaler:
+    """The Upscaler the flags describe: every Ray worker builds this same one, so pixels do not depend on which."""
+    return Upscaler(
+        args.model, backend=args.backend, temperature=args.temperature, seed=args.seed,
+        tile_overlap=args.tile_overlap, batch_size=args.batch_size, precision=args.precision,
+        max_pixels=None if args.max_pixels is None else int(args.max_pixels), cpu_threads=cpu_threads,
+    )
+
+
+def _run_on_ray(args: argparse.Namespace, samples: int, sources: list[Path],
+                unmatched: list[tuple[str, str]]) -> int:
+    """The single optional hand-off: `--ray` runs `sr_cluster.batch`, imported only now (Ray is an extra)."""
+    try:
+        batch = importlib.import_module("sr_cluster.batch")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("ray", "sr_cluster"):
+            raise
+        print(f"sr-upscale: error: {RAY_EXTRA_MISSING}", file=sys.stderr)
+        return 2
+    status: int = batch.run(args, samples, sources, unmatched)
+    return status
+
+
+def final_status(failures: list[str], interrupted: int) -> int:
+    """Print each failure line; the exit status: `interrupted` (130/143) if set, 1 with failures, else 0."""
     for failure in failures:
         print(f"sr-upscale: failed: {failure}", file=sys.stderr)
-    if status:
+    if interrupted:
         print("sr-upscale: interrupted", file=sys.stderr)
-        return status
+        return interrupted
     return 1 if failures else 0
 
 
-def _failure_line(src: Path, exc: BaseException) -> str:
+def failure_line(src: Path, exc: BaseException) -> str:
     """`<input>: <reason>`, naming the input once whatever raised."""
     if isinstance(exc, MemoryError):
         return f"{src}: not enough memory (lower --max-pixels or --samples)"
@@ -273,22 +332,51 @@ def _failure_line(src: Path, exc: BaseException) -> str:
 def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], samples: int,
              args: argparse.Namespace) -> None:
     """Upscale one file; `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
-    std_dest = dest.with_name(f"{dest.stem}_std.png")
-    targets = (dest, std_dest) if args.std_map else (dest,)
+    targets = output_targets(dest, args)
     if args.no_clobber and any(t.exists() for t in targets):
         logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", src, dest)
         return
+    check_targets(src, targets, inputs, written)
+    upscale_file(upscaler, src, dest, samples, args).report()
+    written.update(t.resolve() for t in targets)
+
+
+def output_targets(dest: Path, args: argparse.Namespace) -> tuple[Path, ...]:
+    """Every file one input writes: its output, and with --std-map the std map beside it."""
+    return (dest, dest.with_name(f"{dest.stem}_std.png")) if args.std_map else (dest,)
+
+
+def check_targets(src: Path, targets: tuple[Path, ...], inputs: set[Path], claimed: set[Path]) -> None:
+    """SRInputError if a target is an input or in `claimed`, another input's output (a.png, a.jpg -> a_x4.png)."""
     for target in targets:
         if target.resolve() in inputs:
             raise SRInputError(f"{src}: output {target} is an input; refusing to overwrite it")
-        if target.resolve() in written:
+        if target.resolve() in claimed:
             raise SRInputError(f"{src}: output {target} was already written for another input")
+
+
+@dataclass
+class FileNotes:
+    """What upscaling one file has to tell: returned, not printed, so a Ray worker's reach the driver."""
+
+    warnings: list[str]
+    timing: str | None = None
+
+    def report(self) -> None:
+        """Decoder warnings to the `sr_runtime` log, the --timings line to stderr."""
+        for warning in self.warnings:
+            logging.getLogger("sr_runtime").warning("%s", warning)
+        if self.timing:
+            print(f"sr-upscale: {self.timing}", file=sys.stderr)
+
+
+def upscale_file(upscaler: Upscaler, src: Path, dest: Path, samples: int, args: argparse.Namespace) -> FileNotes:
+    """Read `src`, upscale it, write `dest` (and its std map) atomically: the whole of one input's work."""
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:  # the CLI decodes in one thread: safe here
+    with warnings.catch_warnings(record=True) as caught:  # one decode per process at a time: safe here
         warnings.simplefilter("always")
         img = open_image(src, upscaler.max_pixels)
-    for message in dict.fromkeys(str(w.message).strip() for w in caught):
-        logging.getLogger("sr_runtime").warning("%s: %s", src, message)
+    notes = FileNotes([f"{src}: {message}" for message in dict.fromkeys(str(w.message).strip() for w in caught)])
     stats = RunStats()
     with tqdm(desc=src.name, unit="tile", leave=False, disable=args.quiet or None) as bar:
         def progress(done: int, total: int) -> None:
@@ -296,15 +384,16 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], writt
             bar.update(done - bar.n)
 
         out, std = upscaler.run(img, samples, progress=progress, stats=stats)
-    save_atomic(out, dest)
+    targets = output_targets(dest, args)
+    save_atomic(out, targets[0])
     if args.std_map:
-        save_atomic(std_map_image(std), std_dest)
-    written.update(t.resolve() for t in targets)
+        save_atomic(std_map_image(std), targets[1])
     if args.timings:
         wall = time.perf_counter() - t0
         share = 1.0 - stats.backend_seconds / wall if wall > 0 else 0.0
-        print(f"sr-upscale: {src} -> {dest}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
-              f"({stats.tiles} tiles), {share:.1%} outside the backend", file=sys.stderr)
+        notes.timing = (f"{src} -> {dest}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
+                        f"({stats.tiles} tiles), {share:.1%} outside the backend")
+    return notes
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ with `os.open(..., 0o666)`, which honours the umask like a plain `open()`;
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,11 +30,26 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+#: Random bytes in a temporary file's name (`.<name>.<hex>.tmp`), so concurrent writers never collide.
+TEMP_TOKEN_BYTES = 6
+
+
+def stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files `atomic_write` left beside `path`: only a killed process (SIGKILL) leaves them.
+
+    Call it only while nobody else writes `path` (e.g. before redoing it).
+    """
+    target = Path(path)
+    name = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{{2 * TEMP_TOKEN_BYTES}}}\.tmp")
+    found = target.parent.glob(f".{glob.escape(target.name)}.*.tmp")
+    return sorted(p for p in found if name.fullmatch(p.name))
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Call `write(fh)` on a temporary file beside `path`, then rename it over `path`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(TEMP_TOKEN_BYTES)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:

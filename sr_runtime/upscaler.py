@@ -98,6 +98,7 @@ class Upscaler:
         precision: str = "auto",
         max_pixels: int | None = None,
         noise_rows: int = DEFAULT_ROWS,
+        cpu_threads: int | None = None,
     ) -> None:
         """Load the model (`None`: the shipped default, or `$SR_MODEL_DIR`) and pick a backend.
 
@@ -108,7 +109,9 @@ class Upscaler:
         smaller min/opt, and every call is padded to one of them;
         `precision` is "auto", "fp32" or "fp16"; `max_pixels` bounds input size
         (default: what half the RAM holds, see `default_max_pixels`);
-        `noise_rows` is the noise bank size (also the most distinct `samples`).
+        `noise_rows` is the noise bank size (also the most distinct `samples`);
+        `cpu_threads` are the CPU backend's intra-op threads (default: one per
+        core; give each of several Upscalers on one machine its share).
         """
         self.spec = load_model_spec(model)
         tile = self.spec.lr_size
@@ -122,6 +125,8 @@ class Upscaler:
             raise TypeError(f"max_pixels must be a number, got {max_pixels!r}")
         elif not math.isfinite(max_pixels) or max_pixels < 1:
             raise ValueError(f"max_pixels must be a finite number >= 1, got {max_pixels!r}")
+        if cpu_threads is not None:
+            cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
         self.temperature = float(temperature)
         self.tile_overlap = tile_overlap
         self.batch_size = batch
@@ -130,7 +135,7 @@ class Upscaler:
             self.spec.noise_dim, temperature=self.temperature, seed=seed, max_batch=batch, rows=noise_rows
         )
         self._backend: Backend = create_backend(self.spec, backend, precision, self._bank,
-                                                batch_buckets(self.spec, batch))
+                                                batch_buckets(self.spec, batch), cpu_threads)
         self.backend: str = self._backend.name
         self.precision: str = self._backend.precision
         self._lock = threading.Lock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from sr_runtime.files import (
     atomic_write_json,
     file_lock,
     sha256_file,
+    stale_temp_files,
 )
 
 TRY_LOCK = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
@@ -58,3 +60,16 @@ def test_file_lock_keeps_another_process_out_until_released(tmp_path: Path) -> N
     released = subprocess.run([sys.executable, "-c", TRY_LOCK, f"{target}.lock"], capture_output=True, check=False)
     assert held.returncode != 0 and b"BlockingIOError" in held.stderr
     assert released.returncode == 0
+
+
+def test_stale_temp_files_finds_what_a_killed_writer_left_and_nothing_else(tmp_path: Path) -> None:
+    target = tmp_path / "a[1].png"  # glob characters in the name must not widen the match
+    code = ("import os, signal, sys; from sr_runtime.files import atomic_write; "
+            "atomic_write(sys.argv[1], lambda fh: (fh.write(b'half'), fh.flush(), "
+            "os.kill(os.getpid(), signal.SIGKILL)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    (tmp_path / f".{target.name}.notes.tmp").write_text("someone else's")
+    (tmp_path / ".a1.png.0123456789ab.tmp").write_text("another target's")
+    [left] = stale_temp_files(target)
+    assert left.read_bytes() == b"half" and not target.exists()

@@ -104,6 +104,17 @@ def test_batch_size_does_not_change_the_result(double_model: Path) -> None:
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
+def test_cpu_threads_set_the_session_and_not_the_result(double_model: Path) -> None:
+    """A Ray worker's share of the cores (cpu_threads) reaches ONNX Runtime; pixels do not depend on it."""
+    photo = photo_lr(48)
+    with Upscaler(double_model, backend="cpu", temperature=0.5, seed=1) as default, \
+            Upscaler(double_model, backend="cpu", temperature=0.5, seed=1, cpu_threads=1) as single:
+        assert single._backend._session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+        assert np.array_equal(default.run(photo), single.run(photo))
+    with pytest.raises(ValueError, match="cpu_threads"):
+        Upscaler(double_model, backend="cpu", cpu_threads=0)
+
+
 def test_samples_return_a_std_map_where_noise_matters(double_model: Path) -> None:
     photo = photo_lr(40)
     with Upscaler(double_model, backend="cpu", temperature=0.8, seed=1) as up:

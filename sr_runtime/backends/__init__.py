@@ -14,6 +14,7 @@ captured CUDA graph. The CPU backend has no per-shape set-up and takes any N
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -89,7 +90,7 @@ def resolve_precision(spec: ModelSpec, precision: str, gpu: bool) -> str:
     return "fp16" if gpu and fp16 is not None and fp16.is_file() else "fp32"
 
 
-def _factory(name: str) -> Factory:
+def _factory(name: str, cpu_threads: int | None) -> Factory:
     """Import a backend module only when asked: tensorrt / cuda-python may be absent."""
     if name == "tensorrt":
         from sr_runtime.backends.trt_engine import TensorRTBackend
@@ -97,16 +98,20 @@ def _factory(name: str) -> Factory:
         return TensorRTBackend
     from sr_runtime.backends.onnxrt import OrtCpuBackend, OrtCudaBackend
 
-    return OrtCudaBackend if name == "onnxruntime-cuda" else OrtCpuBackend
+    if name == "onnxruntime-cuda":
+        return OrtCudaBackend
+    return functools.partial(OrtCpuBackend, threads=cpu_threads)
 
 
 def create_backend(
-    spec: ModelSpec, backend: str, precision: str, bank: NoiseBank, buckets: tuple[int, ...]
+    spec: ModelSpec, backend: str, precision: str, bank: NoiseBank, buckets: tuple[int, ...],
+    cpu_threads: int | None = None,
 ) -> Backend:
     """The requested backend, or with "auto" the first of AUTO_ORDER that works here.
 
     `buckets` are the batch sizes a GPU backend prepares (and warms up) at load;
-    the largest must not exceed the bank's `max_batch`.
+    the largest must not exceed the bank's `max_batch`. `cpu_threads` are the
+    intra-op threads of the CPU backend (default: one per core).
 
     A named backend that cannot run raises BackendUnavailable; `auto` logs a
     one-line reason per skipped backend and moves on.
@@ -119,12 +124,12 @@ def create_backend(
     if not buckets or buckets[-1] > bank.max_batch:
         raise ValueError(f"batch buckets {buckets} must be non-empty and fit the noise bank's {bank.max_batch} rows")
     if name != "auto":
-        chosen = _factory(name)(spec, precision, bank, buckets)
+        chosen = _factory(name, cpu_threads)(spec, precision, bank, buckets)
         log.info("sr_runtime: backend %s (%s)", chosen.name, chosen.precision)
         return chosen
     for candidate in AUTO_ORDER:
         try:
-            chosen = _factory(candidate)(spec, precision, bank, buckets)
+            chosen = _factory(candidate, cpu_threads)(spec, precision, bank, buckets)
         except BackendUnavailable as exc:
             log.info("sr_runtime: skipping %s: %s", candidate, exc)
             continue

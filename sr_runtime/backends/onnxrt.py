@@ -46,12 +46,16 @@ def cpu_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def session_options() -> ort.SessionOptions:
-    """All graph optimisations, one intra-op thread per core, no inter-op fan-out (a single chain)."""
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """All graph optimisations, `threads` intra-op threads (default one per core), no inter-op fan-out.
+
+    Several sessions sharing a machine (one per Ray worker) each take their share
+    of the cores; one per core each would oversubscribe it.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = cpu_cores()
+    opts.intra_op_num_threads = cpu_cores() if threads is None else threads
     opts.inter_op_num_threads = 1
     return opts
 
@@ -81,10 +85,12 @@ class OrtCpuBackend:
     name = "onnxruntime-cpu"
     batch_sizes = None
 
-    def __init__(self, spec: ModelSpec, precision: str, bank: NoiseBank, buckets: tuple[int, ...]) -> None:
+    def __init__(self, spec: ModelSpec, precision: str, bank: NoiseBank, buckets: tuple[int, ...],
+                 threads: int | None = None) -> None:
         self.precision = resolve_precision(spec, precision, gpu=False)
         path = spec.verify(self.precision)
-        self._session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(str(path), session_options(threads),
+                                             providers=["CPUExecutionProvider"])
         _check_io(self._session, spec)
         self._bank = bank
 

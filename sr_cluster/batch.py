@@ -1,0 +1,406 @@
+"""`sr-upscale --ray`: one command's files spread over a pool of Ray actors, one `Upscaler` each.
+
+Why tasks on an actor pool and not Ray Data: every input must end as exactly one
+output file or one `failed: <input>: <reason>` line, like the local CLI; each
+worker reads its input and writes its output itself (atomically, on a filesystem
+all workers share), so no pixels travel through the object store; and resuming
+is just "skip the outputs that exist". The driver streams the files, at most
+IN_FLIGHT_PER_WORKER per worker, so a million inputs are never submitted at once.
+
+Faults: a worker that dies (killed, OOM, node lost) is restarted by Ray
+(`max_restarts`); Ray does not retry its calls (`max_task_retries=0`): the driver
+resubmits the files that were in flight on it, unless their outputs already
+exist. A file that was *running* each of MAX_ATTEMPTS times its worker died
+fails with its own line instead of killing workers forever.
+
+Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import logging
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from tqdm import tqdm
+
+from sr_runtime.cli import (
+    FILE_ERRORS,
+    FileNotes,
+    UsageError,
+    check_targets,
+    failure_line,
+    final_status,
+    main,
+    output_path,
+    output_targets,
+    sigterm_as_exit,
+    upscale_file,
+    upscaler_from_args,
+)
+from sr_runtime.errors import BackendUnavailable, SRModelError
+from sr_runtime.files import stale_temp_files
+from sr_runtime.model import load_model_spec
+
+if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at runtime here
+    from typing_extensions import Self
+
+#: Files queued on one worker: one running, one waiting, so it never idles for the driver.
+IN_FLIGHT_PER_WORKER = 2
+#: Deaths of a worker while it ran a file before that file fails; also each worker's restarts.
+MAX_ATTEMPTS = 3
+#: How long the pool may take to place and load its workers before the job gives up.
+START_TIMEOUT_S = 300.0
+#: How long an interrupted job waits for its killed workers before removing their temporary files.
+STOP_TIMEOUT_S = 15.0
+#: Pause between pings of a worker Ray is restarting.
+RESTART_POLL_S = 0.2
+#: Longest the driver blocks in one `ray.wait`, so Ctrl-C and SIGTERM are handled promptly.
+POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many workers and what each reserves: a GPU, or a share of the CPUs used as ONNX Runtime threads."""
+
+    workers: int
+    num_gpus: int
+    num_cpus: int
+    cpu_threads: int | None
+
+    def describe(self) -> str:
+        each = "1 GPU" if self.num_gpus else f"{self.num_cpus} CPU{'s' if self.num_cpus > 1 else ''}"
+        return f"{self.workers} Ray worker{'s' if self.workers > 1 else ''}, {each} each"
+
+
+def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested: int | None) -> Placement:
+    """One worker per GPU where the cluster has GPUs; else one per CPU, each with one intra-op thread.
+
+    On CPUs, per-image parallelism beats intra-op threads for many small files (no
+    sync per convolution) and maps one-to-one onto Ray's CPU slots on any node
+    size. Fewer workers (`--workers`) each take cpus // workers cores, at most
+    one node's. More workers than slots would wait forever: a usage error.
+    """
+    gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
+    if gpus:
+        workers = requested or gpus
+        if workers > gpus:
+            raise UsageError(f"--workers {workers}: the Ray cluster has {gpus} GPUs, one per worker")
+        return Placement(workers, num_gpus=1, num_cpus=1, cpu_threads=None)
+    workers = requested or cpus
+    if not 1 <= workers <= cpus:
+        raise UsageError(f"--workers {workers}: the Ray cluster has {cpus} CPUs, at least one per worker")
+    share = max(1, min(cpus // workers, int(max(node_cpus, default=1))))
+    return Placement(workers, num_gpus=0, num_cpus=share, cpu_threads=share)
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One input, where it goes, and how many times a worker died while running it."""
+
+    src: Path
+    dest: Path
+    targets: tuple[Path, ...]
+    deaths: int = 0
+
+    def done(self) -> bool:
+        """Every output exists: complete, since outputs are only ever renamed into place."""
+        return all(t.exists() for t in self.targets)
+
+
+@dataclass
+class FileOutcome:
+    """A worker's answer for one file: its notes, or its failure line."""
+
+    notes: FileNotes | None = None
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker loaded, or why it could not."""
+
+    model: str = ""
+    backend: str = ""
+    precision: str = ""
+    max_samples: int = 0
+    error: str | None = None
+
+
+class UpscaleWorker:
+    """A Ray actor holding one Upscaler built from the command's flags (Ray reruns this on a restart)."""
+
+    def __init__(self, args: argparse.Namespace, samples: int, cpu_threads: int | None) -> None:
+        self._args = args
+        self._samples = samples
+        try:
+            self._upscaler = upscaler_from_args(args, cpu_threads)
+            self._error: str | None = None
+        except (SRModelError, BackendUnavailable, ValueError, TypeError) as exc:
+            self._error = str(exc)
+
+    def info(self) -> WorkerInfo:
+        if self._error is not None:
+            return WorkerInfo(error=self._error)
+        up = self._upscaler
+        return WorkerInfo(up.spec.name, up.backend, up.precision, up.max_samples)
+
+    def upscale(self, job: FileJob) -> FileOutcome:
+        """Upscale one file; an earlier, killed attempt's temporary files are removed first (this worker owns them now)."""
+        for target in job.targets:
+            for leftover in stale_temp_files(target):
+                leftover.unlink(missing_ok=True)
+        try:
+            return FileOutcome(notes=upscale_file(self._upscaler, job.src, job.dest, self._samples, self._args))
+        except FILE_ERRORS as exc:
+            return FileOutcome(failure=failure_line(job.src, exc))
+
+
+@dataclass
+class Summary:
+    """What one run did, for its last line."""
+
+    done: int = 0
+    skipped: int = 0
+    resubmitted: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -> list[FileJob]:
+    """The files still to do, with the local CLI's output checks; files whose outputs exist count as skipped."""
+    inputs = {p.resolve() for p in sources}
+    claimed: set[Path] = set()
+    jobs: list[FileJob] = []
+    for src in sources:
+        dest = output_path(src, args)
+        job = FileJob(src, dest, output_targets(dest, args))
+        try:
+            check_targets(src, job.targets, inputs, claimed)
+        except FILE_ERRORS as exc:
+            summary.failures.append(failure_line(src, exc))
+            continue
+        claimed.update(t.resolve() for t in job.targets)  # claimed at dispatch: files run concurrently
+        if job.done():
+            summary.skipped += 1
+        else:
+            jobs.append(job)
+    return jobs
+
+
+class WorkerState(enum.Enum):
+    """UP takes files; RESTARTING (Ray is restarting it) takes none until a ping answers; DEAD never again."""
+
+    UP = "up"
+    RESTARTING = "restarting"
+    DEAD = "dead"
+
+
+class WorkerPool:
+    """The actors and the files in flight on each; feeds them from a queue and resubmits a dead worker's files."""
+
+    def __init__(self, args: argparse.Namespace, samples: int, placement: Placement) -> None:
+        remote = ray.remote(UpscaleWorker)
+        run_id = uuid.uuid4().hex[:8]  # named, so an operator (or a fault test) can find and kill one
+        self.actors: list[Any] = [
+            remote.options(name=f"sr-upscale-{run_id}-{i}", num_cpus=placement.num_cpus,
+                           num_gpus=placement.num_gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
+            .remote(args, samples, placement.cpu_threads)
+            for i in range(placement.workers)
+        ]
+        self._in_flight: dict[Any, tuple[int, FileJob]] = {}  # ObjectRef -> (actor index, job)
+        self._order: list[deque[Any]] = [deque() for _ in self.actors]  # each actor's refs, oldest (running) first
+        self._state = [WorkerState.UP] * len(self.actors)
+        self._pings: dict[Any, int] = {}  # ObjectRef of `info` -> index of a restarting actor
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> list[WorkerInfo]:
+        """Wait for every worker to load its model; UsageError if they cannot be placed in time."""
+        refs = [actor.info.remote() for actor in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
+        if len(ready) < len(refs):
+            raise UsageError(f"only {len(ready)} of {len(refs)} Ray workers started within {START_TIMEOUT_S:.0f} s "
+                             "(the cluster is busy or lacks the resources)")
+        infos: list[WorkerInfo] = ray.get(refs)
+        return infos
+
+    def run(self, queue: deque[FileJob], summary: Summary, bar: tqdm) -> None:
+        """Until the queue is empty and nothing is in flight: keep every live worker fed, collect results."""
+        while queue or self._in_flight:
+            self._feed(queue)
+            if not self._in_flight and not self._pings:  # work left but no live worker
+                summary.failures.extend(f"{job.src}: no Ray worker left to upscale it (all died)" for job in queue)
+                queue.clear()
+                break
+            ready, _ = ray.wait([*self._in_flight, *self._pings], num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                if ref in self._pings:
+                    self._answer(ref)
+                else:
+                    self._collect(ref, queue, summary, bar)
+
+    def _feed(self, queue: deque[FileJob]) -> None:
+        for index, actor in enumerate(self.actors):
+            while self._state[index] is WorkerState.UP and queue and len(self._order[index]) < IN_FLIGHT_PER_WORKER:
+                job = queue.popleft()
+                ref = actor.upscale.remote(job)
+                self._in_flight[ref] = (index, job)
+                self._order[index].append(ref)
+
+    def _collect(self, ref: Any, queue: deque[FileJob], summary: Summary, bar: tqdm) -> None:
+        index, job = self._in_flight.pop(ref)
+        running = self._order[index][0] == ref  # an actor runs its calls in order: the oldest was running
+        self._order[index].remove(ref)
+        try:
+            outcome: FileOutcome = ray.get(ref)
+        except RayActorError as exc:  # the worker died; ActorDiedError: for good (its restarts are spent)
+            self._went_down(index, exc)
+            self._retry(replace(job, deaths=job.deaths + running), queue, summary, bar)
+            return
+        except RayTaskError as exc:  # a bug, not bad input: still one line for this file, the rest go on
+            cause = exc.cause if exc.cause is not None else exc
+            outcome = FileOutcome(failure=f"{job.src}: {type(cause).__name__}: {cause}")
+        if outcome.failure is not None:
+            summary.failures.append(outcome.failure)
+        elif outcome.notes is not None:
+            outcome.notes.report()
+            summary.done += 1
+        bar.update()
+
+    def _went_down(self, index: int, exc: RayActorError) -> None:
+        """Feed a restarting worker nothing (calls to it would fail at once) until it answers a ping."""
+        if isinstance(exc, ActorDiedError):
+            self._state[index] = WorkerState.DEAD
+        elif self._state[index] is WorkerState.UP:
+            self._state[index] = WorkerState.RESTARTING
+            self._pings[self.actors[index].info.remote()] = index
+
+    def _answer(self, ping: Any) -> None:
+        """A restarting worker's ping came back: up again, still restarting (ping again), or dead."""
+        index = self._pings.pop(ping)
+        try:
+            info: WorkerInfo = ray.get(ping)
+        except ActorDiedError:
+            self._state[index] = WorkerState.DEAD
+            return
+        except RayActorError:
+            time.sleep(RESTART_POLL_S)
+            self._pings[self.actors[index].info.remote()] = index
+            return
+        self._state[index] = WorkerState.DEAD if info.error is not None else WorkerState.UP
+
+    def _retry(self, job: FileJob, queue: deque[FileJob], summary: Summary, bar: tqdm) -> None:
+        """A file whose worker died: done if its outputs made it, failed after MAX_ATTEMPTS, else first in line."""
+        if job.done():
+            summary.done += 1
+        elif job.deaths >= MAX_ATTEMPTS:
+            for target in job.targets:
+                for leftover in stale_temp_files(target):
+                    leftover.unlink(missing_ok=True)
+            summary.failures.append(f"{job.src}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
+        else:
+            summary.resubmitted += 1
+            queue.appendleft(job)
+            return
+        bar.update()
+
+    def stop(self) -> None:
+        """Kill the workers; once their calls have failed, remove what the interrupted files left half-written."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self._in_flight:
+            ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=STOP_TIMEOUT_S)
+        for _, job in self._in_flight.values():
+            for target in job.targets:
+                for leftover in stale_temp_files(target):
+                    leftover.unlink(missing_ok=True)
+
+
+def connect(address: str) -> bool:
+    """Join the Ray session this process already has, or the cluster at `address`; True if we connected here."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=None if address == "auto" else address, logging_level=logging.WARNING)
+    return True
+
+
+def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: list[tuple[str, str]]) -> int:
+    """`sr-upscale --ray`: the exit status of the local CLI (0 / 1 / 2 / 130 / 143) for the same files."""
+    summary = Summary(failures=[f"{name}: {why}" for name, why in unmatched])
+    jobs = plan_jobs(sources, args, summary)
+    if summary.skipped:
+        print(f"sr-upscale: {summary.skipped} of {len(sources)} files already done (their outputs exist), "
+              "skipped", file=sys.stderr)
+    if not jobs:
+        return final_status(summary.failures, 0)
+    try:
+        load_model_spec(args.model)  # a wrong --model is a usage error before any cluster starts
+        connected_here = connect(args.ray)
+    except SRModelError as exc:
+        print(f"sr-upscale: error: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        print(f"sr-upscale: error: cannot reach the Ray cluster at {args.ray}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_pool(args, samples, jobs, summary)
+    finally:
+        if connected_here:
+            ray.shutdown()
+
+
+def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summary: Summary) -> int:
+    """Place the workers, stream the files through them, and always kill them at the end."""
+    started = time.perf_counter()
+    status = 0
+    try:
+        with sigterm_as_exit():
+            nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+            placement = plan_placement(ray.cluster_resources(), nodes, args.workers)
+            with WorkerPool(args, samples, placement) as pool:
+                first = _check_workers(pool.start(), samples)
+                print(f"sr-upscale: model {first.model}, backend {first.backend} ({first.precision}) on "
+                      f"{placement.describe()}", file=sys.stderr)
+                with tqdm(total=len(jobs), desc="files", unit="file", disable=args.quiet or None) as bar:
+                    pool.run(deque(jobs), summary, bar)
+    except UsageError as exc:
+        print(f"sr-upscale: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        status = 130
+    except SystemExit as exc:  # SIGTERM
+        status = exc.code if isinstance(exc.code, int) else 143
+    print(f"sr-upscale: {summary.done} done, {summary.skipped} skipped as already done, "
+          f"{len(summary.failures)} failed, {summary.resubmitted} resubmitted after a worker died "
+          f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return final_status(summary.failures, status)
+
+
+def _check_workers(infos: list[WorkerInfo], samples: int) -> WorkerInfo:
+    """The first worker's info; UsageError for a worker that could not load the model or a --samples too large."""
+    for info in infos:
+        if info.error is not None:
+            raise UsageError(info.error)
+        if samples > info.max_samples:
+            raise UsageError(f"--samples must be at most {info.max_samples} for this model (its noise bank)")
+    return infos[0]
+
+
+if __name__ == "__main__":  # `python -m sr_cluster.batch ARGS` is `sr-upscale ARGS --ray`
+    argv = sys.argv[1:]
+    if not any(arg == "--ray" or arg.startswith("--ray=") for arg in argv):
+        argv.append("--ray")
+    sys.exit(main(argv))

@@ -1,0 +1,200 @@
+"""sr-upscale --ray on a real local Ray cluster: same pixels as the local CLI, a killed worker, resume, failures."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from doubles import photo_lr
+from PIL import Image
+
+from sr_runtime.cli import UsageError, main
+
+pytest.importorskip("ray", reason="Ray is not installed (the `cluster` extra)")
+
+from sr_cluster.batch import Placement, plan_placement  # after the skip: it imports ray
+
+SEEDED = ["--temperature", "0.6", "--seed", "5"]
+SUMMARY = re.compile(r"sr-upscale: (\d+) done, (\d+) skipped as already done, (\d+) failed, (\d+) resubmitted")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 real photo crops, 40x30 .. 70x50, RGB / RGBA / grey, PNG and JPEG."""
+    folder = tmp_path_factory.mktemp("photos")
+    base = Image.fromarray(photo_lr(96))
+    for i in range(20):
+        w, h = 40 + (i * 3) % 31, 30 + (i * 7) % 21
+        crop = base.crop((i, 2 * i, i + w, 2 * i + h))
+        mode, ext = [("RGB", "png"), ("RGBA", "png"), ("L", "png"), ("RGB", "jpg"), ("L", "jpg")][i % 5]
+        if mode == "RGBA":
+            crop.putalpha(Image.linear_gradient("L").resize(crop.size))
+        crop.convert(mode).save(folder / f"p{i:02d}.{ext}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_results(double_model: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The local CLI's outputs of `photos`, at temperature 0 and seeded at 0.6: what --ray must reproduce."""
+    results = {}
+    for name, flags in (("t0", []), ("seeded", SEEDED)):
+        out = tmp_path_factory.mktemp(f"local-{name}")
+        assert main(["--model", str(double_model), "-q", str(photos), "-o", str(out), *flags]) == 0
+        results[name] = out
+    return results
+
+
+def run_ray(double_model: Path, ray_local: Any, *args: str) -> int:
+    """sr-upscale --ray in this process, against the session's local cluster by its address."""
+    address = ray_local.get_runtime_context().gcs_address
+    return main(["--model", str(double_model), "-q", *args, "--ray", address])
+
+
+def assert_same_images(folder: Path, expected: Path) -> None:
+    """Same file names (so no temporary or duplicate files) and bit-identical decoded pixels."""
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for path in expected.iterdir():
+        with Image.open(path) as want, Image.open(folder / path.name) as got:
+            assert got.mode == want.mode and np.array_equal(np.asarray(got), np.asarray(want)), path.name
+
+
+def summary_counts(err: str) -> tuple[int, ...]:
+    """(done, skipped, failed, resubmitted) from the driver's last line."""
+    match = SUMMARY.search(err)
+    assert match, err
+    return tuple(int(n) for n in match.groups())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["t0", "seeded"])
+def test_ray_gives_the_local_pixels(double_model: Path, ray_local: Any, photos: Path, tmp_path: Path,
+                                    local_results: dict[str, Path], name: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Whichever worker upscales an image, it gets the local CLI's pixels (noise keyed by tile and seed)."""
+    flags = SEEDED if name == "seeded" else []
+    assert run_ray(double_model, ray_local, str(photos), "-o", str(tmp_path), *flags) == 0
+    assert summary_counts(capsys.readouterr().err) == (20, 0, 0, 0)
+    assert_same_images(tmp_path, local_results[name])
+
+
+@pytest.mark.slow
+def test_a_killed_worker_loses_and_duplicates_nothing(double_model: Path, ray_local: Any, photos: Path,
+                                                      tmp_path: Path, local_results: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Kill a worker (Ray restarts it) once 2 outputs exist: its in-flight files are redone, each output once."""
+    killed: list[str] = []
+    earlier = set(ray_local.util.list_named_actors())  # earlier tests' workers, if any still listed
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(tmp_path.glob("*_x4.*"))) < 2:
+            time.sleep(0.02)
+        names = sorted(n for n in set(ray_local.util.list_named_actors()) - earlier if n.startswith("sr-upscale-"))
+        if names:
+            ray_local.kill(ray_local.get_actor(names[0]), no_restart=False)
+            killed.append(names[0])
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    assert run_ray(double_model, ray_local, str(photos), "-o", str(tmp_path), *SEEDED) == 0
+    killer.join(timeout=10)
+    assert killed, "the worker was not killed mid-job"
+    done, skipped, failed, resubmitted = summary_counts(capsys.readouterr().err)
+    assert (done, skipped, failed) == (20, 0, 0) and resubmitted >= 1
+    assert_same_images(tmp_path, local_results["seeded"])
+
+
+@pytest.mark.slow
+def test_resume_does_only_the_missing_outputs(double_model: Path, ray_local: Any, photos: Path, tmp_path: Path,
+                                              local_results: dict[str, Path],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_ray(double_model, ray_local, str(photos / "p0*"), "-o", str(tmp_path)) == 0  # a partial run
+    first = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert len(first) == 10
+    leftover = tmp_path / ".p15_x4.png.0123456789ab.tmp"  # what a SIGKILLed writer leaves
+    leftover.write_bytes(b"half a png")
+    capsys.readouterr()
+    assert run_ray(double_model, ray_local, str(photos), "-o", str(tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert "10 of 20 files already done" in err and summary_counts(err) == (10, 10, 0, 0)
+    assert {name: (tmp_path / name).stat().st_mtime_ns for name in first} == first
+    assert_same_images(tmp_path, local_results["t0"])  # the leftover temporary file is gone too
+
+
+@pytest.mark.slow
+def test_a_corrupt_input_fails_with_the_local_line(double_model: Path, ray_local: Any, photos: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    inputs = [str(photos / "p01.png"), str(broken), str(photos / "p03.jpg"), str(tmp_path / "gone.png")]
+    assert main(["--model", str(double_model), "-q", *inputs, "-o", str(tmp_path / "local")]) == 1
+    local_failures = [line for line in capsys.readouterr().err.splitlines() if "failed:" in line]
+    assert run_ray(double_model, ray_local, *inputs, "-o", str(tmp_path / "ray")) == 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "failed:" in line] == local_failures
+    assert len(local_failures) == 2 and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["p01_x4.png", "p03_x4.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "one.png", "--ray"], "is a file but there are 20 inputs"),
+        (["--ray", "--workers", "0"], "--workers must be >= 1"),
+        (["--workers", "2"], "needs --ray"),
+        (["--ray", "no address here"], "expected host:port"),
+        (["--ray", "--model", "/nonexistent/model"], "no model manifest"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_work(double_model: Path, photos: Path, tmp_path: Path, args: list[str],
+                                             message: str, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(double_model), "-q", str(photos), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [] and not list(photos.glob("*_x4.*"))
+
+
+def test_more_workers_than_the_cluster_holds_is_a_usage_error(double_model: Path, ray_local: Any, photos: Path,
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_ray(double_model, ray_local, str(photos), "-o", str(tmp_path), "--workers", "3") == 2
+    assert "the Ray cluster has 2 CPUs" in capsys.readouterr().err
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def test_without_the_cluster_extra_one_line_and_exit_2(double_model: Path, photos: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "sr_cluster.batch")
+    assert main(["--model", str(double_model), str(photos), "--ray"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sr-upscale: error: --ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"]
+
+
+@pytest.mark.parametrize(
+    ("cluster", "nodes", "requested", "expected"),
+    [
+        ({"CPU": 16.0, "GPU": 4.0}, [8.0, 8.0], None, Placement(4, num_gpus=1, num_cpus=1, cpu_threads=None)),
+        ({"CPU": 16.0}, [8.0, 8.0], None, Placement(16, num_gpus=0, num_cpus=1, cpu_threads=1)),
+        ({"CPU": 16.0}, [8.0, 8.0], 4, Placement(4, num_gpus=0, num_cpus=4, cpu_threads=4)),
+        ({"CPU": 16.0}, [8.0, 8.0], 1, Placement(1, num_gpus=0, num_cpus=8, cpu_threads=8)),  # one node's worth
+        ({"CPU": 2.0}, [2.0], 1, Placement(1, num_gpus=0, num_cpus=2, cpu_threads=2)),
+    ],
+)
+def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str, float], nodes: list[float],
+                                                               requested: int | None, expected: Placement) -> None:
+    assert plan_placement(cluster, nodes, requested) == expected
+
+
+def test_placement_refuses_more_workers_than_gpus() -> None:
+    with pytest.raises(UsageError, match="2 GPUs"):
+        plan_placement({"CPU": 8.0, "GPU": 2.0}, [8.0], 3)
