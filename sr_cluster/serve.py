@@ -228,6 +228,11 @@ class ServiceOptions:
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S
     concurrent_runs: int = DEFAULT_CONCURRENT_RUNS
 
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0 and not (name == "batch_wait_s" and value == 0):
+                raise ValueError(f"{name} must be positive, got {value}")
+
 
 @dataclass(frozen=True)
 class Scaling:
@@ -400,7 +405,8 @@ def build_app(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sr-serve", description=__doc__.split("\n\n")[0].strip("`"))
+    p = argparse.ArgumentParser(prog="sr-serve", description="x4 upscaling over HTTP on Ray Serve: "
+                                                           "POST /upscale, GET /healthz")
     p.add_argument("--model", default=None, help="model directory readable on every node (default: the shipped one)")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, cuda or cpu (default auto)")
     p.add_argument("--precision", default="auto", help="auto, fp32 or fp16 (default auto)")
@@ -453,22 +459,22 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServiceOptions, Scalin
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options, scaling = settings_from_args(args)
     try:
+        options, scaling = settings_from_args(args)
         scaling.deployment_options(0.0)
     except ValueError as exc:
         print(f"sr-serve: {exc}", file=sys.stderr)
         return 2
     import ray
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(address=args.ray_address, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling)
         handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+            signal.signal(sig, lambda *_: stop.set())
         print(f"sr-serve: http://{args.host}:{args.port}/upscale ({handle.deployment_name}, "
               f"{asdict(scaling)}); SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
         stop.wait()

@@ -35,6 +35,7 @@ from sr_cluster.serve import (  # after the skip: needs ray
     build_app,
     build_parser,
     encode_image,
+    main,
     parse_params,
     settings_from_args,
 )
@@ -165,6 +166,8 @@ def test_cli_flags_map_to_settings() -> None:
     assert serve_options["autoscaling_config"]["max_replicas"] == 3
     assert serve_options["graceful_shutdown_timeout_s"] == 9
     assert build_parser().parse_args([]).host == "127.0.0.1"
+    assert main(["--concurrent-runs", "0"]) == 2  # refused before any Ray is started
+    assert main(["--min-replicas", "3", "--max-replicas", "2"]) == 2
 
 
 def test_encode_keeps_what_the_format_can_hold() -> None:
