@@ -354,7 +354,12 @@ class UpscaleService:
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_IMAGES, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def upscale_batch(self, images: list[Image.Image]) -> list[Image.Image | SRInputError]:
-        """Small temperature-0 images of concurrent requests, their tiles packed into shared backend calls."""
+        """Small temperature-0 images of concurrent requests, their tiles packed into shared backend calls.
+
+        Serve forms the next batch as soon as this one is launched (Ray 2.60), so
+        a batch holds the requests that arrive within the batch wait, not those
+        that queue while the backend is busy: it pays where a call is short.
+        """
         async with self._runs:
             results = await asyncio.to_thread(run_each_or_together, self._deterministic, images)
         self._batches += 1
