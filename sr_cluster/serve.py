@@ -1,0 +1,496 @@
+"""`sr-serve`: x4 upscaling over HTTP on Ray Serve.
+
+`POST /upscale?temperature=T&seed=S&format=png|jpeg|webp` with a PNG, JPEG or
+WebP body answers the 4x image; `GET /healthz` answers the model, backend and
+precision as JSON. Every error is one JSON line `{"error": "..."}` with a 4xx
+status for the client's mistakes and 500 only for faults of the server.
+
+Each replica holds one deterministic (temperature 0) `Upscaler`, used by every
+temperature-0 request, and a small LRU of `Upscaler`s at temperature > 0, one
+per (temperature, seed): an Upscaler's noise bank is drawn once at
+construction. Small temperature-0 images of concurrent requests are batched
+(`@serve.batch`) into shared backend calls with `Upscaler.run_many`; requests
+at temperature > 0 are never batched across requests, because every backend
+call reads one contiguous slice of the noise bank keyed by one image's tile
+grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, cast
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sr_runtime import SRInputError, Upscaler
+from sr_runtime.tiling import plan_tiles
+
+log = logging.getLogger("sr_cluster.serve")
+
+#: Body formats the service decodes (Pillow format name -> media type).
+INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+#: Content-Types a request may declare; anything else is a 415 (the bytes decide the format).
+ACCEPTED_CONTENT_TYPES = frozenset([*INPUT_FORMATS.values(), "application/octet-stream"])
+#: `format` query values -> (Pillow format, media type, save options).
+OUTPUT_FORMATS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "png": ("PNG", "image/png", {}),
+    "jpeg": ("JPEG", "image/jpeg", {"quality": 95}),
+    "webp": ("WEBP", "image/webp", {"quality": 95}),
+}
+#: Above this the model's samples drift off the image manifold; the range keeps requests sane.
+MAX_TEMPERATURE = 2.0
+#: Seeds are numpy Generator seeds; the bound keeps them one signed 64-bit word.
+SEED_LIMIT = 2**63
+QUERY_PARAMETERS = ("temperature", "seed", "format")
+
+DEFAULT_MAX_BODY_MB = 25.0
+#: 4 MP input = 64 MP output; one run of it peaks near 2 GB (31 bytes per output pixel).
+DEFAULT_MAX_PIXELS = 4_000_000
+DEFAULT_SAMPLER_CACHE = 4
+DEFAULT_MAX_BATCH_IMAGES = 8
+DEFAULT_BATCH_WAIT_S = 0.01
+DEFAULT_CONCURRENT_RUNS = 2
+DEFAULT_MAX_ONGOING_REQUESTS = 16
+APP_NAME = "sr"
+
+
+class HTTPError(Exception):
+    """A request answered with `status` and a one-line `message` (extra `headers` e.g. Allow)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class UpscaleParams:
+    """The query of one request: temperature, seed (ignored at temperature 0) and output format."""
+
+    temperature: float = 0.0
+    seed: int = 0
+    format: str | None = None  # None: the format of the body
+
+
+def parse_params(items: Sequence[tuple[str, str]]) -> UpscaleParams:
+    """The request's query parameters, each checked; HTTPError 400 names the first bad one."""
+    seen: dict[str, str] = {}
+    for key, value in items:
+        if key not in QUERY_PARAMETERS:
+            raise HTTPError(400, f"unknown query parameter {key!r} (use {', '.join(QUERY_PARAMETERS)})")
+        if key in seen:
+            raise HTTPError(400, f"query parameter {key!r} given twice")
+        seen[key] = value
+    temperature = 0.0
+    if "temperature" in seen:
+        try:
+            temperature = float(seen["temperature"])
+        except ValueError:
+            temperature = math.nan
+        if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses NaN
+            raise HTTPError(400, f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], "
+                                 f"got {seen['temperature']!r}")
+    seed = 0
+    if "seed" in seen:
+        text = seen["seed"]
+        if not text.isascii() or not text.isdigit() or int(text) >= SEED_LIMIT:
+            raise HTTPError(400, f"seed must be an integer in [0, 2**63), got {text!r}")
+        seed = int(text)
+    fmt = seen.get("format")
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise HTTPError(400, f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    return UpscaleParams(temperature, seed if temperature > 0 else 0, fmt)
+
+
+def decode_body(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """The decoded image and its format name (lower case); the size is checked before decoding.
+
+    Pillow reads the size from the header, so a small file declaring a huge
+    raster (a decompression bomb) is refused before any pixel is allocated.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=tuple(INPUT_FORMATS)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise HTTPError(413, f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over this "
+                                     f"service's limit of {max_pixels / 1e6:.1f} MP")
+            img.load()
+            return img, str(img.format).lower()
+    except HTTPError:
+        raise
+    except UnidentifiedImageError:
+        raise HTTPError(400, "body is not a PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError:
+        raise HTTPError(413, "image refused as a decompression bomb (too many pixels)") from None
+    except MemoryError:
+        raise HTTPError(413, "image too large to decode") from None
+    except Exception as exc:  # noqa: BLE001 -- a decoder's error on hostile bytes is this request's fault
+        raise HTTPError(400, f"truncated or corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def encode_image(img: Image.Image, fmt: str) -> bytes:
+    """`img` saved as `fmt`, converted where the format lacks the mode (alpha in JPEG, 16-bit grey)."""
+    pil_format, _, options = OUTPUT_FORMATS[fmt]
+    if img.mode == "I;16" and fmt != "png":
+        grey16 = np.asarray(img).astype(np.uint32)
+        img = Image.fromarray(((grey16 + 128) // 257).astype(np.uint8))
+    if img.mode == "CMYK" and fmt != "jpeg":
+        img = img.convert("RGB")
+    if fmt == "jpeg" and img.mode in ("RGBA", "LA"):
+        img = img.convert(img.mode[:-1])
+    buf = io.BytesIO()
+    img.save(buf, format=pil_format, **options)
+    return buf.getvalue()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as its declared or received size passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPError(400, f"bad Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise HTTPError(413, f"body of {int(declared)} bytes is over this service's limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, f"body is over this service's limit of {limit} bytes")
+    if not body:
+        raise HTTPError(400, "empty body: send the image's bytes")
+    return bytes(body)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class SamplerCache:
+    """A bounded LRU of `Upscaler`s at temperature > 0, one per (temperature, seed).
+
+    Each entry costs one backend session plus its noise bank: (16 + batch - 1)
+    rows of noise_dim floats, 125 MB for the shipped model (noise_dim 1.01 M,
+    batch 16), so 4 entries are about 0.5-1 GB per replica. An evicted entry is
+    dropped, not closed: a request still running on it finishes, and its memory
+    goes when that request lets go of it.
+    """
+
+    def __init__(self, create: Callable[[float, int], Upscaler], capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the sampler cache needs at least one entry, got {capacity}")
+        self._create = create
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple[float, int], Upscaler] = OrderedDict()
+        self._lock = asyncio.Lock()  # one construction at a time; two requests for a new key build it once
+
+    async def get(self, temperature: float, seed: int) -> Upscaler:
+        key = (temperature, seed)
+        async with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            upscaler = await asyncio.to_thread(self._create, temperature, seed)
+            self._entries[key] = upscaler
+            if len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+            return upscaler
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Per-replica limits and batching; see `sr-serve --help` for what each one bounds."""
+
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    sampler_cache: int = DEFAULT_SAMPLER_CACHE
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
+    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
+    concurrent_runs: int = DEFAULT_CONCURRENT_RUNS
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0 and not (name == "batch_wait_s" and value == 0):
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Replica count or autoscaling, per-replica concurrency and drain time, mapped to Serve's options.
+
+    `min_replicas`/`max_replicas` switch on Serve's autoscaler (it keeps about
+    `target_ongoing_requests` requests per replica); otherwise `replicas` is fixed.
+    `gpus_per_replica` None: 1 where the cluster has GPUs, else the replica takes one CPU.
+    """
+
+    replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 4.0
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
+    gpus_per_replica: float | None = None
+    graceful_shutdown_timeout_s: float = 60.0
+    graceful_shutdown_wait_loop_s: float = 1.0
+
+    def deployment_options(self, cluster_gpus: float) -> dict[str, Any]:
+        gpus = (1.0 if cluster_gpus > 0 else 0.0) if self.gpus_per_replica is None else self.gpus_per_replica
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_gpus": gpus} if gpus > 0 else {"num_cpus": 1},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+        }
+        if self.min_replicas is None and self.max_replicas is None:
+            options["num_replicas"] = self.replicas
+        else:
+            low = 1 if self.min_replicas is None else self.min_replicas
+            high = max(low, 1) if self.max_replicas is None else self.max_replicas
+            if not 0 <= low <= high or high < 1:
+                raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
+                                 f"got {low}..{high}")
+            options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+                                             "target_ongoing_requests": self.target_ongoing_requests}
+        return options
+
+
+class UpscaleService:
+    """One replica: a deterministic Upscaler for batched temperature-0 work plus an LRU of samplers."""
+
+    def __init__(self, model: str | None, backend: str, precision: str, options: ServiceOptions) -> None:
+        make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels)
+        self._options = options
+        self._deterministic = make()
+        self._samplers = SamplerCache(lambda temperature, seed: make(temperature=temperature, seed=seed),
+                                      options.sampler_cache)
+        # Runs at once per replica: bounds peak memory (about 31 bytes per output pixel each).
+        self._runs = asyncio.Semaphore(options.concurrent_runs)
+        self._in_flight = 0
+        self._batches = 0
+        self._batched_images = 0
+        batcher = cast(Any, self.upscale_batch)  # serve.batch's wrapper: its bounds are set per replica
+        batcher.set_max_batch_size(options.max_batch_images)
+        batcher.set_batch_wait_timeout_s(options.batch_wait_s)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.removeprefix(request.scope.get("root_path", "")).rstrip("/")
+        try:
+            if path == "/upscale":
+                if request.method != "POST":
+                    raise HTTPError(405, "use POST with the image as the body", {"Allow": "POST"})
+                self._in_flight += 1
+                try:
+                    return await self.upscale(request)
+                finally:
+                    self._in_flight -= 1
+            if path == "/healthz":
+                if request.method not in ("GET", "HEAD"):
+                    raise HTTPError(405, "use GET", {"Allow": "GET, HEAD"})
+                return JSONResponse(self.health())
+            raise HTTPError(404, "no such route: POST /upscale, GET /healthz")
+        except HTTPError as exc:
+            return error_response(exc.status, exc.message, exc.headers)
+        except Exception:
+            log.exception("upscale request failed")
+            return error_response(500, "internal error (logged by the replica)")
+
+    def health(self) -> dict[str, Any]:
+        up = self._deterministic
+        return {"status": "ok", "model": up.spec.name, "backend": up.backend, "precision": up.precision,
+                "max_pixels": up.max_pixels, "in_flight": self._in_flight, "samplers": len(self._samplers),
+                "batches": self._batches, "batched_images": self._batched_images}
+
+    async def upscale(self, request: Request) -> Response:
+        params = parse_params(request.query_params.multi_items())
+        content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+        if content_type.lower() not in ACCEPTED_CONTENT_TYPES:
+            raise HTTPError(415, f"Content-Type {content_type!r} is not accepted: send "
+                                 f"{', '.join(sorted(ACCEPTED_CONTENT_TYPES))}")
+        body = await read_body(request, self._options.max_body_bytes)
+        image, source_format = await asyncio.to_thread(decode_body, body, self._options.max_pixels)
+        try:
+            if params.temperature > 0:
+                sampler = await self._samplers.get(params.temperature, params.seed)
+                async with self._runs:
+                    result = await asyncio.to_thread(sampler.run, image)
+            elif self._fills_a_batch(image):
+                async with self._runs:
+                    result = await asyncio.to_thread(self._deterministic.run, image)
+            else:
+                batched = await self.upscale_batch(image)
+                if isinstance(batched, SRInputError):
+                    raise batched
+                result = batched
+        except SRInputError as exc:
+            raise HTTPError(422, str(exc)) from None
+        fmt = params.format or source_format
+        data = await asyncio.to_thread(encode_image, result, fmt)
+        return Response(data, media_type=OUTPUT_FORMATS[fmt][1])
+
+    def _fills_a_batch(self, image: Image.Image) -> bool:
+        """True if the image's own tiles fill a backend batch: sharing one with other requests gains nothing."""
+        up = self._deterministic
+        width, height = image.size
+        return plan_tiles(height, width, up.spec.lr_size, up.tile_overlap).count >= up.batch_size
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_IMAGES, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def upscale_batch(self, images: list[Image.Image]) -> list[Image.Image | SRInputError]:
+        """Small temperature-0 images of concurrent requests, their tiles packed into shared backend calls.
+
+        Serve forms the next batch as soon as this one is launched (Ray 2.60), so
+        a batch holds the requests that arrive within the batch wait, not those
+        that queue while the backend is busy: it pays where a call is short.
+        """
+        async with self._runs:
+            results = await asyncio.to_thread(run_each_or_together, self._deterministic, images)
+        self._batches += 1
+        self._batched_images += len(images)
+        return results
+
+
+def run_each_or_together(upscaler: Upscaler, images: list[Image.Image]) -> list[Image.Image | SRInputError]:
+    """`run_many` over all images; if one image fails, each runs alone so that only its request fails."""
+    try:
+        return list(cast(list[Image.Image], upscaler.run_many(images)))  # PIL images in, PIL images out
+    except SRInputError:
+        if len(images) == 1:
+            raise
+    results: list[Image.Image | SRInputError] = []
+    for image in images:
+        try:
+            results.append(upscaler.run(image))
+        except SRInputError as exc:
+            results.append(exc)
+    return results
+
+
+def build_app(
+    model: str | os.PathLike[str] | None = None,
+    backend: str = "auto",
+    precision: str = "auto",
+    *,
+    options: ServiceOptions | None = None,
+    scaling: Scaling | None = None,
+) -> serve.Application:
+    """The bound Serve application: `serve.run(build_app(...), route_prefix="/")`.
+
+    With `scaling.gpus_per_replica` None this connects to Ray (as `serve.run`
+    would) to see whether the cluster has GPUs. `model` must be a path every
+    node can read (None: the shipped default model).
+    """
+    import ray
+
+    scaling = scaling or Scaling()
+    if scaling.gpus_per_replica is None and not ray.is_initialized():
+        ray.init()
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if scaling.gpus_per_replica is None else 0.0
+    model_path = None if model is None else os.path.abspath(model)
+    deployment = serve.deployment(name="Upscaler")(UpscaleService)
+    return deployment.options(**scaling.deployment_options(cluster_gpus)).bind(
+        model_path, backend, precision, options or ServiceOptions())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sr-serve", description="x4 upscaling over HTTP on Ray Serve: "
+                                                           "POST /upscale, GET /healthz")
+    p.add_argument("--model", default=None, help="model directory readable on every node (default: the shipped one)")
+    p.add_argument("--backend", default="auto", help="auto, tensorrt, cuda or cpu (default auto)")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or fp16 (default auto)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--ray-address", default=None,
+                   help="existing Ray cluster (e.g. auto or ray://head:10001); default: start a local one")
+    scale = p.add_argument_group("scaling")
+    scale.add_argument("--replicas", type=int, default=1, help="fixed replica count (default 1)")
+    scale.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (enables autoscaling)")
+    scale.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (enables autoscaling)")
+    scale.add_argument("--target-ongoing-requests", type=float, default=4.0,
+                       help="autoscaling target of requests in flight per replica (default 4)")
+    scale.add_argument("--max-ongoing-requests", type=int, default=DEFAULT_MAX_ONGOING_REQUESTS,
+                       help=f"requests a replica accepts at once; more wait in the proxy "
+                            f"(default {DEFAULT_MAX_ONGOING_REQUESTS})")
+    scale.add_argument("--gpus-per-replica", type=float, default=None,
+                       help="default: 1 where the cluster has GPUs, else each replica takes 1 CPU")
+    scale.add_argument("--graceful-shutdown-s", type=float, default=60.0,
+                       help="on SIGTERM/SIGINT, wait this long for requests in flight (default 60)")
+    lim = p.add_argument_group("limits and batching (per replica)")
+    lim.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                     help=f"largest request body; more is refused with 413 (default {DEFAULT_MAX_BODY_MB:g})")
+    lim.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help=f"largest input width x height; more is refused with 413 (default {DEFAULT_MAX_PIXELS})")
+    lim.add_argument("--sampler-cache", type=int, default=DEFAULT_SAMPLER_CACHE,
+                     help="Upscalers kept for (temperature > 0, seed) pairs; each holds a session and a noise bank "
+                          f"(~125 MB for the shipped model) (default {DEFAULT_SAMPLER_CACHE})")
+    lim.add_argument("--concurrent-runs", type=int, default=DEFAULT_CONCURRENT_RUNS,
+                     help=f"images upscaled at once (peak memory ~31 bytes per output pixel each) "
+                          f"(default {DEFAULT_CONCURRENT_RUNS})")
+    lim.add_argument("--max-batch-images", type=int, default=DEFAULT_MAX_BATCH_IMAGES,
+                     help=f"temperature-0 requests batched together (default {DEFAULT_MAX_BATCH_IMAGES})")
+    lim.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_S * 1e3,
+                     help=f"how long a batch waits to fill (default {DEFAULT_BATCH_WAIT_S * 1e3:g})")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[ServiceOptions, Scaling]:
+    options = ServiceOptions(
+        max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels, sampler_cache=args.sampler_cache,
+        max_batch_images=args.max_batch_images, batch_wait_s=args.batch_wait_ms / 1e3,
+        concurrent_runs=args.concurrent_runs)
+    scaling = Scaling(
+        replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests, max_ongoing_requests=args.max_ongoing_requests,
+        gpus_per_replica=args.gpus_per_replica, graceful_shutdown_timeout_s=args.graceful_shutdown_s)
+    return options, scaling
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options, scaling = settings_from_args(args)
+        scaling.deployment_options(0.0)
+    except ValueError as exc:
+        print(f"sr-serve: {exc}", file=sys.stderr)
+        return 2
+    import ray
+
+    ray.init(address=args.ray_address, logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling)
+        handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"sr-serve: http://{args.host}:{args.port}/upscale ({handle.deployment_name}, "
+              f"{asdict(scaling)}); SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
+        stop.wait()
+        print("sr-serve: draining requests in flight, then shutting down", file=sys.stderr, flush=True)
+        # Deleting the application first drains its replicas while the proxy still answers them.
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

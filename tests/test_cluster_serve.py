@@ -1,0 +1,329 @@
+"""sr-serve on a real local Ray cluster: real HTTP on loopback, real images, the test-double model.
+
+Every response is checked against a local `Upscaler` run on the same decoded
+image; bad requests are sent while good ones are in flight.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sr_runtime import Upscaler
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the `cluster` extra)")
+
+from sr_cluster.serve import (  # after the skip: needs ray
+    HTTPError,
+    Scaling,
+    ServiceOptions,
+    build_app,
+    build_parser,
+    encode_image,
+    main,
+    parse_params,
+    settings_from_args,
+)
+
+HOST = "127.0.0.1"
+TIMEOUT_S = 60.0
+MAX_PIXELS = 1_000_000
+MAX_BODY_BYTES = 2 * 2**20
+PREFIX = "/sr"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    seconds: float
+
+    def error(self) -> str:
+        return str(json.loads(self.body)["error"])
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> Reply:
+    conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+    t0 = time.perf_counter()
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return Reply(resp.status, resp.getheader("Content-Type", ""), data, time.perf_counter() - t0)
+    finally:
+        conn.close()
+
+
+def post_image(port: int, data: bytes, query: str = "", content_type: str = "image/png",
+               prefix: str = PREFIX) -> Reply:
+    return request(port, "POST", f"{prefix}/upscale{query}", data, {"Content-Type": content_type})
+
+
+def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A smooth gradient with noise: content where tiles and blending show."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels)
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def service(ray_local: Any, double_model: Path) -> Iterator[int]:
+    """Serve on a free loopback port: one CPU replica of the test double; its port. Shut down at the end."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": HOST, "port": port})
+    try:
+        options = ServiceOptions(max_body_bytes=MAX_BODY_BYTES, max_pixels=MAX_PIXELS, sampler_cache=2)
+        serve.run(build_app(double_model, "cpu", options=options, scaling=Scaling(gpus_per_replica=0)),
+                  name="sr-test", route_prefix=PREFIX)
+        yield port
+    finally:
+        serve.shutdown()
+
+
+def expected(double_model: Path, data: bytes, temperature: float = 0.0, seed: int = 0) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        with Upscaler(double_model, backend="cpu", temperature=temperature, seed=seed) as up:
+            return up.run(img)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def test_query_parameters_are_checked() -> None:
+    assert parse_params([("temperature", "0.5"), ("seed", "7"), ("format", "webp")]).seed == 7
+    assert parse_params([("seed", "7")]).seed == 0  # temperature 0: the seed changes nothing
+    for bad in ([("temperature", "nan")], [("temperature", "2.5")], [("temperature", "-0.1")],
+                [("seed", "-1")], [("seed", str(2**63))], [("seed", "1e3")], [("format", "gif")],
+                [("temp", "1")], [("seed", "1"), ("seed", "2")]):
+        with pytest.raises(HTTPError) as err:
+            parse_params(bad)
+        assert err.value.status == 400, bad
+
+
+def test_scaling_maps_to_serve_options() -> None:
+    fixed = Scaling(replicas=3).deployment_options(cluster_gpus=0)
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 1}
+    auto = Scaling(min_replicas=1, max_replicas=4, target_ongoing_requests=2).deployment_options(cluster_gpus=8)
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+    assert "num_replicas" not in auto and auto["ray_actor_options"] == {"num_gpus": 1.0}
+    with pytest.raises(ValueError):
+        Scaling(min_replicas=3, max_replicas=2).deployment_options(cluster_gpus=0)
+
+
+def test_cli_flags_map_to_settings() -> None:
+    args = build_parser().parse_args(["--min-replicas", "0", "--max-replicas", "3", "--max-body-mb", "1",
+                                      "--batch-wait-ms", "5", "--graceful-shutdown-s", "9"])
+    options, scaling = settings_from_args(args)
+    assert options.max_body_bytes == 2**20 and options.batch_wait_s == 0.005
+    serve_options = scaling.deployment_options(cluster_gpus=0)
+    assert serve_options["autoscaling_config"]["max_replicas"] == 3
+    assert serve_options["graceful_shutdown_timeout_s"] == 9
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    assert main(["--concurrent-runs", "0"]) == 2  # refused before any Ray is started
+    assert main(["--min-replicas", "3", "--max-replicas", "2"]) == 2
+
+
+def test_encode_keeps_what_the_format_can_hold() -> None:
+    rgba = photo(8, 8, 0, "RGBA")
+    with Image.open(io.BytesIO(encode_image(rgba, "jpeg"))) as img:
+        assert img.format == "JPEG" and img.mode == "RGB"
+    with Image.open(io.BytesIO(encode_image(rgba, "png"))) as img:
+        assert img.mode == "RGBA" and np.array_equal(np.asarray(img), np.asarray(rgba))
+    grey16 = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    with Image.open(io.BytesIO(encode_image(grey16, "webp"))) as img:
+        assert np.asarray(img.convert("L")).min() == 255
+
+
+@pytest.mark.slow
+def test_health_route(service: int, double_model: Path) -> None:
+    reply = request(service, "GET", f"{PREFIX}/healthz")
+    assert reply.status == 200 and reply.content_type == "application/json"
+    health = json.loads(reply.body)
+    assert health["model"] == "test-double" and health["backend"] == "onnxruntime-cpu"
+    assert health["precision"] == "fp32" and health["max_pixels"] == MAX_PIXELS
+    assert request(service, "POST", f"{PREFIX}/healthz", b"x").status == 405
+
+
+@pytest.mark.slow
+def test_concurrent_requests_match_a_local_upscaler(service: int, double_model: Path) -> None:
+    """24 requests from 8 threads: mixed sizes, formats, temperatures; each equals a local run exactly."""
+    formats = [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
+    sizes = [(20, 24), (31, 17), (40, 40), (90, 70)]  # 1, 1, 4 and 12 tiles of 32 (batch max 8)
+    cases = []
+    for i in range(24):
+        width, height = sizes[i % len(sizes)]
+        source, media = formats[i % 3]
+        temperature, seed = ((0.0, 0) if i % 4 else (0.7, i % 2))  # two (temperature, seed) keys
+        cases.append((encoded(photo(width, height, i), source), media, temperature, seed))
+
+    def send(case: tuple[bytes, str, float, int]) -> Reply:
+        data, media, temperature, seed = case
+        query = f"?format=png&temperature={temperature}&seed={seed}"
+        return post_image(service, data, query, content_type=media)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(send, cases, timeout=TIMEOUT_S * 2))
+    wall = time.perf_counter() - t0
+    for (data, _, temperature, seed), reply in zip(cases, replies):
+        assert reply.status == 200, reply.body[:200]
+        assert reply.content_type == "image/png"
+        # Exact: the double's ops compute each tile alone, so a shared batch changes no rounding.
+        assert np.array_equal(pixels(reply.body), np.asarray(expected(double_model, data, temperature, seed)))
+    latencies = np.array([r.seconds for r in replies]) * 1e3
+    print(f"\nserve: {len(replies)} requests from 8 threads in {wall:.2f} s = {len(replies) / wall:.1f} req/s; "
+          f"p50 {np.percentile(latencies, 50):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms")
+    health = json.loads(request(service, "GET", f"{PREFIX}/healthz").body)
+    assert health["batched_images"] > health["batches"], "no two concurrent requests shared a batch"
+    assert health["samplers"] <= 2  # the LRU's bound (sampler_cache=2)
+
+
+@pytest.mark.slow
+def test_format_parameter_sets_the_content_type(service: int, double_model: Path) -> None:
+    source = encoded(photo(24, 20, 5, "RGBA"), "PNG")
+    want = expected(double_model, source)
+    for fmt, media in [("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")]:
+        reply = post_image(service, source, f"?format={fmt}")
+        assert reply.status == 200 and reply.content_type == media
+        with Image.open(io.BytesIO(reply.body)) as img:
+            assert img.format == fmt.upper() and img.size == (96, 80)
+        assert np.array_equal(pixels(reply.body), pixels(encode_image(want, fmt)))
+    jpeg_in = post_image(service, encoded(photo(24, 20, 6), "JPEG"), content_type="image/jpeg")
+    assert jpeg_in.content_type == "image/jpeg"  # no format: the body's own
+
+
+@pytest.mark.slow
+def test_bad_requests_get_4xx_while_good_ones_succeed(service: int, double_model: Path) -> None:
+    good = encoded(photo(40, 40, 11), "PNG")
+    over_limit = encoded(Image.new("RGB", (1100, 1000)), "PNG")  # 1.1 MP > 1 MP, a small file
+    bad: list[tuple[str, Any, int, str]] = [
+        ("not an image", lambda: post_image(service, b"hello, not an image"), 400, "not a PNG, JPEG or WebP"),
+        ("truncated", lambda: post_image(service, good[: len(good) // 2]), 400, "corrupt"),
+        ("bomb", lambda: post_image(service, png_declaring(30000, 30000)), 413, ""),
+        ("declared size", lambda: post_image(service, over_limit), 413, "1100x1000"),
+        ("body too big", lambda: post_image(service, b"\0" * (MAX_BODY_BYTES + 1)), 413, "limit"),
+        ("empty", lambda: post_image(service, b""), 400, "empty body"),
+        ("wrong method", lambda: request(service, "GET", f"{PREFIX}/upscale"), 405, "POST"),
+        ("no route", lambda: request(service, "GET", f"{PREFIX}/nothing"), 404, "no such route"),
+        ("temperature", lambda: post_image(service, good, "?temperature=3"), 400, "temperature"),
+        ("seed", lambda: post_image(service, good, "?temperature=1&seed=-4"), 400, "seed"),
+        ("format", lambda: post_image(service, good, "?format=gif"), 400, "format"),
+        ("unknown", lambda: post_image(service, good, "?scale=8"), 400, "unknown"),
+        ("content type", lambda: post_image(service, good, content_type="text/plain"), 415, "Content-Type"),
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        good_futures = [pool.submit(post_image, service, good, "?format=png") for _ in range(6)]
+        bad_futures = [(name, pool.submit(call), status, text) for name, call, status, text in bad]
+        for name, future, status, text in bad_futures:
+            reply = future.result(timeout=TIMEOUT_S)
+            assert reply.status == status, (name, reply.status, reply.body[:200])
+            assert reply.content_type == "application/json" and text in reply.error(), (name, reply.body)
+            assert len(reply.body) < 300 and b"\n" not in reply.body.strip(), name
+        want = np.asarray(expected(double_model, good))
+        for future in good_futures:
+            reply = future.result(timeout=TIMEOUT_S)
+            assert reply.status == 200 and np.array_equal(pixels(reply.body), want)
+
+
+@pytest.mark.slow
+def test_declared_body_size_refused_before_it_is_sent(service: int) -> None:
+    conn = http.client.HTTPConnection(HOST, service, timeout=TIMEOUT_S)
+    try:
+        conn.putrequest("POST", f"{PREFIX}/upscale")
+        conn.putheader("Content-Type", "image/png")
+        conn.putheader("Content-Length", str(10 * 2**30))  # 10 GiB announced, nothing sent
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413 and b"limit" in resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_delete_drains_a_request_in_flight(service: int, double_model: Path) -> None:
+    """serve.delete (what sr-serve runs on SIGTERM) waits for a request whose body is still arriving."""
+    from ray import serve
+
+    serve.run(build_app(double_model, "cpu", scaling=Scaling(gpus_per_replica=0, graceful_shutdown_timeout_s=30,
+                                                             graceful_shutdown_wait_loop_s=0.5)),
+              name="sr-drain", route_prefix="/drain")
+    data = encoded(photo(40, 40, 21), "PNG")
+    conn = http.client.HTTPConnection(HOST, service, timeout=TIMEOUT_S)
+    deleted_at: list[float] = []
+    try:
+        conn.putrequest("POST", "/drain/upscale")
+        conn.putheader("Content-Type", "image/png")
+        conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders()
+        conn.send(data[:100])
+        for _ in range(100):  # the replica holds the request (reading its body): bounded wait
+            if json.loads(request(service, "GET", "/drain/healthz").body)["in_flight"] == 1:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the request never reached the replica")
+
+        def delete() -> None:
+            serve.delete("sr-drain")
+            deleted_at.append(time.monotonic())
+
+        deleter = threading.Thread(target=delete)
+        deleter.start()
+        time.sleep(1.5)  # the delete is under way: the replica is draining
+        assert not deleted_at, "the application was deleted with a request in flight"
+        conn.send(data[100:])
+        resp = conn.getresponse()
+        body = resp.read()
+        answered_at = time.monotonic()
+        deleter.join(TIMEOUT_S)
+    finally:
+        conn.close()
+    assert resp.status == 200 and np.array_equal(pixels(body), np.asarray(expected(double_model, data)))
+    assert deleted_at and deleted_at[0] >= answered_at
