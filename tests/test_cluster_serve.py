@@ -6,6 +6,7 @@ image; bad requests are sent while good ones are in flight.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import json
@@ -30,6 +31,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the `cluste
 
 from sr_cluster.serve import (  # after the skip: needs ray
     HTTPError,
+    QueueBatcher,
     Scaling,
     ServiceOptions,
     build_app,
@@ -134,6 +136,42 @@ def expected(double_model: Path, data: bytes, temperature: float = 0.0, seed: in
 def pixels(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img)
+
+
+def test_items_queued_while_a_call_runs_share_the_next_call() -> None:
+    calls: list[list[int]] = []
+
+    async def slow_double(items: list[int]) -> list[int]:
+        calls.append(items)
+        await asyncio.sleep(0.5)  # a backend call: everything submitted meanwhile queues
+        return [2 * i for i in items]
+
+    async def scenario() -> list[int]:
+        batcher = QueueBatcher(slow_double, max_items=4, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)  # the first call is running
+        rest = []
+        for i in range(1, 7):  # arriving one by one while the call runs, not within a batch wait
+            rest.append(asyncio.create_task(batcher.submit(i)))
+            await asyncio.sleep(0.015)
+        results = await asyncio.gather(first, *rest)
+        assert (batcher.batches, batcher.items) == (3, 7)
+        return results
+
+    assert asyncio.run(scenario()) == [0, 2, 4, 6, 8, 10, 12]
+    assert calls == [[0], [1, 2, 3, 4], [5, 6]]  # what queued meanwhile fills the next calls, up to 4 each
+
+
+def test_a_failed_batch_call_reaches_every_request_in_it() -> None:
+    async def broken(items: list[int]) -> list[int]:
+        raise RuntimeError("backend lost")
+
+    async def scenario() -> list[BaseException | int]:
+        batcher = QueueBatcher(broken, max_items=8, wait_s=0.01)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+
+    results = asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert all(isinstance(r, RuntimeError) and str(r) == "backend lost" for r in results)
 
 
 def test_query_parameters_are_checked() -> None:
