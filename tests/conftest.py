@@ -28,9 +28,12 @@ def upscaler(double_model: Path) -> Iterator[Upscaler]:
 def ray_local() -> Iterator[object]:
     """A local 2-CPU Ray cluster on the loopback address, started once per test session (~10 s)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (the `cluster` extra)")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # On a loaded 2-core machine the raylet's wait for its metrics agent (30 s) ran out once.
+        env.setenv("RAY_agent_register_timeout_ms", "180000")
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+                 log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
