@@ -39,7 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sr_runtime import SRInputError, Upscaler
+from sr_runtime import SRInputError, SRModelError, Upscaler
+from sr_runtime.model import load_model_spec
 from sr_runtime.tiling import plan_tiles
 
 log = logging.getLogger("sr_cluster.serve")
@@ -513,16 +514,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options, scaling = settings_from_args(args)
         scaling.deployment_options(0.0)
-    except ValueError as exc:
-        print(f"sr-serve: {exc}", file=sys.stderr)
+        load_model_spec(args.model)  # a wrong --model is a usage error before any cluster starts
+    except (ValueError, SRModelError) as exc:
+        print(f"sr-serve: error: {exc}", file=sys.stderr)
         return 2
     import ray
 
-    ray.init(address=args.ray_address, logging_level=logging.WARNING)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling)
-        handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        ray.init(address=args.ray_address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        print(f"sr-serve: error: cannot reach the Ray cluster at {args.ray_address}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            serve.start(http_options={"host": args.host, "port": args.port})
+            app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling)
+            handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot start (port taken, backend...): one line
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            print(f"sr-serve: error: the service did not start: {reason}", file=sys.stderr)
+            return 1
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
             signal.signal(sig, lambda *_: stop.set())

@@ -10,8 +10,12 @@ import asyncio
 import http.client
 import io
 import json
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -365,3 +369,60 @@ def test_delete_drains_a_request_in_flight(service: int, double_model: Path) -> 
         conn.close()
     assert resp.status == 200 and np.array_equal(pixels(body), np.asarray(expected(double_model, data)))
     assert deleted_at and deleted_at[0] >= answered_at
+
+
+def test_cli_usage_errors_exit_2_before_ray_starts(tmp_path: Path) -> None:
+    assert main(["--model", str(tmp_path / "no-model")]) == 2
+    assert main(["--max-body-mb", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_path: Path) -> None:
+    """The real `sr-serve` process (its own local Ray cluster): SIGTERM mid-request, the request still
+    gets its image, then the process exits 0."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    env["RAY_agent_register_timeout_ms"] = "180000"
+    log = tmp_path / "sr-serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sr_cluster.serve", "--model", str(double_model), "--backend", "cpu",
+             "--port", str(port), "--gpus-per-replica", "0", "--graceful-shutdown-s", "30"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # bounded: the cluster, Serve and the replica start
+            assert proc.poll() is None, f"sr-serve exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"sr-serve never answered:\n{log.read_text()[-3000:]}"
+            try:
+                if request(port, "GET", "/healthz").status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        data = encoded(photo(40, 40, 22), "PNG")
+        conn.putrequest("POST", "/upscale")
+        conn.putheader("Content-Type", "image/png")
+        conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders()
+        conn.send(data[:100])
+        for _ in range(100):  # the replica holds the request (reading its body): bounded wait
+            if json.loads(request(port, "GET", "/healthz").body)["in_flight"] == 1:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the request never reached the replica")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # sr-serve is draining
+        assert proc.poll() is None, "sr-serve exited with a request in flight"
+        conn.send(data[100:])
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200 and np.array_equal(pixels(body), np.asarray(expected(double_model, data)))
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        conn.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
