@@ -110,6 +110,7 @@ class FileJob:
     src: Path
     dest: Path
     targets: tuple[Path, ...]
+    order: int  # its place among the inputs: failure lines are printed in input order, as locally
     deaths: int = 0
 
     def done(self) -> bool:
@@ -172,7 +173,14 @@ class Summary:
     done: int = 0
     skipped: int = 0
     resubmitted: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (input order, line)
+
+    def fail(self, order: int, line: str) -> None:
+        self.failures.append((order, line))
+
+    def failure_lines(self) -> list[str]:
+        """In input order whatever order the workers finished in, so they read as the local CLI's."""
+        return [line for _, line in sorted(self.failures, key=lambda item: item[0])]
 
 
 def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -> list[FileJob]:
@@ -180,13 +188,13 @@ def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -
     inputs = {p.resolve() for p in sources}
     claimed: set[Path] = set()
     jobs: list[FileJob] = []
-    for src in sources:
+    for order, src in enumerate(sources):
         dest = output_path(src, args)
-        job = FileJob(src, dest, output_targets(dest, args))
+        job = FileJob(src, dest, output_targets(dest, args), order)
         try:
             check_targets(src, job.targets, inputs, claimed)
         except FILE_ERRORS as exc:
-            summary.failures.append(failure_line(src, exc))
+            summary.fail(order, failure_line(src, exc))
             continue
         claimed.update(t.resolve() for t in job.targets)  # claimed at dispatch: files run concurrently
         if job.done():
@@ -242,7 +250,8 @@ class WorkerPool:
         while queue or self._in_flight:
             self._feed(queue)
             if not self._in_flight and not self._pings:  # work left but no live worker
-                summary.failures.extend(f"{job.src}: no Ray worker left to upscale it (all died)" for job in queue)
+                for job in queue:
+                    summary.fail(job.order, f"{job.src}: no Ray worker left to upscale it (all died)")
                 queue.clear()
                 break
             ready, _ = ray.wait([*self._in_flight, *self._pings], num_returns=1, timeout=POLL_S)
@@ -274,7 +283,7 @@ class WorkerPool:
             cause = exc.cause if exc.cause is not None else exc
             outcome = FileOutcome(failure=f"{job.src}: {type(cause).__name__}: {cause}")
         if outcome.failure is not None:
-            summary.failures.append(outcome.failure)
+            summary.fail(job.order, outcome.failure)
         elif outcome.notes is not None:
             outcome.notes.report()
             summary.done += 1
@@ -310,7 +319,7 @@ class WorkerPool:
             for target in job.targets:
                 for leftover in stale_temp_files(target):
                     leftover.unlink(missing_ok=True)
-            summary.failures.append(f"{job.src}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
+            summary.fail(job.order, f"{job.src}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
         else:
             summary.resubmitted += 1
             queue.appendleft(job)
@@ -339,13 +348,13 @@ def connect(address: str) -> bool:
 
 def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: list[tuple[str, str]]) -> int:
     """`sr-upscale --ray`: the exit status of the local CLI (0 / 1 / 2 / 130 / 143) for the same files."""
-    summary = Summary(failures=[f"{name}: {why}" for name, why in unmatched])
+    summary = Summary(failures=[(-1, f"{name}: {why}") for name, why in unmatched])  # first, as locally
     jobs = plan_jobs(sources, args, summary)
     if summary.skipped:
         print(f"sr-upscale: {summary.skipped} of {len(sources)} files already done (their outputs exist), "
               "skipped", file=sys.stderr)
     if not jobs:
-        return final_status(summary.failures, 0)
+        return final_status(summary.failure_lines(), 0)
     try:
         load_model_spec(args.model)  # a wrong --model is a usage error before any cluster starts
         connected_here = connect(args.ray)
@@ -386,7 +395,7 @@ def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summa
     print(f"sr-upscale: {summary.done} done, {summary.skipped} skipped as already done, "
           f"{len(summary.failures)} failed, {summary.resubmitted} resubmitted after a worker died "
           f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    return final_status(summary.failures, status)
+    return final_status(summary.failure_lines(), status)
 
 
 def _check_workers(infos: list[WorkerInfo], samples: int) -> WorkerInfo:

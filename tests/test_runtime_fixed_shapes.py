@@ -60,7 +60,7 @@ def recording_upscaler(model: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: o
     made: list[RecordingBackend] = []
 
     def fake_backend(spec: ModelSpec, backend: str, precision: str, bank: NoiseBank,
-                     buckets: tuple[int, ...]) -> RecordingBackend:
+                     buckets: tuple[int, ...], cpu_threads: int | None = None) -> RecordingBackend:
         made.append(RecordingBackend(bank, buckets))
         return made[-1]
 
