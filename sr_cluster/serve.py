@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--ray-address", default=None,
-                   help="existing Ray cluster (e.g. auto or ray://head:10001); default: start a local one")
+                   help="Ray cluster to join (host:6379, ray://head:10001, auto); `local` starts a new one; "
+                        "default: $RAY_ADDRESS, else the cluster `ray start` made here, else a new local one")
     scale = p.add_argument_group("scaling")
     scale.add_argument("--replicas", type=int, default=1, help="fixed replica count (default 1)")
     scale.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (enables autoscaling)")
@@ -525,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         print(f"sr-serve: error: cannot reach the Ray cluster at {args.ray_address}: {exc}", file=sys.stderr)
         return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())  # before serve.run: a signal while it starts still drains
     try:
         try:
             serve.start(http_options={"host": args.host, "port": args.port})
@@ -534,16 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             print(f"sr-serve: error: the service did not start: {reason}", file=sys.stderr)
             return 1
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
-            signal.signal(sig, lambda *_: stop.set())
         print(f"sr-serve: http://{args.host}:{args.port}/upscale ({handle.deployment_name}, "
               f"{asdict(scaling)}); SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
         stop.wait()
         print("sr-serve: draining requests in flight, then shutting down", file=sys.stderr, flush=True)
         # Deleting the application first drains its replicas while the proxy still answers them.
         serve.delete(APP_NAME)
-        serve.shutdown()
+        if not serve.status().applications:  # a shared cluster may serve other applications: leave Serve to them
+            serve.shutdown()
     finally:
         ray.shutdown()
     return 0

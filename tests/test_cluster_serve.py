@@ -381,13 +381,14 @@ def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_
     """The real `sr-serve` process (its own local Ray cluster): SIGTERM mid-request, the request still
     gets its image, then the process exits 0."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_agent_register_timeout_ms"] = "180000"
     log = tmp_path / "sr-serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sr_cluster.serve", "--model", str(double_model), "--backend", "cpu",
-             "--port", str(port), "--gpus-per-replica", "0", "--graceful-shutdown-s", "30"],
+             "--port", str(port), "--gpus-per-replica", "0", "--graceful-shutdown-s", "30",
+             "--ray-address", "local"],  # not the test session's cluster, which Ray would find and join
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
     try:
@@ -395,12 +396,10 @@ def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_
         while True:  # bounded: the cluster, Serve and the replica start
             assert proc.poll() is None, f"sr-serve exited early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"sr-serve never answered:\n{log.read_text()[-3000:]}"
-            try:
-                if request(port, "GET", "/healthz").status == 200:
-                    break
-            except OSError:
-                pass
+            if "SIGTERM or Ctrl-C stops it" in log.read_text():  # sr-serve says it is up
+                break
             time.sleep(0.5)
+        assert request(port, "GET", "/healthz").status == 200
         data = encoded(photo(40, 40, 22), "PNG")
         conn.putrequest("POST", "/upscale")
         conn.putheader("Content-Type", "image/png")
@@ -417,8 +416,11 @@ def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_
         time.sleep(1.5)  # sr-serve is draining
         assert proc.poll() is None, "sr-serve exited with a request in flight"
         conn.send(data[100:])
-        resp = conn.getresponse()
-        body = resp.read()
+        try:
+            resp = conn.getresponse()
+            body = resp.read()
+        except OSError as exc:
+            pytest.fail(f"no answer after SIGTERM ({exc}); sr-serve said:\n{log.read_text()[-3000:]}")
         assert resp.status == 200 and np.array_equal(pixels(body), np.asarray(expected(double_model, data)))
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
