@@ -31,6 +31,7 @@ import ray
 from PIL import Image
 from tqdm import tqdm
 
+from benchmarks.report import write_result
 from benchmarks.system import host_info, load_average
 from sr_cluster.batch import Summary, WorkerPool, connect, plan_jobs, plan_placement
 from sr_runtime.cli import build_parser
@@ -145,11 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if connected_here:
         ray.shutdown()
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".md").write_text(markdown(result))
+        write_result(Path(args.out), result, markdown(result))
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.report import log, positive_ints, write_result
 from benchmarks.system import host_info, load_average, versions
 from benchmarks.timing import summarize
 
@@ -37,20 +38,6 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 HOST = "127.0.0.1"
 TIMEOUT_S = 300.0
 WARMUP_REQUESTS = 2
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"need positive integers, got {text}")
-    return values
 
 
 def crops(sources: list[Path], count: int, low: int, high: int, seed: int) -> list[bytes]:
@@ -217,9 +204,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cluster_serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=_ints, default=[1, 4, 16], help="client thread counts (default 1,4,16)")
+    p.add_argument("--clients", type=positive_ints, default=[1, 4, 16], help="client thread counts (default 1,4,16)")
     p.add_argument("--requests", type=int, default=24, help="requests per level (default 24)")
-    p.add_argument("--sizes", type=_ints, default=[64, 128], help="crop side range LOW,HIGH (default 64,128)")
+    p.add_argument("--sizes", type=positive_ints, default=[64, 128], help="crop side range LOW,HIGH (default 64,128)")
     p.add_argument("--images", type=Path, nargs="+", default=[REPO / "assets" / "sample.png"],
                    help="photos to crop (default assets/sample.png)")
     p.add_argument("--batching", default="on,off", help="on, off or on,off (default on,off)")
@@ -266,11 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "modes": results,
     }
     out = args.out or RESULTS_DIR / f"cluster-serve-cpu-{started.strftime('%Y%m%d')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    page = write_result(out, result, markdown(result))
     print(markdown(result))
-    log(f"wrote {out} and {out.with_suffix('.md')}")
+    log(f"wrote {out} and {page}")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.report import write_result
 from sr_train.data import RandomCropDataset
 from sr_train.evaluate import SampleFn, evaluate_model, load_images
 
@@ -118,11 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ssim_y": scores["model"][0]["ssim_y"],
     }
     result["delta_psnr_y"] = result["psnr_y"] - result["bicubic_psnr_y"]
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".md").write_text(markdown(result))
+        write_result(Path(args.out), result, markdown(result))
     return 0
 
 

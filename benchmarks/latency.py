@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import statistics
 import sys
@@ -28,6 +27,7 @@ from PIL import Image
 
 from benchmarks import report
 from benchmarks.models import DEFAULT_CACHE, REPO, BenchModel, load_model, parity
+from benchmarks.report import log, positive_ints
 from benchmarks.runners import (
     Runner,
     Target,
@@ -58,20 +58,6 @@ IMAGE_NOTE = (
 )
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"need positive integers, got {text}")
-    return values
-
-
 def _sizes(text: str) -> list[tuple[int, int]]:
     sizes = [re.fullmatch(r"(\d+)x(\d+)", part.strip()) for part in text.split(",")]
     if not all(sizes):
@@ -86,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None,
                    help="comma list: default (shipped, or random small-256 stand-in), tiny, or a preset "
                         "(random weights). Default: default,paper-256 (--quick: tiny)")
-    p.add_argument("--batches", type=_ints, default=None, help="tile batch sizes (default 1,4; --quick 1,2)")
+    p.add_argument("--batches", type=positive_ints, default=None, help="tile batch sizes (default 1,4; --quick 1,2)")
     p.add_argument("--devices", default=None, help="only backends on these devices (comma list of cpu,cuda)")
     p.add_argument("--backends", default=None,
                    help="only these backends (comma list of e.g. pytorch-eager,onnxruntime-cpu,tensorrt)")
@@ -98,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models costing more GMAC per tile run --heavy-batches only, --heavy-iters, no whole image, "
                         "no FP16 export (default 50)")
     p.add_argument("--heavy-iters", type=int, default=3, help="timed calls for heavy models (default 3)")
-    p.add_argument("--heavy-batches", type=_ints, default=[1], help="tile batch sizes for heavy models (default 1)")
+    p.add_argument("--heavy-batches", type=positive_ints, default=[1], help="tile batch sizes for heavy models (default 1)")
     p.add_argument("--image", type=_sizes, default=None,
                    help="whole-image LR sizes WxH, comma-separated (default 640x480)")
     p.add_argument("--image-iters", type=int, default=None, help="timed whole-image runs (default 3; --quick 2)")
-    p.add_argument("--image-batches", type=_ints, default=None,
+    p.add_argument("--image-batches", type=positive_ints, default=None,
                    help="Upscaler batch sizes for the whole image (default: the largest of --batches)")
     p.add_argument("--no-image", action="store_true", help="skip the whole-image measurement")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
@@ -425,11 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         primary = "cuda" if cuda else "cpu"
         stem = result_stem(device_name(primary) if cuda else "cpu", model, started.strftime("%Y%m%d"), args.quick)
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
-        md_path.write_text(report.latency_markdown(result))
-        written += [json_path, md_path]
+        json_path = args.out / f"{stem}.json"
+        written += [json_path, report.write_result(json_path, result, report.latency_markdown(result))]
         print(report.latency_markdown(result))
     for path in written:
         log(f"wrote {path}")

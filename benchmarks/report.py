@@ -1,8 +1,38 @@
-"""Markdown tables from the benchmark JSON (the JSON is the record; these are for reading)."""
+"""Markdown tables from the benchmark JSON (the JSON is the record; these are for reading), and the
+small helpers every benchmark module shares: progress lines, list flags, writing a result."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (stdout carries the result)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma-separated list of positive integers ("1,4,16")."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need positive integers, got {text}")
+    return values
+
+
+def write_result(json_path: Path, result: dict[str, Any], markdown: str) -> Path:
+    """The JSON record and its markdown page side by side (`X.json`, `X.md`); returns the page's path."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown)
+    return md_path
 
 
 def _f(x: float | None, fmt: str = ".1f") -> str:

@@ -105,17 +105,22 @@ def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested:
 
 @dataclass(frozen=True)
 class FileJob:
-    """One input, where it goes, and how many times a worker died while running it."""
+    """One input, the files it writes, and how many times a worker died while running it."""
 
     src: Path
-    dest: Path
-    targets: tuple[Path, ...]
+    targets: tuple[Path, ...]  # its output first, then the std map with --std-map
     order: int  # its place among the inputs: failure lines are printed in input order, as locally
     deaths: int = 0
 
     def done(self) -> bool:
         """Every output exists: complete, since outputs are only ever renamed into place."""
         return all(t.exists() for t in self.targets)
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporary files a killed attempt at this file left (call only while none runs it)."""
+        for target in self.targets:
+            for leftover in stale_temp_files(target):
+                leftover.unlink(missing_ok=True)
 
 
 @dataclass
@@ -157,11 +162,9 @@ class UpscaleWorker:
 
     def upscale(self, job: FileJob) -> FileOutcome:
         """Upscale one file; an earlier, killed attempt's temporary files are removed first (this worker owns them now)."""
-        for target in job.targets:
-            for leftover in stale_temp_files(target):
-                leftover.unlink(missing_ok=True)
+        job.remove_leftovers()
         try:
-            return FileOutcome(notes=upscale_file(self._upscaler, job.src, job.dest, self._samples, self._args))
+            return FileOutcome(notes=upscale_file(self._upscaler, job.src, job.targets, self._samples, self._args))
         except FILE_ERRORS as exc:
             return FileOutcome(failure=failure_line(job.src, exc))
 
@@ -189,8 +192,7 @@ def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -
     claimed: set[Path] = set()
     jobs: list[FileJob] = []
     for order, src in enumerate(sources):
-        dest = output_path(src, args)
-        job = FileJob(src, dest, output_targets(dest, args), order)
+        job = FileJob(src, output_targets(output_path(src, args), args), order)
         try:
             check_targets(src, job.targets, inputs, claimed)
         except FILE_ERRORS as exc:
@@ -316,9 +318,7 @@ class WorkerPool:
         if job.done():
             summary.done += 1
         elif job.deaths >= MAX_ATTEMPTS:
-            for target in job.targets:
-                for leftover in stale_temp_files(target):
-                    leftover.unlink(missing_ok=True)
+            job.remove_leftovers()
             summary.fail(job.order, f"{job.src}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
         else:
             summary.resubmitted += 1
@@ -333,9 +333,7 @@ class WorkerPool:
         if self._in_flight:
             ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=STOP_TIMEOUT_S)
         for _, job in self._in_flight.values():
-            for target in job.targets:
-                for leftover in stale_temp_files(target):
-                    leftover.unlink(missing_ok=True)
+            job.remove_leftovers()
 
 
 def connect(address: str) -> bool:

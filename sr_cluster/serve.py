@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -40,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from sr_runtime import SRInputError, SRModelError, Upscaler
+from sr_runtime.cli import SAVE_OPTIONS, fit_format
 from sr_runtime.model import load_model_spec
 from sr_runtime.tiling import plan_tiles
 
@@ -51,11 +51,11 @@ R = TypeVar("R")
 INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 #: Content-Types a request may declare; anything else is a 415 (the bytes decide the format).
 ACCEPTED_CONTENT_TYPES = frozenset([*INPUT_FORMATS.values(), "application/octet-stream"])
-#: `format` query values -> (Pillow format, media type, save options).
-OUTPUT_FORMATS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "png": ("PNG", "image/png", {}),
-    "jpeg": ("JPEG", "image/jpeg", {"quality": 95}),
-    "webp": ("WEBP", "image/webp", {"quality": 95}),
+#: `format` query values -> (Pillow format, media type); saved as `sr-upscale` saves them (SAVE_OPTIONS).
+OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
+    "png": ("PNG", "image/png"),
+    "jpeg": ("JPEG", "image/jpeg"),
+    "webp": ("WEBP", "image/webp"),
 }
 #: Above this the model's samples drift off the image manifold; the range keeps requests sane.
 MAX_TEMPERATURE = 2.0
@@ -150,17 +150,10 @@ def decode_body(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
 
 
 def encode_image(img: Image.Image, fmt: str) -> bytes:
-    """`img` saved as `fmt`, converted where the format lacks the mode (alpha in JPEG, 16-bit grey)."""
-    pil_format, _, options = OUTPUT_FORMATS[fmt]
-    if img.mode == "I;16" and fmt != "png":
-        grey16 = np.asarray(img).astype(np.uint32)
-        img = Image.fromarray(((grey16 + 128) // 257).astype(np.uint8))
-    if img.mode == "CMYK" and fmt != "jpeg":
-        img = img.convert("RGB")
-    if fmt == "jpeg" and img.mode in ("RGBA", "LA"):
-        img = img.convert(img.mode[:-1])
+    """`img` saved as `fmt` the way `sr-upscale` saves files (modes the format lacks converted)."""
+    pil_format = OUTPUT_FORMATS[fmt][0]
     buf = io.BytesIO()
-    img.save(buf, format=pil_format, **options)
+    fit_format(img, pil_format).save(buf, format=pil_format, **SAVE_OPTIONS[pil_format])
     return buf.getvalue()
 
 

@@ -163,12 +163,12 @@ def save_atomic(img: Image.Image, dest: Path) -> None:
     fmt = FORMATS.get(dest.suffix.lower().lstrip("."))
     if fmt is None:
         raise SRInputError(f"{dest}: unknown output format {dest.suffix!r} (use .png, .jpg or .webp)")
-    img = _fit_format(img, fmt)
+    img = fit_format(img, fmt)
     atomic_write(dest, lambda fh: img.save(fh, format=fmt, **SAVE_OPTIONS[fmt]))
 
 
-def _fit_format(img: Image.Image, fmt: str) -> Image.Image:
-    """Convert modes a format cannot store to the nearest one it can (only what is needed)."""
+def fit_format(img: Image.Image, fmt: str) -> Image.Image:
+    """Convert modes a format cannot store to the nearest one it can (only what is needed); `sr-serve` too."""
     if img.mode == "F":  # float results: keep 16 bits where the format allows
         img = Image.fromarray(np.rint(np.asarray(img) * 65535).astype(np.uint16))
     if img.mode == "I;16" and fmt != "PNG":
@@ -337,7 +337,7 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], writt
         logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", src, dest)
         return
     check_targets(src, targets, inputs, written)
-    upscale_file(upscaler, src, dest, samples, args).report()
+    upscale_file(upscaler, src, targets, samples, args).report()
     written.update(t.resolve() for t in targets)
 
 
@@ -370,8 +370,9 @@ class FileNotes:
             print(f"sr-upscale: {self.timing}", file=sys.stderr)
 
 
-def upscale_file(upscaler: Upscaler, src: Path, dest: Path, samples: int, args: argparse.Namespace) -> FileNotes:
-    """Read `src`, upscale it, write `dest` (and its std map) atomically: the whole of one input's work."""
+def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], samples: int,
+                 args: argparse.Namespace) -> FileNotes:
+    """Read `src`, upscale it, write its `output_targets` atomically: the whole of one input's work."""
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # one decode per process at a time: safe here
         warnings.simplefilter("always")
@@ -384,14 +385,13 @@ def upscale_file(upscaler: Upscaler, src: Path, dest: Path, samples: int, args: 
             bar.update(done - bar.n)
 
         out, std = upscaler.run(img, samples, progress=progress, stats=stats)
-    targets = output_targets(dest, args)
     save_atomic(out, targets[0])
     if args.std_map:
         save_atomic(std_map_image(std), targets[1])
     if args.timings:
         wall = time.perf_counter() - t0
         share = 1.0 - stats.backend_seconds / wall if wall > 0 else 0.0
-        notes.timing = (f"{src} -> {dest}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
+        notes.timing = (f"{src} -> {targets[0]}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
                         f"({stats.tiles} tiles), {share:.1%} outside the backend")
     return notes
 

@@ -88,6 +88,21 @@ def post_image(port: int, data: bytes, query: str = "", content_type: str = "ima
     return request(port, "POST", f"{prefix}/upscale{query}", data, {"Content-Type": content_type})
 
 
+def start_upload(conn: http.client.HTTPConnection, port: int, prefix: str, data: bytes) -> None:
+    """POST `data` to `prefix`/upscale but send only its first 100 bytes, and wait (bounded) until the
+    replica holds the request, reading its body: a request in flight for as long as the test wants."""
+    conn.putrequest("POST", f"{prefix}/upscale")
+    conn.putheader("Content-Type", "image/png")
+    conn.putheader("Content-Length", str(len(data)))
+    conn.endheaders()
+    conn.send(data[:100])
+    for _ in range(100):
+        if json.loads(request(port, "GET", f"{prefix}/healthz").body)["in_flight"] == 1:
+            return
+        time.sleep(0.1)
+    pytest.fail("the request never reached the replica")
+
+
 def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
     """A smooth gradient with noise: content where tiles and blending show."""
     rng = np.random.default_rng(seed)
@@ -340,17 +355,7 @@ def test_delete_drains_a_request_in_flight(service: int, double_model: Path) -> 
     conn = http.client.HTTPConnection(HOST, service, timeout=TIMEOUT_S)
     deleted_at: list[float] = []
     try:
-        conn.putrequest("POST", "/drain/upscale")
-        conn.putheader("Content-Type", "image/png")
-        conn.putheader("Content-Length", str(len(data)))
-        conn.endheaders()
-        conn.send(data[:100])
-        for _ in range(100):  # the replica holds the request (reading its body): bounded wait
-            if json.loads(request(service, "GET", "/drain/healthz").body)["in_flight"] == 1:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the request never reached the replica")
+        start_upload(conn, service, "/drain", data)
 
         def delete() -> None:
             serve.delete("sr-drain")
@@ -401,17 +406,7 @@ def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_
             time.sleep(0.5)
         assert request(port, "GET", "/healthz").status == 200
         data = encoded(photo(40, 40, 22), "PNG")
-        conn.putrequest("POST", "/upscale")
-        conn.putheader("Content-Type", "image/png")
-        conn.putheader("Content-Length", str(len(data)))
-        conn.endheaders()
-        conn.send(data[:100])
-        for _ in range(100):  # the replica holds the request (reading its body): bounded wait
-            if json.loads(request(port, "GET", "/healthz").body)["in_flight"] == 1:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the request never reached the replica")
+        start_upload(conn, port, "", data)
         proc.send_signal(signal.SIGTERM)
         time.sleep(1.5)  # sr-serve is draining
         assert proc.poll() is None, "sr-serve exited with a request in flight"
