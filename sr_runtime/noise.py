@@ -101,3 +101,62 @@ class NoiseBank:
     def slice(self, start: int, count: int) -> np.ndarray:
         """The `[count, noise_dim]` noise of a batch: a view, no copy."""
         return self.data[start : start + count]
+
+
+# ---------------------------------------------------------------------------
+# Position-keyed noise for fully convolutional models
+# ---------------------------------------------------------------------------
+
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: Coordinates and channels are packed into one 64-bit counter: x and y below 2**24, channel below 2**16.
+_MAX_COORD = 1 << 24
+_MASK64 = 2**64 - 1
+_MAX_CHANNELS = 1 << 16
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 whose outputs look independent for counters."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def _splitmix64_int(z: int) -> int:
+    """The same finaliser on a Python int (numpy warns on scalar uint64 overflow)."""
+    z = ((z ^ (z >> 30)) * int(_MIX1)) & _MASK64
+    z = ((z ^ (z >> 27)) * int(_MIX2)) & _MASK64
+    return z ^ (z >> 31)
+
+
+def position_noise(
+    seed: int, stream: int, channels: int, y0: int, x0: int, height: int, width: int
+) -> np.ndarray:
+    """Standard normal noise `[channels, height, width]` float32, a pure function of
+    `(seed, stream, channel, y0 + i, x0 + j)`.
+
+    Fully convolutional models take one noise map per latent level whose value
+    at a pixel must not depend on how the frame is cut: a tile reads the window
+    of the frame's noise it covers, so tiled and whole-frame results agree, and
+    every frame of one shape gets the same noise (no flicker in video). A
+    counter-based hash gives that without drawing the whole frame: each value
+    hashes its own coordinates (SplitMix64), and two 32-bit halves feed
+    Box-Muller.
+    """
+    if not (0 <= y0 and 0 <= x0 and y0 + height <= _MAX_COORD and x0 + width <= _MAX_COORD):
+        raise ValueError(f"noise window ({y0}, {x0}, {height}, {width}) outside [0, {_MAX_COORD})")
+    if not 0 < channels <= _MAX_CHANNELS:
+        raise ValueError(f"channels must be in [1, {_MAX_CHANNELS}], got {channels}")
+    key = np.uint64(_splitmix64_int((seed * int(_GOLDEN) + stream) & _MASK64))
+    rows = (np.arange(y0, y0 + height, dtype=np.uint64) << np.uint64(24))[:, None]
+    cols = np.arange(x0, x0 + width, dtype=np.uint64)[None, :]
+    plane = rows | cols
+    out = np.empty((channels, height, width), np.float32)
+    two_pi = 2.0 * np.pi
+    for c in range(channels):  # one channel at a time bounds the float64 temporaries
+        h = _splitmix64(plane ^ (np.uint64(c) << np.uint64(48)) ^ key)
+        u1 = ((h >> np.uint64(32)).astype(np.float64) + 0.5) * (1.0 / 2**32)
+        u2 = ((h & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) * (1.0 / 2**32)
+        out[c] = np.sqrt(-2.0 * np.log(u1)) * np.cos(two_pi * u2)
+    return out

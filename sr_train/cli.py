@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="elbo (default): VDVAE's loss; skip: L1 of the LR skip alone (conditioning warm-up)")
     tr.add_argument("--kl-warmup-steps", type=non_negative_int,
                     help="ramp the KL weight 0 -> 1 over these steps (default 0)")
+    tr.add_argument("--free-bits", type=float,
+                    help="nats per latent channel and position that cost nothing (default 0: the plain ELBO)")
+    tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
+    tr.add_argument("--crop-size", type=positive_int,
+                    help="HR training crop, a multiple of the model's stride (fully convolutional presets)")
     tr.add_argument("--steps", type=positive_int, help="total steps (default 1000)")
     tr.add_argument("--batch-size", type=positive_int, help="per process (default 4)")
     tr.add_argument("--lr", type=float)

@@ -61,6 +61,11 @@ class VDVAESRConfig:
     # Project addition for small CPU-trained models: the DMoL means are offsets
     # from the bicubically upsampled LR image, so the decoder models the residual.
     lr_skip: bool = False
+    # Fully convolutional (project design): resolutions in the layer strings name
+    # scales of the training crop (r / lr_size x the LR image), encoders stop above
+    # 1x1, the decoder starts from the LR encoder's coarsest map and latents are maps
+    # at every level, so any LR size that is a multiple of ``lr_multiple`` runs.
+    fully_convolutional: bool = False
     # Learned x4 upsampling on top of the LR skip (project addition, 0 = bicubic alone):
     # conv3x3 (this width) -> GELU -> conv3x3 -> pixel shuffle over the LR encoder's
     # top activation, added to the bicubic image. Its last conv starts at zero.
@@ -82,15 +87,26 @@ class VDVAESRConfig:
             raise ValueError(
                 f"hr_size {self.hr_size} must be scale_factor {self.scale_factor} x lr_size {self.lr_size}"
             )
+        ends = {}
         for label, blocks, top in (
             ("enc_blocks", self.enc_blocks, self.hr_size),
             ("lr_enc_blocks", self.lr_enc_blocks, self.lr_size),
         ):
             resolutions = encoder_resolutions(blocks, top)
-            if resolutions[-1] != 1:
+            ends[label] = resolutions
+            if not self.fully_convolutional and resolutions[-1] != 1:
                 raise ValueError(f"{label} must pool down to 1x1, ends at {resolutions[-1]}")
+            if self.fully_convolutional and resolutions[-1] < 2:
+                raise ValueError(f"{label}: a fully convolutional model pools to no 1x1 state (ends at 1)")
         dec = parse_layer_string(self.dec_blocks)
-        if not dec or dec[0][0] != 1:
+        start = dec[0][0] if dec else None
+        if self.fully_convolutional:
+            if start not in ends["lr_enc_blocks"] or dec[0][1] is not None:
+                raise ValueError(f"dec_blocks must start, without a mixin, at a resolution the LR encoder "
+                                 f"provides ({ends['lr_enc_blocks']}), starts at {start}")
+            if not self.lr_skip:
+                raise ValueError("a fully convolutional preset needs lr_skip")
+        elif start != 1:
             raise ValueError("dec_blocks must start at resolution 1")
         if max(res for res, _ in dec) != self.hr_size:
             raise ValueError(f"dec_blocks must end at hr_size {self.hr_size}")
@@ -101,6 +117,15 @@ class VDVAESRConfig:
 
     def widths(self) -> dict[int, int]:
         return width_map(self.width, self.custom_width_str)
+
+    @property
+    def lr_multiple(self) -> int:
+        """LR sizes a fully convolutional model takes are multiples of this (its coarsest stride)."""
+        coarsest = min(
+            encoder_resolutions(self.lr_enc_blocks, self.lr_size)
+            + [res for res, _ in parse_layer_string(self.dec_blocks)]
+        )
+        return self.lr_size // coarsest
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,7 +235,7 @@ class Encoder(nn.Module):
 
     def __init__(self, blocks: str, widths: dict[int, int], top_res: int, bottleneck: float) -> None:
         super().__init__()
-        self.widths = widths
+        self.widths, self.top_res = widths, top_res
         layers = parse_layer_string(blocks)
         self.in_conv = conv(3, widths[top_res], 3)
         modules = [
@@ -222,11 +247,13 @@ class Encoder(nn.Module):
         self.enc_blocks = nn.ModuleList(modules)
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
+        """Activations keyed by layer-string resolution (the spatial size for fixed-size models)."""
         x = self.in_conv(x)
-        acts = {x.shape[2]: x}
+        res = self.top_res
+        acts = {res: x}
         for block in self.enc_blocks:
             x = block(x)
-            res = x.shape[2]
+            res //= block.down_rate or 1
             x = pad_channels(x, self.widths[res])
             acts[res] = x
         return acts
@@ -294,15 +321,20 @@ class Decoder(nn.Module):
         self.cfg = cfg
         widths = cfg.widths()
         layers = parse_layer_string(cfg.dec_blocks)
-        inject = set(lr_resolutions or []) - {1}
+        # p(z0|y): the resolution whose state is the LR encoder's activation itself.
+        self.lr_start = layers[0][0] if cfg.fully_convolutional else 1
+        inject = set(lr_resolutions or []) - {self.lr_start}
         if cfg.lr_inject_max_res is not None:
             inject = {r for r in inject if r <= cfg.lr_inject_max_res}
         self.dec_blocks = nn.ModuleList(
             DecBlock(res, mixin, len(layers), cfg, lr_gated=res in inject) for res, mixin in layers
         )
         self.resolutions = sorted({res for res, _ in layers})
+        # Fixed-size learned start states are VDVAE's; a fully convolutional model has none.
         self.bias_xs = nn.ParameterDict(
-            {str(res): nn.Parameter(torch.zeros(1, widths[res], res, res)) for res in self.resolutions if res <= cfg.no_bias_above}
+            {}
+            if cfg.fully_convolutional
+            else {str(r): nn.Parameter(torch.zeros(1, widths[r], r, r)) for r in self.resolutions if r <= cfg.no_bias_above}
         )
         out_width = widths[cfg.hr_size]
         self.gain = nn.Parameter(torch.ones(1, out_width, 1, 1))
@@ -312,10 +344,16 @@ class Decoder(nn.Module):
     def blocks(self) -> list[DecBlock]:
         return cast(list[DecBlock], list(self.dec_blocks))
 
-    def initial_state(self, res: int, n: int, ref: Tensor) -> Tensor:
+    def state_size(self, res: int, hr_hw: tuple[int, int]) -> tuple[int, int]:
+        """Spatial size of the state at ``res`` for an HR output of ``hr_hw`` (res x res when fixed-size)."""
+        if not self.cfg.fully_convolutional:
+            return res, res
+        return hr_hw[0] * res // self.cfg.hr_size, hr_hw[1] * res // self.cfg.hr_size
+
+    def initial_state(self, res: int, n: int, ref: Tensor, hr_hw: tuple[int, int]) -> Tensor:
         if str(res) in self.bias_xs:
             return self.bias_xs[str(res)].expand(n, -1, -1, -1)
-        return ref.new_zeros(n, self.cfg.widths()[res], res, res)
+        return ref.new_zeros(n, self.cfg.widths()[res], *self.state_size(res, hr_hw))
 
     def forward(
         self,
@@ -325,17 +363,21 @@ class Decoder(nn.Module):
         hr_acts: dict[int, Tensor] | None = None,
         eps: list[Tensor | None] | None = None,
         z_given: list[Tensor] | None = None,
+        hr_hw: tuple[int, int] | None = None,
     ) -> tuple[Tensor, list[dict[str, Tensor]]]:
         """Run every block; returns the final state after gain/bias (VDVAE's px_z) and per-block stats.
 
-        ``ref`` only supplies dtype/device for zero states.
+        ``ref`` only supplies dtype/device for zero states; ``hr_hw`` is the output
+        size (fully convolutional models only; fixed-size ones know theirs).
         """
+        hw = hr_hw or (self.cfg.hr_size, self.cfg.hr_size)
         xs: dict[int, Tensor] = {}
         stats = []
         for i, block in enumerate(self.blocks()):
             res = block.res
             if res not in xs:
-                xs[res] = lr_acts[1] if (lr_acts is not None and res == 1) else self.initial_state(res, n, ref)
+                from_lr = lr_acts is not None and res == self.lr_start
+                xs[res] = lr_acts[res] if from_lr else self.initial_state(res, n, ref, hw)
             x = xs[res]
             if block.mixin is not None:
                 x = x + F.interpolate(xs[block.mixin][:, : x.shape[1]], scale_factor=res // block.mixin)
@@ -349,7 +391,7 @@ class Decoder(nn.Module):
             )
             xs[res] = x
             stats.append(block_stats)
-        return xs[self.cfg.hr_size] * self.gain + self.bias, stats
+        return xs[max(xs)] * self.gain + self.bias, stats
 
 
 # ---------------------------------------------------------------------------
@@ -521,8 +563,32 @@ class VDVAESR(nn.Module):
     # -- latent layout -------------------------------------------------------
     @property
     def latent_shapes(self) -> list[tuple[int, int, int]]:
-        """(zdim, r, r) per decoder block, in decoder order."""
-        return [(self.config.zdim, b.res, b.res) for b in self.decoder.blocks()]
+        """(zdim, r, r) per decoder block, in decoder order (at the training crop for fully convolutional ones)."""
+        return self.latent_shapes_for((self.config.hr_size, self.config.hr_size))
+
+    def latent_shapes_for(self, hr_hw: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(zdim, h, w) per decoder block for an HR output of ``hr_hw``."""
+        return [(self.config.zdim, *self.decoder.state_size(b.res, hr_hw)) for b in self.decoder.blocks()]
+
+    @property
+    def noise_levels(self) -> list[tuple[int, int]]:
+        """(resolution, number of blocks) per latent level, coarse to fine.
+
+        A fully convolutional model takes one noise map per level,
+        ``[N, zdim * blocks, h * r / lr_size, w * r / lr_size]``, the blocks'
+        channels in decoder order.
+        """
+        counts: dict[int, int] = {}
+        for b in self.decoder.blocks():
+            counts[b.res] = counts.get(b.res, 0) + 1
+        return list(counts.items())
+
+    def split_levels(self, levels: list[Tensor]) -> list[Tensor]:
+        """Per-level noise maps -> one ``[N, zdim, h, w]`` tensor per block (decoder order)."""
+        if len(levels) != len(self.noise_levels):
+            raise ValueError(f"expected {len(self.noise_levels)} noise levels, got {len(levels)}")
+        chunks = {res: list(t.split(self.config.zdim, dim=1)) for (res, _), t in zip(self.noise_levels, levels)}
+        return [chunks[b.res].pop(0) for b in self.decoder.blocks()]
 
     @property
     def noise_dim(self) -> int:
@@ -537,8 +603,51 @@ class VDVAESR(nn.Module):
             offset += c * h * w
         return out
 
+    def receptive_radius(self) -> int:
+        """How far (in LR pixels) an output pixel can see, an upper bound from the architecture.
+
+        A fully convolutional model's output at an LR position depends on LR
+        pixels at most this far away in x or y, so a tile overlapped by it on
+        every side (and placed at a multiple of ``lr_multiple``) reproduces the
+        whole-image result in its centre. Each 3x3 conv at resolution r reaches
+        lr_size / r LR pixels; pooling and nearest upsampling add their window.
+        """
+        cfg = self.config
+
+        def stride(res: int) -> float:
+            return cfg.lr_size / res
+
+        def encoder_reach(blocks: str) -> dict[int, float]:
+            res, reach = cfg.lr_size, stride(cfg.lr_size)  # the 3x3 input conv
+            out = {res: reach}
+            for block_res, down in parse_layer_string(blocks):
+                reach += 2 * stride(block_res) if block_res > 2 else 0
+                if down:
+                    reach += (down - 1) * stride(block_res)
+                    res //= down
+                out[res] = reach
+            return out
+
+        lr_reach = encoder_reach(cfg.lr_enc_blocks)
+        states: dict[int, float] = {}
+        for block in self.decoder.blocks():
+            res, s = block.res, stride(block.res)
+            reach = states.get(res, lr_reach.get(res, 0.0) if res == self.decoder.lr_start else 0.0)
+            if block.mixin is not None:
+                reach = max(reach, states[block.mixin] + stride(block.mixin))
+            if block.lr_gate is not None:
+                reach = max(reach, lr_reach[res])
+            states[res] = reach + (4 * s if res > 2 else 0)  # prior's and resnet's two 3x3 convs each
+        reach = states[max(states)]
+        if cfg.lr_skip:
+            skip = lr_reach[cfg.lr_size] + (2 if self.skip_upsampler is not None else 0)
+            reach = max(reach, skip, 2.0)  # 2: bicubic's support
+        return math.ceil(reach)
+
     # -- training ------------------------------------------------------------
-    def forward(self, hr: Tensor, lr: Tensor | None = None, objective: str = "elbo") -> dict[str, Tensor]:
+    def forward(
+        self, hr: Tensor, lr: Tensor | None = None, objective: str = "elbo", free_bits: float = 0.0
+    ) -> dict[str, Tensor]:
         """Negative ELBO per dimension (VDVAE's loss) for HR images in [0, 1].
 
         Returns per-image ``elbo``, ``distortion`` and ``rate`` [N], averaged by the caller.
@@ -553,7 +662,7 @@ class VDVAESR(nn.Module):
             raise ValueError(f"objective must be 'elbo' or 'skip', got {objective!r}")
         lr_acts = self.lr_encoder(self.encoder_input(lr)) if lr is not None else None
         px_z, stats = self.posterior_pass(hr, lr, lr_acts=lr_acts)
-        return self.loss_from(px_z, stats, hr, self.mean_base(lr, lr_acts))
+        return self.loss_from(px_z, stats, hr, self.mean_base(lr, lr_acts), free_bits)
 
     def posterior_pass(
         self,
@@ -565,9 +674,11 @@ class VDVAESR(nn.Module):
         hr_acts = self.hr_encoder(self.encoder_input(hr))
         if lr_acts is None and lr is not None:
             lr_acts = self.lr_encoder(self.encoder_input(lr))
+        hr_hw = (hr.shape[2], hr.shape[3])
         if eps is None:
-            eps = [torch.randn(hr.shape[0], c, h, w, device=hr.device, dtype=hr.dtype) for c, h, w in self.latent_shapes]
-        return self.decoder(hr.shape[0], hr, lr_acts=lr_acts, hr_acts=hr_acts, eps=eps)
+            eps = [torch.randn(hr.shape[0], c, h, w, device=hr.device, dtype=hr.dtype)
+                   for c, h, w in self.latent_shapes_for(hr_hw)]
+        return self.decoder(hr.shape[0], hr, lr_acts=lr_acts, hr_acts=hr_acts, eps=eps, hr_hw=hr_hw)
 
     def mean_base(self, lr: Tensor | None, lr_acts: dict[int, Tensor] | None = None) -> Tensor | None:
         """The LR skip in [-1, 1]: bicubic x4 of the LR image, plus the learned upsampler's
@@ -593,24 +704,67 @@ class VDVAESR(nn.Module):
         return (base.float().clamp(-1.0, 1.0) - (hr * 2.0 - 1.0)).abs().mean(dim=(1, 2, 3)) * 0.5
 
     def loss_from(
-        self, px_z: Tensor, stats: list[dict[str, Tensor]], hr: Tensor, base: Tensor | None = None
+        self,
+        px_z: Tensor,
+        stats: list[dict[str, Tensor]],
+        hr: Tensor,
+        base: Tensor | None = None,
+        free_bits: float = 0.0,
     ) -> dict[str, Tensor]:
+        """Per-image ``elbo``, ``distortion``, ``rate`` (nats per image dimension), the rate of each
+        latent level (``rate/<res>``), and ``rate_objective``: the rate term to optimise.
+
+        With ``free_bits`` > 0 each latent channel of each block costs at least that
+        many nats per position, averaged over the batch (Kingma et al. 2016): below
+        the floor its KL is free, so the posterior has room to carry what the
+        decoder cannot guess from the LR image (texture) instead of collapsing.
+        """
         target = hr * 2.0 - 1.0
         logits = self.decoder.out_conv(px_z).float()  # the DMoL likelihood in fp32 under autocast
         distortion = dmol_nll(target, logits, self.config.num_mixtures, self.config.low_bit, base)
-        rate = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats]).sum(0) / hr[0].numel()
-        return {"elbo": distortion + rate, "distortion": distortion, "rate": rate}
+        ndims = hr[0].numel()
+        per_block = [s["kl"].sum(dim=(1, 2, 3)) / ndims for s in stats]
+        rate = torch.stack(per_block).sum(0)
+        out = {"elbo": distortion + rate, "distortion": distortion, "rate": rate}
+        for block, block_rate in zip(self.decoder.blocks(), per_block):
+            key = f"rate/{block.res}"
+            out[key] = out[key] + block_rate if key in out else block_rate
+        if free_bits > 0:
+            floored = [s["kl"].mean(dim=(0, 2, 3)).clamp(min=free_bits).sum() * s["kl"][0, 0].numel() / ndims
+                       for s in stats]
+            out["rate_objective"] = torch.stack(floored).sum().expand_as(rate)
+        else:
+            out["rate_objective"] = rate
+        return out
 
     # -- super-resolution (the exported path) -----------------------------------
-    def sample(self, lr: Tensor, noise: Tensor, stochastic_head: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Conditional prior sampling: LR [N,3,h,w] in [0,1] + packed noise -> HR [N,3,4h,4w] in [0,1].
+    def sample(
+        self,
+        lr: Tensor,
+        noise: Tensor | list[Tensor] | None,
+        stochastic_head: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Conditional prior sampling: LR [N,3,h,w] in [0,1] + noise -> HR [N,3,4h,4w] in [0,1].
 
-        ``noise`` is standard normal already multiplied by the temperature, so
-        zeros give the deterministic, most likely latent path. No random op runs
-        unless ``stochastic_head``.
+        ``noise`` is standard normal already multiplied by the temperature: one
+        packed ``[N, noise_dim]`` tensor (fixed-size models), a list of per-level
+        maps (``noise_levels``; fully convolutional models), or None for the
+        deterministic, most likely latent path (z = prior mean, same as zeros).
+        No random op runs unless ``stochastic_head``.
         """
+        if self.config.fully_convolutional and (lr.shape[2] % self.config.lr_multiple or lr.shape[3] % self.config.lr_multiple):
+            raise ValueError(f"{self.config.name}: LR height and width must be multiples of "
+                             f"{self.config.lr_multiple}, got {tuple(lr.shape[2:])}")
         lr_acts = self.lr_encoder(self.encoder_input(lr))
-        px_z, _ = self.decoder(lr.shape[0], lr, lr_acts=lr_acts, eps=self.unpack_noise(noise))
+        if noise is None:
+            eps: list[Tensor | None] | None = None
+        elif isinstance(noise, Tensor):
+            eps = list(self.unpack_noise(noise))
+        else:
+            eps = list(self.split_levels(noise))
+        hr_hw = (lr.shape[2] * self.config.scale_factor, lr.shape[3] * self.config.scale_factor)
+        px_z, _ = self.decoder(lr.shape[0], lr, lr_acts=lr_acts, eps=eps, hr_hw=hr_hw)
         logits = self.decoder.out_conv(px_z)
         base = self.mean_base(lr, lr_acts)
         if stochastic_head:
@@ -622,12 +776,34 @@ class VDVAESR(nn.Module):
         return (x + 1.0) * 0.5
 
     def make_noise(self, n: int, temperature: float, seed: int, device: torch.device | str = "cpu") -> Tensor:
+        """Packed noise of a fixed-size model: a fresh draw per batch row."""
         g = torch.Generator(device="cpu").manual_seed(seed)
         return (torch.randn(n, self.noise_dim, generator=g) * temperature).to(device)
+
+    def make_level_noise(
+        self, n: int, lr_hw: tuple[int, int], temperature: float, seed: int, device: torch.device | str = "cpu"
+    ) -> list[Tensor]:
+        """Per-level noise of a fully convolutional model: the runtime's position-keyed noise
+        (``sr_runtime.noise.position_noise``, stream = level index) for a frame at the origin,
+        the same for every batch row, so this and the runtime sample identically."""
+        from sr_runtime.noise import position_noise
+
+        hr_hw = (lr_hw[0] * self.config.scale_factor, lr_hw[1] * self.config.scale_factor)
+        out = []
+        for level, (res, count) in enumerate(self.noise_levels):
+            h, w = self.decoder.state_size(res, hr_hw)
+            maps = torch.from_numpy(position_noise(seed, level, self.config.zdim * count, 0, 0, h, w)) * temperature
+            out.append(maps.expand(n, -1, -1, -1).to(device))
+        return out
 
     @torch.no_grad()
     def sample_seeded(self, lr: Tensor, temperature: float = 0.0, seed: int = 0) -> Tensor:
         """Convenience: draw the noise from ``seed`` at ``temperature`` and sample."""
+        if temperature == 0:
+            return self.sample(lr, None)
+        if self.config.fully_convolutional:
+            levels = self.make_level_noise(lr.shape[0], (lr.shape[2], lr.shape[3]), temperature, seed, lr.device)
+            return self.sample(lr, [t.to(lr.dtype) for t in levels])
         return self.sample(lr, self.make_noise(lr.shape[0], temperature, seed, lr.device).to(lr.dtype))
 
 
@@ -672,6 +848,25 @@ def _small_256(**overrides: Any) -> VDVAESRConfig:
     return VDVAESRConfig(**{**base, **overrides})
 
 
+def _fc_256(**overrides: Any) -> VDVAESRConfig:
+    """Fully convolutional VDVAE-SR (project design): levels LR/4 ... 4 x LR, named at a 64 -> 256 crop.
+
+    The encoders are small-256's without their pooling to 1x1, so its trained LR
+    path transfers; the decoder starts from the LR encoder's LR/4 map (p(z0|y))
+    and has latents at every level; the output head predicts a residual over the
+    learned skip upsampler (capacity at the LR resolution, ending in a pixel shuffle).
+    """
+    base: dict[str, Any] = {
+        "name": "fc-256", "hr_size": 256, "lr_size": 64, "width": 64, "custom_width_str": "128:32,256:16",
+        "enc_blocks": "256x1,256d2,128x1,128d2,64x2,64d2,32x2,32d2,16x2",
+        "dec_blocks": "16x2,32m16,32x2,64m32,64x5,128m64,128x1,256m128",
+        "lr_enc_blocks": "64x8,64d2,32x2,32d2,16x2",
+        "zdim": 4, "num_mixtures": 5, "lr_skip": True, "skip_upsampler_width": 64, "head_statistic": "mean",
+        "fully_convolutional": True, "input_shift": IMAGENET64_STATS[0], "input_scale": IMAGENET64_STATS[1],
+    }
+    return VDVAESRConfig(**{**base, **overrides})
+
+
 PRESETS = {
     "paper-64": _paper_64,
     "paper-256": _paper_256,
@@ -679,6 +874,7 @@ PRESETS = {
     "paper-64-thesis": lambda **o: _paper_64(name="paper-64-thesis", lr_inject_max_res=16, **o),
     "paper-256-thesis": lambda **o: _paper_256(name="paper-256-thesis", lr_inject_max_res=16, **o),
     "small-256": _small_256,
+    "fc-256": _fc_256,
 }
 
 

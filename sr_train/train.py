@@ -59,6 +59,9 @@ class TrainConfig:
     train_decoder_blocks: str | None = None  # e.g. "0-10,40" ; None = all
     objective: str = "elbo"  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
     kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)
+    free_bits: float = 0.0  # nats per latent channel and position that cost nothing (against posterior collapse)
+    init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
+    crop_size: int | None = None  # HR training crop (fully convolutional models; default: the preset's hr_size)
     steps: int = 1000
     batch_size: int = 4  # per rank
     lr: float = 1e-3
@@ -168,8 +171,31 @@ def build_model(cfg: TrainConfig) -> VDVAESR:
         model = VDVAESR(preset(cfg.preset))
     if cfg.init_vdvae:
         import_vdvae_weights(model, cfg.init_vdvae)
+    if cfg.init_transfer:
+        transfer_weights(model, cfg.init_transfer)
     apply_freezing(model, cfg)
     return model
+
+
+TRANSFERABLE = ("lr_encoder.", "hr_encoder.", "skip_upsampler.")
+
+
+def transfer_weights(model: VDVAESR, checkpoint: str) -> None:
+    """Start a new architecture from another checkpoint's encoders and skip upsampler.
+
+    Encoder blocks are addressed by position in the layer string, so a preset whose
+    encoder strings are a prefix of the source's takes those blocks as they are.
+    Every other tensor keeps its fresh initialisation; the counts are printed.
+    """
+    source, _ = load_checkpoint(checkpoint)
+    src = source.state_dict()
+    own = model.state_dict()
+    taken = {k: v for k, v in src.items() if k.startswith(TRANSFERABLE) and k in own and own[k].shape == v.shape}
+    if not taken:
+        raise ValueError(f"--init-transfer {checkpoint}: no encoder or skip-upsampler tensor matches this preset")
+    model.load_state_dict(taken, strict=False)
+    left = [k for k in own if k.startswith(TRANSFERABLE) and k not in taken]
+    print(f"init-transfer: {len(taken)} tensors from {checkpoint}; {len(left)} encoder/upsampler tensors kept fresh")
 
 
 def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:
@@ -295,7 +321,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     low_precision = PRECISIONS[cfg.precision] if cfg.precision != "fp32" else None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    dataset = RandomCropDataset(cfg.data, hr_size=model.config.hr_size, seed=cfg.seed)
+    if cfg.crop_size is not None and not model.config.fully_convolutional and cfg.crop_size != model.config.hr_size:
+        raise ValueError(f"--crop-size: {model.config.name} is fixed-size ({model.config.hr_size}px crops only)")
+    dataset = RandomCropDataset(cfg.data, hr_size=cfg.crop_size or model.config.hr_size, seed=cfg.seed)
     sampler = CropSampler(start=step * cfg.batch_size * world, rank=rank, world_size=world)
     # Its own generator: a DataLoader otherwise draws from the global RNG, which resuming restores.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
@@ -329,9 +357,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             group["lr"] = lr_at(step, cfg)
         hr, lr = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr"))
         with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=low_precision is not None):
-            out = net(hr, lr, objective=cfg.objective)
+            out = net(hr, lr, objective=cfg.objective, free_bits=cfg.free_bits)
         beta = kl_weight(step, cfg)
-        loss = out["loss"].mean() if cfg.objective == "skip" else (out["distortion"] + beta * out["rate"]).mean()
+        loss = (out["loss"].mean() if cfg.objective == "skip"
+                else (out["distortion"] + beta * out.pop("rate_objective")).mean())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
