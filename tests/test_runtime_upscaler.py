@@ -32,7 +32,7 @@ from sr_runtime.tiling import plan_tiles
 def test_default_model_is_the_shipped_one_or_the_env_override(monkeypatch: pytest.MonkeyPatch,
                                                               double_model: Path) -> None:
     monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
-    assert default_model_dir() == Path(__file__).resolve().parent.parent / "engines" / "vdvae-sr-256"
+    assert default_model_dir() == Path(__file__).resolve().parent.parent / "sr_runtime" / "models" / "vdvae-sr-256"
     monkeypatch.setenv(MODEL_DIR_ENV, str(double_model))
     with Upscaler() as up:
         assert up.spec.name == "test-double"
