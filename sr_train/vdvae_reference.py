@@ -1,8 +1,8 @@
 """Run our model on an official-VDVAE reference fixture and pair every output with the official one.
 
 A fixture directory holds ``hparams.json``, ``vdvae-ref-model.th`` (an official
-state dict) and ``expected.safetensors`` (inputs and official outputs; see its
-README). ``sr-train vdvae-parity`` prints the worst error per tensor group and
+state dict) and ``expected.safetensors`` (inputs and official outputs; see
+``tests/fixtures/vdvae_reference/README.md``). ``sr-train vdvae-parity`` prints the worst error per tensor group and
 the parity test asserts on the same pairs.
 """
 
@@ -19,10 +19,12 @@ from torch import Tensor
 from .model import VDVAESR
 from .vdvae_import import config_from_vdvae_hparams, import_vdvae_weights
 
-DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vdvae_reference"
+#: The fixture vendored in the repository (not part of the installed package).
+DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vdvae_reference"
 
 
 def reference_dir() -> Path:
+    """`$VDVAE_REFERENCE_DIR`, else the repository's `tests/fixtures/vdvae_reference`."""
     return Path(os.environ.get("VDVAE_REFERENCE_DIR", DEFAULT_REFERENCE_DIR))
 
 

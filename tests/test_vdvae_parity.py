@@ -1,7 +1,8 @@
 """Our HR encoder + decoder reproduce the official VDVAE implementation's outputs.
 
-The fixture directory comes from VDVAE_REFERENCE_DIR (default: the shared
-fixture). A missing fixture FAILS: this test is the proof of fidelity.
+The fixture directory comes from VDVAE_REFERENCE_DIR (default:
+tests/fixtures/vdvae_reference). A missing fixture FAILS: this test is the
+proof of fidelity.
 """
 
 from __future__ import annotations
