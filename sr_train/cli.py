@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=positive_int)
     tr.add_argument("--save-every", type=positive_int)
     tr.add_argument("--val-every", type=positive_int)
-    tr.add_argument("--val-images", help="folder for periodic EMA validation (DESIGN §7 protocol)")
+    tr.add_argument("--val-images", help="folder for periodic EMA validation (docs/design.md, Evaluation protocol)")
     tr.add_argument("--val-temperature", type=float)
     tr.add_argument("--num-workers", type=non_negative_int)
     tr.add_argument("--threads", type=positive_int, help="torch CPU threads")

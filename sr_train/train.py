@@ -247,7 +247,7 @@ def append_csv(path: Path, row: dict[str, Any]) -> None:
 
 
 def validate(ema: VDVAESR, images: dict[str, Any], temperature: float, seed: int) -> dict[str, float]:
-    """PSNR/SSIM-Y of the EMA model on the evaluation protocol's crops (DESIGN §7)."""
+    """PSNR/SSIM-Y of the EMA model on the evaluation protocol's crops (docs/design.md)."""
     from .evaluate import evaluate_model, model_sample_fn
 
     result = evaluate_model(model_sample_fn(ema), images, ema.config.hr_size, [temperature], seed)
