@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sr_train.info import model_info
 from sr_runtime.model import packaged_model_dir
+from sr_train.info import model_info
 from sr_train.model import VDVAESR, VDVAESRConfig, preset
 
 REPO = Path(__file__).resolve().parent.parent

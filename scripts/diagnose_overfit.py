@@ -71,7 +71,8 @@ def main() -> None:
     groups = {
         "hr_encoder": list(model.hr_encoder.parameters()),
         "lr_encoder": list(model.lr_encoder.parameters()),
-        "decoder": [p for n, p in model.decoder.named_parameters() if not n.startswith("out_conv") and "lr_gate" not in n],
+        "decoder": [p for n, p in model.decoder.named_parameters()
+                    if not n.startswith("out_conv") and "lr_gate" not in n],
         "gates": [p for n, p in model.decoder.named_parameters() if "lr_gate" in n],
         "head": list(model.decoder.out_conv.parameters()),
     }

@@ -55,14 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sr-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=Path, help="export this checkpoint directory (config.json + model.safetensors)")
+    src.add_argument("--checkpoint", type=Path,
+                     help="export this checkpoint directory (config.json + model.safetensors)")
     src.add_argument("--preset", help="a model preset (e.g. paper-256); needs --random-weights")
     p.add_argument("--res", type=int, help="HR tile size of the shipped model to export (default 256)")
     p.add_argument("--random-weights", action="store_true",
-                   help="use freshly initialised weights (cost/benchmark models, or a stand-in until a checkpoint exists)")
+                   help="use freshly initialised weights "
+                        "(cost/benchmark models, or a stand-in until a checkpoint exists)")
     p.add_argument("--out", type=Path,
                    help="output directory (default sr_runtime/models/vdvae-sr-<res>/ for the shipped model)")
-    p.add_argument("--batch", type=parse_batch, default=(1, 4, 16), help="engine batch profile MIN,OPT,MAX (default 1,4,16)")
+    p.add_argument("--batch", type=parse_batch, default=(1, 4, 16),
+                   help="engine batch profile MIN,OPT,MAX (default 1,4,16)")
     p.add_argument("--precision", choices=("fp32", "fp16", "both"), default="both",
                    help="which graphs/engines: fp32 skips the FP16 graph; fp16 and both write both ONNX "
                         "files (the FP16 one is derived from and checked against FP32), engines for the named ones")
@@ -217,5 +220,6 @@ def print_summary(report: Any) -> None:
               f"{isl['by_scope'] or ''}")
         top = isl["largest_measured"][0] if isl["largest_measured"] else None
         if top:
-            print(f"  fp16     largest measured |x|: {top['max_abs']:.4g} ({top['op']} in {top['scope'] or 'top level'})")
+            where = top["scope"] or "top level"
+            print(f"  fp16     largest measured |x|: {top['max_abs']:.4g} ({top['op']} in {where})")
     print(f"  seconds  {m['export_seconds']}")

@@ -94,7 +94,7 @@ def measure_ranges(
         if name not in existing:
             proto.graph.output.append(helper.make_tensor_value_info(name, FLOAT, None))
     session = cpu_session_from_proto(proto)
-    ranges: dict[str, float] = {name: 0.0 for name in produced}
+    ranges: dict[str, float] = dict.fromkeys(produced, 0.0)
     for init in proto.graph.initializer:
         if init.data_type == FLOAT:
             arr = numpy_helper.to_array(init)
@@ -102,7 +102,7 @@ def measure_ranges(
     for feed in feeds:
         batch = next(iter(feed.values())).shape[0]
         for group in _groups(produced, shapes, batch, budget_bytes):
-            for name, value in zip(group, session.run(group, feed)):
+            for name, value in zip(group, session.run(group, feed), strict=True):
                 peak = float(np.abs(value).max()) if np.isfinite(value).all() else math.inf
                 ranges[name] = max(ranges[name], peak)
         for name, value in feed.items():

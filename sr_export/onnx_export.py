@@ -103,7 +103,9 @@ def node_scope(node: onnx.NodeProto) -> str:
     return next((p.value for p in node.metadata_props if p.key == SCOPE_KEY), "")
 
 
-RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
+RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
 
 
 def assert_no_random_ops(proto: onnx.ModelProto) -> None:

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     parity = sub.add_parser("vdvae-parity", help="worst error per tensor group against an official-VDVAE fixture")
-    parity.add_argument("--reference", help="fixture directory (default: $VDVAE_REFERENCE_DIR or tests/fixtures/vdvae_reference)")
+    parity.add_argument("--reference",
+                        help="fixture directory (default: $VDVAE_REFERENCE_DIR or tests/fixtures/vdvae_reference)")
     parity.add_argument("--atol", type=float, default=1e-4, help="exit 1 if any error exceeds this")
     parity.set_defaults(func=cmd_vdvae_parity)
 

@@ -80,6 +80,6 @@ def test_import_leaves_only_sr_additions_untouched(root):
     fresh = VDVAESR(model.config)
     untouched = import_vdvae_weights(fresh, root / "vdvae-ref-model.th")
     assert untouched and all(k.startswith("lr_encoder.") or k.endswith(".lr_gate") for k in untouched)
-    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
         if name not in untouched:
             assert torch.equal(a, b), name
