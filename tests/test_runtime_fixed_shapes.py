@@ -79,6 +79,7 @@ def test_buckets_follow_the_profile_under_the_batch_size(shipped_shape_model: Pa
         bucket_for(17, (1, 4, 16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_a_960x540_frame_reaches_the_backend_only_in_bucket_shapes(
     shipped_shape_model: Path, monkeypatch: pytest.MonkeyPatch, temperature: float

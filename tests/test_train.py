@@ -70,6 +70,7 @@ def fixed_batch_elbo(checkpoint: Path, photos: Path) -> float:
     return out["elbo"].mean().item()
 
 
+@pytest.mark.slow
 def test_loss_goes_down(photos, init, tmp_path):
     train(config(photos, init, tmp_path / "run", steps=40))
     assert len(read_log(tmp_path / "run")) == 40
