@@ -1,4 +1,4 @@
-"""Hostile and careless input to sr_runtime and sr-upscale (issue 11): one clear failure, never a traceback."""
+"""Hostile and careless input to sr_runtime and sr-upscale: one clear failure, never a traceback."""
 
 from __future__ import annotations
 
