@@ -4,7 +4,8 @@ The yardstick for "what did VDVAE-SR's training add": ESPCN-style (Shi et al.
 2016) with the same tricks as our LR skip (bicubic residual, pixel shuffle),
 4 convolutions at the LR resolution, L1 loss, AdamW, trained on the same crops
 (``sr_train.data.RandomCropDataset``) for the same minutes and threads as a
-VDVAE-SR run, then scored with the same protocol (``evaluate_model``, DESIGN §7).
+VDVAE-SR run, then scored with the same protocol (``evaluate_model``; docs/design.md,
+Evaluation protocol).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def markdown(result: dict[str, Any]) -> str:
     return (
         f"# Plain CNN baseline, {result['minutes']:g} min on {result['threads']} CPU thread(s), {result['date']}\n\n"
         f"{result['model']}, {result['params']:,} parameters, batch {result['batch_size']}, "
-        f"{result['steps']:,} steps in {result['seconds']:.0f} s; validation photos, DESIGN §7 protocol.\n\n"
+        f"{result['steps']:,} steps in {result['seconds']:.0f} s; validation photos, "
+        "evaluation protocol of docs/design.md.\n\n"
         "| method | PSNR-Y (dB) | SSIM-Y | ΔPSNR-Y vs bicubic |\n|---|---|---|---|\n"
         f"| bicubic | {result['bicubic_psnr_y']:.2f} | {result['bicubic_ssim_y']:.4f} |  |\n"
         f"| plain CNN | {result['psnr_y']:.2f} | {result['ssim_y']:.4f} | {result['delta_psnr_y']:+.2f} |\n"

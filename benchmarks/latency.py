@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models costing more GMAC per tile run --heavy-batches only, --heavy-iters, no whole image, "
                         "no FP16 export (default 50)")
     p.add_argument("--heavy-iters", type=int, default=3, help="timed calls for heavy models (default 3)")
-    p.add_argument("--heavy-batches", type=positive_ints, default=[1], help="tile batch sizes for heavy models (default 1)")
+    p.add_argument("--heavy-batches", type=positive_ints, default=[1],
+                   help="tile batch sizes for heavy models (default 1)")
     p.add_argument("--image", type=_sizes, default=None,
                    help="whole-image LR sizes WxH, comma-separated (default 640x480)")
     p.add_argument("--image-iters", type=int, default=None, help="timed whole-image runs (default 3; --quick 2)")

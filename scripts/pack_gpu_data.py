@@ -1,13 +1,15 @@
-"""Pack the training photos into a folder small enough for one device call to carry.
+"""Pack the training photos into a folder small enough to copy to a remote GPU machine.
 
-A device call carries at most 64 MiB with the repo; the photos are ~76 MB of
-PNG. Re-encoding lossily would teach the model JPEG artefacts, so instead each
+For `SR_GPU_PACK=1 bash scripts/gpu_train.sh`: a remote-call tool that copies
+the working tree (say at most 64 MiB) cannot take the ~76 MB of training PNGs.
+Re-encoding lossily would teach the model JPEG artefacts, so instead each
 photo is centre-cropped by the same area fraction until the PNGs fit the
-budget: every photo stays represented, pixels stay exact.
+budget: every photo stays represented, pixels stay exact. A GPU box of your
+own needs none of this: it reads data/photos/train.
 
 Usage: ``.venv/bin/python scripts/pack_gpu_data.py [--src data/photos/train]
-[--out .gpudata/train] [--budget-mb 40]``. ``.gpudata/`` is git-ignored: only
-a device call's ``carry`` takes it along (scripts/gpu_train.sh).
+[--out .gpudata/train] [--budget-mb 40]``. ``.gpudata/`` is git-ignored, so
+the remote-call tool must be told to take it along.
 """
 
 from __future__ import annotations

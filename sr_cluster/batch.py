@@ -161,7 +161,7 @@ class UpscaleWorker:
         return WorkerInfo(up.spec.name, up.backend, up.precision, up.max_samples)
 
     def upscale(self, job: FileJob) -> FileOutcome:
-        """Upscale one file; an earlier, killed attempt's temporary files are removed first (this worker owns them now)."""
+        """Upscale one file; a killed earlier attempt's temporary files go first (this worker owns them now)."""
         job.remove_leftovers()
         try:
             return FileOutcome(notes=upscale_file(self._upscaler, job.src, job.targets, self._samples, self._args))

@@ -400,7 +400,7 @@ class QueueBatcher(Generic[T, R]):
                     if not future.done():
                         future.set_exception(exc)
             else:
-                for (_, future), result in zip(batch, results):
+                for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
             self.batches += 1

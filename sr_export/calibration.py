@@ -28,7 +28,8 @@ def _crops(img: np.ndarray, size: int, per_photo: int) -> list[np.ndarray]:
     h, w = img.shape[:2]
     if min(h, w) < size:
         f = size / min(h, w)
-        img = np.asarray(Image.fromarray(img).resize((max(size, round(w * f)), max(size, round(h * f))), Image.Resampling.BICUBIC))
+        target = (max(size, round(w * f)), max(size, round(h * f)))
+        img = np.asarray(Image.fromarray(img).resize(target, Image.Resampling.BICUBIC))
         h, w = img.shape[:2]
     out = []
     for k in range(per_photo):

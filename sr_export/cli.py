@@ -2,7 +2,8 @@
 
 Examples::
 
-    sr-export --res 256                      # the shipped default, from engines/vdvae-sr-256/checkpoint/
+    sr-export --res 256                      # the shipped default (checkpoint in engines/vdvae-sr-256/,
+                                             # ONNX + manifest to sr_runtime/models/vdvae-sr-256/)
     sr-export --checkpoint runs/x/ckpt --out out/x
     sr-export --preset paper-256 --random-weights --out out/paper-256   # cost/benchmark model
 """
@@ -23,6 +24,7 @@ from sr_runtime.backends.engine_identity import (
     engine_unavailable_reason,
 )
 from sr_runtime.cli import sigterm_as_exit
+from sr_runtime.model import packaged_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINES_DIR = REPO_ROOT / "engines"
@@ -31,8 +33,13 @@ DEFAULT_PRESETS = {256: "small-256"}
 
 
 def model_dir_for(res: int) -> Path:
-    """engines/vdvae-sr-<res>/: where the shipped model for that HR tile size lives."""
+    """engines/vdvae-sr-<res>/: where the shipped model's checkpoint for that HR tile size lives."""
     return ENGINES_DIR / f"vdvae-sr-{res}"
+
+
+def shipped_model_dir(res: int) -> Path:
+    """sr_runtime/models/vdvae-sr-<res>/: where its ONNX files and manifest ship (package data)."""
+    return packaged_model_dir(f"vdvae-sr-{res}")
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -48,13 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sr-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=Path, help="export this checkpoint directory (config.json + model.safetensors)")
+    src.add_argument("--checkpoint", type=Path,
+                     help="export this checkpoint directory (config.json + model.safetensors)")
     src.add_argument("--preset", help="a model preset (e.g. paper-256); needs --random-weights")
     p.add_argument("--res", type=int, help="HR tile size of the shipped model to export (default 256)")
     p.add_argument("--random-weights", action="store_true",
-                   help="use freshly initialised weights (cost/benchmark models, or a stand-in until a checkpoint exists)")
-    p.add_argument("--out", type=Path, help="output directory (default engines/vdvae-sr-<res>/ for the shipped model)")
-    p.add_argument("--batch", type=parse_batch, default=(1, 4, 16), help="engine batch profile MIN,OPT,MAX (default 1,4,16)")
+                   help="use freshly initialised weights "
+                        "(cost/benchmark models, or a stand-in until a checkpoint exists)")
+    p.add_argument("--out", type=Path,
+                   help="output directory (default sr_runtime/models/vdvae-sr-<res>/ for the shipped model)")
+    p.add_argument("--batch", type=parse_batch, default=(1, 4, 16),
+                   help="engine batch profile MIN,OPT,MAX (default 1,4,16)")
     p.add_argument("--precision", choices=("fp32", "fp16", "both"), default="both",
                    help="which graphs/engines: fp32 skips the FP16 graph; fp16 and both write both ONNX "
                         "files (the FP16 one is derived from and checked against FP32), engines for the named ones")
@@ -81,7 +92,7 @@ def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, st
     if args.checkpoint is not None or args.preset is not None:
         if args.out is None:
             raise SystemExit("sr-export: --out is required with --checkpoint/--preset "
-                             "(so a one-off export never overwrites the shipped model in engines/)")
+                             "(so a one-off export never overwrites the shipped model)")
         if args.preset is not None:
             if not args.random_weights:
                 raise SystemExit(f"sr-export: preset {args.preset!r} has no trained weights; add --random-weights "
@@ -110,7 +121,7 @@ def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, st
             raise SystemExit(f"sr-export: {exc}") from None
         if model.config.hr_size != res:
             raise SystemExit(f"sr-export: {ckpt} has HR size {model.config.hr_size}, not {res}")
-        return model, checkpoint_info(meta, ckpt), args.out or home, home.name
+        return model, checkpoint_info(meta, ckpt), args.out or shipped_model_dir(res), home.name
     if not args.random_weights:
         raise SystemExit(f"sr-export: no trained checkpoint at {ckpt} (config.json missing). Export one with "
                          "--checkpoint DIR, or pass --random-weights for a clearly-labelled untrained stand-in.")
@@ -118,7 +129,7 @@ def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, st
         raise SystemExit(f"sr-export: no default model for --res {res} (known: {sorted(DEFAULT_PRESETS)}); "
                          "use --preset NAME --random-weights --out DIR")
     model, info = random_model(DEFAULT_PRESETS[res])
-    return model, info, args.out or home, home.name
+    return model, info, args.out or shipped_model_dir(res), home.name
 
 
 def checkpoint_info(meta: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -209,5 +220,6 @@ def print_summary(report: Any) -> None:
               f"{isl['by_scope'] or ''}")
         top = isl["largest_measured"][0] if isl["largest_measured"] else None
         if top:
-            print(f"  fp16     largest measured |x|: {top['max_abs']:.4g} ({top['op']} in {top['scope'] or 'top level'})")
+            where = top["scope"] or "top level"
+            print(f"  fp16     largest measured |x|: {top['max_abs']:.4g} ({top['op']} in {where})")
     print(f"  seconds  {m['export_seconds']}")

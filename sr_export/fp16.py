@@ -18,6 +18,17 @@ TensorRT 11 has no FP16 builder flag: precision must live in the network
    and so cannot show FP16 overflow by itself), then the FP16 file as written;
    if PSNR falls short or anything is non-finite, lower ``limit`` (a larger
    FP32 island) and try again.
+
+Why not ONNX Runtime's converter (``onnxruntime.transformers.float16.
+convert_float_to_float16(keep_io_types=True, node_block_list=island)``, the
+code of onnxconverter-common): measured with onnxruntime 1.32 and onnx 1.23
+on the shipped small-256 and the same islands, its graph fails
+``onnx.checker`` (the input Casts are appended after their consumers: nodes
+not topologically sorted) and strict shape inference (value_info keeps the
+FP32 types of tensors it made FP16), both checks the export requires and the
+TensorRT parser relies on; with a non-empty island (6 or 126 nodes) it also
+scored 76 dB against FP32 where this converter scores 84 dB. It has no
+rounding simulation either, which ``choose_fp16`` needs.
 """
 
 from __future__ import annotations
@@ -94,7 +105,7 @@ def measure_ranges(
         if name not in existing:
             proto.graph.output.append(helper.make_tensor_value_info(name, FLOAT, None))
     session = cpu_session_from_proto(proto)
-    ranges: dict[str, float] = {name: 0.0 for name in produced}
+    ranges: dict[str, float] = dict.fromkeys(produced, 0.0)
     for init in proto.graph.initializer:
         if init.data_type == FLOAT:
             arr = numpy_helper.to_array(init)
@@ -102,7 +113,7 @@ def measure_ranges(
     for feed in feeds:
         batch = next(iter(feed.values())).shape[0]
         for group in _groups(produced, shapes, batch, budget_bytes):
-            for name, value in zip(group, session.run(group, feed)):
+            for name, value in zip(group, session.run(group, feed), strict=True):
                 peak = float(np.abs(value).max()) if np.isfinite(value).all() else math.inf
                 ranges[name] = max(ranges[name], peak)
         for name, value in feed.items():

@@ -103,11 +103,13 @@ def node_scope(node: onnx.NodeProto) -> str:
     return next((p.value for p in node.metadata_props if p.key == SCOPE_KEY), "")
 
 
-RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
+RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
 
 
 def assert_no_random_ops(proto: onnx.ModelProto) -> None:
-    """DESIGN §5: the noise is an input; a random op in the graph would make engines non-reproducible."""
+    """No random op: the noise is an input (docs/design.md, Export contract), engines stay reproducible."""
     found = sorted({n.op_type for n in proto.graph.node if n.op_type in RANDOM_OPS})
     if found:
         raise RuntimeError(f"exported graph contains random ops {found}")

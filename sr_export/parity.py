@@ -1,4 +1,4 @@
-"""ONNX Runtime vs PyTorch on identical inputs and noise (DESIGN §5 "checked on export").
+"""ONNX Runtime vs PyTorch on identical inputs and noise (docs/design.md, Export contract).
 
 The deterministic head takes an argmax over the mixture logits; where the top
 two logits of a pixel nearly tie, float reordering in another runtime may pick

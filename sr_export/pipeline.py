@@ -43,7 +43,7 @@ CHECK_TEMPERATURES = (0.0, 0.8)
 
 
 class ExportCheckFailed(RuntimeError):
-    """A check DESIGN §5 requires did not pass; the files written so far are left for inspection."""
+    """A check the export contract requires failed (docs/design.md); files written so far stay for inspection."""
 
 
 @dataclass(frozen=True)

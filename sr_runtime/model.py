@@ -2,6 +2,10 @@
 
 The runtime reads only files, never Python objects of the training/export code,
 so this module is the single place that knows the manifest layout.
+
+Which model is used: the one named explicitly (`Upscaler(model=...)`,
+`sr-upscale --model`), else `$SR_MODEL_DIR`, else the default shipped inside
+the package (`sr_runtime/models/vdvae-sr-256`, package data of the wheel).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from sr_runtime.files import sha256_file
 MANIFEST_FORMAT = "vdvae-sr-onnx/1"
 DEFAULT_MODEL_NAME = "vdvae-sr-256"
 MODEL_DIR_ENV = "SR_MODEL_DIR"
+#: Model directories shipped inside the package (package data of the wheel).
+PACKAGED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 #: Largest batch a manifest may ask for: backends allocate buffers (and noise rows) for it.
 MAX_BATCH = 256
 #: Largest LR tile side a manifest may name (the shipped model's is 64).
@@ -25,12 +31,17 @@ MAX_TILE = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def packaged_model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """`sr_runtime/models/<name>`: a model shipped with the package (manifest + ONNX files)."""
+    return PACKAGED_MODELS_DIR / name
+
+
 def default_model_dir() -> Path:
-    """`$SR_MODEL_DIR`, else `<repo>/engines/vdvae-sr-256` next to this package."""
+    """The model used when none is named: `$SR_MODEL_DIR`, else the packaged default."""
     env = os.environ.get(MODEL_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "engines" / DEFAULT_MODEL_NAME
+    return packaged_model_dir()
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ class Upscaler:
             return [self.run(img, stats=stats) for img in images]
         decoded = [self._decode(img) for img in images]
         plans = [plan_tiles(*d.size, self.spec.lr_size, self.tile_overlap) for d in decoded]
-        padded = [pad_image(d.rgb, plan) for d, plan in zip(decoded, plans)]
+        padded = [pad_image(d.rgb, plan) for d, plan in zip(decoded, plans, strict=True)]
         blenders = [Blender(plan, 3, self.spec.scale) for plan in plans]
         queue = [(image, tile) for image, plan in enumerate(plans) for tile in range(plan.count)]
         fixed = self._backend.batch_sizes
@@ -252,7 +252,7 @@ class Upscaler:
             for image, first, n in runs:
                 blenders[image].add(hr[offset : offset + n], first)
                 offset += n
-        return [self._encode(d, b.result()) for d, b in zip(decoded, blenders)]
+        return [self._encode(d, b.result()) for d, b in zip(decoded, blenders, strict=True)]
 
     def _encode(self, decoded: Decoded, rgb: np.ndarray) -> Image.Image | np.ndarray:
         """The HR planes back in the input's layout, with its alpha upscaled beside them."""

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     parity = sub.add_parser("vdvae-parity", help="worst error per tensor group against an official-VDVAE fixture")
-    parity.add_argument("--reference", help="fixture directory (default: $VDVAE_REFERENCE_DIR or ../shared/...)")
+    parity.add_argument("--reference",
+                        help="fixture directory (default: $VDVAE_REFERENCE_DIR or tests/fixtures/vdvae_reference)")
     parity.add_argument("--atol", type=float, default=1e-4, help="exit 1 if any error exceeds this")
     parity.set_defaults(func=cmd_vdvae_parity)
 
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=positive_int)
     tr.add_argument("--save-every", type=positive_int)
     tr.add_argument("--val-every", type=positive_int)
-    tr.add_argument("--val-images", help="folder for periodic EMA validation (DESIGN §7 protocol)")
+    tr.add_argument("--val-images", help="folder for periodic EMA validation (docs/design.md, Evaluation protocol)")
     tr.add_argument("--val-temperature", type=float)
     tr.add_argument("--num-workers", type=non_negative_int)
     tr.add_argument("--threads", type=positive_int, help="torch CPU threads")

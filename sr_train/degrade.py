@@ -2,7 +2,7 @@
 
 Torch-free on purpose: the evaluation protocol and the benchmarks import it,
 and the LR seen in training must be made by exactly the same code as the LR
-the model is evaluated on (DESIGN §7). Pillow's BICUBIC downscale is
+the model is evaluated on (docs/design.md, Evaluation protocol). Pillow's BICUBIC downscale is
 antialiased (its kernel widens with the scale, like MATLAB ``imresize``).
 """
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN §7) and the ``sr-eval`` command.
+"""The evaluation protocol (docs/design.md, Evaluation protocol) and the ``sr-eval`` command.
 
 For each image: bicubic-resize so the short side is S (the model's HR size),
 centre-crop SxS (S made divisible by 4), make the LR with THE degradation
@@ -45,7 +45,7 @@ DEFAULT_TEMPERATURES = (0.0, 0.2, 0.8)
 def prepare_eval_pair(
     img: Image.Image | np.ndarray, hr_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(hr_crop, lr)`` uint8 arrays for one test image, as DESIGN §7 prescribes."""
+    """``(hr_crop, lr)`` uint8 arrays for one test image, as the evaluation protocol prescribes."""
     im = img.convert("RGB") if isinstance(img, Image.Image) else Image.fromarray(img, "RGB")
     w, h = im.size
     short = min(w, h)
@@ -318,7 +318,7 @@ def _output_file(text: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``sr-eval``: the DESIGN §7 table for a checkpoint, an ONNX model or bicubic alone."""
+    """``sr-eval``: the evaluation protocol's table for a checkpoint, an ONNX model or bicubic alone."""
     ap = argparse.ArgumentParser(prog="sr-eval", description=main.__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="sr-train checkpoint directory")

@@ -17,11 +17,12 @@ class ModelInfo:
     weight_mb_fp32: float
 
     def lines(self, config: VDVAESRConfig) -> list[str]:
-        out = [f"preset/config: {config.name}  ({config.lr_size}x{config.lr_size} -> {config.hr_size}x{config.hr_size})"]
+        lr, hr = config.lr_size, config.hr_size
+        out = [f"preset/config: {config.name}  ({lr}x{lr} -> {hr}x{hr})"]
         width = max(len(k) for k in self.params)
         for name, count in self.params.items():
             out.append(f"  {name:<{width}}  {count:>13,d} params")
-        out.append(f"  generation path: {self.gmac_per_tile:,.2f} GMAC per {config.hr_size}x{config.hr_size} output tile")
+        out.append(f"  generation path: {self.gmac_per_tile:,.2f} GMAC per {hr}x{hr} output tile")
         out.append(f"  weights (fp32): {self.weight_mb_fp32:,.1f} MB")
         return out
 
@@ -43,7 +44,9 @@ def parameter_groups(model: VDVAESR) -> dict[str, int]:
             key = "decoder_prior_path"
         groups[key] += p.numel()
     groups["total"] = sum(groups.values())
-    groups["generation_path"] = groups["lr_encoder"] + groups["skip_upsampler"] + groups["decoder_prior_path"] + groups["head"]
+    groups["generation_path"] = (
+        groups["lr_encoder"] + groups["skip_upsampler"] + groups["decoder_prior_path"] + groups["head"]
+    )
     return groups
 
 

@@ -1,4 +1,4 @@
-"""PSNR and SSIM on the Y channel, as the SR literature reports them (DESIGN §7).
+"""PSNR and SSIM on the Y channel, as the SR literature reports them.
 
 numpy only (no torch, no scipy) so that benchmarks and the torch-free runtime's
 users can import it. Conventions, stated because papers differ on them:
@@ -13,7 +13,7 @@ users can import it. Conventions, stated because papers differ on them:
   automatic downsampling (the later ``ssim.m`` downsamples by
   round(min(H, W) / 256), which is 1 for the 256x256 protocol crops anyway).
 - ``crop_border`` pixels are removed from every edge first; the default is 0
-  (no crop), the DESIGN §7 protocol.
+  (no crop): the evaluation protocol of docs/design.md.
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters()):
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
         pe.mul_(rate).add_(p.detach(), alpha=1 - rate)
 
 
@@ -273,7 +273,7 @@ def append_csv(path: Path, row: dict[str, Any]) -> None:
 
 
 def validate(ema: VDVAESR, images: dict[str, Any], temperature: float, seed: int) -> dict[str, float]:
-    """PSNR/SSIM-Y of the EMA model on the evaluation protocol's crops (DESIGN §7)."""
+    """PSNR/SSIM-Y of the EMA model on the evaluation protocol's crops (docs/design.md)."""
     from .evaluate import evaluate_model, model_sample_fn
 
     result = evaluate_model(model_sample_fn(ema), images, ema.config.hr_size, [temperature], seed)
@@ -308,7 +308,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step, skips = meta["step"], meta["skips"]
         steps_saved = {read_checkpoint_meta(d)["step"] for d in (latest, ema_dir)}
         if steps_saved != {step}:
-            raise ValueError(f"{run}: latest/, ema/ and the optimizer state disagree on the step ({steps_saved}, {step})")
+            raise ValueError(
+                f"{run}: latest/, ema/ and the optimizer state disagree on the step ({steps_saved}, {step})"
+            )
     else:
         torch.manual_seed(cfg.seed + rank)
     # The skip objective leaves the LR encoder's coarse blocks out of the loss.

@@ -78,7 +78,9 @@ def import_vdvae_weights(model: VDVAESR, source: str | Path | dict[str, Tensor])
             mapped[name] = value
     missing = [k for k in ours if k not in mapped and not SR_ONLY.match(k)]
     mis_shaped = [
-        f"{k}: ours {tuple(ours[k].shape)} vs file {tuple(v.shape)}" for k, v in mapped.items() if v.shape != ours[k].shape
+        f"{k}: ours {tuple(ours[k].shape)} vs file {tuple(v.shape)}"
+        for k, v in mapped.items()
+        if v.shape != ours[k].shape
     ]
     if missing or unexpected or mis_shaped:
         parts = []

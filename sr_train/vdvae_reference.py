@@ -1,8 +1,8 @@
 """Run our model on an official-VDVAE reference fixture and pair every output with the official one.
 
 A fixture directory holds ``hparams.json``, ``vdvae-ref-model.th`` (an official
-state dict) and ``expected.safetensors`` (inputs and official outputs; see its
-README). ``sr-train vdvae-parity`` prints the worst error per tensor group and
+state dict) and ``expected.safetensors`` (inputs and official outputs; see
+``tests/fixtures/vdvae_reference/README.md``). ``sr-train vdvae-parity`` prints the worst error per tensor group and
 the parity test asserts on the same pairs.
 """
 
@@ -19,10 +19,12 @@ from torch import Tensor
 from .model import VDVAESR
 from .vdvae_import import config_from_vdvae_hparams, import_vdvae_weights
 
-DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vdvae_reference"
+#: The fixture vendored in the repository (not part of the installed package).
+DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vdvae_reference"
 
 
 def reference_dir() -> Path:
+    """`$VDVAE_REFERENCE_DIR`, else the repository's `tests/fixtures/vdvae_reference`."""
     return Path(os.environ.get("VDVAE_REFERENCE_DIR", DEFAULT_REFERENCE_DIR))
 
 
@@ -51,7 +53,10 @@ def reference_pairs(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
     hparams, expected, model = load_reference(root)
     x = expected["x_uint8"].permute(0, 3, 1, 2).float() / 255.0
     n = x.shape[0]
-    nhwc = lambda t: t.permute(0, 2, 3, 1)
+
+    def nhwc(t: Tensor) -> Tensor:
+        return t.permute(0, 2, 3, 1)
+
     pairs: dict[str, tuple[Tensor, Tensor]] = {}
 
     acts = model.hr_encoder(model.encoder_input(x))
@@ -63,12 +68,15 @@ def reference_pairs(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
     zs, kls = _per_block(expected, "posterior_mean_z_block"), _per_block(expected, "posterior_mean_kl_block")
     if len(zs) != len(stats):
         raise ValueError(f"fixture has {len(zs)} decoder blocks, the model {len(stats)}")
-    for i, (z, kl) in enumerate(zip(zs, kls)):
+    for i, (z, kl) in enumerate(zip(zs, kls, strict=True)):
         pairs[f"posterior_mean_z_block{i}"] = (stats[i]["z"], z)
         pairs[f"posterior_mean_kl_block{i}"] = (stats[i]["kl"], kl)
     pairs["posterior_mean_px_z"] = (px_z, expected["posterior_mean_px_z"])
     pairs["posterior_mean_dmol_logits"] = (nhwc(model.decoder.out_conv(px_z)), expected["posterior_mean_dmol_logits"])
-    pairs["posterior_mean_distortion_per_pixel"] = (losses["distortion"], expected["posterior_mean_distortion_per_pixel"])
+    pairs["posterior_mean_distortion_per_pixel"] = (
+        losses["distortion"],
+        expected["posterior_mean_distortion_per_pixel"],
+    )
     pairs["posterior_mean_rate_per_pixel"] = (losses["rate"], expected["posterior_mean_rate_per_pixel"])
     pairs["posterior_mean_elbo"] = (losses["elbo"].mean().reshape(1), expected["posterior_mean_elbo"])
 

@@ -1,9 +1,14 @@
-"""Fixtures shared by the runtime tests: the test double of doubles.py, built once per session."""
+"""Session fixtures: the runtime's test double (doubles.py), a tiny model's export, a local Ray cluster.
+
+Tests that use the slow ones (the export, Ray) are marked `slow` here.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from doubles import build_double
@@ -37,3 +42,35 @@ def ray_local() -> Iterator[object]:
             yield ray
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One `sr-export` of a tiny checkpoint (~1-2 min on 2 cores), shared by every test that needs an export.
+
+    Keys: model (the torch module), ckpt (its checkpoint), out (the model
+    directory), stdout (the CLI's), manifest (parsed).
+    """
+    from exporting import run_cli, tiny_model
+
+    from sr_train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("export")
+    model = tiny_model()
+    ckpt = save_checkpoint(root / "ckpt", model, step=123)
+    out = root / "vdvae-sr-tiny"
+    rc, stdout, stderr = run_cli(["--checkpoint", str(ckpt), "--out", str(out), "--batch", "1,2,4"])
+    assert rc == 0, stdout + stderr
+    return {"model": model, "out": out, "ckpt": ckpt, "stdout": stdout,
+            "manifest": json.loads((out / "manifest.json").read_text())}
+
+
+#: Fixtures that make every test using them slow: the export, a local Ray cluster, the benchmark smoke run.
+SLOW_FIXTURES = frozenset({"exported", "ray_local", "quick_result"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that uses a slow fixture, so `-m "not slow"` leaves it out."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

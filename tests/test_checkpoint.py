@@ -93,7 +93,10 @@ def _with_config(tmp_path, model, **changes):
     return tmp_path / "ck"
 
 
-@pytest.mark.parametrize("changes", [{"width": 4096}, {"zdim": 64}, {"dec_blocks": "1x1,4m1,4x3,16m4,16x1,32m16,32x2,64m32,64x5,128m64,128x1,256m128"}])
+@pytest.mark.parametrize(
+    "changes",
+    [{"width": 4096}, {"zdim": 64}, {"dec_blocks": "1x1,4m1,4x3,16m4,16x1,32m16,32x2,64m32,64x5,128m64,128x1,256m128"}],
+)
 def test_config_sizes_are_checked_against_the_weights_before_building(tmp_path, model, monkeypatch, changes):
     import sr_train.checkpoint as ck
 

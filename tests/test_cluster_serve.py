@@ -269,7 +269,7 @@ def test_concurrent_requests_match_a_local_upscaler(service: int, double_model: 
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(send, cases, timeout=TIMEOUT_S * 2))
     wall = time.perf_counter() - t0
-    for (data, _, temperature, seed), reply in zip(cases, replies):
+    for (data, _, temperature, seed), reply in zip(cases, replies, strict=True):
         assert reply.status == 200, reply.body[:200]
         assert reply.content_type == "image/png"
         # Exact: the double's ops compute each tile alone, so a shared batch changes no rounding.

@@ -183,7 +183,7 @@ def test_fetch_from_a_local_deb_is_correct_and_idempotent(tmp_path: Path) -> Non
 
 def test_missing_apt_get_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(fd.FetchError, match="apt-get.*not found.*Debian"):
+    with pytest.raises(fd.FetchError, match=r"apt-get.*not found.*Debian"):
         fd.apt_download("plasma-workspace-wallpapers", tmp_path / "cache")
 
 
@@ -247,7 +247,7 @@ def test_crops_come_from_the_images_with_their_own_lr(folder: Path) -> None:
         hr, lr = item["hr"], item["lr"]
         assert hr.dtype == lr.dtype == torch.float32
         assert hr.shape == (3, 64, 64) and lr.shape == (3, 16, 16)
-        assert 0.0 <= float(hr.min()) and float(hr.max()) <= 1.0
+        assert float(hr.min()) >= 0.0 and float(hr.max()) <= 1.0
         assert torch.equal(hr, (hr * 255).round() / 255)  # exact multiples of 1/255
         u8 = (hr * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         assert torch.equal(lr, to_tensor(degrade_bicubic_x4(u8)))
@@ -327,7 +327,7 @@ def test_unreadable_images_are_skipped_with_a_warning_naming_them(folder: Path) 
 
 def test_a_photo_that_does_not_decode_fails_alone(tmp_path: Path) -> None:
     photo = fd.Photo("wheel", "skimage", "x.png", 8, 8, 1, "val", "broken", "")
-    with pytest.raises(fd.FetchError, match="broken: x.png is not a readable raster image"):
+    with pytest.raises(fd.FetchError, match=r"broken: x\.png is not a readable raster image"):
         fd.make_ground_truth(photo, b"P6\n4 4\n255\xd5\n" + bytes(48), tmp_path, io.StringIO())
 
 
@@ -337,7 +337,8 @@ def test_gpu_data_pack_fits_its_budget_with_exact_centre_crops(tmp_path):
 
     from skimage import data as skdata
 
-    spec = importlib.util.spec_from_file_location("pack_gpu_data", Path(__file__).parents[1] / "scripts" / "pack_gpu_data.py")
+    script = Path(__file__).parents[1] / "scripts" / "pack_gpu_data.py"
+    spec = importlib.util.spec_from_file_location("pack_gpu_data", script)
     assert spec is not None and spec.loader is not None
     pack_gpu_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack_gpu_data)
@@ -348,7 +349,8 @@ def test_gpu_data_pack_fits_its_budget_with_exact_centre_crops(tmp_path):
     total = sum(p.stat().st_size for p in src.iterdir())
     budget = total // 2
     written = pack_gpu_data.pack(src, tmp_path / "out", budget)
-    assert written <= budget and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in src.iterdir())
+    assert written <= budget
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in src.iterdir())
     for packed in (tmp_path / "out").iterdir():
         full = np.asarray(Image.open(src / packed.name))
         crop = np.asarray(Image.open(packed))

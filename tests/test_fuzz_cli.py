@@ -1,4 +1,4 @@
-"""Seeded fuzz of sr-upscale: mutated files of every accepted format in one batch (issue 11).
+"""Seeded fuzz of sr-upscale: mutated files of every accepted format in one batch.
 
 The CLI runs once, in a subprocess on this checkout's code, over good files
 interleaved with mutated ones. Whatever the mutated bytes do, the batch must

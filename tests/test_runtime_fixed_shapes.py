@@ -79,6 +79,7 @@ def test_buckets_follow_the_profile_under_the_batch_size(shipped_shape_model: Pa
         bucket_for(17, (1, 4, 16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_a_960x540_frame_reaches_the_backend_only_in_bucket_shapes(
     shipped_shape_model: Path, monkeypatch: pytest.MonkeyPatch, temperature: float
@@ -94,7 +95,8 @@ def test_a_960x540_frame_reaches_the_backend_only_in_bucket_shapes(
     assert all(shape[1:] == (3, 64, 64) for shape in shapes)
     assert stats.tiles == 180 and stats.batches == len(backend.calls)
     assert sum(shape[0] for shape, _ in backend.calls) - stats.tiles < 16 * 2  # padding: the remainders only
-    assert all(start + shape[0] <= backend.bank_rows for shape, start in backend.calls)  # padded noise stays in the bank
+    # padded noise stays in the bank
+    assert all(start + shape[0] <= backend.bank_rows for shape, start in backend.calls)
     # The fake upscales by repetition; padding rows must not leak into the picture.
     expected = frame.repeat(4, axis=0).repeat(4, axis=1)
     assert out.shape == (2160, 3840, 3)
@@ -165,7 +167,7 @@ def test_run_many_packs_small_images_into_bucket_batches(shipped_shape_model: Pa
     backend = made[0]
     assert [shape[0] for shape, _ in backend.calls] == [bucket_for(sum(counts), (1, 4, 16))]
     assert stats.tiles == sum(counts) and stats.batches == 1
-    for img, out in zip(images, outs):  # the fake repeats pixels: each image gets its own tiles back
+    for img, out in zip(images, outs, strict=True):  # the fake repeats pixels: each image gets its own tiles back
         expected = img.repeat(4, axis=0).repeat(4, axis=1)
         assert out.shape == expected.shape
         assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1

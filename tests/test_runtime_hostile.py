@@ -1,4 +1,4 @@
-"""Hostile and careless input to sr_runtime and sr-upscale (issue 11): one clear failure, never a traceback."""
+"""Hostile and careless input to sr_runtime and sr-upscale: one clear failure, never a traceback."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_training_and_evaluation_loader_refuses_eps_too(tmp_path: Path, monkeypa
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
     path = tmp_path / "photo.png"
     path.write_bytes(EPS)
-    with pytest.raises(ValueError, match="photo.png"):
+    with pytest.raises(ValueError, match=r"photo\.png"):
         load_rgb(path)
     assert calls == []
 
@@ -262,7 +262,7 @@ def test_animation_and_16_bit_colour_are_reported(upscaler: Upscaler, tmp_path: 
 def test_float_range_errors_name_the_file(upscaler: Upscaler, tmp_path: Path) -> None:
     path = tmp_path / "wide.tif"
     Image.fromarray(np.full((4, 4), 2.0, np.float32)).save(path)
-    with pytest.raises(SRInputError, match="wide.tif: float"):
+    with pytest.raises(SRInputError, match=r"wide\.tif: float"):
         upscaler.run(path)
 
 
@@ -318,7 +318,8 @@ def test_engine_without_its_sha256_is_never_selected(tmp_path: Path) -> None:
 
 
 def test_engine_reached_through_a_symlink_or_a_shared_directory_is_refused(tmp_path: Path) -> None:
-    sidecar = {"format": ENGINE_FORMAT, **TRT_IDENTITY.fields(), "engine_sha256": hashlib.sha256(b"planted").hexdigest()}
+    digest = hashlib.sha256(b"planted").hexdigest()
+    sidecar = {"format": ENGINE_FORMAT, **TRT_IDENTITY.fields(), "engine_sha256": digest}
     elsewhere = tmp_path / "elsewhere"
     planted = _plant_engine(elsewhere, sidecar)
     assert TRT_IDENTITY.cached_engine(elsewhere) == (planted, [])  # the genuine location is fine

@@ -1,4 +1,4 @@
-"""sr_runtime against the shipped model (engines/vdvae-sr-256, or $SR_MODEL_DIR); skipped until it exists."""
+"""sr_runtime against the shipped model (sr_runtime/models/vdvae-sr-256, or $SR_MODEL_DIR)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,6 @@ from sr_runtime.tiling import plan_tiles
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = default_model_dir()
 SAMPLE = REPO / "assets" / "sample.png"
-
-pytestmark = pytest.mark.skipif(
-    not (SHIPPED / "manifest.json").is_file(),
-    reason=f"no shipped model at {SHIPPED} yet (export it with sr-export)",
-)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -32,7 +32,7 @@ from sr_runtime.tiling import plan_tiles
 def test_default_model_is_the_shipped_one_or_the_env_override(monkeypatch: pytest.MonkeyPatch,
                                                               double_model: Path) -> None:
     monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
-    assert default_model_dir() == Path(__file__).resolve().parent.parent / "engines" / "vdvae-sr-256"
+    assert default_model_dir() == Path(__file__).resolve().parent.parent / "sr_runtime" / "models" / "vdvae-sr-256"
     monkeypatch.setenv(MODEL_DIR_ENV, str(double_model))
     with Upscaler() as up:
         assert up.spec.name == "test-double"
@@ -40,7 +40,7 @@ def test_default_model_is_the_shipped_one_or_the_env_override(monkeypatch: pytes
 
 def test_missing_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(SRModelError, match="no model manifest.*SR_MODEL_DIR"):
+    with pytest.raises(SRModelError, match=r"no model manifest.*SR_MODEL_DIR"):
         Upscaler()
 
 
@@ -209,7 +209,8 @@ def test_an_engine_for_batch_2_up_is_refused_where_1_tile_batches_run(
     built_for_2 = dataclasses.replace(wanted, batch=(2, 4, 8))
     for engine, sidecar in (built_for_2.paths(tmp_path), wanted.paths(tmp_path)):
         atomic_write_bytes(engine, b"not a real engine")
-        atomic_write_json(sidecar, {"format": ENGINE_FORMAT, **built_for_2.fields(), "engine_sha256": sha256_file(engine)})
+        fields = {"format": ENGINE_FORMAT, **built_for_2.fields(), "engine_sha256": sha256_file(engine)}
+        atomic_write_json(sidecar, fields)
     with pytest.raises(BackendUnavailable) as refused:
         Upscaler(double_model, backend="tensorrt", precision="fp32")
     message = str(refused.value)
@@ -251,7 +252,7 @@ def test_run_many_equals_run_on_each_image(double_model: Path) -> None:
         expected = [up.run(img, stats=alone) for img in images]
         got = up.run_many(images, stats=shared)
     assert shared.tiles == alone.tiles and shared.batches < alone.batches  # tiles of several images shared calls
-    for want, out in zip(expected, got):
+    for want, out in zip(expected, got, strict=True):
         assert out.shape == want.shape and out.dtype == want.dtype
         assert np.array_equal(out, want)  # the CPU backend's results do not depend on the batch (see above)
 
@@ -262,4 +263,4 @@ def test_run_many_at_temperature_runs_each_image_with_its_own_noise(double_model
         expected = [up.run(img) for img in images]
         got = up.run_many(images)
         assert up.run_many([]) == []
-    assert all(np.array_equal(out, want) for out, want in zip(got, expected))
+    assert all(np.array_equal(out, want) for out, want in zip(got, expected, strict=True))

@@ -70,6 +70,7 @@ def fixed_batch_elbo(checkpoint: Path, photos: Path) -> float:
     return out["elbo"].mean().item()
 
 
+@pytest.mark.slow
 def test_loss_goes_down(photos, init, tmp_path):
     train(config(photos, init, tmp_path / "run", steps=40))
     assert len(read_log(tmp_path / "run")) == 40
@@ -113,7 +114,9 @@ def test_frozen_hr_encoder_and_decoder_blocks_stay_put(photos, init, tmp_path):
     after = load_file(tmp_path / "run" / "latest" / "model.safetensors")
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and not any(k.startswith("hr_encoder.") for k in moved)
-    assert not any(k.startswith(f"decoder.dec_blocks.{i}.") and not k.endswith("lr_gate") for k in moved for i in range(4))
+    assert not any(
+        k.startswith(f"decoder.dec_blocks.{i}.") and not k.endswith("lr_gate") for k in moved for i in range(4)
+    )
     assert any(k.startswith("decoder.dec_blocks.4.") for k in moved)
 
 

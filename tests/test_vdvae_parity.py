@@ -1,7 +1,8 @@
 """Our HR encoder + decoder reproduce the official VDVAE implementation's outputs.
 
-The fixture directory comes from VDVAE_REFERENCE_DIR (default: the shared
-fixture). A missing fixture FAILS: this test is the proof of fidelity.
+The fixture directory comes from VDVAE_REFERENCE_DIR (default:
+tests/fixtures/vdvae_reference). A missing fixture FAILS: this test is the
+proof of fidelity.
 """
 
 from __future__ import annotations
@@ -79,6 +80,6 @@ def test_import_leaves_only_sr_additions_untouched(root):
     fresh = VDVAESR(model.config)
     untouched = import_vdvae_weights(fresh, root / "vdvae-ref-model.th")
     assert untouched and all(k.startswith("lr_encoder.") or k.endswith(".lr_gate") for k in untouched)
-    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
         if name not in untouched:
             assert torch.equal(a, b), name

@@ -4,8 +4,8 @@ A backend owns its session and its copy of the noise bank (device-resident on
 GPUs) and runs one batch: `run(lr [N, 3, h, w] float32, noise_start) -> hr`,
 where the batch's noise is rows `[noise_start, noise_start + N)` of the bank.
 
-GPU backends take fixed shapes only (DESIGN §6): they are prepared at load for
-a few batch sizes, the buckets, and list them in `batch_sizes`; the caller pads
+GPU backends take fixed shapes only (docs/design.md, Runtime contract): they
+are prepared at load for a few batch sizes, the buckets, and list them in `batch_sizes`; the caller pads
 a batch to the smallest bucket that holds it. A new shape would make ONNX
 Runtime's CUDA provider re-plan its convolutions and could not replay a
 captured CUDA graph. The CPU backend has no per-shape set-up and takes any N

@@ -63,7 +63,7 @@ def parse_version(version: str) -> tuple[int, int]:
 
 
 def uses_strongly_typed(trt_version: str) -> bool:
-    """DESIGN §5: strongly typed from 10.12 on (TensorRT 11 has no FP16 flag at all)."""
+    """Strongly typed from 10.12 on: TensorRT 11 has no FP16 flag (docs/design.md, Export contract)."""
     return parse_version(trt_version) >= STRONGLY_TYPED_SINCE
 
 

@@ -1,0 +1,1 @@
+"""Models shipped with the runtime: one directory per model (manifest.json + ONNX files)."""
