@@ -144,7 +144,7 @@ def position_noise(
     hashes its own coordinates (SplitMix64), and two 32-bit halves feed
     Box-Muller.
     """
-    if not (0 <= y0 and 0 <= x0 and y0 + height <= _MAX_COORD and x0 + width <= _MAX_COORD):
+    if not (y0 >= 0 and x0 >= 0 and y0 + height <= _MAX_COORD and x0 + width <= _MAX_COORD):
         raise ValueError(f"noise window ({y0}, {x0}, {height}, {width}) outside [0, {_MAX_COORD})")
     if not 0 < channels <= _MAX_CHANNELS:
         raise ValueError(f"channels must be in [1, {_MAX_CHANNELS}], got {channels}")

@@ -587,7 +587,10 @@ class VDVAESR(nn.Module):
         """Per-level noise maps -> one ``[N, zdim, h, w]`` tensor per block (decoder order)."""
         if len(levels) != len(self.noise_levels):
             raise ValueError(f"expected {len(self.noise_levels)} noise levels, got {len(levels)}")
-        chunks = {res: list(t.split(self.config.zdim, dim=1)) for (res, _), t in zip(self.noise_levels, levels)}
+        chunks = {
+            res: list(t.split(self.config.zdim, dim=1))
+            for (res, _), t in zip(self.noise_levels, levels, strict=True)
+        }
         return [chunks[b.res].pop(0) for b in self.decoder.blocks()]
 
     @property
@@ -726,7 +729,7 @@ class VDVAESR(nn.Module):
         per_block = [s["kl"].sum(dim=(1, 2, 3)) / ndims for s in stats]
         rate = torch.stack(per_block).sum(0)
         out = {"elbo": distortion + rate, "distortion": distortion, "rate": rate}
-        for block, block_rate in zip(self.decoder.blocks(), per_block):
+        for block, block_rate in zip(self.decoder.blocks(), per_block, strict=True):
             key = f"rate/{block.res}"
             out[key] = out[key] + block_rate if key in out else block_rate
         if free_bits > 0:

@@ -109,7 +109,7 @@ def test_level_noise_is_a_function_of_absolute_position():
         (model.config.zdim * n, 32 * r // 64, 48 * r // 64) for r, n in model.noise_levels
     ]
     assert torch.equal(whole[0][0], whole[0][1])  # every batch row gets the frame's noise
-    for level, ((res, count), maps) in enumerate(zip(model.noise_levels, whole)):
+    for level, ((res, count), maps) in enumerate(zip(model.noise_levels, whole, strict=True)):
         f = res / 64
         y0, x0 = int(8 * f), int(12 * f)
         window = position_noise(3, level, model.config.zdim * count, y0, x0, int(16 * f), int(20 * f)) * 0.7
