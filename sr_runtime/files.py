@@ -67,8 +67,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """JSON with a trailing newline, written atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    """Strict JSON (ValueError on NaN/Infinity, which many parsers reject) with a trailing newline, atomically."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode("utf-8"))
 
 
 @contextmanager
