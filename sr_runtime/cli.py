@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRInputError, SRModelError
-from sr_runtime.files import atomic_write
+from sr_runtime.files import atomic_write, is_symlink_loop, name_too_long, printable, resolved
 from sr_runtime.imaging import open_image
 from sr_runtime.noise import DEFAULT_ROWS
 from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler, default_max_pixels
@@ -49,11 +49,20 @@ SAVE_OPTIONS: dict[str, dict[str, int]] = {"PNG": {"compress_level": 3}, "JPEG":
 FILE_ERRORS = (SRInputError, OSError, MemoryError)
 #: `--ray` ADDRESS: auto, host:port (the GCS) or ray://host:port (Ray Client).
 RAY_ADDRESS = re.compile(r"auto|(ray://)?[^\s:/]+:\d{1,5}")
+#: Above this the prior's noise swamps the image (sr-serve accepts the same range).
+MAX_TEMPERATURE = 2.0
 RAY_EXTRA_MISSING = "--ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"
 
 
 class UsageError(Exception):
     """Bad command line: exit status 2."""
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines name files: their control characters are escaped before they reach the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +135,7 @@ def expand_inputs(patterns: Sequence[str], suffix: str) -> tuple[list[Path], lis
             found.extend(matches)
     unique: dict[Path, Path] = {}
     for p in found:
-        unique.setdefault(p.resolve(), p)
+        unique.setdefault(resolved(p), p)
     return list(unique.values()), missing
 
 
@@ -158,13 +167,27 @@ def _output_is_file(out: str) -> bool:
     return not out.endswith(("/", os.sep)) and not Path(out).is_dir() and Path(out).suffix != ""
 
 
-def save_atomic(img: Image.Image, dest: Path) -> None:
-    """Write via a temporary file in the same folder and os.replace: no half-written outputs."""
+def save_atomic(img: Image.Image, dest: Path, icc_profile: bytes | None = None) -> None:
+    """Write via a temporary file in the same folder and os.replace: no half-written outputs.
+
+    `icc_profile` (the input's) is embedded when it describes the written mode's
+    colour space, so Display P3 or Adobe RGB pixels are not read back as sRGB.
+    """
     fmt = FORMATS.get(dest.suffix.lower().lstrip("."))
     if fmt is None:
         raise SRInputError(f"{dest}: unknown output format {dest.suffix!r} (use .png, .jpg or .webp)")
     img = fit_format(img, fmt)
-    atomic_write(dest, lambda fh: img.save(fh, format=fmt, **SAVE_OPTIONS[fmt]))
+    extra = {"icc_profile": icc_profile} if icc_profile and icc_fits(icc_profile, img.mode) else {}
+    atomic_write(dest, lambda fh: img.save(fh, format=fmt, **SAVE_OPTIONS[fmt], **extra))
+
+
+#: ICC colour space signature (header bytes 16..20) -> the PIL modes whose pixels it describes.
+ICC_SPACES = {b"RGB ": ("RGB", "RGBA"), b"GRAY": ("L", "LA", "I;16"), b"CMYK": ("CMYK",)}
+
+
+def icc_fits(profile: bytes, mode: str) -> bool:
+    """Whether an ICC profile's colour space is that of `mode` (a CMYK profile must not tag RGB pixels)."""
+    return len(profile) >= 128 and mode in ICC_SPACES.get(profile[16:20], ())
 
 
 def fit_format(img: Image.Image, fmt: str) -> Image.Image:
@@ -189,8 +212,8 @@ def _validate(args: argparse.Namespace) -> int:
     """Number of samples to draw; UsageError naming the flag for values that cannot work."""
     if args.scale != 4:
         raise UsageError(f"scale {args.scale} is not supported: the VDVAE-SR model upscales x4 only")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise UsageError("--temperature must be a finite number >= 0")
+    if not 0 <= args.temperature <= MAX_TEMPERATURE:  # also refuses NaN
+        raise UsageError(f"--temperature must be a number in [0, {MAX_TEMPERATURE:g}]")
     samples = args.samples if args.samples is not None else (8 if args.std_map else 1)
     if not 1 <= samples <= DEFAULT_ROWS:
         raise UsageError(f"--samples must be in [1, {DEFAULT_ROWS}] (the noise bank's rows)")
@@ -216,7 +239,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _check_output_file(args: argparse.Namespace, sources: list[Path]) -> None:
-    """An `-o` file takes one input, in a format we can write."""
+    """An `-o` file takes one input, in a format we can write; a name without extension must be a folder."""
+    out = Path(args.output) if args.output else None
+    if out is not None and not _output_is_file(args.output) and (out.exists() or out.is_symlink()) \
+            and not out.is_dir():
+        raise UsageError(f"-o {printable(args.output)} is an existing file, not a folder: give a folder, or an "
+                         "output file name ending .png, .jpg or .webp")
     if args.output and _output_is_file(args.output):
         if len(sources) > 1:
             raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
@@ -247,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad flags, 0 on --help
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sr-upscale: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("sr-upscale: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
         samples = _validate(args)
         sources, unmatched = expand_inputs(args.inputs, args.suffix)
@@ -270,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})",
           file=sys.stderr)
     failures = [f"{name}: {why}" for name, why in unmatched]
-    inputs = {p.resolve() for p in sources}
+    inputs = {resolved(p) for p in sources}
     written: set[Path] = set()
     status = 0
     try:
@@ -314,7 +344,7 @@ def _run_on_ray(args: argparse.Namespace, samples: int, sources: list[Path],
 def final_status(failures: list[str], interrupted: int) -> int:
     """Print each failure line; the exit status: `interrupted` (130/143) if set, 1 with failures, else 0."""
     for failure in failures:
-        print(f"sr-upscale: failed: {failure}", file=sys.stderr)
+        print(f"sr-upscale: failed: {printable(failure)}", file=sys.stderr)
     if interrupted:
         print("sr-upscale: interrupted", file=sys.stderr)
         return interrupted
@@ -334,11 +364,12 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], writt
     """Upscale one file; `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
     targets = output_targets(dest, args)
     if args.no_clobber and any(t.exists() for t in targets):
-        logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", src, dest)
+        logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", printable(str(src)),
+                                                printable(str(dest)))
         return
     check_targets(src, targets, inputs, written)
     upscale_file(upscaler, src, targets, samples, args).report()
-    written.update(t.resolve() for t in targets)
+    written.update(resolved(t) for t in targets)
 
 
 def output_targets(dest: Path, args: argparse.Namespace) -> tuple[Path, ...]:
@@ -349,10 +380,15 @@ def output_targets(dest: Path, args: argparse.Namespace) -> tuple[Path, ...]:
 def check_targets(src: Path, targets: tuple[Path, ...], inputs: set[Path], claimed: set[Path]) -> None:
     """SRInputError if a target is an input or in `claimed`, another input's output (a.png, a.jpg -> a_x4.png)."""
     for target in targets:
-        if target.resolve() in inputs:
+        if is_symlink_loop(target):
+            raise SRInputError(f"{src}: output {target} is a symlink loop; remove it or choose another -o")
+        if resolved(target) in inputs:
             raise SRInputError(f"{src}: output {target} is an input; refusing to overwrite it")
-        if target.resolve() in claimed:
+        if resolved(target) in claimed:
             raise SRInputError(f"{src}: output {target} was already written for another input")
+        too_long = name_too_long(target)
+        if too_long:
+            raise SRInputError(f"{src}: {too_long}")
 
 
 @dataclass
@@ -365,9 +401,9 @@ class FileNotes:
     def report(self) -> None:
         """Decoder warnings to the `sr_runtime` log, the --timings line to stderr."""
         for warning in self.warnings:
-            logging.getLogger("sr_runtime").warning("%s", warning)
+            logging.getLogger("sr_runtime").warning("%s", printable(warning))
         if self.timing:
-            print(f"sr-upscale: {self.timing}", file=sys.stderr)
+            print(f"sr-upscale: {printable(self.timing)}", file=sys.stderr)
 
 
 def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], samples: int,
@@ -385,7 +421,7 @@ def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], sampl
             bar.update(done - bar.n)
 
         out, std = upscaler.run(img, samples, progress=progress, stats=stats)
-    save_atomic(out, targets[0])
+    save_atomic(out, targets[0], img.info.get("icc_profile"))
     if args.std_map:
         save_atomic(std_map_image(std), targets[1])
     if args.timings:
