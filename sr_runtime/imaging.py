@@ -11,6 +11,7 @@ logged as warnings naming the file.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import math
 import os
@@ -87,11 +88,21 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         if exc.errno == errno.ELOOP:
             raise SRInputError(f"{p}: symlink loop") from None
         raise SRInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    return _decode_file(p, size, str(p), max_pixels)
+
+
+def open_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`open_image` for an encoded image held in memory (standard input); errors name it `name`."""
+    return _decode_file(io.BytesIO(data), len(data), name, max_pixels)
+
+
+def _decode_file(source: Path | io.BytesIO, size: int, name: str, max_pixels: int) -> Image.Image:
+    p = name
     if size == 0:
         raise SRInputError(f"{p}: empty file (0 bytes)")
     try:
-        with Image.open(p, formats=RASTER_FORMATS) as img:
-            _check_pixels(img.size, max_pixels, str(p))
+        with Image.open(source, formats=RASTER_FORMATS) as img:
+            _check_pixels(img.size, max_pixels, p)
             _warn_about_lost_content(img, p)
             grey_alpha_16 = img.mode == "RGBA" and any(r.startswith("LA;16") for r in _rawmodes(img))
             try:
@@ -125,7 +136,7 @@ def _rawmodes(img: Image.Image) -> list[str]:
     return [str(t[3] if isinstance(t[3], str) else t[3][0]) for t in tiles if t[3]]
 
 
-def _warn_about_lost_content(img: Image.Image, path: Path) -> None:
+def _warn_about_lost_content(img: Image.Image, path: str) -> None:
     """Say so when only part of a file is upscaled: animation frames, colour bits beyond 8."""
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
@@ -137,7 +148,7 @@ def _warn_about_lost_content(img: Image.Image, path: Path) -> None:
         log.warning("%s: 16-bit colour is read at 8 bits per channel (Pillow's limit; 16-bit grey is kept)", path)
 
 
-def _check_jpeg_data(img: Image.Image, size: int, path: Path) -> None:
+def _check_jpeg_data(img: Image.Image, size: int, path: str) -> None:
     """Refuse a JPEG whose header claims far more pixels than its data can hold.
 
     libjpeg fills what the data does not cover with flat grey and only warns.
@@ -152,7 +163,7 @@ def _check_jpeg_data(img: Image.Image, size: int, path: Path) -> None:
                            "bytes, too few for that many pixels (truncated or forged)")
 
 
-def _check_exif(img: Image.Image, path: Path) -> None:
+def _check_exif(img: Image.Image, path: str) -> None:
     """EXIF that does not parse is refused whatever the format (Pillow ignores some of it for JPEG only)."""
     data = img.info.get("exif")
     if not data:
