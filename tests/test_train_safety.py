@@ -182,3 +182,14 @@ def test_weights_finite_catches_nan_inf_and_overflowing_norms():
     assert not weights_finite([*ok, torch.tensor([float("-inf")])])
     assert not weights_finite([*ok, torch.full((1000,), 1e30)])  # an update at lr 1e30
     assert weights_finite([])  # every parameter frozen
+
+
+def test_an_allocation_failure_is_one_line_naming_the_batch_size(photos, tmp_path):  # noqa: F811
+    from sr_train.train import TrainConfig, memory_errors
+
+    cfg = TrainConfig(data=str(photos), run_dir=str(tmp_path), batch_size=3000)
+    with pytest.raises(TrainingStopped, match=r"out of memory \(.*\); --batch-size 3000 may be too large"), \
+            memory_errors(cfg):
+        torch.empty(2**62, dtype=torch.uint8)  # what the CPU allocator refuses outright
+    with pytest.raises(RuntimeError, match="unrelated"), memory_errors(cfg):  # passed through as it was
+        raise RuntimeError("unrelated")
