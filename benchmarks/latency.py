@@ -379,11 +379,27 @@ def result_stem(device: str, model: BenchModel, date: str, quick: bool) -> str:
     return f"{slug}-{model.config.name}{weights}{'-quick' if quick else ''}-{date}"
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def gpu_present(torch_cuda: bool) -> bool:
+    """A CUDA GPU on this machine, as torch sees it or by its device node (onnxruntime-gpu needs no torch CUDA)."""
+    return torch_cuda or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = resolve(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = resolve(parser.parse_args(argv))
+    if args.devices is not None and not args.devices <= set(DEVICES):
+        parser.error(f"--devices: {', '.join(sorted(args.devices - set(DEVICES)))} is not one of {', '.join(DEVICES)}")
     cuda = torch.cuda.is_available()
-    targets = [t for t in all_targets(cuda) if (args.backends is None or t.backend in args.backends)
-               and (args.devices is None or t.device in args.devices)]
+    wanted = [t for t in all_targets(cuda) if (args.backends is None or t.backend in args.backends)
+              and (args.devices is None or t.device in args.devices)]
+    targets = wanted if gpu_present(cuda) else [t for t in wanted if t.device != "cuda"]
+    if not targets:
+        why = "no CUDA GPU here (torch sees none, no /dev/nvidia*)" if wanted else "no backend matches"
+        print(f"benchmarks.latency: error: nothing to measure for --backends/--devices: {why}", file=sys.stderr)
+        return 2
     started = dt.datetime.now(dt.timezone.utc)
     host, vers = host_info(), versions()
     log(f"host: {host['cpu']}, {host['usable_cpus']} usable cores, load {host['load_average_at_start']}, "
@@ -394,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.models:
         model = load_model(name, args.cache, args.seed, fp16_max_gmac=0.0 if args.quick else args.heavy_gmac, log=log)
         body = run_model(model, targets, args, peaks)
+        if not body["rows"]:
+            reasons = "; ".join(f"{s.get('backend')}: {s.get('reason')}" for s in body["skipped"]) or "none given"
+            print(f"benchmarks.latency: error: {model.key}: every backend was skipped ({reasons})", file=sys.stderr)
+            return 1
         result = {
             "schema": SCHEMA,
             "created_utc": started.isoformat(timespec="seconds"),

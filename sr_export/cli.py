@@ -24,7 +24,7 @@ from sr_runtime.backends.engine_identity import (
     engine_unavailable_reason,
 )
 from sr_runtime.cli import sigterm_as_exit
-from sr_runtime.model import packaged_model_dir
+from sr_runtime.model import MAX_BATCH, packaged_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINES_DIR = REPO_ROOT / "engines"
@@ -43,12 +43,31 @@ def shipped_model_dir(res: int) -> Path:
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
-    """'1,4,16' -> (1, 4, 16), validated."""
+    """'1,4,16' -> (1, 4, 16), validated, max at most what the runtime accepts from a manifest."""
     try:
         parts = tuple(int(p) for p in text.split(","))
-        return check_batch(parts)
+        batch = check_batch(parts)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--batch MIN,OPT,MAX: {exc}") from None
+    if batch[2] > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"--batch MIN,OPT,MAX: max {batch[2]} is over {MAX_BATCH}, the largest "
+                                         "batch the runtime loads")
+    return batch
+
+
+#: Seeds are offset a little per check input and handed to torch and numpy; this keeps them all in range.
+MAX_SEED = 2**32 - 1
+
+
+def parse_seed(text: str) -> int:
+    """argparse type: a seed in [0, MAX_SEED]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
                    help="TensorRT engine: auto builds where TensorRT and a GPU exist; on fails without them")
     p.add_argument("--engine-cache", type=Path, help=f"engine cache directory (default {engine_cache_dir()})")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and check noise")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed for random weights and check noise")
     return p
 
 

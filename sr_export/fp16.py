@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,12 +87,18 @@ def _named(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def measure_ranges(
-    proto: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], budget_bytes: int = 1 << 29
+    proto: onnx.ModelProto,
+    feeds: Sequence[dict[str, np.ndarray]],
+    budget_bytes: int = 1 << 29,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """max |x| of every float tensor (node outputs, graph inputs, initializers) over ``feeds``.
 
-    ORT runs without graph fusions so every tensor of the graph exists; outputs
-    are fetched in groups of at most ``budget_bytes`` so large models fit in memory.
+    ORT runs without graph fusions so every tensor of the graph exists. ORT keeps
+    every graph output of a run alive until it returns, fetched or not, so each
+    group of at most ``budget_bytes`` of tensors gets its own session with only
+    that group as outputs: memory stays bounded whatever the model's size, at
+    the cost of one forward pass per group and feed (logged up front).
     Non-finite values count as infinite.
     """
     proto = _named(proto)
@@ -100,22 +106,29 @@ def measure_ranges(
     inferred = onnx.shape_inference.infer_shapes(proto)
     shapes = {vi.name: vi.type.tensor_type.shape for vi in (*inferred.graph.value_info, *inferred.graph.output)}
     produced = [o for n in proto.graph.node for o in n.output if o and types.get(o) == FLOAT]
-    existing = {o.name for o in proto.graph.output}
-    for name in produced:
-        if name not in existing:
-            proto.graph.output.append(helper.make_tensor_value_info(name, FLOAT, None))
-    session = cpu_session_from_proto(proto)
     ranges: dict[str, float] = dict.fromkeys(produced, 0.0)
     for init in proto.graph.initializer:
         if init.data_type == FLOAT:
             arr = numpy_helper.to_array(init)
             ranges[init.name] = float(np.abs(arr).max()) if arr.size else 0.0
-    for feed in feeds:
-        batch = next(iter(feed.values())).shape[0]
-        for group in _groups(produced, shapes, batch, budget_bytes):
+    batch = max((next(iter(feed.values())).shape[0] for feed in feeds), default=1)
+    groups = _groups(produced, shapes, batch, budget_bytes)
+    if log is not None:
+        total = sum(_tensor_bytes(shapes, name, batch) for name in produced)
+        log(f"      {len(produced)} tensors, {total / 1e9:.2f} GB at batch {batch}: {len(groups)} group(s) of "
+            f"<= {budget_bytes / 1e9:.2f} GB, {len(groups) * len(feeds)} forward passes")
+    for group in groups:
+        single = onnx.ModelProto()
+        single.CopyFrom(proto)
+        del single.graph.output[:]
+        single.graph.output.extend(helper.make_tensor_value_info(name, FLOAT, None) for name in group)
+        session = cpu_session_from_proto(single)
+        for feed in feeds:
             for name, value in zip(group, session.run(group, feed), strict=True):
                 peak = float(np.abs(value).max()) if np.isfinite(value).all() else math.inf
                 ranges[name] = max(ranges[name], peak)
+        del session
+    for feed in feeds:
         for name, value in feed.items():
             ranges[name] = max(ranges.get(name, 0.0), float(np.abs(value).max()))
     return ranges
@@ -131,13 +144,18 @@ def cpu_session_from_proto(proto: onnx.ModelProto) -> Any:
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def _tensor_bytes(shapes: dict[str, Any], name: str, batch: int) -> int:
+    """float32 bytes of a tensor, symbolic dimensions taken as ``batch``."""
+    dims = shapes[name].dim if name in shapes else []
+    return 4 * math.prod(d.dim_value if d.HasField("dim_value") else batch for d in dims)
+
+
 def _groups(names: list[str], shapes: dict[str, Any], batch: int, budget: int) -> list[list[str]]:
     """Split ``names`` so each group's float32 tensors together stay under ``budget`` bytes."""
     groups: list[list[str]] = [[]]
     used = 0
     for name in names:
-        dims = shapes[name].dim if name in shapes else []
-        size = 4 * math.prod(d.dim_value if d.HasField("dim_value") else batch for d in dims)
+        size = _tensor_bytes(shapes, name, batch)
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0
@@ -457,6 +475,7 @@ def choose_fp16(
     held_out: dict[str, dict[str, np.ndarray]],
     target_psnr_db: float = 40.0,
     limits: Sequence[float] = DEFAULT_LIMITS,
+    log: Callable[[str], None] | None = None,
 ) -> Fp16Result:
     """Measure ranges once, then lower the FP32 threshold until both held-out checks pass.
 
@@ -466,7 +485,7 @@ def choose_fp16(
     fixes; they are counted and reported). The FP16 file as written must then
     reach the target over all pixels in ONNX Runtime.
     """
-    ranges = measure_ranges(fp32, calibration)
+    ranges = measure_ranges(fp32, calibration, log=log)
     tried: list[dict[str, Any]] = []
     for limit in limits:
         island = fp32_island(fp32, ranges, limit)

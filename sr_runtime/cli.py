@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import glob
 import importlib
+import io
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,15 @@ from tqdm import tqdm
 
 from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRInputError, SRModelError
-from sr_runtime.files import atomic_write
-from sr_runtime.imaging import open_image
+from sr_runtime.files import (
+    atomic_write,
+    atomic_write_json,
+    is_symlink_loop,
+    name_too_long,
+    printable,
+    resolved,
+)
+from sr_runtime.imaging import open_image, open_image_bytes
 from sr_runtime.noise import DEFAULT_ROWS
 from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler, default_max_pixels
 
@@ -49,11 +57,47 @@ SAVE_OPTIONS: dict[str, dict[str, int]] = {"PNG": {"compress_level": 3}, "JPEG":
 FILE_ERRORS = (SRInputError, OSError, MemoryError)
 #: `--ray` ADDRESS: auto, host:port (the GCS) or ray://host:port (Ray Client).
 RAY_ADDRESS = re.compile(r"auto|(ray://)?[^\s:/]+:\d{1,5}")
+#: Above this the prior's noise swamps the image (sr-serve accepts the same range).
+MAX_TEMPERATURE = 2.0
 RAY_EXTRA_MISSING = "--ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"
 
 
 class UsageError(Exception):
     """Bad command line: exit status 2."""
+
+
+#: The `-` of `sr-upscale - -o -`: standard input as the input, standard output as the output.
+STDIO = Path("-")
+#: Largest --outscale: the x4 result is resized, never upscaled by more than this overall.
+MAX_OUTSCALE = 16.0
+
+
+def version_line() -> str:
+    """`sr-upscale <version>` with the versions that decide its pixels."""
+    import importlib.metadata
+
+    import onnxruntime
+
+    try:
+        ours = importlib.metadata.version("vdvae-sr")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "(not installed)"
+    return (f"sr-upscale {ours} (onnxruntime {onnxruntime.__version__}, Pillow {Image.__version__}, "
+            f"numpy {np.__version__})")
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Log lines through tqdm, so they land on their own line above a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines name files: their control characters are escaped before they reach the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upscale images x4 with VDVAE-SR (no PyTorch needed).",
         epilog="Exit status: 0 all done, 1 some inputs failed, 2 usage error.",
     )
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="output file (one input) or folder (default: next to each input)")
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns; - reads one image from "
+                   "standard input")
+    p.add_argument("-o", "--output", help="output file (one input) or folder (default: next to each input); "
+                   "- writes the one image to standard output (format: -f, else the input's, else png)")
+    p.add_argument("--version", action="version", version=version_line())
     p.add_argument("-s", "--scale", type=int, default=4, help="upscale factor; the model does 4 only")
     p.add_argument("-t", "--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP,
                    help=f"LR pixels shared by neighbouring tiles (default {DEFAULT_TILE_OVERLAP})")
@@ -88,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse inputs with more pixels than this; memory grows with it, ~31 bytes per output "
                         f"pixel (44 with --samples) (default here {default_max_pixels():.0f}: what half the "
                         "RAM holds, at most 64 MP)")
+    p.add_argument("--outscale", type=float,
+                   help="final scale: the model's x4, then a Lanczos resize to this factor of the input "
+                        "(as Real-ESRGAN's --outscale), in (0, 16] (default 4: no resize)")
     p.add_argument("--timings", action="store_true", help="print wall time and backend share per file")
+    p.add_argument("--report", metavar="FILE",
+                   help="write a JSON report: per file its output, status, reason and timings, and totals")
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="spread the files over a Ray cluster (needs the cluster extra): ADDRESS is host:6379, "
                         "ray://host:10001 or auto (the default: RAY_ADDRESS, a cluster started on this machine, "
@@ -111,7 +163,9 @@ def expand_inputs(patterns: Sequence[str], suffix: str) -> tuple[list[Path], lis
     missing: list[tuple[str, str]] = []
     for pattern in patterns:
         path = Path(pattern)
-        if path.is_dir():
+        if pattern == "-":
+            found.append(STDIO)
+        elif path.is_dir():
             images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             images = [p for p in images if not _is_output_of_another(p, images, suffix)]
             if not images:
@@ -126,7 +180,7 @@ def expand_inputs(patterns: Sequence[str], suffix: str) -> tuple[list[Path], lis
             found.extend(matches)
     unique: dict[Path, Path] = {}
     for p in found:
-        unique.setdefault(p.resolve(), p)
+        unique.setdefault(p if p == STDIO else resolved(p), p)
     return list(unique.values()), missing
 
 
@@ -142,7 +196,9 @@ def _is_output_of_another(path: Path, images: list[Path], suffix: str) -> bool:
 
 
 def output_path(src: Path, args: argparse.Namespace) -> Path:
-    """Where `src`'s result goes: `-o` file, or `<folder>/<stem><suffix>.<ext>`."""
+    """Where `src`'s result goes: `-o` file (or `-`), or `<folder>/<stem><suffix>.<ext>`."""
+    if args.output == "-":
+        return STDIO
     if args.output and _output_is_file(args.output):
         out = Path(args.output)
         if args.ext:
@@ -154,17 +210,31 @@ def output_path(src: Path, args: argparse.Namespace) -> Path:
 
 
 def _output_is_file(out: str) -> bool:
-    """`-o` names a file when it has an extension and is not an existing folder; else a folder."""
-    return not out.endswith(("/", os.sep)) and not Path(out).is_dir() and Path(out).suffix != ""
+    """`-o` names a file when it has an extension and is not an existing folder, or is `-`; else a folder."""
+    return out == "-" or (not out.endswith(("/", os.sep)) and not Path(out).is_dir() and Path(out).suffix != "")
 
 
-def save_atomic(img: Image.Image, dest: Path) -> None:
-    """Write via a temporary file in the same folder and os.replace: no half-written outputs."""
+def save_atomic(img: Image.Image, dest: Path, icc_profile: bytes | None = None) -> None:
+    """Write via a temporary file in the same folder and os.replace: no half-written outputs.
+
+    `icc_profile` (the input's) is embedded when it describes the written mode's
+    colour space, so Display P3 or Adobe RGB pixels are not read back as sRGB.
+    """
     fmt = FORMATS.get(dest.suffix.lower().lstrip("."))
     if fmt is None:
         raise SRInputError(f"{dest}: unknown output format {dest.suffix!r} (use .png, .jpg or .webp)")
     img = fit_format(img, fmt)
-    atomic_write(dest, lambda fh: img.save(fh, format=fmt, **SAVE_OPTIONS[fmt]))
+    extra = {"icc_profile": icc_profile} if icc_profile and icc_fits(icc_profile, img.mode) else {}
+    atomic_write(dest, lambda fh: img.save(fh, format=fmt, **SAVE_OPTIONS[fmt], **extra))
+
+
+#: ICC colour space signature (header bytes 16..20) -> the PIL modes whose pixels it describes.
+ICC_SPACES = {b"RGB ": ("RGB", "RGBA"), b"GRAY": ("L", "LA", "I;16"), b"CMYK": ("CMYK",)}
+
+
+def icc_fits(profile: bytes, mode: str) -> bool:
+    """Whether an ICC profile's colour space is that of `mode` (a CMYK profile must not tag RGB pixels)."""
+    return len(profile) >= 128 and mode in ICC_SPACES.get(profile[16:20], ())
 
 
 def fit_format(img: Image.Image, fmt: str) -> Image.Image:
@@ -189,8 +259,8 @@ def _validate(args: argparse.Namespace) -> int:
     """Number of samples to draw; UsageError naming the flag for values that cannot work."""
     if args.scale != 4:
         raise UsageError(f"scale {args.scale} is not supported: the VDVAE-SR model upscales x4 only")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise UsageError("--temperature must be a finite number >= 0")
+    if not 0 <= args.temperature <= MAX_TEMPERATURE:  # also refuses NaN
+        raise UsageError(f"--temperature must be a number in [0, {MAX_TEMPERATURE:g}]")
     samples = args.samples if args.samples is not None else (8 if args.std_map else 1)
     if not 1 <= samples <= DEFAULT_ROWS:
         raise UsageError(f"--samples must be in [1, {DEFAULT_ROWS}] (the noise bank's rows)")
@@ -212,15 +282,33 @@ def _validate(args: argparse.Namespace) -> int:
         raise UsageError(f"--ray {args.ray}: expected host:port, ray://host:port or auto")
     if args.workers is not None and (args.ray is None or args.workers < 1):
         raise UsageError("--workers must be >= 1 and needs --ray")
+    if args.outscale is not None and not 0 < args.outscale <= MAX_OUTSCALE:  # also refuses NaN
+        raise UsageError(f"--outscale must be a number in (0, {MAX_OUTSCALE:g}]")
+    if args.report is not None and Path(args.report).is_dir():
+        raise UsageError(f"--report {printable(args.report)} is a folder; give a file name")
+    piped = "-" in args.inputs or args.output == "-"
+    if piped and len(args.inputs) != 1:
+        raise UsageError("- (standard input) and -o - (standard output) take exactly one input")
+    if piped and args.ray is not None:
+        raise UsageError("--ray reads and writes files on the workers: - and -o - are for local runs")
+    if args.output == "-" and args.std_map:
+        raise UsageError("--std-map writes a second file: it needs an output file or folder, not -o -")
+    if args.inputs == ["-"] and (not args.output or not (args.output == "-" or _output_is_file(args.output))):
+        raise UsageError("- (standard input) needs -o FILE or -o - (standard output)")
     return samples
 
 
 def _check_output_file(args: argparse.Namespace, sources: list[Path]) -> None:
-    """An `-o` file takes one input, in a format we can write."""
+    """An `-o` file takes one input, in a format we can write; a name without extension must be a folder."""
+    out = Path(args.output) if args.output and args.output != "-" else None
+    if out is not None and not _output_is_file(args.output) and (out.exists() or out.is_symlink()) \
+            and not out.is_dir():
+        raise UsageError(f"-o {printable(args.output)} is an existing file, not a folder: give a folder, or an "
+                         "output file name ending .png, .jpg or .webp")
     if args.output and _output_is_file(args.output):
         if len(sources) > 1:
             raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
-        if Path(args.output).suffix.lower().lstrip(".") not in FORMATS and not args.ext:
+        if args.output != "-" and Path(args.output).suffix.lower().lstrip(".") not in FORMATS and not args.ext:
             raise UsageError(f"-o {args.output}: unknown output format (use .png, .jpg or .webp)")
 
 
@@ -247,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad flags, 0 on --help
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sr-upscale: %(message)s")
+    handler = TqdmHandler()
+    handler.setFormatter(PrintableFormatter("sr-upscale: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
         samples = _validate(args)
         sources, unmatched = expand_inputs(args.inputs, args.suffix)
@@ -270,22 +360,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})",
           file=sys.stderr)
     failures = [f"{name}: {why}" for name, why in unmatched]
-    inputs = {p.resolve() for p in sources}
+    inputs = {resolved(p) for p in sources}
     written: set[Path] = set()
+    report = RunReport(version_line(), upscaler.spec.name, upscaler.backend, upscaler.precision)
+    report.files += [{"input": name, "status": "failed", "reason": why} for name, why in unmatched]
     status = 0
     try:
         with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file",
                                                disable=args.quiet or None) as files:
             for src in files:
+                dest = output_path(src, args)
                 try:
-                    _process(upscaler, src, output_path(src, args), inputs, written, samples, args)
+                    notes = _process(upscaler, src, dest, inputs, written, samples, args)
                 except FILE_ERRORS as exc:
                     failures.append(failure_line(src, exc))
+                    report.add(src, dest, "failed", reason=failures[-1])
+                else:
+                    report.add(src, dest, "skipped" if notes is None else "done", notes)
     except KeyboardInterrupt:
         status = 130
     except SystemExit as exc:  # SIGTERM
         status = exc.code if isinstance(exc.code, int) else 143
-    return final_status(failures, status)
+    status = final_status(failures, status)
+    print(f"sr-upscale: {report.summary()}", file=sys.stderr)
+    if args.report is not None:
+        try:
+            atomic_write_json(args.report, report.as_dict(status))
+        except OSError as exc:
+            print(f"sr-upscale: error: --report {printable(args.report)}: {exc.strerror or exc}", file=sys.stderr)
+            return status or 1
+    return status
+
+
+@dataclass
+class RunReport:
+    """What a local run did, file by file: the summary line and the `--report` JSON."""
+
+    version: str
+    model: str
+    backend: str
+    precision: str
+    files: list[dict[str, object]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, src: Path, dest: Path, status: str, notes: FileNotes | None = None, reason: str = "") -> None:
+        entry: dict[str, object] = {"input": str(src), "output": str(dest), "status": status}
+        if reason:
+            entry["reason"] = reason
+        if notes is not None:
+            entry |= {"seconds": round(notes.seconds, 3), "backend_seconds": round(notes.backend_seconds, 3),
+                      "tiles": notes.tiles}
+        self.files.append(entry)
+
+    def count(self, status: str) -> int:
+        return sum(1 for f in self.files if f["status"] == status)
+
+    def summary(self) -> str:
+        skipped = f", {self.count('skipped')} skipped" if self.count("skipped") else ""
+        return (f"{self.count('done')} done, {self.count('failed')} failed{skipped} in "
+                f"{time.perf_counter() - self.started:.1f} s")
+
+    def as_dict(self, status: int) -> dict[str, object]:
+        return {"version": self.version, "model": self.model, "backend": self.backend, "precision": self.precision,
+                "exit_status": status, "seconds": round(time.perf_counter() - self.started, 3),
+                "done": self.count("done"), "failed": self.count("failed"), "skipped": self.count("skipped"),
+                "files": self.files}
 
 
 def upscaler_from_args(args: argparse.Namespace, cpu_threads: int | None = None) -> Upscaler:
@@ -314,7 +453,7 @@ def _run_on_ray(args: argparse.Namespace, samples: int, sources: list[Path],
 def final_status(failures: list[str], interrupted: int) -> int:
     """Print each failure line; the exit status: `interrupted` (130/143) if set, 1 with failures, else 0."""
     for failure in failures:
-        print(f"sr-upscale: failed: {failure}", file=sys.stderr)
+        print(f"sr-upscale: failed: {printable(failure)}", file=sys.stderr)
     if interrupted:
         print("sr-upscale: interrupted", file=sys.stderr)
         return interrupted
@@ -330,15 +469,19 @@ def failure_line(src: Path, exc: BaseException) -> str:
 
 
 def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], samples: int,
-             args: argparse.Namespace) -> None:
-    """Upscale one file; `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
+             args: argparse.Namespace) -> FileNotes | None:
+    """Upscale one file (None: skipped); `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
     targets = output_targets(dest, args)
-    if args.no_clobber and any(t.exists() for t in targets):
-        logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", src, dest)
-        return
-    check_targets(src, targets, inputs, written)
-    upscale_file(upscaler, src, targets, samples, args).report()
-    written.update(t.resolve() for t in targets)
+    if args.no_clobber and dest != STDIO and any(t.exists() for t in targets):
+        logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", printable(str(src)),
+                                                printable(str(dest)))
+        return None
+    if dest != STDIO:
+        check_targets(src, targets, inputs, written)
+    notes = upscale_file(upscaler, src, targets, samples, args)
+    notes.report()
+    written.update(resolved(t) for t in targets if t != STDIO)
+    return notes
 
 
 def output_targets(dest: Path, args: argparse.Namespace) -> tuple[Path, ...]:
@@ -349,10 +492,15 @@ def output_targets(dest: Path, args: argparse.Namespace) -> tuple[Path, ...]:
 def check_targets(src: Path, targets: tuple[Path, ...], inputs: set[Path], claimed: set[Path]) -> None:
     """SRInputError if a target is an input or in `claimed`, another input's output (a.png, a.jpg -> a_x4.png)."""
     for target in targets:
-        if target.resolve() in inputs:
+        if is_symlink_loop(target):
+            raise SRInputError(f"{src}: output {target} is a symlink loop; remove it or choose another -o")
+        if resolved(target) in inputs:
             raise SRInputError(f"{src}: output {target} is an input; refusing to overwrite it")
-        if target.resolve() in claimed:
+        if resolved(target) in claimed:
             raise SRInputError(f"{src}: output {target} was already written for another input")
+        too_long = name_too_long(target)
+        if too_long:
+            raise SRInputError(f"{src}: {too_long}")
 
 
 @dataclass
@@ -361,13 +509,16 @@ class FileNotes:
 
     warnings: list[str]
     timing: str | None = None
+    seconds: float = 0.0
+    backend_seconds: float = 0.0
+    tiles: int = 0
 
     def report(self) -> None:
-        """Decoder warnings to the `sr_runtime` log, the --timings line to stderr."""
+        """Decoder warnings to the `sr_runtime` log, the --timings line to stderr on its own line."""
         for warning in self.warnings:
-            logging.getLogger("sr_runtime").warning("%s", warning)
+            logging.getLogger("sr_runtime").warning("%s", printable(warning))
         if self.timing:
-            print(f"sr-upscale: {self.timing}", file=sys.stderr)
+            tqdm.write(f"sr-upscale: {printable(self.timing)}", file=sys.stderr)
 
 
 def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], samples: int,
@@ -376,7 +527,13 @@ def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], sampl
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # one decode per process at a time: safe here
         warnings.simplefilter("always")
-        img = open_image(src, upscaler.max_pixels)
+        if src == STDIO:
+            data = sys.stdin.buffer.read()
+            img = open_image_bytes(data, "-", upscaler.max_pixels)
+            in_format = sniff_format(data)
+        else:
+            img = open_image(src, upscaler.max_pixels)
+            in_format = FORMATS.get(src.suffix.lower().lstrip("."))
     notes = FileNotes([f"{src}: {message}" for message in dict.fromkeys(str(w.message).strip() for w in caught)])
     stats = RunStats()
     with tqdm(desc=src.name, unit="tile", leave=False, disable=args.quiet or None) as bar:
@@ -385,15 +542,56 @@ def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], sampl
             bar.update(done - bar.n)
 
         out, std = upscaler.run(img, samples, progress=progress, stats=stats)
-    save_atomic(out, targets[0])
-    if args.std_map:
-        save_atomic(std_map_image(std), targets[1])
+    std_img = std_map_image(std) if args.std_map else None
+    if getattr(args, "outscale", None) not in (None, 4.0):
+        size = (max(1, round(img.width * args.outscale)), max(1, round(img.height * args.outscale)))
+        out = lanczos_resize(out, size)
+        std_img = None if std_img is None else lanczos_resize(std_img, size)
+    icc = img.info.get("icc_profile")
+    if targets[0] == STDIO:
+        write_stdout(out, FORMATS[args.ext] if args.ext else in_format or "PNG", icc)
+    else:
+        save_atomic(out, targets[0], icc)
+    if std_img is not None:
+        save_atomic(std_img, targets[1])
+    wall = time.perf_counter() - t0
+    notes.seconds, notes.backend_seconds, notes.tiles = wall, stats.backend_seconds, stats.tiles
     if args.timings:
-        wall = time.perf_counter() - t0
         share = 1.0 - stats.backend_seconds / wall if wall > 0 else 0.0
         notes.timing = (f"{src} -> {targets[0]}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
                         f"({stats.tiles} tiles), {share:.1%} outside the backend")
     return notes
+
+
+def lanczos_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize with Lanczos in the image's own mode (16-bit grey through float, which Pillow filters)."""
+    if img.mode == "I;16":
+        grey = Image.fromarray(np.asarray(img, np.float32)).resize(size, Image.Resampling.LANCZOS)
+        return Image.fromarray(np.clip(np.rint(np.asarray(grey)), 0, 65535).astype(np.uint16))
+    if img.mode in ("LA", "RGBA", "CMYK"):  # Pillow filters these per band
+        return Image.merge(img.mode, [b.resize(size, Image.Resampling.LANCZOS) for b in img.split()])
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """PNG, JPEG or WEBP from an encoded image's first bytes, else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def write_stdout(img: Image.Image, fmt: str, icc_profile: bytes | None) -> None:
+    """Encode `img` as `fmt` to standard output in one write (nothing else goes there)."""
+    img = fit_format(img, fmt)
+    extra = {"icc_profile": icc_profile} if icc_profile and icc_fits(icc_profile, img.mode) else {}
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **SAVE_OPTIONS[fmt], **extra)
+    sys.stdout.buffer.write(buf.getvalue())
+    sys.stdout.buffer.flush()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with `os.open(..., 0o666)`, which honours the umask like a plain `open()`;
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -32,6 +33,46 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 #: Random bytes in a temporary file's name (`.<name>.<hex>.tmp`), so concurrent writers never collide.
 TEMP_TOKEN_BYTES = 6
+
+
+#: What a temporary file's name adds to its target's: the dot, `.<hex>` and `.tmp`.
+TEMP_NAME_EXTRA = 1 + 1 + 2 * TEMP_TOKEN_BYTES + 4
+
+
+def name_too_long(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be written through `atomic_write` (its temporary name would not fit), or None."""
+    target = Path(path)
+    try:
+        limit = os.pathconf(target.parent if target.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    length = len(os.fsencode(target.name))
+    if length + TEMP_NAME_EXTRA > limit:
+        return (f"output name is {length} bytes; with the {TEMP_NAME_EXTRA} its temporary file adds it must stay "
+                f"within {limit} (the filesystem's limit): use a shorter name or --suffix")
+    return None
+
+
+def resolved(path: str | os.PathLike[str]) -> Path:
+    """`path` made absolute with symlinks resolved; a symlink loop resolves to its own absolute path."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # RuntimeError before Python 3.13, OSError (ELOOP) since
+        return Path(os.path.abspath(path))
+
+
+def is_symlink_loop(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a symlink that never reaches a file or a missing name (a loop)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\x1b`): a file name never drives the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -67,8 +108,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """JSON with a trailing newline, written atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    """Strict JSON (ValueError on NaN/Infinity, which many parsers reject) with a trailing newline, atomically."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode("utf-8"))
 
 
 @contextmanager

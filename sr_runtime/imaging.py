@@ -10,7 +10,10 @@ logged as warnings naming the file.
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,18 +85,34 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     except FileNotFoundError:
         raise SRInputError(f"{p}: no such file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SRInputError(f"{p}: symlink loop") from None
         raise SRInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    return _decode_file(p, size, str(p), max_pixels)
+
+
+def open_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`open_image` for an encoded image held in memory (standard input); errors name it `name`."""
+    return _decode_file(io.BytesIO(data), len(data), name, max_pixels)
+
+
+def _decode_file(source: Path | io.BytesIO, size: int, name: str, max_pixels: int) -> Image.Image:
+    p = name
     if size == 0:
         raise SRInputError(f"{p}: empty file (0 bytes)")
     try:
-        with Image.open(p, formats=RASTER_FORMATS) as img:
-            _check_pixels(img.size, max_pixels, str(p))
+        with Image.open(source, formats=RASTER_FORMATS) as img:
+            _check_pixels(img.size, max_pixels, p)
             _warn_about_lost_content(img, p)
+            grey_alpha_16 = img.mode == "RGBA" and any(r.startswith("LA;16") for r in _rawmodes(img))
             try:
                 img.load()
             except (OSError, SyntaxError, ValueError, EOFError) as exc:
                 raise SRInputError(f"{p}: truncated or corrupt image ({exc})") from None
-            return ImageOps.exif_transpose(img)
+            _check_jpeg_data(img, size, p)
+            _check_exif(img, p)
+            out = ImageOps.exif_transpose(img)
+            return out.convert("LA") if grey_alpha_16 else out  # Pillow reads 16-bit grey+alpha as RGBA
     except SRInputError:
         raise
     except UnidentifiedImageError:
@@ -103,21 +122,56 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         raise SRInputError(f"{p}: refused as a decompression bomb (too many pixels for Pillow)") from None
     except MemoryError:
         raise SRInputError(f"{p}: not enough memory to decode it") from None
-    except OSError as exc:  # permissions, I/O errors
+    except OSError as exc:  # permissions, I/O errors; decoders raise it without an errno
+        if exc.errno is None:
+            raise SRInputError(f"{p}: truncated or corrupt image ({exc})") from None
         raise SRInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # noqa: BLE001 -- a decoder's error on hostile bytes is this input's failure
         raise SRInputError(f"{p}: corrupt image ({type(exc).__name__}: {exc})") from None
 
 
-def _warn_about_lost_content(img: Image.Image, path: Path) -> None:
+def _rawmodes(img: Image.Image) -> list[str]:
+    """The decoder's raw modes (e.g. "LA;16B"), known before `load()` only."""
+    tiles = img.tile if isinstance(img, ImageFile.ImageFile) else []
+    return [str(t[3] if isinstance(t[3], str) else t[3][0]) for t in tiles if t[3]]
+
+
+def _warn_about_lost_content(img: Image.Image, path: str) -> None:
     """Say so when only part of a file is upscaled: animation frames, colour bits beyond 8."""
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         log.warning("%s: %d frames: only the first is upscaled", path, frames)
-    tiles = img.tile if isinstance(img, ImageFile.ImageFile) else []
-    rawmodes = [t[3] if isinstance(t[3], str) else t[3][0] for t in tiles if t[3]]
-    if img.mode in ("RGB", "RGBA") and any(";16" in str(r) for r in rawmodes):
+    rawmodes = _rawmodes(img)
+    if img.mode in ("RGB", "RGBA") and any(r.startswith("LA;16") for r in rawmodes):
+        log.warning("%s: 16-bit grey+alpha is read at 8 bits per channel (Pillow's limit)", path)
+    elif img.mode in ("RGB", "RGBA") and any(";16" in r for r in rawmodes):
         log.warning("%s: 16-bit colour is read at 8 bits per channel (Pillow's limit; 16-bit grey is kept)", path)
+
+
+def _check_jpeg_data(img: Image.Image, size: int, path: str) -> None:
+    """Refuse a JPEG whose header claims far more pixels than its data can hold.
+
+    libjpeg fills what the data does not cover with flat grey and only warns.
+    A Huffman-coded scan spends at least one bit per 8x8 luma block (its DC
+    code), so fewer than one bit per two blocks cannot be a whole image.
+    """
+    if img.format != "JPEG":
+        return
+    blocks = math.ceil(img.size[0] / 8) * math.ceil(img.size[1] / 8)
+    if size * 8 * 2 < blocks:
+        raise SRInputError(f"{path}: the JPEG header says {img.size[0]}x{img.size[1]} but the file has only {size} "
+                           "bytes, too few for that many pixels (truncated or forged)")
+
+
+def _check_exif(img: Image.Image, path: str) -> None:
+    """EXIF that does not parse is refused whatever the format (Pillow ignores some of it for JPEG only)."""
+    data = img.info.get("exif")
+    if not data:
+        return
+    try:
+        Image.Exif().load(data)
+    except Exception as exc:  # noqa: BLE001 -- the TIFF parser raises anything on hostile bytes
+        raise SRInputError(f"{path}: corrupt EXIF data ({type(exc).__name__}: {exc})") from None
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:

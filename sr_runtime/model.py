@@ -29,6 +29,8 @@ MAX_BATCH = 256
 #: Largest LR tile side a manifest may name (the shipped model's is 64).
 MAX_TILE = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: The shipped manifest is a few tens of kB; anything far larger is not one (and is not read whole).
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 def packaged_model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
@@ -91,15 +93,19 @@ def load_model_spec(model: str | os.PathLike[str] | None = None) -> ModelSpec:
         )
         raise SRModelError(f"no model manifest at {manifest_path}{hint}")
     try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise SRModelError(f"{manifest_path} is not a model manifest: over {MAX_MANIFEST_BYTES} bytes")
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SRModelError(f"cannot read {manifest_path}: {exc}") from exc
+    except RecursionError:
+        raise SRModelError(f"{manifest_path} is not a valid model manifest: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise SRModelError(f"{manifest_path} is not a valid model manifest: not a JSON object")
     try:
         return _parse(raw, directory)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SRModelError(f"{manifest_path} is not a valid model manifest: {exc!r}") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise SRModelError(f"{manifest_path} is not a valid model manifest: {exc!r}") from None
 
 
 def _int(raw: object, what: str, low: int, high: int) -> int:
@@ -127,9 +133,13 @@ def _parse(raw: dict, directory: Path) -> ModelSpec:
         raise ValueError("hr_size is not lr_size * scale")
     files: dict[str, Path] = {}
     sums: dict[str, str] = {}
+    if not isinstance(raw["onnx"], dict):
+        raise TypeError(f"onnx must be an object of precision -> entry, got {type(raw['onnx']).__name__}")
     for precision, entry in raw["onnx"].items():
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"unknown precision {precision!r} under 'onnx'")
+        if not isinstance(entry, dict):
+            raise TypeError(f"onnx.{precision} must be an object with file and sha256")
         files[precision] = _model_file(directory, entry["file"])
         sums[precision] = str(entry.get("sha256", "")).lower()
         if not _SHA256.fullmatch(sums[precision]):

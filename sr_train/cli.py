@@ -43,6 +43,7 @@ def cmd_vdvae_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import signal
     from pathlib import Path
 
     from .checkpoint import read_checkpoint_meta
@@ -60,6 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "a new run only")
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     result = train(TrainConfig(**values))
+    if result["signal"] is not None:
+        name = signal.Signals(result["signal"]).name
+        print(f"sr-train: stopped by {name} at step {result['step']}, checkpoint saved in {run} (the same command "
+              "resumes)", file=sys.stderr)
+        return 128 + int(result["signal"])
     last = result.get("elbo", result.get("loss"))
     tail = "no step left to run" if last is None else f"last loss {last:.4f}"
     print(f"done: step {result['step']}, skipped updates {result['skips']}, {tail}")
@@ -150,8 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(fetch_main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .train import TrainingStopped
+
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        print("sr-train: interrupted", file=sys.stderr)
+        return 130
+    except TrainingStopped as e:
+        print(f"sr-train: error: {e}", file=sys.stderr)
+        return 1
     except KeyError as e:
         print(f"sr-train: error: missing key {e}", file=sys.stderr)
         return 2

@@ -348,10 +348,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--markdown", type=_output_file, help="write the markdown table here")
     args = ap.parse_args(argv)
     try:
+        check_device(args.device)
         return _run(args)
     except (OSError, ValueError, SRModelError, BackendUnavailable) as e:  # CheckpointError is a ValueError
         print(f"sr-eval: error: {e}", file=sys.stderr)
         return 2
+
+
+def check_device(device: str | None) -> None:
+    """ValueError for a --device torch cannot use here, before a checkpoint is blamed for it."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device ({e})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine (or this torch build) has no CUDA GPU; use --device cpu")
 
 
 def _run(args: argparse.Namespace) -> int:

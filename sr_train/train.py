@@ -20,6 +20,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,16 @@ from .checkpoint import (
 )
 from .data import CropSampler, RandomCropDataset
 from .model import VDVAESR, preset
+from .runs import StopSignals, recover, step_checkpoint
 from .vdvae_import import import_vdvae_weights
 
 TRAIN_STATE = "train_state"
+#: This many skipped updates in a row stop the run: its weights or data are broken, not unlucky.
+MAX_SKIPS_IN_A_ROW = 50
+
+
+class TrainingStopped(ValueError):
+    """The run cannot go on (diverged weights, out of memory); its last checkpoint is kept as it was."""
 
 
 @dataclass
@@ -82,6 +91,35 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (and save) after this wall time: time-boxed runs resume later
     device: str = "auto"  # auto (CUDA when present), cpu, cuda; under torchrun one GPU per rank
     precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 with a gradient scaler); the loss stays fp32
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse values that would only fail later or silently ruin the run (NaN lr, negative clip, ...)."""
+    def bounded(name: str, value: float | None, lo: float, hi: float, *, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+        if value is None:
+            return
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (
+            value < hi if hi_open else value <= hi)
+        if not ok:
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {interval}, got {value!r}")
+
+    bounded("lr", cfg.lr, 0, 1, lo_open=True)
+    bounded("grad_clip", cfg.grad_clip, 0, math.inf, lo_open=True, hi_open=True)
+    bounded("skip_threshold", cfg.skip_threshold, 0, math.inf, lo_open=True, hi_open=True)
+    bounded("ema_rate", cfg.ema_rate, 0, 1, hi_open=True)
+    bounded("weight_decay", cfg.weight_decay, 0, 1)
+    bounded("val_temperature", cfg.val_temperature, 0, 2)
+    bounded("free_bits", cfg.free_bits, 0, 100)
+    bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
+    for beta in cfg.adam_betas:
+        bounded("adam_betas", beta, 0, 1, hi_open=True)
+    for name in ("steps", "batch_size", "log_every", "save_every", "val_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.train_decoder_blocks is not None:
+        parse_block_ranges(cfg.train_decoder_blocks, None)
 
 
 # ---------------------------------------------------------------------------
@@ -137,6 +175,7 @@ def check_run_dir(run: Path) -> bool:
     """
     if run.exists() and not run.is_dir():
         raise ValueError(f"--run-dir {run} is a file, not a directory")
+    recover(run)
     parts = [run / "latest" / f"{TRAIN_STATE}.json", run / "latest" / f"{TRAIN_STATE}.safetensors",
              *(run / d / f for d in ("latest", "ema") for f in (CONFIG, WEIGHTS))]
     present = [p for p in parts if p.exists()]
@@ -152,12 +191,19 @@ def check_run_dir(run: Path) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def parse_block_ranges(spec: str) -> set[int]:
-    """'0-3,7' -> {0, 1, 2, 3, 7}."""
+def parse_block_ranges(spec: str, count: int | None) -> set[int]:
+    """'0-3,7' -> {0, 1, 2, 3, 7}; ValueError for bad syntax or, given the model's `count`, a block past it."""
     out: set[int] = set()
     for part in filter(None, spec.split(",")):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
+        lo_text, _, hi_text = part.partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text or lo_text)
+        except ValueError:
+            raise ValueError(f"--train-decoder-blocks {spec!r}: {part!r} is not N or N-M") from None
+        if not 0 <= lo <= hi or (count is not None and hi >= count) or hi > 100_000:
+            top = "a model's block count" if count is None else f"{count - 1} (this model has {count} blocks)"
+            raise ValueError(f"--train-decoder-blocks {spec!r}: {part!r} is not a range from 0 to {top}")
+        out.update(range(lo, hi + 1))
     return out
 
 
@@ -203,7 +249,7 @@ def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:
     if cfg.freeze_hr_encoder:
         model.hr_encoder.requires_grad_(False)
     if cfg.train_decoder_blocks is not None:
-        chosen = parse_block_ranges(cfg.train_decoder_blocks)
+        chosen = parse_block_ranges(cfg.train_decoder_blocks, len(model.decoder.dec_blocks))
         for i, block in enumerate(model.decoder.dec_blocks):
             if i not in chosen:
                 for name, p in block.named_parameters():
@@ -282,7 +328,17 @@ def validate(ema: VDVAESR, images: dict[str, Any], temperature: float, seed: int
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns the final step, skips and last losses."""
+    """Run (or resume) training; returns the final step, skips, last losses and the signal that stopped it.
+
+    SIGTERM/SIGINT stop it at the next step with a checkpoint; a diverged run or
+    an allocation failure is a `TrainingStopped` and saves nothing.
+    """
+    check_config(cfg)
+    with StopSignals() as signals, memory_errors(cfg), ExitStack() as cleanup:
+        return _train(cfg, signals, cleanup)
+
+
+def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[str, Any]:
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     device = pick_device(cfg.device)
@@ -334,25 +390,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "train_config.json", asdict(cfg))
 
+    saved = -1
+
     def checkpoint() -> None:
-        if rank == 0:
-            save_checkpoint(ema_dir, ema, step=step, ema=True)
-            save_checkpoint(latest, model, step=step)
-            save_train_state(latest, optimizer, {"step": step, "skips": skips})
+        nonlocal saved
+        if rank == 0 and saved != step:
+            if not (weights_finite(list(model.parameters())) and weights_finite(list(ema.parameters()))):
+                raise TrainingStopped(f"the weights at step {step} are not finite; not saved, {run} keeps its "
+                                      "last checkpoint")
+            with step_checkpoint(run, step) as stage:
+                save_checkpoint(stage / ema_dir.name, ema, step=step, ema=True)
+                save_checkpoint(stage / latest.name, model, step=step)
+                save_train_state(stage / latest.name, optimizer, {"step": step, "skips": skips})
+        saved = step
 
     val_images = None
     if rank == 0 and cfg.val_images:
         from .evaluate import load_images
 
         val_images = load_images(cfg.val_images)
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    bar = cleanup.enter_context(tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train",
+                                     dynamic_ncols=True))  # closed before an error is printed
     last: dict[str, float] = {}
     data = iter(loader)  # CropSampler is endless
     t0 = time.time()
+    in_row, stopped_by = 0, None
     while step < cfg.steps:
-        if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
-            bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+        timed_out = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
+        if any_rank(timed_out or signals.signum is not None, world, device):
+            why = f"--max-minutes {cfg.max_minutes} reached" if timed_out else "stop requested (signal)"
+            bar.write(f"stopping at step {step}: {why}; saving")
             checkpoint()
+            stopped_by = signals.signum
             break
         batch = next(data)
         for group in optimizer.param_groups:
@@ -370,9 +439,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         finite = math.isfinite(loss.item()) and math.isfinite(grad_norm)
         if finite and grad_norm < cfg.skip_threshold:
             scaler.step(optimizer)
+            if not weights_finite(params):
+                raise TrainingStopped(f"the update of step {step + 1} made the weights non-finite or huge (lr "
+                                      f"{lr_at(step, cfg):g}); stopped without saving, {run} keeps its last "
+                                      "checkpoint")
             update_ema(ema, model, cfg.ema_rate)
+            in_row = 0
         else:
-            skips += 1
+            skips, in_row = skips + 1, in_row + 1
+            if in_row >= MAX_SKIPS_IN_A_ROW:
+                raise TrainingStopped(f"{in_row} updates in a row skipped (non-finite loss or gradient norm >= "
+                                      f"--skip-threshold; last {grad_norm:g}) at step {step + 1}; stopped, "
+                                      f"{run} keeps its last checkpoint")
         scaler.update()
         step += 1
         last = {name: value.mean().item() for name, value in out.items()} | {"grad_norm": grad_norm}
@@ -393,4 +471,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar.close()
     if world > 1:
         dist.barrier()
-    return {"step": step, "skips": skips, **last}
+    return {"step": step, "skips": skips, **last, "signal": stopped_by}
+
+
+def weights_finite(params: Sequence[Tensor]) -> bool:
+    """False when a weight is NaN/Inf or so large that a tensor's norm overflows (an exploded update)."""
+    if not params:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in params]))).all())
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank when it is on any: ranks must stop at the same step or DDP waits forever."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+@contextmanager
+def memory_errors(cfg: TrainConfig) -> Iterator[None]:
+    """An allocation failure becomes one line naming --batch-size, not an allocator traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        reason = str(e).strip().splitlines()[0][:200]
+        raise TrainingStopped(f"out of memory ({reason}); --batch-size {cfg.batch_size} may be too large "
+                              "for this machine") from None

@@ -280,29 +280,6 @@ def test_unknown_preset_and_file_out_are_one_error_line(tmp_path: Path, monkeypa
     assert rc == 2 and "is a file" in err and "Traceback" not in err
 
 
-def test_interrupted_reexport_leaves_no_manifest_to_serve_old_files(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from sr_export import pipeline
-    from sr_export.pipeline import ExportOptions, export_model_dir
-    from sr_runtime import SRModelError, Upscaler
-
-    out = tmp_path / "model"
-    out.mkdir()
-    for name in ("manifest.json", "model.fp32.onnx", "model.fp16.onnx"):  # an earlier, complete export
-        (out / name).write_text("old")
-
-    def interrupted_after_writing(model: object, path: Path, **kwargs: object) -> None:
-        path.write_bytes(b"new fp32 graph")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "export_fp32", interrupted_after_writing)
-    with pytest.raises(KeyboardInterrupt):
-        export_model_dir(tiny_model(), {}, ExportOptions(out_dir=out, name="x"), log=lambda msg: None)
-    assert sorted(p.name for p in out.iterdir()) == ["model.fp32.onnx"]
-    with pytest.raises(SRModelError, match="no model manifest"):
-        Upscaler(out)
-
-
 def test_sigterm_during_an_export_removes_its_temporary_directory(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import os

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sr_runtime.errors import BackendUnavailable
+from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_runtime.model import ModelSpec
 from sr_runtime.noise import NoiseBank
 
@@ -103,6 +103,24 @@ def _factory(name: str, cpu_threads: int | None) -> Factory:
     return functools.partial(OrtCpuBackend, threads=cpu_threads)
 
 
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """Every exception type ONNX Runtime's bindings raise (they share no base class, and vary by version)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
+def _load(name: str, cpu_threads: int | None, spec: ModelSpec, precision: str, bank: NoiseBank,
+          buckets: tuple[int, ...]) -> Backend:
+    """One backend; ONNX Runtime failing on a file that passed its sha256 check is the model's fault."""
+    try:
+        return _factory(name, cpu_threads)(spec, precision, bank, buckets)
+    except _ort_errors() as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise SRModelError(f"model {spec.name!r} in {spec.directory}: ONNX Runtime cannot load its ONNX file "
+                           f"(broken or not an ONNX model): {reason}") from None
+
+
 def create_backend(
     spec: ModelSpec, backend: str, precision: str, bank: NoiseBank, buckets: tuple[int, ...],
     cpu_threads: int | None = None,
@@ -124,12 +142,12 @@ def create_backend(
     if not buckets or buckets[-1] > bank.max_batch:
         raise ValueError(f"batch buckets {buckets} must be non-empty and fit the noise bank's {bank.max_batch} rows")
     if name != "auto":
-        chosen = _factory(name, cpu_threads)(spec, precision, bank, buckets)
+        chosen = _load(name, cpu_threads, spec, precision, bank, buckets)
         log.info("sr_runtime: backend %s (%s)", chosen.name, chosen.precision)
         return chosen
     for candidate in AUTO_ORDER:
         try:
-            chosen = _factory(candidate, cpu_threads)(spec, precision, bank, buckets)
+            chosen = _load(candidate, cpu_threads, spec, precision, bank, buckets)
         except BackendUnavailable as exc:
             log.info("sr_runtime: skipping %s: %s", candidate, exc)
             continue

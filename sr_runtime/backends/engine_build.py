@@ -33,6 +33,7 @@ from sr_runtime.backends.engine_identity import (
     engine_cache_dir,
     import_tensorrt,
     query_gpu,
+    read_timing_cache,
     timing_cache_path,
 )
 from sr_runtime.files import atomic_write_bytes, atomic_write_json, file_lock, sha256_file
@@ -99,12 +100,16 @@ def build_serialized_engine(
     return bytes(memoryview(blob))
 
 
-def save_timing_cache(path: Path, config: trt.IBuilderConfig) -> None:
-    """Merge this build's timing cache into the one on disk, under a lock, so concurrent builds lose nothing."""
+def save_timing_cache(cache_dir: Path, path: Path, config: trt.IBuilderConfig) -> None:
+    """Merge this build's timing cache into the one on disk, under a lock, so concurrent builds lose nothing.
+
+    An untrusted one on disk (see `read_timing_cache`) is replaced, not merged.
+    """
     ours = config.get_timing_cache()
     with file_lock(path):
-        if path.is_file():
-            merged = config.create_timing_cache(path.read_bytes())
+        on_disk, _ = read_timing_cache(cache_dir, path)
+        if on_disk:
+            merged = config.create_timing_cache(on_disk)
             merged.combine(ours, ignore_mismatch=True)
             ours = merged
         atomic_write_bytes(path, bytes(memoryview(ours.serialize())))
@@ -140,11 +145,13 @@ def build_engine(
     timing = timing_cache_path(cache, identity.gpu, identity.tensorrt_version)
     started = time.perf_counter()
     builder, network, _parser = network_from_onnx(onnx_file, identity.strongly_typed, trt.Logger(trt.Logger.WARNING))
-    config = config_for(builder, network, precision, identity.batch, identity.strongly_typed,
-                        timing.read_bytes() if timing.is_file() else b"")
+    timing_bytes, timing_skipped = read_timing_cache(cache, timing)
+    if timing_skipped:
+        log(f"engine: {timing_skipped}")
+    config = config_for(builder, network, precision, identity.batch, identity.strongly_typed, timing_bytes)
     blob = build_serialized_engine(builder, network, config)
     seconds = time.perf_counter() - started
-    save_timing_cache(timing, config)
+    save_timing_cache(cache, timing, config)
     atomic_write_bytes(engine_path, blob)
     manifest = {
         "format": ENGINE_FORMAT,

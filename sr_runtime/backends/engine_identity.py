@@ -26,7 +26,6 @@ from types import ModuleType
 from typing import Any
 
 from sr_runtime.errors import BackendUnavailable
-from sr_runtime.files import sha256_file
 
 ENGINE_FORMAT = "vdvae-sr-engine/1"
 ENGINE_CACHE_ENV = "SR_ENGINE_CACHE"
@@ -133,6 +132,15 @@ class EngineIdentity:
 
     def cached_engine(self, cache_dir: Path) -> tuple[Path | None, list[str]]:
         """The engine under this identity's key if its manifest is current and its bytes match; else None and why."""
+        blob, reasons = self.load_engine(cache_dir)
+        return (self.paths(cache_dir)[0], []) if blob is not None else (None, reasons)
+
+    def load_engine(self, cache_dir: Path) -> tuple[bytes | None, list[str]]:
+        """The bytes of the engine under this identity's key, checked; else None and why.
+
+        The file is read once and its sha256 checked on those very bytes, which
+        are the ones to deserialise: a file replaced after the check cannot slip in.
+        """
         engine, sidecar = self.paths(cache_dir)
         unsafe = untrusted_location(cache_dir, engine) or untrusted_location(cache_dir, sidecar)
         if unsafe is not None:
@@ -140,15 +148,44 @@ class EngineIdentity:
         if not engine.is_file() or not sidecar.is_file():
             return None, [f"no engine at {engine}"]
         try:
-            manifest = json.loads(sidecar.read_text(encoding="utf-8"))
+            manifest = json.loads(read_trusted(sidecar).decode("utf-8"))
         except (OSError, ValueError) as exc:
             return None, [f"unreadable manifest {sidecar}: {exc}"]
         if not isinstance(manifest, dict):
             return None, [f"{sidecar} is not a JSON object"]
         reasons = self.stale_reasons(manifest)
-        if not reasons and manifest.get("engine_sha256") != sha256_file(engine):
-            reasons.append("engine file does not match the sha256 in its manifest")
-        return (None, reasons) if reasons else (engine, [])
+        if reasons:
+            return None, reasons
+        try:
+            blob = read_trusted(engine)
+        except OSError as exc:
+            return None, [f"unreadable engine {engine}: {exc}"]
+        if manifest.get("engine_sha256") != hashlib.sha256(blob).hexdigest():
+            return None, ["engine file does not match the sha256 in its manifest"]
+        return blob, []
+
+
+def read_trusted(path: Path) -> bytes:
+    """A file's bytes, refusing (OSError) a symlink put in its place after `untrusted_location` looked."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+def read_timing_cache(cache_dir: Path, path: Path) -> tuple[bytes, str | None]:
+    """The timing cache's bytes under the engine cache's rules (no symlink, ours, not world-writable).
+
+    (b"", why) when it is missing or untrusted: a build then starts from an empty cache.
+    """
+    unsafe = untrusted_location(cache_dir, path)
+    if unsafe is not None:
+        return b"", f"timing cache ignored: {unsafe}"
+    if not path.is_file():
+        return b"", None
+    try:
+        return read_trusted(path), None
+    except OSError as exc:
+        return b"", f"timing cache ignored: {exc}"
 
 
 def untrusted_location(root: Path, path: Path) -> str | None:

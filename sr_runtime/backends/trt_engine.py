@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,24 +49,28 @@ if TYPE_CHECKING:  # checked against tensorrt-stubs; imported for real only thro
 log = logging.getLogger("sr_runtime")
 
 
-def locate_engine(spec: ModelSpec, identity: EngineIdentity) -> Path:
-    """The current engine for `identity` (model directory, then cache), else a fresh build into the cache."""
+def locate_engine(spec: ModelSpec, identity: EngineIdentity) -> bytes:
+    """The current engine's checked bytes for `identity` (model directory, then cache), else a fresh build's."""
     cache = engine_cache_dir()
     rejected: list[str] = []
     for root in (spec.directory, cache):
-        engine, why = identity.cached_engine(root)
-        if engine is not None:
-            return engine
+        blob, why = identity.load_engine(root)
+        if blob is not None:
+            return blob
         rejected += why
     onnx_path = spec.onnx_path(identity.precision)
     log.warning("sr_runtime: building a TensorRT engine for %s (%s); this can take minutes: %s",
                 onnx_path.name, identity.key(), "; ".join(rejected))
     try:
-        return build_engine(onnx_path, cache, precision=identity.precision, batch=identity.batch,
-                            log=lambda msg: log.warning("sr_runtime: %s", msg))
+        build_engine(onnx_path, cache, precision=identity.precision, batch=identity.batch,
+                     log=lambda msg: log.warning("sr_runtime: %s", msg))
     except (EngineUnavailable, EngineBuildFailed) as exc:
         raise BackendUnavailable(f"no current TensorRT engine ({'; '.join(rejected)}) and building one "
                                  f"failed: {exc}") from exc
+    blob, why = identity.load_engine(cache)
+    if blob is None:
+        raise BackendUnavailable(f"the TensorRT engine just built cannot be loaded: {'; '.join(why)}")
+    return blob
 
 
 class _Cuda:
@@ -102,13 +105,13 @@ class TensorRTBackend:
         )
         if buckets[0] < spec.batch_min or buckets[-1] > spec.batch_max:
             raise BackendUnavailable(f"batch sizes {buckets} are outside the engine profile {identity.batch}")
-        engine_path = locate_engine(spec, identity)
+        engine_bytes = locate_engine(spec, identity)
         self._cuda = _Cuda(import_cudart())
         self._trt_logger = trt_module.Logger(trt_module.Logger.WARNING)
         self._runtime = trt_module.Runtime(self._trt_logger)
-        engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if engine is None:
-            raise BackendUnavailable(f"TensorRT could not deserialize {engine_path}")
+            raise BackendUnavailable(f"TensorRT could not deserialize the engine {identity.key()}")
         self._engine: trt.ICudaEngine = engine
         self._lr_shape = (3, *spec.lr_size)
         self._hr_shape = (3, *spec.hr_size)
