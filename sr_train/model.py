@@ -251,7 +251,7 @@ class Encoder(nn.Module):
         x = self.in_conv(x)
         res = self.top_res
         acts = {res: x}
-        for block in self.enc_blocks:
+        for block in cast(list[Block], list(self.enc_blocks)):
             x = block(x)
             res //= block.down_rate or 1
             x = pad_channels(x, self.widths[res])
@@ -377,7 +377,7 @@ class Decoder(nn.Module):
             res = block.res
             if res not in xs:
                 from_lr = lr_acts is not None and res == self.lr_start
-                xs[res] = lr_acts[res] if from_lr else self.initial_state(res, n, ref, hw)
+                xs[res] = lr_acts[res] if from_lr and lr_acts is not None else self.initial_state(res, n, ref, hw)
             x = xs[res]
             if block.mixin is not None:
                 x = x + F.interpolate(xs[block.mixin][:, : x.shape[1]], scale_factor=res // block.mixin)
