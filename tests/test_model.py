@@ -70,7 +70,10 @@ def test_training_forward_and_sampling_on_scaled_down_preset(name):
     hr = torch.randint(0, 256, (1, 3, cfg.hr_size, cfg.hr_size)).float() / 255
     lr = torch.nn.functional.avg_pool2d(hr, 4)
     out = model(hr, lr)
-    assert set(out) == {"elbo", "distortion", "rate"} and out["elbo"].shape == (1,)
+    levels = {f"rate/{r}" for r, _ in parse_layer_string(cfg.dec_blocks)}
+    assert set(out) == {"elbo", "distortion", "rate", "rate_objective", *levels} and out["elbo"].shape == (1,)
+    assert torch.allclose(sum(out[k] for k in levels), out["rate"])
+    assert torch.equal(out["rate_objective"], out["rate"])  # no free bits: the plain ELBO
     assert torch.allclose(out["elbo"], out["distortion"] + out["rate"])
     out["elbo"].mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("decoder.bias_xs.1"))
