@@ -105,12 +105,26 @@ def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested:
 
 @dataclass(frozen=True)
 class FileJob:
-    """One input, the files it writes, and how many times a worker died while running it."""
+    """One input, the files it writes, and how many times a worker died while running it.
+
+    `src` and `targets` are absolute (a worker's working directory is not the
+    driver's); `shown` is the input as the user named it, for messages.
+    """
 
     src: Path
     targets: tuple[Path, ...]  # its output first, then the std map with --std-map
     order: int  # its place among the inputs: failure lines are printed in input order, as locally
+    shown: Path
     deaths: int = 0
+
+    @classmethod
+    def absolute(cls, src: Path, targets: tuple[Path, ...], order: int) -> FileJob:
+        """`src`'s job, its paths made absolute against this (the driver's) working directory."""
+        return cls(src.absolute(), tuple(t.absolute() for t in targets), order, shown=src)
+
+    def as_given(self, text: str) -> str:
+        """`text` with the absolute input path written as the user gave it, so lines read as the local CLI's."""
+        return text.replace(str(self.src), str(self.shown))
 
     def done(self) -> bool:
         """Every output exists: complete, since outputs are only ever renamed into place."""
@@ -164,9 +178,11 @@ class UpscaleWorker:
         """Upscale one file; an earlier, killed attempt's temporary files are removed first (this worker owns them now)."""
         job.remove_leftovers()
         try:
-            return FileOutcome(notes=upscale_file(self._upscaler, job.src, job.targets, self._samples, self._args))
+            notes = upscale_file(self._upscaler, job.src, job.targets, self._samples, self._args)
         except FILE_ERRORS as exc:
-            return FileOutcome(failure=failure_line(job.src, exc))
+            return FileOutcome(failure=job.as_given(failure_line(job.src, exc)))
+        return FileOutcome(notes=FileNotes([job.as_given(w) for w in notes.warnings],
+                                           None if notes.timing is None else job.as_given(notes.timing)))
 
 
 @dataclass
@@ -192,9 +208,10 @@ def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -
     claimed: set[Path] = set()
     jobs: list[FileJob] = []
     for order, src in enumerate(sources):
-        job = FileJob(src, output_targets(output_path(src, args), args), order)
+        targets = output_targets(output_path(src, args), args)
+        job = FileJob.absolute(src, targets, order)
         try:
-            check_targets(src, job.targets, inputs, claimed)
+            check_targets(src, targets, inputs, claimed)  # the paths as given, for its messages
         except FILE_ERRORS as exc:
             summary.fail(order, failure_line(src, exc))
             continue
@@ -253,7 +270,7 @@ class WorkerPool:
             self._feed(queue)
             if not self._in_flight and not self._pings:  # work left but no live worker
                 for job in queue:
-                    summary.fail(job.order, f"{job.src}: no Ray worker left to upscale it (all died)")
+                    summary.fail(job.order, f"{job.shown}: no Ray worker left to upscale it (all died)")
                 queue.clear()
                 break
             ready, _ = ray.wait([*self._in_flight, *self._pings], num_returns=1, timeout=POLL_S)
@@ -283,7 +300,7 @@ class WorkerPool:
             return
         except RayTaskError as exc:  # a bug, not bad input: still one line for this file, the rest go on
             cause = exc.cause if exc.cause is not None else exc
-            outcome = FileOutcome(failure=f"{job.src}: {type(cause).__name__}: {cause}")
+            outcome = FileOutcome(failure=f"{job.shown}: {type(cause).__name__}: {cause}")
         if outcome.failure is not None:
             summary.fail(job.order, outcome.failure)
         elif outcome.notes is not None:
@@ -319,7 +336,7 @@ class WorkerPool:
             summary.done += 1
         elif job.deaths >= MAX_ATTEMPTS:
             job.remove_leftovers()
-            summary.fail(job.order, f"{job.src}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
+            summary.fail(job.order, f"{job.shown}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
         else:
             summary.resubmitted += 1
             queue.appendleft(job)

@@ -198,3 +198,27 @@ def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str
 def test_placement_refuses_more_workers_than_gpus() -> None:
     with pytest.raises(UsageError, match="2 GPUs"):
         plan_placement({"CPU": 8.0, "GPU": 2.0}, [8.0], 3)
+
+
+@pytest.mark.slow
+def test_relative_paths_mean_the_drivers_files(double_model: Path, ray_local: Any, photos: Path, tmp_path: Path,
+                                               local_results: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Inputs and -o relative to the driver's working directory, not the workers' (which is elsewhere)."""
+    (tmp_path / "in").mkdir()
+    for name in ("p00.png", "p03.jpg"):
+        (tmp_path / "in" / name).write_bytes((photos / name).read_bytes())
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(double_model), "-q", "in/broken.png", "-o", "local"]) == 1
+    local_failure = [line for line in capsys.readouterr().err.splitlines() if "failed:" in line]
+    assert run_ray(double_model, ray_local, "in/p00.png", "in/p03.jpg", "in/broken.png", "-o", "out") == 1
+    err = capsys.readouterr().err
+    assert summary_counts(err) == (2, 0, 1, 0)
+    assert [line for line in err.splitlines() if "failed:" in line] == local_failure  # named as given
+    assert local_failure[0].startswith("sr-upscale: failed: in/broken.png: ")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p00_x4.png", "p03_x4.jpg"]
+    for name in ("p00_x4.png", "p03_x4.jpg"):
+        with Image.open(tmp_path / "out" / name) as got, Image.open(local_results["t0"] / name) as want:
+            assert np.array_equal(np.asarray(got), np.asarray(want)), name
+
