@@ -371,7 +371,9 @@ def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: 
     if not jobs:
         return final_status(summary.failure_lines(), 0)
     try:
-        load_model_spec(args.model)  # a wrong --model is a usage error before any cluster starts
+        # Resolved here: a worker's environment (no $SR_MODEL_DIR) and working directory are not the driver's.
+        model = load_model_spec(args.model).directory.absolute()
+        args = argparse.Namespace(**{**vars(args), "model": str(model)})
         connected_here = connect(args.ray)
     except SRModelError as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)

@@ -272,7 +272,7 @@ class Scaling:
 class UpscaleService:
     """One replica: a deterministic Upscaler for batched temperature-0 work plus an LRU of samplers."""
 
-    def __init__(self, model: str | None, backend: str, precision: str, options: ServiceOptions) -> None:
+    def __init__(self, model: str, backend: str, precision: str, options: ServiceOptions) -> None:
         make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels)
         self._options = options
         self._deterministic = make()
@@ -435,7 +435,8 @@ def build_app(
 
     With `scaling.gpus_per_replica` None this connects to Ray (as `serve.run`
     would) to see whether the cluster has GPUs. `model` must be a path every
-    node can read (None: the shipped default model).
+    node can read (None: `$SR_MODEL_DIR` here, else the shipped model);
+    SRModelError if it is not a model.
     """
     import ray
 
@@ -443,7 +444,8 @@ def build_app(
     if scaling.gpus_per_replica is None and not ray.is_initialized():
         ray.init()
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if scaling.gpus_per_replica is None else 0.0
-    model_path = None if model is None else os.path.abspath(model)
+    # Resolved here: a replica's environment (no $SR_MODEL_DIR) and working directory are not this process's.
+    model_path = str(load_model_spec(model).directory.absolute())
     deployment = serve.deployment(name="Upscaler")(UpscaleService)
     return deployment.options(**scaling.deployment_options(cluster_gpus)).bind(
         model_path, backend, precision, options or ServiceOptions())

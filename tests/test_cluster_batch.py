@@ -222,3 +222,17 @@ def test_relative_paths_mean_the_drivers_files(double_model: Path, ray_local: An
         with Image.open(tmp_path / "out" / name) as got, Image.open(local_results["t0"] / name) as want:
             assert np.array_equal(np.asarray(got), np.asarray(want)), name
 
+
+@pytest.mark.slow
+def test_model_dir_from_the_environment_reaches_the_workers(double_model: Path, ray_local: Any, photos: Path,
+                                                            tmp_path: Path, local_results: dict[str, Path],
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """$SR_MODEL_DIR set on the driver only (the cluster started without it): workers still use that model."""
+    monkeypatch.setenv("SR_MODEL_DIR", str(double_model))
+    address = ray_local.get_runtime_context().gcs_address
+    assert main(["-q", str(photos / "p00.png"), str(photos / "p01.png"), "-o", str(tmp_path), "--ray", address]) == 0
+    assert "model test-double" in capsys.readouterr().err
+    for name in ("p00_x4.png", "p01_x4.png"):
+        with Image.open(tmp_path / name) as got, Image.open(local_results["t0"] / name) as want:
+            assert np.array_equal(np.asarray(got), np.asarray(want)), name

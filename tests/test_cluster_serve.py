@@ -376,6 +376,20 @@ def test_delete_drains_a_request_in_flight(service: int, double_model: Path) -> 
     assert deleted_at and deleted_at[0] >= answered_at
 
 
+@pytest.mark.slow
+def test_model_dir_from_the_environment_reaches_the_replicas(service: int, double_model: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """$SR_MODEL_DIR set where the app is built, not on the cluster: the replica loads that model."""
+    from ray import serve
+
+    monkeypatch.setenv("SR_MODEL_DIR", str(double_model))
+    serve.run(build_app(None, "cpu", scaling=Scaling(gpus_per_replica=0)), name="sr-env", route_prefix="/env")
+    try:
+        assert json.loads(request(service, "GET", "/env/healthz").body)["model"] == "test-double"
+    finally:
+        serve.delete("sr-env")
+
+
 def test_cli_usage_errors_exit_2_before_ray_starts(tmp_path: Path) -> None:
     assert main(["--model", str(tmp_path / "no-model")]) == 2
     assert main(["--max-body-mb", "0"]) == 2
