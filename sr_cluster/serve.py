@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import logging
 import math
@@ -27,7 +28,7 @@ import signal
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar, cast
@@ -35,7 +36,7 @@ from typing import Any, Generic, TypeVar, cast
 from PIL import Image, UnidentifiedImageError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from sr_runtime import SRInputError, SRModelError, Upscaler
@@ -71,6 +72,15 @@ DEFAULT_MAX_BATCH_IMAGES = 8
 DEFAULT_BATCH_WAIT_S = 0.01
 DEFAULT_CONCURRENT_RUNS = 2
 DEFAULT_MAX_ONGOING_REQUESTS = 16
+#: Requests a replica holds beyond its request slots (bodies arriving, or in and waiting); more: 503.
+DEFAULT_MAX_QUEUED_REQUESTS = 16
+#: A body must be in within this long ...
+DEFAULT_BODY_TIMEOUT_S = 60.0
+#: ... and never fall more than the grace behind this rate (128 kbit/s): stalled uploads end in seconds.
+DEFAULT_MIN_UPLOAD_BYTES_PER_S = 16 * 1024
+DEFAULT_UPLOAD_GRACE_S = 5.0
+#: Serve-level request slots beyond ongoing and queued requests: `/healthz` and instant refusals get one.
+HEALTH_HEADROOM = 8
 APP_NAME = "sr"
 
 
@@ -157,19 +167,57 @@ def encode_image(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as its declared or received size passes `limit`."""
+@dataclass(frozen=True)
+class UploadLimits:
+    """How big and how slow a body may be: over `max_bytes` is a 413, too slow a 408.
+
+    The whole body must arrive within `timeout_s`, and never fall more than
+    `grace_s` behind `min_bytes_per_s`: a client that stalls or trickles is
+    answered within seconds instead of holding its connection for the deadline.
+    """
+
+    max_bytes: int
+    timeout_s: float
+    min_bytes_per_s: float
+    grace_s: float
+
+
+async def read_body(request: Request, limits: UploadLimits) -> bytes:
+    """The request body, refused with 413 as soon as its declared or received size passes the limit,
+    and with 408 when it does not arrive within the deadline or at the minimum rate."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise HTTPError(400, f"bad Content-Length {declared!r}")
-        if int(declared) > limit:
-            raise HTTPError(413, f"body of {int(declared)} bytes is over this service's limit of {limit} bytes")
+        if int(declared) > limits.max_bytes:
+            raise HTTPError(413, f"body of {int(declared)} bytes is over this service's limit of "
+                                 f"{limits.max_bytes} bytes")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        deadline = start + limits.timeout_s
+        behind = start + limits.grace_s + len(body) / limits.min_bytes_per_s  # when the rate is missed
+        wait = min(deadline, behind) - loop.time()
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(chunks.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            if deadline <= behind:
+                reason = f"body not received within {limits.timeout_s:g} s"
+            else:
+                reason = f"body arriving slower than {limits.min_bytes_per_s:g} bytes/s"
+            raise HTTPError(408, f"{reason} ({len(body)} bytes in {loop.time() - start:.1f} s)",
+                            {"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise HTTPError(400, "the client closed the connection before the body was in") from None
         body += chunk
-        if len(body) > limit:
-            raise HTTPError(413, f"body is over this service's limit of {limit} bytes")
+        if len(body) > limits.max_bytes:
+            raise HTTPError(413, f"body is over this service's limit of {limits.max_bytes} bytes")
     if not body:
         raise HTTPError(400, "empty body: send the image's bytes")
     return bytes(body)
@@ -187,6 +235,10 @@ class SamplerCache:
     batch 16), so 4 entries are about 0.5-1 GB per replica. An evicted entry is
     dropped, not closed: a request still running on it finishes, and its memory
     goes when that request lets go of it.
+
+    A hit never waits for a miss: entries are built one at a time in a worker
+    thread, and a build finishes (and is kept) even if the request that asked
+    for it has gone; requests for a key being built share that build.
     """
 
     def __init__(self, create: Callable[[float, int], Upscaler], capacity: int) -> None:
@@ -195,22 +247,85 @@ class SamplerCache:
         self._create = create
         self._capacity = capacity
         self._entries: OrderedDict[tuple[float, int], Upscaler] = OrderedDict()
-        self._lock = asyncio.Lock()  # one construction at a time; two requests for a new key build it once
+        self._building: dict[tuple[float, int], asyncio.Task[Upscaler]] = {}
+        self._build_lock = asyncio.Lock()  # one construction at a time: each allocates a session and a bank
 
     async def get(self, temperature: float, seed: int) -> Upscaler:
         key = (temperature, seed)
-        async with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-            upscaler = await asyncio.to_thread(self._create, temperature, seed)
-            self._entries[key] = upscaler
-            if len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
-            return upscaler
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        task = self._building.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._build(key))
+            task.add_done_callback(_retrieve)
+            self._building[key] = task
+        return await asyncio.shield(task)
+
+    async def _build(self, key: tuple[float, int]) -> Upscaler:
+        try:
+            async with self._build_lock:
+                upscaler = await asyncio.to_thread(self._create, *key)
+        finally:
+            del self._building[key]
+        self._entries[key] = upscaler
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+        return upscaler
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a background future's exception as seen: the requests that wanted it report it, if any remain."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def wait_through_cancellation(future: asyncio.Future[T]) -> None:
+    """Wait until `future` is done, whatever cancellations arrive meanwhile (the caller re-raises them)."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future})
+    _retrieve(future)
+
+
+class ClientGone(Exception):
+    """Raised inside a run whose request was cancelled: it stops at its next backend call."""
+
+
+@dataclass
+class Counters:
+    """What `/healthz` reports beside the model: kept as plain numbers, so answering costs nothing.
+
+    `in_flight` counts every upscale request the replica holds (uploading,
+    queued, running, or still stopping after its client left); `uploading`
+    those without a request slot yet; `upscaling` the runs
+    inside an Upscaler right now, counted in the worker threads themselves.
+    """
+
+    in_flight: int = 0
+    uploading: int = 0
+    upscaling: int = 0
+    upscaling_peak: int = 0
+    stopped_runs: int = 0  # runs cut short because their client left
+    refused_busy: int = 0  # 503s: the replica held all the requests it may
+    slow_uploads: int = 0  # 408s
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # `upscaling` changes in worker threads
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self.upscaling += 1
+            self.upscaling_peak = max(self.upscaling_peak, self.upscaling)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.upscaling -= 1
 
 
 @dataclass(frozen=True)
@@ -223,11 +338,20 @@ class ServiceOptions:
     max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S
     concurrent_runs: int = DEFAULT_CONCURRENT_RUNS
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    min_upload_bytes_per_s: float = DEFAULT_MIN_UPLOAD_BYTES_PER_S
+    upload_grace_s: float = DEFAULT_UPLOAD_GRACE_S
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not value > 0 and not (name == "batch_wait_s" and value == 0):
-                raise ValueError(f"{name} must be positive, got {value}")
+            if not math.isfinite(value) or not value > 0 and not (name == "batch_wait_s" and value == 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+    @property
+    def upload_limits(self) -> UploadLimits:
+        return UploadLimits(self.max_body_bytes, self.body_timeout_s, self.min_upload_bytes_per_s,
+                            self.upload_grace_s)
 
 
 @dataclass(frozen=True)
@@ -248,11 +372,13 @@ class Scaling:
     graceful_shutdown_timeout_s: float = 60.0
     graceful_shutdown_wait_loop_s: float = 1.0
 
-    def deployment_options(self, cluster_gpus: float) -> dict[str, Any]:
+    def deployment_options(self, cluster_gpus: float, extra_slots: int = 0) -> dict[str, Any]:
+        """Serve's options; `extra_slots` are Serve request slots beyond `max_ongoing_requests` (the
+        replica bounds requests with a body itself, so uploads and `/healthz` never wait behind them)."""
         gpus = (1.0 if cluster_gpus > 0 else 0.0) if self.gpus_per_replica is None else self.gpus_per_replica
         options: dict[str, Any] = {
             "ray_actor_options": {"num_gpus": gpus} if gpus > 0 else {"num_cpus": 1},
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests + extra_slots,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
         }
@@ -270,17 +396,32 @@ class Scaling:
 
 
 class UpscaleService:
-    """One replica: a deterministic Upscaler for batched temperature-0 work plus an LRU of samplers."""
+    """One replica: a deterministic Upscaler for batched temperature-0 work plus an LRU of samplers.
 
-    def __init__(self, model: str, backend: str, precision: str, options: ServiceOptions) -> None:
+    Admission is the replica's own, not Serve's: Serve gives it `max_ongoing`
+    + `max_queued_requests` + HEALTH_HEADROOM slots. The replica holds at most
+    `max_ongoing` + `max_queued_requests` upload requests (more: 503 at once);
+    a body must arrive within a deadline and at a minimum rate (else 408), and
+    only with the whole body in does a request wait for one of `max_ongoing`
+    request slots. So stalled uploads cannot hold the slots good requests
+    need, and `/healthz`, answered from counters, always finds a Serve slot. A
+    request whose client leaves stops its run at the next backend call, but
+    holds its slots until the worker thread has returned, so `concurrent_runs`
+    and the counts stay true.
+    """
+
+    def __init__(self, model: str, backend: str, precision: str, options: ServiceOptions,
+                 max_ongoing: int = DEFAULT_MAX_ONGOING_REQUESTS) -> None:
+        self._max_held = max_ongoing + options.max_queued_requests
         make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels)
         self._options = options
         self._deterministic = make()
         self._samplers = SamplerCache(lambda temperature, seed: make(temperature=temperature, seed=seed),
                                       options.sampler_cache)
+        self._requests = asyncio.Semaphore(max_ongoing)  # requests with their body in: queued or running
         # Runs at once per replica: bounds peak memory (about 31 bytes per output pixel each).
         self._runs = asyncio.Semaphore(options.concurrent_runs)
-        self._in_flight = 0
+        self._counters = Counters()
         self._batcher: QueueBatcher[Image.Image, Image.Image | SRInputError] = QueueBatcher(
             self._run_batch, options.max_batch_images, options.batch_wait_s)
 
@@ -290,11 +431,11 @@ class UpscaleService:
             if path == "/upscale":
                 if request.method != "POST":
                     raise HTTPError(405, "use POST with the image as the body", {"Allow": "POST"})
-                self._in_flight += 1
+                self._counters.in_flight += 1
                 try:
                     return await self.upscale(request)
                 finally:
-                    self._in_flight -= 1
+                    self._counters.in_flight -= 1
             if path == "/healthz":
                 if request.method not in ("GET", "HEAD"):
                     raise HTTPError(405, "use GET", {"Allow": "GET, HEAD"})
@@ -307,10 +448,13 @@ class UpscaleService:
             return error_response(500, "internal error (logged by the replica)")
 
     def health(self) -> dict[str, Any]:
-        up = self._deterministic
+        up, c = self._deterministic, self._counters
         return {"status": "ok", "model": up.spec.name, "backend": up.backend, "precision": up.precision,
-                "max_pixels": up.max_pixels, "in_flight": self._in_flight, "samplers": len(self._samplers),
-                "batches": self._batcher.batches, "batched_images": self._batcher.items}
+                "max_pixels": up.max_pixels, "in_flight": c.in_flight, "uploading": c.uploading,
+                "upscaling": c.upscaling, "upscaling_peak": c.upscaling_peak, "stopped_runs": c.stopped_runs,
+                "refused_busy": c.refused_busy, "slow_uploads": c.slow_uploads,
+                "samplers": len(self._samplers), "batches": self._batcher.batches,
+                "batched_images": self._batcher.items}
 
     async def upscale(self, request: Request) -> Response:
         params = parse_params(request.query_params.multi_items())
@@ -318,26 +462,75 @@ class UpscaleService:
         if content_type.lower() not in ACCEPTED_CONTENT_TYPES:
             raise HTTPError(415, f"Content-Type {content_type!r} is not accepted: send "
                                  f"{', '.join(sorted(ACCEPTED_CONTENT_TYPES))}")
-        body = await read_body(request, self._options.max_body_bytes)
-        image, source_format = await asyncio.to_thread(decode_body, body, self._options.max_pixels)
+        image, source_format = await self._receive(request)
         try:
-            if params.temperature > 0:
-                sampler = await self._samplers.get(params.temperature, params.seed)
-                async with self._runs:
-                    result = await asyncio.to_thread(sampler.run, image)
-            elif self._fills_a_batch(image):
-                async with self._runs:
-                    result = await asyncio.to_thread(self._deterministic.run, image)
-            else:
-                batched = await self._batcher.submit(image)
-                if isinstance(batched, SRInputError):
-                    raise batched
-                result = batched
-        except SRInputError as exc:
-            raise HTTPError(422, str(exc)) from None
+            result = await self._upscale(image, params)
+        finally:
+            self._requests.release()
         fmt = params.format or source_format
         data = await asyncio.to_thread(encode_image, result, fmt)
         return Response(data, media_type=OUTPUT_FORMATS[fmt][1])
+
+    async def _receive(self, request: Request) -> tuple[Image.Image, str]:
+        """The decoded body, once it also holds a request slot (the caller releases that)."""
+        counters = self._counters
+        if counters.in_flight > self._max_held:  # this request is counted already
+            counters.refused_busy += 1
+            raise HTTPError(503, f"busy: this replica holds {self._max_held} requests already; retry",
+                            {"Retry-After": "1"})
+        counters.uploading += 1
+        try:
+            try:
+                body = await read_body(request, self._options.upload_limits)
+            except HTTPError as exc:
+                counters.slow_uploads += exc.status == 408
+                raise
+            decoded = await asyncio.to_thread(decode_body, body, self._options.max_pixels)
+            await self._requests.acquire()
+            return decoded
+        finally:
+            counters.uploading -= 1
+
+    async def _upscale(self, image: Image.Image, params: UpscaleParams) -> Image.Image:
+        try:
+            if params.temperature > 0:
+                sampler = await self._samplers.get(params.temperature, params.seed)
+                return await self._run_alone(sampler, image)
+            if self._fills_a_batch(image):
+                return await self._run_alone(self._deterministic, image)
+            batched = await self._batcher.submit(image)
+            if isinstance(batched, SRInputError):
+                raise batched
+            return batched
+        except SRInputError as exc:
+            raise HTTPError(422, str(exc)) from None
+
+    async def _run_alone(self, upscaler: Upscaler, image: Image.Image) -> Image.Image:
+        """`upscaler.run(image)` in a worker thread under a run slot, held until the thread has returned.
+
+        If the request is cancelled (its client left), the run stops at its
+        next backend call; the cancellation is re-raised once the thread is out.
+        """
+        stop = threading.Event()
+
+        def progress(done: int, total: int) -> None:
+            if stop.is_set():
+                raise ClientGone
+
+        def run() -> Image.Image:
+            with self._counters.running():
+                return cast(Image.Image, upscaler.run(image, progress=progress))
+
+        async with self._runs:
+            future = asyncio.get_running_loop().run_in_executor(None, run)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                stop.set()
+                await wait_through_cancellation(future)
+                if not future.cancelled() and isinstance(future.exception(), ClientGone):
+                    self._counters.stopped_runs += 1
+                raise
 
     def _fills_a_batch(self, image: Image.Image) -> bool:
         """True if the image's own tiles fill a backend batch: sharing one with other requests gains nothing."""
@@ -347,8 +540,12 @@ class UpscaleService:
 
     async def _run_batch(self, images: list[Image.Image]) -> list[Image.Image | SRInputError]:
         """Small temperature-0 images of concurrent requests, their tiles packed into shared backend calls."""
+        def run() -> list[Image.Image | SRInputError]:
+            with self._counters.running():
+                return run_each_or_together(self._deterministic, images)
+
         async with self._runs:
-            return await asyncio.to_thread(run_each_or_together, self._deterministic, images)
+            return await asyncio.to_thread(run)
 
 
 class QueueBatcher(Generic[T, R]):
@@ -371,17 +568,30 @@ class QueueBatcher(Generic[T, R]):
         self._wait_s = wait_s
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
         self._consumer: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Future[R]] = set()  # the futures of the call in progress
         self.batches = 0
         self.items = 0
 
     async def submit(self, item: T) -> R:
-        """`item`'s result, computed in a call shared with whatever else is queued."""
+        """`item`'s result, computed in a call shared with whatever else is queued.
+
+        Cancelled while queued, the item is dropped; cancelled while its call
+        runs, this waits for the call to return before re-raising, so the
+        caller's slots are not given up while its item still computes.
+        """
         loop = asyncio.get_running_loop()
         if self._consumer is None or self._consumer.done():
             self._consumer = loop.create_task(self._consume())
         future: asyncio.Future[R] = loop.create_future()
         self._queue.put_nowait((item, future))
-        return await future
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future in self._running:
+                await wait_through_cancellation(future)
+            else:
+                future.cancel()
+            raise
 
     async def _consume(self) -> None:
         while True:
@@ -393,6 +603,7 @@ class QueueBatcher(Generic[T, R]):
             batch = [(item, future) for item, future in batch if not future.cancelled()]  # clients gone
             if not batch:
                 continue
+            self._running = {future for _, future in batch}
             try:
                 results = await self._run([item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001 - any failure must reach every waiting request, or it hangs
@@ -403,6 +614,8 @@ class QueueBatcher(Generic[T, R]):
                 for (_, future), result in zip(batch, results):
                     if not future.done():
                         future.set_result(result)
+            finally:
+                self._running = set()
             self.batches += 1
             self.items += len(batch)
 
@@ -446,9 +659,11 @@ def build_app(
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if scaling.gpus_per_replica is None else 0.0
     # Resolved here: a replica's environment (no $SR_MODEL_DIR) and working directory are not this process's.
     model_path = str(load_model_spec(model).directory.absolute())
+    options = options or ServiceOptions()
     deployment = serve.deployment(name="Upscaler")(UpscaleService)
-    return deployment.options(**scaling.deployment_options(cluster_gpus)).bind(
-        model_path, backend, precision, options or ServiceOptions())
+    serve_options = scaling.deployment_options(cluster_gpus, extra_slots=options.max_queued_requests + HEALTH_HEADROOM)
+    return deployment.options(**serve_options).bind(model_path, backend, precision, options,
+                                                    scaling.max_ongoing_requests)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,8 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--target-ongoing-requests", type=float, default=4.0,
                        help="autoscaling target of requests in flight per replica (default 4)")
     scale.add_argument("--max-ongoing-requests", type=int, default=DEFAULT_MAX_ONGOING_REQUESTS,
-                       help=f"requests a replica accepts at once; more wait in the proxy "
+                       help=f"requests with their body in that a replica queues or runs at once "
                             f"(default {DEFAULT_MAX_ONGOING_REQUESTS})")
+    scale.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                       help="requests a replica holds beyond those (bodies arriving, or in and waiting for a "
+                            f"slot); more are answered 503 at once (default {DEFAULT_MAX_QUEUED_REQUESTS})")
     scale.add_argument("--gpus-per-replica", type=float, default=None,
                        help="default: 1 where the cluster has GPUs, else each replica takes 1 CPU")
     scale.add_argument("--graceful-shutdown-s", type=float, default=60.0,
@@ -478,6 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     lim = p.add_argument_group("limits and batching (per replica)")
     lim.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
                      help=f"largest request body; more is refused with 413 (default {DEFAULT_MAX_BODY_MB:g})")
+    lim.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                     help=f"a body must be in within this long, else 408 (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    lim.add_argument("--min-upload-kbps", type=float, default=DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000,
+                     help=f"an upload more than {DEFAULT_UPLOAD_GRACE_S:g} s behind this rate (kilobit/s) is "
+                          f"answered 408 (default {DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000:g})")
     lim.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                      help=f"largest input width x height; more is refused with 413 (default {DEFAULT_MAX_PIXELS})")
     lim.add_argument("--sampler-cache", type=int, default=DEFAULT_SAMPLER_CACHE,
@@ -497,7 +720,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServiceOptions, Scalin
     options = ServiceOptions(
         max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels, sampler_cache=args.sampler_cache,
         max_batch_images=args.max_batch_images, batch_wait_s=args.batch_wait_ms / 1e3,
-        concurrent_runs=args.concurrent_runs)
+        concurrent_runs=args.concurrent_runs, max_queued_requests=args.max_queued_requests,
+        body_timeout_s=args.body_timeout_s, min_upload_bytes_per_s=args.min_upload_kbps * 1000 / 8)
     scaling = Scaling(
         replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests, max_ongoing_requests=args.max_ongoing_requests,

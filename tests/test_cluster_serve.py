@@ -7,6 +7,8 @@ image; bad requests are sent while good ones are in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -19,7 +21,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +73,8 @@ class Reply:
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> Reply:
-    conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+            headers: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> Reply:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     t0 = time.perf_counter()
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -88,19 +90,32 @@ def post_image(port: int, data: bytes, query: str = "", content_type: str = "ima
     return request(port, "POST", f"{prefix}/upscale{query}", data, {"Content-Type": content_type})
 
 
-def start_upload(conn: http.client.HTTPConnection, port: int, prefix: str, data: bytes) -> None:
+def start_upload(conn: http.client.HTTPConnection, port: int, prefix: str, data: bytes, in_flight: int = 1) -> None:
     """POST `data` to `prefix`/upscale but send only its first 100 bytes, and wait (bounded) until the
-    replica holds the request, reading its body: a request in flight for as long as the test wants."""
+    replica holds `in_flight` requests, this one reading its body: a request in flight for as long as
+    the test wants (or the replica's upload deadline)."""
     conn.putrequest("POST", f"{prefix}/upscale")
     conn.putheader("Content-Type", "image/png")
     conn.putheader("Content-Length", str(len(data)))
     conn.endheaders()
     conn.send(data[:100])
-    for _ in range(100):
-        if json.loads(request(port, "GET", f"{prefix}/healthz").body)["in_flight"] == 1:
-            return
-        time.sleep(0.1)
-    pytest.fail("the request never reached the replica")
+    wait_for_health(port, prefix, lambda h: h["in_flight"] == in_flight, "the request never reached the replica")
+
+
+def health(port: int, prefix: str) -> dict[str, Any]:
+    return dict(json.loads(request(port, "GET", f"{prefix}/healthz", timeout=10).body))
+
+
+def wait_for_health(port: int, prefix: str, condition: Callable[[dict[str, Any]], bool], failure: str,
+                    timeout: float = 30.0) -> dict[str, Any]:
+    """Poll `/healthz` (bounded) until `condition` holds; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = health(port, prefix)
+        if condition(state):
+            return state
+        time.sleep(0.05)
+    pytest.fail(f"{failure}: {state}")
 
 
 def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -143,6 +158,82 @@ def service(ray_local: Any, double_model: Path) -> Iterator[int]:
         yield port
     finally:
         serve.shutdown()
+
+
+def slow_double(double: Path, directory: Path, rounds: int) -> Path:
+    """The test double plus `rounds` 384x384 matrix products per tile whose sum, times 0, is added to the
+    output: the same pixels, but each tile costs about as much as the shipped model's (~0.1 s) on a CPU."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(double / "model.fp32.onnx")
+    for node in model.graph.node:
+        node.output[:] = ["hr_fast" if name == "hr" else name for name in node.output]
+    nodes = [helper.make_node("Reshape", ["lr", "rows_shape"], ["rows"]),
+             helper.make_node("Transpose", ["rows"], ["cols"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["rows", "cols"], ["m0"]),
+             helper.make_node("Tanh", ["m0"], ["t0"])]  # tanh keeps every value finite: 0 * it is 0
+    for i in range(rounds):
+        nodes += [helper.make_node("MatMul", [f"t{i}", f"t{i}"], [f"m{i + 1}"]),
+                  helper.make_node("Tanh", [f"m{i + 1}"], [f"t{i + 1}"])]
+    nodes += [helper.make_node("ReduceSum", [f"t{rounds}", "all_axes"], ["busy"], keepdims=1),
+              helper.make_node("Unsqueeze", ["busy", "last_axis"], ["busy4"]),
+              helper.make_node("Mul", ["busy4", "zero"], ["nothing"]),
+              helper.make_node("Add", ["hr_fast", "nothing"], ["hr"])]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([0, 384, -1], np.int64), "rows_shape"),
+                                    numpy_helper.from_array(np.array([1, 2], np.int64), "all_axes"),
+                                    numpy_helper.from_array(np.array([3], np.int64), "last_axis")])
+    onnx.checker.check_model(model)
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.fp32.onnx")
+    manifest = json.loads((double / "manifest.json").read_text())
+    sha = hashlib.sha256((directory / "model.fp32.onnx").read_bytes()).hexdigest()
+    manifest.update(name="slow-double", onnx={"fp32": {"file": "model.fp32.onnx", "sha256": sha}})
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+HARD = "/hard"
+HARD_MAX_ONGOING = 2
+HARD_MAX_QUEUED = 3
+HARD_GRACE_S = 4.0
+HARD_BODY_TIMEOUT_S = 8.0
+HARD_MIN_RATE = 1000.0
+
+
+@pytest.fixture(scope="module")
+def hard_service(service: int, double_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A second app on the same Serve, at /hard: the slow double (~0.1 s a tile), one run at a time,
+    2 request slots and 3 queued requests, tight upload limits. Its port."""
+    from ray import serve
+
+    model = slow_double(double_model, tmp_path_factory.mktemp("slow") / "slow-double", rounds=150)
+    options = ServiceOptions(max_pixels=MAX_PIXELS, concurrent_runs=1, max_queued_requests=HARD_MAX_QUEUED,
+                             body_timeout_s=HARD_BODY_TIMEOUT_S, min_upload_bytes_per_s=HARD_MIN_RATE,
+                             upload_grace_s=HARD_GRACE_S)
+    serve.run(build_app(model, "cpu", options=options,
+                        scaling=Scaling(max_ongoing_requests=HARD_MAX_ONGOING, gpus_per_replica=0)),
+              name="sr-hard", route_prefix=HARD)
+    try:
+        yield service
+    finally:
+        serve.delete("sr-hard")
+
+
+def open_upload(port: int, size: int) -> http.client.HTTPConnection:
+    """A POST to /hard/upscale announcing `size` bytes, with only its headers sent."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+    conn.putrequest("POST", f"{HARD}/upscale")
+    conn.putheader("Content-Type", "image/png")
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders()
+    return conn
+
+
+def reply_of(conn: http.client.HTTPConnection) -> Reply:
+    resp = conn.getresponse()
+    return Reply(resp.status, resp.getheader("Content-Type", ""), resp.read(), 0.0)
 
 
 def expected(double_model: Path, data: bytes, temperature: float = 0.0, seed: int = 0) -> Image.Image:
@@ -388,6 +479,96 @@ def test_model_dir_from_the_environment_reaches_the_replicas(service: int, doubl
         assert json.loads(request(service, "GET", "/env/healthz").body)["model"] == "test-double"
     finally:
         serve.delete("sr-env")
+
+
+@pytest.mark.slow
+def test_stalled_and_trickled_uploads_hold_no_request_slot(hard_service: int, double_model: Path) -> None:
+    """More stalled uploads than request slots: /healthz and a good request still answer at once; the
+    stalled ones get 408 once behind the minimum rate, a steady but too slow one at the deadline, and a
+    request past what the replica may hold a 503 at once."""
+    port = hard_service
+    held = HARD_MAX_ONGOING + HARD_MAX_QUEUED
+    stalled = [open_upload(port, 50_000) for _ in range(held - 1)]
+    for conn in stalled:
+        conn.send(b"\x89PNG" + b"\0" * 96)
+    wait_for_health(port, HARD, lambda h: h["uploading"] == held - 1, "the uploads never arrived")
+    assert request(port, "GET", f"{HARD}/healthz", timeout=5).seconds < 2
+    good = encoded(photo(24, 20, 31), "PNG")
+    reply = request(port, "POST", f"{HARD}/upscale", good, {"Content-Type": "image/png"}, timeout=20)
+    assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(double_model, good)))
+
+    trickled = open_upload(port, 50_000)  # 1.5 kB/s: above the minimum rate, but 33 s for the body
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):  # the replica answers 408 and closes while we still send
+            for _ in range(int(HARD_BODY_TIMEOUT_S * 10) + 40):
+                trickled.send(b"\0" * 150)
+                time.sleep(0.1)
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    wait_for_health(port, HARD, lambda h: h["uploading"] == held, "the trickle never arrived")
+    busy = request(port, "POST", f"{HARD}/upscale", good, {"Content-Type": "image/png"}, timeout=5)
+    assert busy.status == 503 and "busy" in busy.error() and busy.seconds < 2, busy
+    assert request(port, "GET", f"{HARD}/healthz", timeout=5).seconds < 2
+    try:
+        for conn in stalled:
+            reply = reply_of(conn)
+            assert reply.status == 408 and "slower than 1000 bytes/s" in reply.error(), reply.body
+        reply = reply_of(trickled)
+        assert reply.status == 408 and f"not received within {HARD_BODY_TIMEOUT_S:g} s" in reply.error()
+    finally:
+        for conn in [*stalled, trickled]:
+            conn.close()
+        sender.join(timeout=30)
+    state = wait_for_health(port, HARD, lambda h: h["in_flight"] == 0, "the uploads were never let go")
+    assert state["uploading"] == 0 and state["slow_uploads"] >= 3 and state["refused_busy"] >= 1
+
+
+@pytest.mark.slow
+def test_a_cancelled_request_stops_and_keeps_its_run_slot_until_it_has(hard_service: int,
+                                                                        double_model: Path) -> None:
+    """A client leaves mid-run: its run stops at the next backend call, and the request queued behind it
+    starts only then (one run at a time here), so no two runs ever overlap; the counts end at 0."""
+    port = hard_service
+    data = encoded(photo(100, 100, 32), "PNG")  # 16 tiles: two backend calls of 8, run alone
+    before = health(port, HARD)
+    leaving = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+    leaving.request("POST", f"{HARD}/upscale", body=data, headers={"Content-Type": "image/png"})
+    wait_for_health(port, HARD, lambda h: h["upscaling"] == 1, "the first request never started")
+    with ThreadPoolExecutor(1) as pool:
+        staying = pool.submit(post_image, port, data, prefix=HARD)
+        wait_for_health(port, HARD, lambda h: h["in_flight"] == 2, "the second request never arrived")
+        assert leaving.sock is not None
+        leaving.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-run
+        leaving.close()
+        reply = staying.result(timeout=TIMEOUT_S)
+    assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(double_model, data)))
+    state = wait_for_health(port, HARD, lambda h: h["in_flight"] == 0, "a request was never let go")
+    assert state["upscaling"] == 0 and state["upscaling_peak"] == 1, state  # never past --concurrent-runs 1
+    assert state["stopped_runs"] == before["stopped_runs"] + 1, state
+
+
+@pytest.mark.slow
+def test_health_answers_at_once_under_a_burst(hard_service: int, double_model: Path) -> None:
+    """As many requests as a replica holds, each real work (~1 s, one at a time): /healthz is not queued
+    behind them."""
+    port = hard_service
+    data = encoded(photo(60, 60, 33), "PNG")  # 9 tiles
+    burst = HARD_MAX_ONGOING + HARD_MAX_QUEUED
+    latencies: list[float] = []
+    with ThreadPoolExecutor(burst) as pool:
+        replies = [pool.submit(post_image, port, data, prefix=HARD) for _ in range(burst)]
+        wait_for_health(port, HARD, lambda h: h["in_flight"] == burst, "the burst never arrived")
+        while not all(r.done() for r in replies):
+            latencies.append(request(port, "GET", f"{HARD}/healthz", timeout=10).seconds)
+            time.sleep(0.1)
+        statuses = [r.result().status for r in replies]
+    assert statuses == [200] * burst
+    assert np.array_equal(pixels(replies[0].result().body), np.asarray(expected(double_model, data)))
+    p50, worst = float(np.percentile(latencies, 50)) * 1e3, max(latencies) * 1e3
+    print(f"\nhealthz under a burst of {burst}: {len(latencies)} probes, p50 {p50:.0f} ms, max {worst:.0f} ms")
+    assert len(latencies) >= 5 and worst < 1000
 
 
 def test_cli_usage_errors_exit_2_before_ray_starts(tmp_path: Path) -> None:
