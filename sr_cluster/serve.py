@@ -103,33 +103,39 @@ class UpscaleParams:
     format: str | None = None  # None: the format of the body
 
 
+def quoted(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut at `limit` characters: errors stay one short line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_params(items: Sequence[tuple[str, str]]) -> UpscaleParams:
     """The request's query parameters, each checked; HTTPError 400 names the first bad one."""
     seen: dict[str, str] = {}
     for key, value in items:
         if key not in QUERY_PARAMETERS:
-            raise HTTPError(400, f"unknown query parameter {key!r} (use {', '.join(QUERY_PARAMETERS)})")
+            raise HTTPError(400, f"unknown query parameter {quoted(key)} (use {', '.join(QUERY_PARAMETERS)})")
         if key in seen:
-            raise HTTPError(400, f"query parameter {key!r} given twice")
+            raise HTTPError(400, f"query parameter {quoted(key)} given twice")
         seen[key] = value
     temperature = 0.0
     if "temperature" in seen:
-        try:
-            temperature = float(seen["temperature"])
+        try:  # ASCII only: float() also reads other scripts' digits and surrounding spaces
+            temperature = float(seen["temperature"]) if seen["temperature"].isascii() else math.nan
         except ValueError:
             temperature = math.nan
         if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses NaN
             raise HTTPError(400, f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], "
-                                 f"got {seen['temperature']!r}")
+                                 f"got {quoted(seen['temperature'])}")
     seed = 0
     if "seed" in seen:
         text = seen["seed"]
-        if not text.isascii() or not text.isdigit() or int(text) >= SEED_LIMIT:
-            raise HTTPError(400, f"seed must be an integer in [0, 2**63), got {text!r}")
+        # Length first: int() refuses strings over 4300 digits with a ValueError of its own.
+        if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) >= SEED_LIMIT:
+            raise HTTPError(400, f"seed must be an integer in [0, 2**63), got {quoted(text)}")
         seed = int(text)
     fmt = seen.get("format")
     if fmt is not None and fmt not in OUTPUT_FORMATS:
-        raise HTTPError(400, f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+        raise HTTPError(400, f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {quoted(fmt)}")
     return UpscaleParams(temperature, seed if temperature > 0 else 0, fmt)
 
 
@@ -146,7 +152,8 @@ def decode_body(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
                 raise HTTPError(413, f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over this "
                                      f"service's limit of {max_pixels / 1e6:.1f} MP")
             img.load()
-            return img, str(img.format).lower()
+            # A multi-picture JPEG (MPO, as phones write) is its first picture, a JPEG: answered as one.
+            return img, "jpeg" if img.format == "MPO" else str(img.format).lower()
     except HTTPError:
         raise
     except UnidentifiedImageError:
@@ -187,10 +194,10 @@ async def read_body(request: Request, limits: UploadLimits) -> bytes:
     and with 408 when it does not arrive within the deadline or at the minimum rate."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
-            raise HTTPError(400, f"bad Content-Length {declared!r}")
-        if int(declared) > limits.max_bytes:
-            raise HTTPError(413, f"body of {int(declared)} bytes is over this service's limit of "
+        if not declared.isascii() or not declared.isdigit():
+            raise HTTPError(400, f"bad Content-Length {quoted(declared)}")
+        if len(declared) > 18 or int(declared) > limits.max_bytes:
+            raise HTTPError(413, f"body of {declared[:40]} bytes is over this service's limit of "
                                  f"{limits.max_bytes} bytes")
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -460,7 +467,7 @@ class UpscaleService:
         params = parse_params(request.query_params.multi_items())
         content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
         if content_type.lower() not in ACCEPTED_CONTENT_TYPES:
-            raise HTTPError(415, f"Content-Type {content_type!r} is not accepted: send "
+            raise HTTPError(415, f"Content-Type {quoted(content_type)} is not accepted: send "
                                  f"{', '.join(sorted(ACCEPTED_CONTENT_TYPES))}")
         image, source_format = await self._receive(request)
         try:

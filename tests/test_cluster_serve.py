@@ -289,7 +289,8 @@ def test_query_parameters_are_checked() -> None:
     assert parse_params([("seed", "7")]).seed == 0  # temperature 0: the seed changes nothing
     for bad in ([("temperature", "nan")], [("temperature", "2.5")], [("temperature", "-0.1")],
                 [("seed", "-1")], [("seed", str(2**63))], [("seed", "1e3")], [("format", "gif")],
-                [("temp", "1")], [("seed", "1"), ("seed", "2")]):
+                [("temp", "1")], [("seed", "1"), ("seed", "2")], [("temperature", "1"), ("seed", "1" * 5000)],
+                [("temperature", "\u0661")], [("seed", "\u0661")]):
         with pytest.raises(HTTPError) as err:
             parse_params(bad)
         assert err.value.status == 400, bad
@@ -388,6 +389,20 @@ def test_format_parameter_sets_the_content_type(service: int, double_model: Path
 
 
 @pytest.mark.slow
+def test_a_multi_picture_jpeg_is_answered_as_a_jpeg(service: int, double_model: Path) -> None:
+    """MPO (two JPEG pictures in one file, as phones write): its first picture, answered as a JPEG."""
+    first, second = photo(32, 24, 41), photo(32, 24, 42)
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second], quality=90)
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        assert img.format == "MPO" and getattr(img, "n_frames", 1) == 2
+    reply = post_image(service, buf.getvalue(), content_type="image/jpeg")
+    assert reply.status == 200 and reply.content_type == "image/jpeg", reply.body[:200]
+    want = encode_image(expected(double_model, buf.getvalue()), "jpeg")
+    assert np.array_equal(pixels(reply.body), pixels(want))
+
+
+@pytest.mark.slow
 def test_bad_requests_get_4xx_while_good_ones_succeed(service: int, double_model: Path) -> None:
     good = encoded(photo(40, 40, 11), "PNG")
     over_limit = encoded(Image.new("RGB", (1100, 1000)), "PNG")  # 1.1 MP > 1 MP, a small file
@@ -404,6 +419,7 @@ def test_bad_requests_get_4xx_while_good_ones_succeed(service: int, double_model
         ("seed", lambda: post_image(service, good, "?temperature=1&seed=-4"), 400, "seed"),
         ("format", lambda: post_image(service, good, "?format=gif"), 400, "format"),
         ("unknown", lambda: post_image(service, good, "?scale=8"), 400, "unknown"),
+        ("long seed", lambda: post_image(service, good, f"?temperature=1&seed={'9' * 5000}"), 400, "seed"),
         ("content type", lambda: post_image(service, good, content_type="text/plain"), 415, "Content-Type"),
     ]
     with ThreadPoolExecutor(8) as pool:
