@@ -34,15 +34,24 @@ from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
 from PIL import Image, UnidentifiedImageError
-from ray import serve
-from ray.serve.handle import DeploymentHandle
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
 
 from sr_runtime import SRInputError, SRModelError, Upscaler
+from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.cli import SAVE_OPTIONS, fit_format
 from sr_runtime.model import load_model_spec
 from sr_runtime.tiling import plan_tiles
+
+try:  # the `cluster` extra; without it `sr-serve --help` still works and the rest says what is missing
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import JSONResponse, Response
+except ModuleNotFoundError as missing:
+    if (missing.name or "").split(".")[0] not in ("ray", "starlette"):
+        raise
+    CLUSTER_MISSING: str | None = f"needs the cluster extra ({missing.name} is missing): pip install '.[cluster]'"
+else:
+    CLUSTER_MISSING = None
 
 log = logging.getLogger("sr_cluster.serve")
 T = TypeVar("T")
@@ -379,6 +388,19 @@ class Scaling:
     graceful_shutdown_timeout_s: float = 60.0
     graceful_shutdown_wait_loop_s: float = 1.0
 
+    def __post_init__(self) -> None:
+        """Refuse what Serve would refuse later with a validation error of its own (or never start)."""
+        counts = {"replicas": self.replicas, "max_ongoing_requests": self.max_ongoing_requests}
+        for name, count in counts.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {count!r}")
+        for name, value in (("target_ongoing_requests", self.target_ongoing_requests),
+                            ("gpus_per_replica", self.gpus_per_replica or 0.0),
+                            ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s),
+                            ("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)):
+            if not math.isfinite(value) or value < 0 or (name == "target_ongoing_requests" and value == 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (> 0 for the target), got {value!r}")
+
     def deployment_options(self, cluster_gpus: float, extra_slots: int = 0) -> dict[str, Any]:
         """Serve's options; `extra_slots` are Serve request slots beyond `max_ongoing_requests` (the
         replica bounds requests with a body itself, so uploads and `/healthz` never wait behind them)."""
@@ -673,52 +695,68 @@ def build_app(
                                                     scaling.max_ongoing_requests)
 
 
+def _number(kind: Callable[[str], float], low: float, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` in [low, high] and finite, else a usage error naming the range."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            bound = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sr-serve", description="x4 upscaling over HTTP on Ray Serve: "
                                                            "POST /upscale, GET /healthz")
-    p.add_argument("--model", default=None, help="model directory readable on every node (default: the shipped one)")
-    p.add_argument("--backend", default="auto", help="auto, tensorrt, cuda or cpu (default auto)")
-    p.add_argument("--precision", default="auto", help="auto, fp32 or fp16 (default auto)")
+    p.add_argument("--model", default=None, help="model directory readable on every node (default: $SR_MODEL_DIR here, else the shipped one)")
+    p.add_argument("--backend", default="auto", choices=sorted(ALIASES), help="inference backend (default auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="model precision (default auto)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="HTTP port (default 8000)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (host:6379, ray://head:10001, auto); `local` starts a new one; "
                         "default: $RAY_ADDRESS, else the cluster `ray start` made here, else a new local one")
     scale = p.add_argument_group("scaling")
-    scale.add_argument("--replicas", type=int, default=1, help="fixed replica count (default 1)")
-    scale.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (enables autoscaling)")
-    scale.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (enables autoscaling)")
-    scale.add_argument("--target-ongoing-requests", type=float, default=4.0,
+    scale.add_argument("--replicas", type=_number(int, 1), default=1, help="fixed replica count (default 1)")
+    scale.add_argument("--min-replicas", type=_number(int, 0), default=None, help="autoscaling lower bound (enables autoscaling)")
+    scale.add_argument("--max-replicas", type=_number(int, 1), default=None, help="autoscaling upper bound (enables autoscaling)")
+    scale.add_argument("--target-ongoing-requests", type=_number(float, 1e-3), default=4.0,
                        help="autoscaling target of requests in flight per replica (default 4)")
-    scale.add_argument("--max-ongoing-requests", type=int, default=DEFAULT_MAX_ONGOING_REQUESTS,
+    scale.add_argument("--max-ongoing-requests", type=_number(int, 1), default=DEFAULT_MAX_ONGOING_REQUESTS,
                        help=f"requests with their body in that a replica queues or runs at once "
                             f"(default {DEFAULT_MAX_ONGOING_REQUESTS})")
-    scale.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+    scale.add_argument("--max-queued-requests", type=_number(int, 1), default=DEFAULT_MAX_QUEUED_REQUESTS,
                        help="requests a replica holds beyond those (bodies arriving, or in and waiting for a "
                             f"slot); more are answered 503 at once (default {DEFAULT_MAX_QUEUED_REQUESTS})")
-    scale.add_argument("--gpus-per-replica", type=float, default=None,
+    scale.add_argument("--gpus-per-replica", type=_number(float, 0), default=None,
                        help="default: 1 where the cluster has GPUs, else each replica takes 1 CPU")
-    scale.add_argument("--graceful-shutdown-s", type=float, default=60.0,
+    scale.add_argument("--graceful-shutdown-s", type=_number(float, 0), default=60.0,
                        help="on SIGTERM/SIGINT, wait this long for requests in flight (default 60)")
     lim = p.add_argument_group("limits and batching (per replica)")
-    lim.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+    lim.add_argument("--max-body-mb", type=_number(float, 1e-6, 2**20), default=DEFAULT_MAX_BODY_MB,
                      help=f"largest request body; more is refused with 413 (default {DEFAULT_MAX_BODY_MB:g})")
-    lim.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+    lim.add_argument("--body-timeout-s", type=_number(float, 1e-3), default=DEFAULT_BODY_TIMEOUT_S,
                      help=f"a body must be in within this long, else 408 (default {DEFAULT_BODY_TIMEOUT_S:g})")
-    lim.add_argument("--min-upload-kbps", type=float, default=DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000,
+    lim.add_argument("--min-upload-kbps", type=_number(float, 1e-3), default=DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000,
                      help=f"an upload more than {DEFAULT_UPLOAD_GRACE_S:g} s behind this rate (kilobit/s) is "
                           f"answered 408 (default {DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000:g})")
-    lim.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    lim.add_argument("--max-pixels", type=_number(int, 1), default=DEFAULT_MAX_PIXELS,
                      help=f"largest input width x height; more is refused with 413 (default {DEFAULT_MAX_PIXELS})")
-    lim.add_argument("--sampler-cache", type=int, default=DEFAULT_SAMPLER_CACHE,
+    lim.add_argument("--sampler-cache", type=_number(int, 1), default=DEFAULT_SAMPLER_CACHE,
                      help="Upscalers kept for (temperature > 0, seed) pairs; each holds a session and a noise bank "
                           f"(~125 MB for the shipped model) (default {DEFAULT_SAMPLER_CACHE})")
-    lim.add_argument("--concurrent-runs", type=int, default=DEFAULT_CONCURRENT_RUNS,
+    lim.add_argument("--concurrent-runs", type=_number(int, 1), default=DEFAULT_CONCURRENT_RUNS,
                      help=f"images upscaled at once (peak memory ~31 bytes per output pixel each) "
                           f"(default {DEFAULT_CONCURRENT_RUNS})")
-    lim.add_argument("--max-batch-images", type=int, default=DEFAULT_MAX_BATCH_IMAGES,
+    lim.add_argument("--max-batch-images", type=_number(int, 1), default=DEFAULT_MAX_BATCH_IMAGES,
                      help=f"temperature-0 requests batched together (default {DEFAULT_MAX_BATCH_IMAGES})")
-    lim.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_S * 1e3,
+    lim.add_argument("--batch-wait-ms", type=_number(float, 0, 60_000), default=DEFAULT_BATCH_WAIT_S * 1e3,
                      help=f"how long a batch waits to fill (default {DEFAULT_BATCH_WAIT_S * 1e3:g})")
     return p
 
@@ -737,7 +775,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServiceOptions, Scalin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 on bad flags (one line), 0 on --help
+        return exc.code if isinstance(exc.code, int) else 2
+    if CLUSTER_MISSING is not None:
+        print(f"sr-serve: error: {CLUSTER_MISSING}", file=sys.stderr)
+        return 2
     try:
         options, scaling = settings_from_args(args)
         scaling.deployment_options(0.0)

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +319,39 @@ def test_cli_flags_map_to_settings() -> None:
     assert build_parser().parse_args([]).host == "127.0.0.1"
     assert main(["--concurrent-runs", "0"]) == 2  # refused before any Ray is started
     assert main(["--min-replicas", "3", "--max-replicas", "2"]) == 2
+
+
+@pytest.mark.parametrize("flags", [
+    ["--port", "-1"], ["--port", "70000"], ["--port", "0"], ["--replicas", "0"], ["--max-ongoing-requests", "0"],
+    ["--max-queued-requests", "0"], ["--max-body-mb", "inf"], ["--graceful-shutdown-s", "inf"],
+    ["--target-ongoing-requests", "nan"], ["--gpus-per-replica", "-1"], ["--batch-wait-ms", "inf"],
+    ["--body-timeout-s", "0"], ["--min-upload-kbps", "inf"], ["--backend", "gpu"], ["--precision", "fp8"],
+    ["--concurrent-runs", "1.5"],
+])
+def test_bad_flags_are_one_usage_line(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(flags) == 2  # refused before Ray is started
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "pydantic" not in err and flags[0] in err.splitlines()[-1], err
+
+
+def test_scaling_refuses_what_serve_would() -> None:
+    for bad in ({"replicas": 0}, {"max_ongoing_requests": 0}, {"target_ongoing_requests": math.inf},
+                {"gpus_per_replica": -1.0}, {"graceful_shutdown_timeout_s": math.nan}):
+        with pytest.raises(ValueError):
+            Scaling(**bad)  # type: ignore[arg-type]
+
+
+def test_help_and_a_clear_error_without_ray(tmp_path: Path) -> None:
+    """Without the cluster extra: --help works, anything else is one line naming the extra."""
+    code = ("import sys; sys.modules['ray'] = None; from sr_cluster.serve import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = partial(subprocess.run, check=False, capture_output=True, text=True, env=env, timeout=60)
+    helped = run([sys.executable, "-c", code, "--help"])
+    assert helped.returncode == 0 and "POST /upscale" in helped.stdout, helped.stderr
+    refused = run([sys.executable, "-c", code])
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "sr-serve: error: needs the cluster extra (ray is missing): pip install '.[cluster]'"], refused.stderr
 
 
 def test_encode_keeps_what_the_format_can_hold() -> None:
