@@ -33,6 +33,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from tqdm import tqdm
 
+from sr_cluster.address import check_reachable
 from sr_runtime.cli import (
     FILE_ERRORS,
     FileNotes,
@@ -354,9 +355,13 @@ class WorkerPool:
 
 
 def connect(address: str) -> bool:
-    """Join the Ray session this process already has, or the cluster at `address`; True if we connected here."""
+    """Join the Ray session this process already has, or the cluster at `address`; True if we connected here.
+
+    ConnectionError at once if nothing listens at an explicit address (Ray would retry for minutes).
+    """
     if ray.is_initialized():
         return False
+    check_reachable(address)
     ray.init(address=None if address == "auto" else address, logging_level=logging.WARNING)
     return True
 
@@ -379,8 +384,12 @@ def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: 
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        print(f"sr-upscale: error: cannot reach the Ray cluster at {args.ray}: {exc}", file=sys.stderr)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"sr-upscale: error: cannot reach the Ray cluster at {args.ray}: {reason}", file=sys.stderr)
         return 2
+    except SystemExit:  # SIGTERM while Ray connects: its handler exits with the bare signal number
+        print("sr-upscale: interrupted", file=sys.stderr)
+        return 143
     try:
         return _run_pool(args, samples, jobs, summary)
     finally:

@@ -35,6 +35,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from PIL import Image, UnidentifiedImageError
 
+from sr_cluster.address import check_reachable
 from sr_runtime import SRInputError, SRModelError, Upscaler
 from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.cli import SAVE_OPTIONS, fit_format
@@ -792,10 +793,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     try:
+        check_reachable(args.ray_address)  # Ray itself would retry for minutes, deaf to SIGTERM
         ray.init(address=args.ray_address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        print(f"sr-serve: error: cannot reach the Ray cluster at {args.ray_address}: {exc}", file=sys.stderr)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"sr-serve: error: cannot reach the Ray cluster at {args.ray_address}: {reason}", file=sys.stderr)
         return 2
+    except SystemExit:  # SIGTERM while Ray connects: its handler exits with the bare signal number
+        print("sr-serve: interrupted while connecting to Ray", file=sys.stderr)
+        return 143
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())  # before serve.run: a signal while it starts still drains

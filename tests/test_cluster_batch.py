@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import threading
 import time
@@ -236,3 +237,21 @@ def test_model_dir_from_the_environment_reaches_the_workers(double_model: Path, 
     for name in ("p00_x4.png", "p01_x4.png"):
         with Image.open(tmp_path / name) as got, Image.open(local_results["t0"] / name) as want:
             assert np.array_equal(np.asarray(got), np.asarray(want)), name
+
+
+def test_an_address_where_nothing_listens_fails_at_once(double_model: Path, photos: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray would retry such an address for minutes (deaf to SIGTERM); one line and exit 2 instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        for how in (["--ray", f"127.0.0.1:{port}"], ["--ray"]):
+            monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what plain --ray (auto) dials
+            t0 = time.monotonic()
+            assert main(["--model", str(double_model), "-q", str(photos / "p00.png"), "-o", str(tmp_path),
+                         *how]) == 2
+            assert time.monotonic() - t0 < 10
+            assert capsys.readouterr().err.strip().splitlines() == [
+                (f"sr-upscale: error: cannot reach the Ray cluster at {how[-1] if len(how) > 1 else 'auto'}: "
+                 f"nothing answers at 127.0.0.1:{port} (Connection refused)")]

@@ -354,6 +354,18 @@ def test_help_and_a_clear_error_without_ray(tmp_path: Path) -> None:
         "sr-serve: error: needs the cluster extra (ray is missing): pip install '.[cluster]'"], refused.stderr
 
 
+def test_an_address_where_nothing_listens_fails_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        t0 = time.monotonic()
+        assert main(["--ray-address", f"{HOST}:{port}"]) == 2
+        assert time.monotonic() - t0 < 10
+    assert capsys.readouterr().err.strip().splitlines() == [
+        (f"sr-serve: error: cannot reach the Ray cluster at {HOST}:{port}: nothing answers at {HOST}:{port} "
+         "(Connection refused)")]
+
+
 def test_encode_keeps_what_the_format_can_hold() -> None:
     rgba = photo(8, 8, 0, "RGBA")
     with Image.open(io.BytesIO(encode_image(rgba, "jpeg"))) as img:
