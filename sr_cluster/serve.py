@@ -775,6 +775,56 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServiceOptions, Scalin
     return options, scaling
 
 
+def start_failure(exc: Exception) -> str:
+    """Why the application did not start, in one line: the replica's own error where Serve recorded it
+    (the last line of its traceback), else the last line of Serve's exception."""
+    with contextlib.suppress(Exception):  # a status that cannot be read leaves Serve's own message
+        app = serve.status().applications.get(APP_NAME)
+        messages = [] if app is None else [d.message for d in app.deployments.values()] + [app.message]
+        for message in messages:
+            lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+            if lines:
+                return lines[-1]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+#: Backends that need a GPU on the replica's node.
+GPU_BACKENDS = frozenset(["tensorrt", "onnxruntime-cuda"])
+
+
+def check_cluster(args: argparse.Namespace, scaling: Scaling) -> bool:
+    """Whether Serve already runs on the cluster; ValueError for what could only fail (slowly) later.
+
+    A running Serve keeps its own HTTP address whatever `serve.start` asks
+    for, and a second application named APP_NAME would replace the first.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    # _get_global_client: Serve's public API has no way to read a running instance's HTTP address.
+
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    backend = ALIASES[args.backend]
+    if backend in GPU_BACKENDS and (gpus == 0 or scaling.gpus_per_replica == 0):
+        raise ValueError(f"--backend {args.backend} needs a GPU per replica, and "
+                         + ("the Ray cluster has none" if gpus == 0 else "--gpus-per-replica is 0"))
+    if (scaling.gpus_per_replica or 0) > gpus:
+        raise ValueError(f"--gpus-per-replica {scaling.gpus_per_replica:g}: the Ray cluster has {gpus:g} GPUs")
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return False
+    running = client.http_config
+    if (running.host, running.port) != (args.host, args.port):
+        raise ValueError(f"Serve already runs on this Ray cluster with its HTTP proxy on {running.host}:"
+                         f"{running.port}, which it keeps: pass --host {running.host} --port {running.port} to "
+                         "add sr-serve there, or --ray-address local for a cluster of its own")
+    if APP_NAME in serve.status().applications:
+        raise ValueError(f"an application named {APP_NAME!r} already runs on this Ray cluster (another "
+                         "sr-serve?); stop it first, or use --ray-address local")
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -794,7 +844,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         check_reachable(args.ray_address)  # Ray itself would retry for minutes, deaf to SIGTERM
-        ray.init(address=args.ray_address, logging_level=logging.WARNING)
+        # Ray's own warnings and the replicas' logs stay in Ray's log files; this console gets sr-serve's lines.
+        ray.init(address=args.ray_address, logging_level=logging.ERROR, log_to_driver=False)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"sr-serve: error: cannot reach the Ray cluster at {args.ray_address}: {reason}", file=sys.stderr)
@@ -807,15 +859,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())  # before serve.run: a signal while it starts still drains
     try:
         try:
+            serve_was_running = check_cluster(args, scaling)
+        except ValueError as exc:
+            print(f"sr-serve: error: {exc}", file=sys.stderr)
+            return 2
+        try:
             serve.start(http_options={"host": args.host, "port": args.port})
             app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling)
             handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as exc:  # noqa: BLE001 - a replica that cannot start (port taken, backend...): one line
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            print(f"sr-serve: error: the service did not start: {reason}", file=sys.stderr)
+            print(f"sr-serve: error: the service did not start: {start_failure(exc)}", file=sys.stderr)
+            # Leave the cluster as found: no failed application answering 503, no Serve holding the port.
+            with contextlib.suppress(Exception):
+                serve.delete(APP_NAME)
+            if not serve_was_running:
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
             return 1
+        session = ray.get_runtime_context().get_session_name()
         print(f"sr-serve: http://{args.host}:{args.port}/upscale ({handle.deployment_name}, "
-              f"{asdict(scaling)}); SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
+              f"{asdict(scaling)}); replica logs in <ray temp dir>/{session}/logs/serve; "
+              "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
         stop.wait()
         print("sr-serve: draining requests in flight, then shutting down", file=sys.stderr, flush=True)
         # Deleting the application first drains its replicas while the proxy still answers them.

@@ -634,6 +634,48 @@ def test_health_answers_at_once_under_a_burst(hard_service: int, double_model: P
     assert len(latencies) >= 5 and worst < 1000
 
 
+def sr_serve(ray_local: Any, *flags: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`sr-serve FLAGS` in a process of its own, joining the test session's cluster, to its end."""
+    address = ray_local.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "sr_cluster.serve", "--ray-address", address, *flags],
+                          check=False, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_local: Any,
+                                          tmp_path: Path) -> None:
+    """On a cluster whose Serve already listens on another port, or for a backend the cluster has no GPU
+    for: one line, exit 2, nothing changed. A replica that cannot load: exit 1, and its failed application
+    is gone while the other application still answers."""
+    from ray import serve
+
+    other = sr_serve(ray_local, "--model", str(double_model), "--port", str(free_port()))
+    assert other.returncode == 2, other.stderr
+    assert f"Serve already runs on this Ray cluster with its HTTP proxy on {HOST}:{service}" in other.stderr
+    if not ray_local.cluster_resources().get("GPU"):
+        cuda = sr_serve(ray_local, "--model", str(double_model), "--port", str(service), "--backend", "cuda")
+        assert cuda.returncode == 2 and cuda.stderr.strip().splitlines() == [
+            "sr-serve: error: --backend cuda needs a GPU per replica, and the Ray cluster has none"], cuda.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.fp32.onnx").write_bytes(b"not an onnx model")
+    manifest = json.loads((double_model / "manifest.json").read_text())
+    sha = hashlib.sha256(b"not an onnx model").hexdigest()
+    manifest["onnx"] = {"fp32": {"file": "model.fp32.onnx", "sha256": sha}}
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    t0 = time.monotonic()
+    failed = sr_serve(ray_local, "--model", str(broken), "--port", str(service), "--backend", "cpu",
+                      "--gpus-per-replica", "0")
+    print(f"\nsr-serve with a model no replica can load gave up after {time.monotonic() - t0:.1f} s")
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()  # the replica's reason, not Ray's retries and tracebacks
+    assert len(lines) == 1 and lines[0].startswith("sr-serve: error: the service did not start: "), lines
+    assert "INVALID_PROTOBUF" in lines[0]
+    assert "sr" not in serve.status().applications
+    assert request(service, "GET", f"{PREFIX}/healthz").status == 200
+
+
 def test_cli_usage_errors_exit_2_before_ray_starts(tmp_path: Path) -> None:
     assert main(["--model", str(tmp_path / "no-model")]) == 2
     assert main(["--max-body-mb", "0"]) == 2
