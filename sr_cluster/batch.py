@@ -65,6 +65,8 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 15.0
 #: Pause between pings of a worker Ray is restarting.
 RESTART_POLL_S = 0.2
+#: How long resources held at the start are watched for being given back before the plan uses what is free.
+FREE_SETTLE_S = 2.0
 #: Longest the driver blocks in one `ray.wait`, so Ctrl-C and SIGTERM are handled promptly.
 POLL_S = 1.0
 
@@ -83,24 +85,29 @@ class Placement:
         return f"{self.workers} Ray worker{'s' if self.workers > 1 else ''}, {each} each"
 
 
-def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested: int | None) -> Placement:
-    """One worker per GPU where the cluster has GPUs; else one per CPU, each with one intra-op thread.
+def plan_placement(cluster: dict[str, float], free: dict[str, float], node_cpus: list[float],
+                   requested: int | None) -> Placement:
+    """One worker per free GPU where the cluster has GPUs; else one per free CPU, each with one intra-op thread.
 
     On CPUs, per-image parallelism beats intra-op threads for many small files (no
     sync per convolution) and maps one-to-one onto Ray's CPU slots on any node
-    size. Fewer workers (`--workers`) each take cpus // workers cores, at most
-    one node's. More workers than slots would wait forever: a usage error.
+    size. Fewer workers (`--workers`) each take free_cpus // workers cores, at most
+    one node's. Only what is free counts (another application, a service, may hold
+    the rest): more workers than free slots would wait for ever, a usage error.
     """
     gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
+    free_gpus, free_cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
     if gpus:
-        workers = requested or gpus
-        if workers > gpus:
-            raise UsageError(f"--workers {workers}: the Ray cluster has {gpus} GPUs, one per worker")
-        return Placement(workers, num_gpus=1, num_cpus=1, cpu_threads=None)
-    workers = requested or cpus
-    if not 1 <= workers <= cpus:
-        raise UsageError(f"--workers {workers}: the Ray cluster has {cpus} CPUs, at least one per worker")
-    share = max(1, min(cpus // workers, int(max(node_cpus, default=1))))
+        workers = requested or free_gpus
+        if not 1 <= workers <= free_gpus:
+            raise UsageError(f"--workers {workers}: the Ray cluster has {gpus} GPUs, {free_gpus} free, "
+                             "one per worker")
+        return Placement(workers, num_gpus=1, num_cpus=1 if free_cpus >= workers else 0, cpu_threads=None)
+    workers = requested or free_cpus
+    if not 1 <= workers <= free_cpus:
+        raise UsageError(f"--workers {workers}: the Ray cluster has {cpus} CPUs, {free_cpus} free, "
+                         "at least one per worker")
+    share = max(1, min(free_cpus // workers, int(max(node_cpus, default=1))))
     return Placement(workers, num_gpus=0, num_cpus=share, cpu_threads=share)
 
 
@@ -404,7 +411,7 @@ def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summa
     try:
         with sigterm_as_exit():
             nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-            placement = plan_placement(ray.cluster_resources(), nodes, args.workers)
+            placement = plan_placement(ray.cluster_resources(), free_resources(), nodes, args.workers)
             with WorkerPool(args, samples, placement) as pool:
                 first = _check_workers(pool.start(), samples)
                 print(f"sr-upscale: model {first.model}, backend {first.backend} ({first.precision}) on "
@@ -422,6 +429,19 @@ def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summa
           f"{len(summary.failures)} failed, {summary.resubmitted} resubmitted after a worker died "
           f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return final_status(summary.failure_lines(), status)
+
+
+def free_resources(settle_s: float = FREE_SETTLE_S) -> dict[str, float]:
+    """What the cluster has free; while some is held, watched for `settle_s`, since actors that just ended
+    (a previous job's workers) give theirs back a moment later."""
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    deadline = time.monotonic() + settle_s
+    while any(free.get(k, 0.0) < total.get(k, 0.0) for k in ("CPU", "GPU")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = ray.available_resources()
+        free = {k: max(free.get(k, 0.0), now.get(k, 0.0)) for k in {*free, *now}}
+    return free
 
 
 def _check_workers(infos: list[WorkerInfo], samples: int) -> WorkerInfo:

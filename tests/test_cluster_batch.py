@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -182,23 +184,36 @@ def test_without_the_cluster_extra_one_line_and_exit_2(double_model: Path, photo
 
 
 @pytest.mark.parametrize(
-    ("cluster", "nodes", "requested", "expected"),
+    ("cluster", "free", "nodes", "requested", "expected"),
     [
-        ({"CPU": 16.0, "GPU": 4.0}, [8.0, 8.0], None, Placement(4, num_gpus=1, num_cpus=1, cpu_threads=None)),
-        ({"CPU": 16.0}, [8.0, 8.0], None, Placement(16, num_gpus=0, num_cpus=1, cpu_threads=1)),
-        ({"CPU": 16.0}, [8.0, 8.0], 4, Placement(4, num_gpus=0, num_cpus=4, cpu_threads=4)),
-        ({"CPU": 16.0}, [8.0, 8.0], 1, Placement(1, num_gpus=0, num_cpus=8, cpu_threads=8)),  # one node's worth
-        ({"CPU": 2.0}, [2.0], 1, Placement(1, num_gpus=0, num_cpus=2, cpu_threads=2)),
+        ({"CPU": 16.0, "GPU": 4.0}, None, [8.0, 8.0], None, Placement(4, num_gpus=1, num_cpus=1, cpu_threads=None)),
+        ({"CPU": 16.0}, None, [8.0, 8.0], None, Placement(16, num_gpus=0, num_cpus=1, cpu_threads=1)),
+        ({"CPU": 16.0}, None, [8.0, 8.0], 4, Placement(4, num_gpus=0, num_cpus=4, cpu_threads=4)),
+        ({"CPU": 16.0}, None, [8.0, 8.0], 1, Placement(1, num_gpus=0, num_cpus=8, cpu_threads=8)),  # a node's worth
+        ({"CPU": 2.0}, None, [2.0], 1, Placement(1, num_gpus=0, num_cpus=2, cpu_threads=2)),
+        # another application holds one of two CPUs: only the free one is planned for
+        ({"CPU": 2.0}, {"CPU": 1.0}, [2.0], None, Placement(1, num_gpus=0, num_cpus=1, cpu_threads=1)),
+        ({"CPU": 2.0}, {"CPU": 1.0}, [2.0], 1, Placement(1, num_gpus=0, num_cpus=1, cpu_threads=1)),
+        ({"CPU": 16.0, "GPU": 4.0}, {"CPU": 0.0, "GPU": 2.0}, [16.0], None,
+         Placement(2, num_gpus=1, num_cpus=0, cpu_threads=None)),
     ],
 )
-def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str, float], nodes: list[float],
+def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str, float],
+                                                               free: dict[str, float] | None, nodes: list[float],
                                                                requested: int | None, expected: Placement) -> None:
-    assert plan_placement(cluster, nodes, requested) == expected
+    assert plan_placement(cluster, free or cluster, nodes, requested) == expected
+
+
+def test_placement_refuses_what_is_not_free() -> None:
+    with pytest.raises(UsageError, match="2 CPUs, 0 free"):
+        plan_placement({"CPU": 2.0}, {"CPU": 0.0}, [2.0], None)
+    with pytest.raises(UsageError, match="2 CPUs, 1 free"):
+        plan_placement({"CPU": 2.0}, {"CPU": 1.0}, [2.0], 2)
 
 
 def test_placement_refuses_more_workers_than_gpus() -> None:
     with pytest.raises(UsageError, match="2 GPUs"):
-        plan_placement({"CPU": 8.0, "GPU": 2.0}, [8.0], 3)
+        plan_placement({"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}, [8.0], 3)
 
 
 @pytest.mark.slow
@@ -239,19 +254,46 @@ def test_model_dir_from_the_environment_reaches_the_workers(double_model: Path, 
             assert np.array_equal(np.asarray(got), np.asarray(want)), name
 
 
-def test_an_address_where_nothing_listens_fails_at_once(double_model: Path, photos: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray would retry such an address for minutes (deaf to SIGTERM); one line and exit 2 instead."""
+def test_an_address_where_nothing_listens_fails_at_once(double_model: Path, photos: Path, tmp_path: Path) -> None:
+    """Ray would retry such an address for minutes (deaf to SIGTERM); one line and exit 2 instead.
+    In a process of its own: this one may have joined the test cluster, which --ray would use."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         for how in (["--ray", f"127.0.0.1:{port}"], ["--ray"]):
-            monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what plain --ray (auto) dials
+            env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}  # what plain --ray (auto) dials
             t0 = time.monotonic()
-            assert main(["--model", str(double_model), "-q", str(photos / "p00.png"), "-o", str(tmp_path),
-                         *how]) == 2
-            assert time.monotonic() - t0 < 10
-            assert capsys.readouterr().err.strip().splitlines() == [
+            done = subprocess.run([sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "-q",
+                                   str(photos / "p00.png"), "-o", str(tmp_path), *how],
+                                  check=False, capture_output=True, text=True, env=env, timeout=60)
+            assert done.returncode == 2 and time.monotonic() - t0 < 20, done.stderr
+            assert done.stderr.strip().splitlines() == [
                 (f"sr-upscale: error: cannot reach the Ray cluster at {how[-1] if len(how) > 1 else 'auto'}: "
                  f"nothing answers at 127.0.0.1:{port} (Connection refused)")]
+
+
+@pytest.mark.slow
+def test_workers_fit_in_what_another_application_leaves(double_model: Path, ray_local: Any, photos: Path,
+                                                        tmp_path: Path, local_results: dict[str, Path],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An actor holding one of the cluster's two CPUs (a service, say): the default is one worker on the
+    free CPU, and --workers 1 asks for that one CPU only, instead of waiting for a slot that cannot come."""
+    @ray_local.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()  # type: ignore[attr-defined]
+    try:
+        assert ray_local.get(holder.ready.remote(), timeout=60)
+        for i, flags in enumerate(([], ["--workers", "1"])):
+            t0 = time.monotonic()
+            out = tmp_path / str(i)
+            assert run_ray(double_model, ray_local, str(photos / "p0[0-3]*"), "-o", str(out), *flags) == 0
+            assert time.monotonic() - t0 < 60
+            assert "on 1 Ray worker, 1 CPU each" in capsys.readouterr().err
+            for path in out.iterdir():
+                with Image.open(path) as got, Image.open(local_results["t0"] / path.name) as want:
+                    assert np.array_equal(np.asarray(got), np.asarray(want)), path.name
+    finally:
+        ray_local.kill(holder)
