@@ -135,8 +135,12 @@ class FileJob:
         return text.replace(str(self.src), str(self.shown))
 
     def done(self) -> bool:
-        """Every output exists: complete, since outputs are only ever renamed into place."""
-        return all(t.exists() for t in self.targets)
+        """Every output is a file of its own: complete, since outputs are only ever renamed into place.
+
+        A symlink is not an output this tool wrote (it may point at anything): the file is redone,
+        and the rename replaces the link, not what it points at.
+        """
+        return all(t.is_file() and not t.is_symlink() for t in self.targets)
 
     def remove_leftovers(self) -> None:
         """Delete the temporary files a killed attempt at this file left (call only while none runs it)."""

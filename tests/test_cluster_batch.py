@@ -131,6 +131,24 @@ def test_resume_does_only_the_missing_outputs(double_model: Path, ray_local: Any
 
 
 @pytest.mark.slow
+def test_resume_redoes_an_output_that_is_a_symlink(double_model: Path, ray_local: Any, photos: Path,
+                                                   tmp_path: Path, local_results: dict[str, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A symlink where an output goes (to any file) is not a finished output: redone, the link replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes((photos / "p01.png").read_bytes())
+    (out / "p00_x4.png").symlink_to(elsewhere)
+    assert run_ray(double_model, ray_local, str(photos / "p00.png"), str(photos / "p01.png"), "-o", str(out)) == 0
+    assert summary_counts(capsys.readouterr().err) == (2, 0, 0, 0)
+    assert not (out / "p00_x4.png").is_symlink() and elsewhere.read_bytes() == (photos / "p01.png").read_bytes()
+    for name in ("p00_x4.png", "p01_x4.png"):
+        with Image.open(out / name) as got, Image.open(local_results["t0"] / name) as want:
+            assert np.array_equal(np.asarray(got), np.asarray(want)), name
+
+
+@pytest.mark.slow
 def test_a_corrupt_input_fails_with_the_local_line(double_model: Path, ray_local: Any, photos: Path,
                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken.png"
