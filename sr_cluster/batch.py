@@ -19,12 +19,16 @@ Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import logging
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -357,10 +361,11 @@ class WorkerPool:
 
     def stop(self) -> None:
         """Kill the workers; once their calls have failed, remove what the interrupted files left half-written."""
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        if self._in_flight:
-            ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception, SystemExit):  # the cluster itself is going: Ray ends its driver
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            if self._in_flight:
+                ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=STOP_TIMEOUT_S)
         for _, job in self._in_flight.values():
             job.remove_leftovers()
 
@@ -401,6 +406,9 @@ def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: 
     except SystemExit:  # SIGTERM while Ray connects: its handler exits with the bare signal number
         print("sr-upscale: interrupted", file=sys.stderr)
         return 143
+    # ray.init replaced the SIGTERM handler; the one of a cluster it started here kills that cluster and
+    # exits 1, and Ray's teardown after a SIGTERM to the process group can deliver it again.
+    signal.signal(signal.SIGTERM, _terminate_once)
     try:
         return _run_pool(args, samples, jobs, summary)
     finally:
@@ -408,12 +416,20 @@ def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: 
             ray.shutdown()
 
 
+def _terminate_once(signum: int, frame: object) -> None:
+    """SIGTERM outside the pool's own handling: exit 143 the first time, and ignore repeats (the job is
+    already stopping, its status decided)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summary: Summary) -> int:
     """Place the workers, stream the files through them, and always kill them at the end."""
     started = time.perf_counter()
     status = 0
+    terminated = threading.Event()
     try:
-        with sigterm_as_exit():
+        with sigterm_as_exit(), _noting(terminated):
             nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
             placement = plan_placement(ray.cluster_resources(), free_resources(), nodes, args.workers)
             with WorkerPool(args, samples, placement) as pool:
@@ -427,12 +443,29 @@ def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summa
         return 2
     except KeyboardInterrupt:
         status = 130
-    except SystemExit as exc:  # SIGTERM
-        status = exc.code if isinstance(exc.code, int) else 143
+    except SystemExit as exc:  # SIGTERM; or Ray ending its driver (code 1) as a signalled cluster goes down
+        status = 143 if terminated.is_set() or not isinstance(exc.code, int) else exc.code
     print(f"sr-upscale: {summary.done} done, {summary.skipped} skipped as already done, "
           f"{len(summary.failures)} failed, {summary.resubmitted} resubmitted after a worker died "
           f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return final_status(summary.failure_lines(), status)
+
+
+@contextlib.contextmanager
+def _noting(terminated: threading.Event) -> Iterator[None]:
+    """Sets `terminated` on SIGTERM, then runs the handler that was there (sigterm_as_exit's: SystemExit)."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def note(signum: int, frame: Any) -> None:
+        terminated.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def free_resources(settle_s: float = FREE_SETTLE_S) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -315,3 +316,36 @@ def test_workers_fit_in_what_another_application_leaves(double_model: Path, ray_
                     assert np.array_equal(np.asarray(got), np.asarray(want)), path.name
     finally:
         ray_local.kill(holder)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_exits_143(double_model: Path, tmp_path: Path) -> None:
+    """`sr-upscale --ray` that started its own local cluster, SIGTERM to its process group (as a shell or a
+    supervisor sends it) mid-job: exit 143, no temporary file left. The dying cluster made Ray end its
+    driver with SystemExit(1), read as the exit status in most runs; two runs, since it is a race."""
+    photos = tmp_path / "big"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((rng.random((400, 400, 3)) * 255).astype(np.uint8)).save(photos / f"b{i}.png")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local cluster, not the test's
+    env["RAY_agent_register_timeout_ms"] = "180000"
+    for trial in range(2):
+        out, log = tmp_path / f"out{trial}", tmp_path / f"log{trial}"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "-q",
+                                     str(photos), "-o", str(out), "--ray"],
+                                    stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "Ray worker" not in log.read_text() or not out.exists():  # workers up, files being written
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        assert "sr-upscale: interrupted" in log.read_text()
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
