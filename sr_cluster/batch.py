@@ -378,7 +378,7 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     check_reachable(address)
-    ray.init(address=None if address == "auto" else address, logging_level=logging.WARNING)
+    ray.init(address=None if address == "auto" else address, logging_level=logging.ERROR)  # Ray's warnings: its logs
     return True
 
 
