@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -89,6 +90,8 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 #: ... and never fall more than the grace behind this rate (128 kbit/s): stalled uploads end in seconds.
 DEFAULT_MIN_UPLOAD_BYTES_PER_S = 16 * 1024
 DEFAULT_UPLOAD_GRACE_S = 5.0
+#: How often a replica reports its load to sr-serve's DrainControl and reads the drain flag.
+DRAIN_POLL_S = 0.25
 #: Serve-level request slots beyond ongoing and queued requests: `/healthz` and instant refusals get one.
 HEALTH_HEADROOM = 8
 APP_NAME = "sr"
@@ -425,6 +428,33 @@ class Scaling:
         return options
 
 
+class DrainControl:
+    """A Ray actor sr-serve creates: the drain flag replicas poll, and what each replica reports back.
+
+    Serve's own drain (`serve.delete`) removes the route first, so requests that
+    arrive meanwhile get the proxy's text/plain 404. Through this flag the
+    replicas answer them a JSON 503 while they finish what they hold, and
+    sr-serve deletes the application once every replica reports it is idle.
+    """
+
+    def __init__(self) -> None:
+        self._draining = False
+        self._reports: dict[str, tuple[bool, int]] = {}  # replica -> (saw the drain, requests it holds)
+
+    def drain(self) -> None:
+        self._draining = True
+
+    def report(self, replica: str, in_flight: int) -> bool:
+        """Record `replica`'s load; whether it must drain."""
+        self._reports[replica] = (self._draining, in_flight)
+        return self._draining
+
+    def drained(self, replicas: int) -> bool:
+        """True once `replicas` replicas have seen the drain and each holds no request."""
+        seen = [held for saw, held in self._reports.values() if saw]
+        return len(seen) >= replicas and not any(seen)
+
+
 class UpscaleService:
     """One replica: a deterministic Upscaler for batched temperature-0 work plus an LRU of samplers.
 
@@ -441,8 +471,9 @@ class UpscaleService:
     """
 
     def __init__(self, model: str, backend: str, precision: str, options: ServiceOptions,
-                 max_ongoing: int = DEFAULT_MAX_ONGOING_REQUESTS) -> None:
+                 max_ongoing: int = DEFAULT_MAX_ONGOING_REQUESTS, drain_control: str | None = None) -> None:
         self._max_held = max_ongoing + options.max_queued_requests
+        self._draining = False
         make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels)
         self._options = options
         self._deterministic = make()
@@ -454,6 +485,22 @@ class UpscaleService:
         self._counters = Counters()
         self._batcher: QueueBatcher[Image.Image, Image.Image | SRInputError] = QueueBatcher(
             self._run_batch, options.max_batch_images, options.batch_wait_s)
+        if drain_control is not None:
+            threading.Thread(target=self._follow_drain, args=(drain_control,), daemon=True,
+                             name="sr-drain").start()
+
+    def _follow_drain(self, name: str) -> None:
+        """Report this replica's load to sr-serve's DrainControl and take up its drain flag (a thread: a
+        blocking poll, off the request loop)."""
+        import ray
+
+        replica = serve.get_replica_context().replica_id.unique_id
+        control = None
+        while True:
+            with contextlib.suppress(Exception):  # not registered yet, or sr-serve gone: keep serving, retry
+                control = control or ray.get_actor(name)
+                self._draining = ray.get(control.report.remote(replica, self._counters.in_flight), timeout=10)
+            time.sleep(DRAIN_POLL_S)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.removeprefix(request.scope.get("root_path", "")).rstrip("/")
@@ -461,6 +508,9 @@ class UpscaleService:
             if path == "/upscale":
                 if request.method != "POST":
                     raise HTTPError(405, "use POST with the image as the body", {"Allow": "POST"})
+                if self._draining:
+                    raise HTTPError(503, "shutting down: retry on another instance",
+                                    {"Retry-After": "5", "Connection": "close"})
                 self._counters.in_flight += 1
                 try:
                     return await self.upscale(request)
@@ -469,7 +519,7 @@ class UpscaleService:
             if path == "/healthz":
                 if request.method not in ("GET", "HEAD"):
                     raise HTTPError(405, "use GET", {"Allow": "GET, HEAD"})
-                return JSONResponse(self.health())
+                return JSONResponse(self.health(), status_code=503 if self._draining else 200)
             raise HTTPError(404, "no such route: POST /upscale, GET /healthz")
         except HTTPError as exc:
             return error_response(exc.status, exc.message, exc.headers)
@@ -479,7 +529,7 @@ class UpscaleService:
 
     def health(self) -> dict[str, Any]:
         up, c = self._deterministic, self._counters
-        return {"status": "ok", "model": up.spec.name, "backend": up.backend, "precision": up.precision,
+        return {"status": "draining" if self._draining else "ok", "model": up.spec.name, "backend": up.backend, "precision": up.precision,
                 "max_pixels": up.max_pixels, "in_flight": c.in_flight, "uploading": c.uploading,
                 "upscaling": c.upscaling, "upscaling_peak": c.upscaling_peak, "stopped_runs": c.stopped_runs,
                 "refused_busy": c.refused_busy, "slow_uploads": c.slow_uploads,
@@ -673,13 +723,15 @@ def build_app(
     *,
     options: ServiceOptions | None = None,
     scaling: Scaling | None = None,
+    drain_control: str | None = None,
 ) -> serve.Application:
     """The bound Serve application: `serve.run(build_app(...), route_prefix="/")`.
 
     With `scaling.gpus_per_replica` None this connects to Ray (as `serve.run`
     would) to see whether the cluster has GPUs. `model` must be a path every
     node can read (None: `$SR_MODEL_DIR` here, else the shipped model);
-    SRModelError if it is not a model.
+    SRModelError if it is not a model. `drain_control`: the name of a
+    DrainControl actor whose flag the replicas follow (sr-serve's).
     """
     import ray
 
@@ -693,7 +745,7 @@ def build_app(
     deployment = serve.deployment(name="Upscaler")(UpscaleService)
     serve_options = scaling.deployment_options(cluster_gpus, extra_slots=options.max_queued_requests + HEALTH_HEADROOM)
     return deployment.options(**serve_options).bind(model_path, backend, precision, options,
-                                                    scaling.max_ongoing_requests)
+                                                    scaling.max_ongoing_requests, drain_control)
 
 
 def _number(kind: Callable[[str], float], low: float, high: float = math.inf) -> Callable[[str], Any]:
@@ -789,6 +841,23 @@ def start_failure(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def drain(control: Any, timeout_s: float) -> None:
+    """Turn the replicas to answering new requests 503, and wait (at most `timeout_s`) until every
+    replica reports that it holds no request."""
+    import ray
+
+    ray.get(control.drain.remote())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        deployments = [] if app is None else list(app.deployments.values())
+        replicas = sum(count for d in deployments for state, count in d.replica_states.items()
+                       if getattr(state, "value", state) == "RUNNING")
+        if ray.get(control.drained.remote(replicas)):
+            return
+        time.sleep(DRAIN_POLL_S)
+
+
 #: Backends that need a GPU on the replica's node.
 GPU_BACKENDS = frozenset(["tensorrt", "onnxruntime-cuda"])
 
@@ -863,9 +932,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"sr-serve: error: {exc}", file=sys.stderr)
             return 2
+        control_name = f"sr-serve-drain-{os.getpid()}"
+        control = ray.remote(num_cpus=0)(DrainControl).options(name=control_name).remote()
         try:
             serve.start(http_options={"host": args.host, "port": args.port})
-            app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling)
+            app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling,
+                            drain_control=control_name)
             handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as exc:  # noqa: BLE001 - a replica that cannot start (port taken, backend...): one line
             print(f"sr-serve: error: the service did not start: {start_failure(exc)}", file=sys.stderr)
@@ -882,8 +954,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
         stop.wait()
         print("sr-serve: draining requests in flight, then shutting down", file=sys.stderr, flush=True)
-        # Deleting the application first drains its replicas while the proxy still answers them.
-        serve.delete(APP_NAME)
+        drain(control, scaling.graceful_shutdown_timeout_s)
+        serve.delete(APP_NAME)  # drains whatever is still in flight, up to the graceful timeout
         if not serve.status().applications:  # a shared cluster may serve other applications: leave Serve to them
             serve.shutdown()
     finally:

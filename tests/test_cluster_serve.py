@@ -120,6 +120,17 @@ def wait_for_health(port: int, prefix: str, condition: Callable[[dict[str, Any]]
     pytest.fail(f"{failure}: {state}")
 
 
+def wait_for_health_status(port: int, status: int, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll `/healthz` (bounded) until it answers `status`; its JSON."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = request(port, "GET", "/healthz", timeout=10)
+        if reply.status == status:
+            return dict(json.loads(reply.body))
+        time.sleep(0.05)
+    pytest.fail(f"/healthz never answered {status}: {reply.status} {reply.body[:200]!r}")
+
+
 def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
     """A smooth gradient with noise: content where tiles and blending show."""
     rng = np.random.default_rng(seed)
@@ -708,7 +719,11 @@ def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_
         data = encoded(photo(40, 40, 22), "PNG")
         start_upload(conn, port, "", data)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(1.5)  # sr-serve is draining
+        # Draining: new requests and /healthz get a JSON 503 (not the proxy's text 404 of a deleted route).
+        state = wait_for_health_status(port, 503)
+        assert state["status"] == "draining" and state["in_flight"] == 1
+        late = post_image(port, data, prefix="")
+        assert late.status == 503 and late.content_type == "application/json" and "shutting down" in late.error()
         assert proc.poll() is None, "sr-serve exited with a request in flight"
         conn.send(data[100:])
         try:
