@@ -92,6 +92,8 @@ DEFAULT_MIN_UPLOAD_BYTES_PER_S = 16 * 1024
 DEFAULT_UPLOAD_GRACE_S = 5.0
 #: How often a replica reports its load to sr-serve's DrainControl and reads the drain flag.
 DRAIN_POLL_S = 0.25
+#: The Ray namespace of DrainControl actors: replicas run in Serve's, the driver in one of its own.
+DRAIN_NAMESPACE = "sr-serve"
 #: Serve-level request slots beyond ongoing and queued requests: `/healthz` and instant refusals get one.
 HEALTH_HEADROOM = 8
 APP_NAME = "sr"
@@ -498,7 +500,7 @@ class UpscaleService:
         control = None
         while True:
             with contextlib.suppress(Exception):  # not registered yet, or sr-serve gone: keep serving, retry
-                control = control or ray.get_actor(name)
+                control = control or ray.get_actor(name, namespace=DRAIN_NAMESPACE)
                 self._draining = ray.get(control.report.remote(replica, self._counters.in_flight), timeout=10)
             time.sleep(DRAIN_POLL_S)
 
@@ -933,7 +935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sr-serve: error: {exc}", file=sys.stderr)
             return 2
         control_name = f"sr-serve-drain-{os.getpid()}"
-        control = ray.remote(num_cpus=0)(DrainControl).options(name=control_name).remote()
+        control = ray.remote(num_cpus=0)(DrainControl).options(name=control_name, namespace=DRAIN_NAMESPACE).remote()
         try:
             serve.start(http_options={"host": args.host, "port": args.port})
             app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling,
