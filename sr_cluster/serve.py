@@ -382,7 +382,8 @@ class Scaling:
 
     `min_replicas`/`max_replicas` switch on Serve's autoscaler (it keeps about
     `target_ongoing_requests` requests per replica); otherwise `replicas` is fixed.
-    `gpus_per_replica` None: 1 where the cluster has GPUs, else the replica takes one CPU.
+    `gpus_per_replica` None: 1 where the cluster has GPUs, else the replica takes
+    `cpus_per_replica` CPUs.
     """
 
     replicas: int = 1
@@ -391,6 +392,7 @@ class Scaling:
     target_ongoing_requests: float = 4.0
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
     gpus_per_replica: float | None = None
+    cpus_per_replica: float = 1.0
     graceful_shutdown_timeout_s: float = 60.0
     graceful_shutdown_wait_loop_s: float = 1.0
 
@@ -402,6 +404,7 @@ class Scaling:
                 raise ValueError(f"{name} must be an integer >= 1, got {count!r}")
         for name, value in (("target_ongoing_requests", self.target_ongoing_requests),
                             ("gpus_per_replica", self.gpus_per_replica or 0.0),
+                            ("cpus_per_replica", self.cpus_per_replica),
                             ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s),
                             ("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)):
             if not math.isfinite(value) or value < 0 or (name == "target_ongoing_requests" and value == 0):
@@ -412,7 +415,7 @@ class Scaling:
         replica bounds requests with a body itself, so uploads and `/healthz` never wait behind them)."""
         gpus = (1.0 if cluster_gpus > 0 else 0.0) if self.gpus_per_replica is None else self.gpus_per_replica
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_gpus": gpus} if gpus > 0 else {"num_cpus": 1},
+            "ray_actor_options": {"num_gpus": gpus} if gpus > 0 else {"num_cpus": self.cpus_per_replica},
             "max_ongoing_requests": self.max_ongoing_requests + extra_slots,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
@@ -791,6 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"slot); more are answered 503 at once (default {DEFAULT_MAX_QUEUED_REQUESTS})")
     scale.add_argument("--gpus-per-replica", type=_number(float, 0), default=None,
                        help="default: 1 where the cluster has GPUs, else each replica takes 1 CPU")
+    scale.add_argument("--cpus-per-replica", type=_number(float, 0), default=1.0,
+                       help="CPUs a replica reserves where it takes no GPU (default 1)")
     scale.add_argument("--graceful-shutdown-s", type=_number(float, 0), default=60.0,
                        help="on SIGTERM/SIGINT, wait this long for requests in flight (default 60)")
     lim = p.add_argument_group("limits and batching (per replica)")
@@ -825,7 +830,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServiceOptions, Scalin
     scaling = Scaling(
         replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests, max_ongoing_requests=args.max_ongoing_requests,
-        gpus_per_replica=args.gpus_per_replica, graceful_shutdown_timeout_s=args.graceful_shutdown_s)
+        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_s)
     return options, scaling
 
 
@@ -882,6 +888,16 @@ def check_cluster(args: argparse.Namespace, scaling: Scaling) -> bool:
                          + ("the Ray cluster has none" if gpus == 0 else "--gpus-per-replica is 0"))
     if (scaling.gpus_per_replica or 0) > gpus:
         raise ValueError(f"--gpus-per-replica {scaling.gpus_per_replica:g}: the Ray cluster has {gpus:g} GPUs")
+    # Replicas that cannot be placed would leave serve.run waiting for ever: refuse what is not free now.
+    options = scaling.deployment_options(gpus)
+    count = options.get("num_replicas", options.get("autoscaling_config", {}).get("min_replicas", 1))
+    free = ray.available_resources()
+    for resource, each in (("GPU", options["ray_actor_options"].get("num_gpus", 0)),
+                           ("CPU", options["ray_actor_options"].get("num_cpus", 0))):
+        if count * each > free.get(resource, 0.0):
+            raise ValueError(f"{count} replicas need {count * each:g} {resource}s and the Ray cluster has "
+                             f"{free.get(resource, 0.0):g} free (of {ray.cluster_resources().get(resource, 0.0):g}): "
+                             "lower --replicas/--min-replicas or --cpus-per-replica, or free some")
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         return False

@@ -225,8 +225,10 @@ def hard_service(service: int, double_model: Path, tmp_path_factory: pytest.Temp
     options = ServiceOptions(max_pixels=MAX_PIXELS, concurrent_runs=1, max_queued_requests=HARD_MAX_QUEUED,
                              body_timeout_s=HARD_BODY_TIMEOUT_S, min_upload_bytes_per_s=HARD_MIN_RATE,
                              upload_grace_s=HARD_GRACE_S)
+    # No CPU reserved: the test cluster's 2 CPUs stay for the other apps and for sr-serve processes.
     serve.run(build_app(model, "cpu", options=options,
-                        scaling=Scaling(max_ongoing_requests=HARD_MAX_ONGOING, gpus_per_replica=0)),
+                        scaling=Scaling(max_ongoing_requests=HARD_MAX_ONGOING, gpus_per_replica=0,
+                                        cpus_per_replica=0)),
               name="sr-hard", route_prefix=HARD)
     try:
         yield service
@@ -656,14 +658,20 @@ def sr_serve(ray_local: Any, *flags: str, timeout: float = 180) -> subprocess.Co
 @pytest.mark.slow
 def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_local: Any,
                                           tmp_path: Path) -> None:
-    """On a cluster whose Serve already listens on another port, or for a backend the cluster has no GPU
-    for: one line, exit 2, nothing changed. A replica that cannot load: exit 1, and its failed application
+    """On a cluster whose Serve already listens on another port, for replicas it has no room for, or for a
+    backend it has no GPU for: one line, exit 2, nothing changed. A replica that cannot load: exit 1, and its failed application
     is gone while the other application still answers."""
     from ray import serve
 
     other = sr_serve(ray_local, "--model", str(double_model), "--port", str(free_port()))
     assert other.returncode == 2, other.stderr
     assert f"Serve already runs on this Ray cluster with its HTTP proxy on {HOST}:{service}" in other.stderr
+    free = int(ray_local.available_resources().get("CPU", 0))
+    crowded = sr_serve(ray_local, "--model", str(double_model), "--port", str(service), "--gpus-per-replica", "0",
+                       "--replicas", str(free + 1))
+    assert crowded.returncode == 2 and crowded.stderr.strip().splitlines() == [
+        (f"sr-serve: error: {free + 1} replicas need {free + 1} CPUs and the Ray cluster has {free} free (of 2): "
+         "lower --replicas/--min-replicas or --cpus-per-replica, or free some")], crowded.stderr
     if not ray_local.cluster_resources().get("GPU"):
         cuda = sr_serve(ray_local, "--model", str(double_model), "--port", str(service), "--backend", "cuda")
         assert cuda.returncode == 2 and cuda.stderr.strip().splitlines() == [
