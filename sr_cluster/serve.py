@@ -13,6 +13,11 @@ construction. Small temperature-0 images of concurrent requests are batched
 at temperature > 0 are never batched across requests, because every backend
 call reads one contiguous slice of the noise bank keyed by one image's tile
 grid.
+
+Layout: `protocol` (HTTP parsing and limits), `batching` (QueueBatcher, the
+sampler LRU), this module (the replica, admission, the app builders, the CLI).
+`app_builder` serves `serve run sr_cluster.serve:app_builder model=... ` and a
+Serve config file's `import_path`; `build_app` is the same from Python.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import logging
 import math
 import os
@@ -28,26 +32,47 @@ import signal
 import sys
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, cast
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sr_cluster.address import check_reachable
+from sr_cluster.batching import (
+    QueueBatcher,
+    SamplerCache,
+    run_each_or_together,
+    wait_through_cancellation,
+)
 from sr_runtime import SRInputError, SRModelError, Upscaler
 from sr_runtime.backends import ALIASES, PRECISIONS
-from sr_runtime.cli import SAVE_OPTIONS, fit_format
 from sr_runtime.model import load_model_spec
 from sr_runtime.tiling import plan_tiles
 
 try:  # the `cluster` extra; without it `sr-serve --help` still works and the rest says what is missing
     from ray import serve
     from ray.serve.handle import DeploymentHandle
-    from starlette.requests import ClientDisconnect, Request
+    from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
+
+    from sr_cluster.protocol import (
+        ACCEPTED_CONTENT_TYPES,
+        INPUT_FORMATS,
+        MAX_TEMPERATURE,
+        OUTPUT_FORMATS,
+        SEED_LIMIT,
+        HTTPError,
+        UploadLimits,
+        UpscaleParams,
+        decode_body,
+        encode_image,
+        error_response,
+        parse_params,
+        quoted,
+        read_body,
+    )
 except ModuleNotFoundError as missing:
     if (missing.name or "").split(".")[0] not in ("ray", "starlette"):
         raise
@@ -56,24 +81,34 @@ else:
     CLUSTER_MISSING = None
 
 log = logging.getLogger("sr_cluster.serve")
-T = TypeVar("T")
-R = TypeVar("R")
-
-#: Body formats the service decodes (Pillow format name -> media type).
-INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-#: Content-Types a request may declare; anything else is a 415 (the bytes decide the format).
-ACCEPTED_CONTENT_TYPES = frozenset([*INPUT_FORMATS.values(), "application/octet-stream"])
-#: `format` query values -> (Pillow format, media type); saved as `sr-upscale` saves them (SAVE_OPTIONS).
-OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
-    "png": ("PNG", "image/png"),
-    "jpeg": ("JPEG", "image/jpeg"),
-    "webp": ("WEBP", "image/webp"),
-}
-#: Above this the model's samples drift off the image manifold; the range keeps requests sane.
-MAX_TEMPERATURE = 2.0
-#: Seeds are numpy Generator seeds; the bound keeps them one signed 64-bit word.
-SEED_LIMIT = 2**63
-QUERY_PARAMETERS = ("temperature", "seed", "format")
+#: The deployment and its CLI, with the HTTP (`protocol`) and batching (`batching`) pieces it is built from.
+__all__ = [
+    "ACCEPTED_CONTENT_TYPES",
+    "INPUT_FORMATS",
+    "MAX_TEMPERATURE",
+    "OUTPUT_FORMATS",
+    "SEED_LIMIT",
+    "AppArgs",
+    "DrainControl",
+    "HTTPError",
+    "QueueBatcher",
+    "SamplerCache",
+    "Scaling",
+    "ServiceOptions",
+    "UpscaleParams",
+    "UpscaleService",
+    "app_builder",
+    "build_app",
+    "build_parser",
+    "decode_body",
+    "encode_image",
+    "main",
+    "parse_params",
+    "quoted",
+    "read_body",
+    "run_each_or_together",
+    "settings_from_args",
+]
 
 DEFAULT_MAX_BODY_MB = 25.0
 #: 4 MP input = 64 MP output; one run of it peaks near 2 GB (31 bytes per output pixel).
@@ -97,220 +132,6 @@ DRAIN_NAMESPACE = "sr-serve"
 #: Serve-level request slots beyond ongoing and queued requests: `/healthz` and instant refusals get one.
 HEALTH_HEADROOM = 8
 APP_NAME = "sr"
-
-
-class HTTPError(Exception):
-    """A request answered with `status` and a one-line `message` (extra `headers` e.g. Allow)."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
-@dataclass(frozen=True)
-class UpscaleParams:
-    """The query of one request: temperature, seed (ignored at temperature 0) and output format."""
-
-    temperature: float = 0.0
-    seed: int = 0
-    format: str | None = None  # None: the format of the body
-
-
-def quoted(text: str, limit: int = 40) -> str:
-    """`text` quoted for an error message, cut at `limit` characters: errors stay one short line."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def parse_params(items: Sequence[tuple[str, str]]) -> UpscaleParams:
-    """The request's query parameters, each checked; HTTPError 400 names the first bad one."""
-    seen: dict[str, str] = {}
-    for key, value in items:
-        if key not in QUERY_PARAMETERS:
-            raise HTTPError(400, f"unknown query parameter {quoted(key)} (use {', '.join(QUERY_PARAMETERS)})")
-        if key in seen:
-            raise HTTPError(400, f"query parameter {quoted(key)} given twice")
-        seen[key] = value
-    temperature = 0.0
-    if "temperature" in seen:
-        try:  # ASCII only: float() also reads other scripts' digits and surrounding spaces
-            temperature = float(seen["temperature"]) if seen["temperature"].isascii() else math.nan
-        except ValueError:
-            temperature = math.nan
-        if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses NaN
-            raise HTTPError(400, f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], "
-                                 f"got {quoted(seen['temperature'])}")
-    seed = 0
-    if "seed" in seen:
-        text = seen["seed"]
-        # Length first: int() refuses strings over 4300 digits with a ValueError of its own.
-        if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) >= SEED_LIMIT:
-            raise HTTPError(400, f"seed must be an integer in [0, 2**63), got {quoted(text)}")
-        seed = int(text)
-    fmt = seen.get("format")
-    if fmt is not None and fmt not in OUTPUT_FORMATS:
-        raise HTTPError(400, f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {quoted(fmt)}")
-    return UpscaleParams(temperature, seed if temperature > 0 else 0, fmt)
-
-
-def decode_body(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """The decoded image and its format name (lower case); the size is checked before decoding.
-
-    Pillow reads the size from the header, so a small file declaring a huge
-    raster (a decompression bomb) is refused before any pixel is allocated.
-    """
-    try:
-        with Image.open(io.BytesIO(data), formats=tuple(INPUT_FORMATS)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise HTTPError(413, f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over this "
-                                     f"service's limit of {max_pixels / 1e6:.1f} MP")
-            img.load()
-            # A multi-picture JPEG (MPO, as phones write) is its first picture, a JPEG: answered as one.
-            return img, "jpeg" if img.format == "MPO" else str(img.format).lower()
-    except HTTPError:
-        raise
-    except UnidentifiedImageError:
-        raise HTTPError(400, "body is not a PNG, JPEG or WebP image") from None
-    except Image.DecompressionBombError:
-        raise HTTPError(413, "image refused as a decompression bomb (too many pixels)") from None
-    except MemoryError:
-        raise HTTPError(413, "image too large to decode") from None
-    except Exception as exc:  # noqa: BLE001 -- a decoder's error on hostile bytes is this request's fault
-        raise HTTPError(400, f"truncated or corrupt image ({type(exc).__name__}: {exc})") from None
-
-
-def encode_image(img: Image.Image, fmt: str) -> bytes:
-    """`img` saved as `fmt` the way `sr-upscale` saves files (modes the format lacks converted)."""
-    pil_format = OUTPUT_FORMATS[fmt][0]
-    buf = io.BytesIO()
-    fit_format(img, pil_format).save(buf, format=pil_format, **SAVE_OPTIONS[pil_format])
-    return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    """How big and how slow a body may be: over `max_bytes` is a 413, too slow a 408.
-
-    The whole body must arrive within `timeout_s`, and never fall more than
-    `grace_s` behind `min_bytes_per_s`: a client that stalls or trickles is
-    answered within seconds instead of holding its connection for the deadline.
-    """
-
-    max_bytes: int
-    timeout_s: float
-    min_bytes_per_s: float
-    grace_s: float
-
-
-async def read_body(request: Request, limits: UploadLimits) -> bytes:
-    """The request body, refused with 413 as soon as its declared or received size passes the limit,
-    and with 408 when it does not arrive within the deadline or at the minimum rate."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isascii() or not declared.isdigit():
-            raise HTTPError(400, f"bad Content-Length {quoted(declared)}")
-        if len(declared) > 18 or int(declared) > limits.max_bytes:
-            raise HTTPError(413, f"body of {declared[:40]} bytes is over this service's limit of "
-                                 f"{limits.max_bytes} bytes")
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    body = bytearray()
-    chunks = request.stream().__aiter__()
-    while True:
-        deadline = start + limits.timeout_s
-        behind = start + limits.grace_s + len(body) / limits.min_bytes_per_s  # when the rate is missed
-        wait = min(deadline, behind) - loop.time()
-        try:
-            if wait <= 0:
-                raise TimeoutError
-            chunk = await asyncio.wait_for(chunks.__anext__(), wait)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            if deadline <= behind:
-                reason = f"body not received within {limits.timeout_s:g} s"
-            else:
-                reason = f"body arriving slower than {limits.min_bytes_per_s:g} bytes/s"
-            raise HTTPError(408, f"{reason} ({len(body)} bytes in {loop.time() - start:.1f} s)",
-                            {"Connection": "close"}) from None
-        except ClientDisconnect:
-            raise HTTPError(400, "the client closed the connection before the body was in") from None
-        body += chunk
-        if len(body) > limits.max_bytes:
-            raise HTTPError(413, f"body is over this service's limit of {limits.max_bytes} bytes")
-    if not body:
-        raise HTTPError(400, "empty body: send the image's bytes")
-    return bytes(body)
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class SamplerCache:
-    """A bounded LRU of `Upscaler`s at temperature > 0, one per (temperature, seed).
-
-    Each entry costs one backend session plus its noise bank: (16 + batch - 1)
-    rows of noise_dim floats, 125 MB for the shipped model (noise_dim 1.01 M,
-    batch 16), so 4 entries are about 0.5-1 GB per replica. An evicted entry is
-    dropped, not closed: a request still running on it finishes, and its memory
-    goes when that request lets go of it.
-
-    A hit never waits for a miss: entries are built one at a time in a worker
-    thread, and a build finishes (and is kept) even if the request that asked
-    for it has gone; requests for a key being built share that build.
-    """
-
-    def __init__(self, create: Callable[[float, int], Upscaler], capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"the sampler cache needs at least one entry, got {capacity}")
-        self._create = create
-        self._capacity = capacity
-        self._entries: OrderedDict[tuple[float, int], Upscaler] = OrderedDict()
-        self._building: dict[tuple[float, int], asyncio.Task[Upscaler]] = {}
-        self._build_lock = asyncio.Lock()  # one construction at a time: each allocates a session and a bank
-
-    async def get(self, temperature: float, seed: int) -> Upscaler:
-        key = (temperature, seed)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        task = self._building.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._build(key))
-            task.add_done_callback(_retrieve)
-            self._building[key] = task
-        return await asyncio.shield(task)
-
-    async def _build(self, key: tuple[float, int]) -> Upscaler:
-        try:
-            async with self._build_lock:
-                upscaler = await asyncio.to_thread(self._create, *key)
-        finally:
-            del self._building[key]
-        self._entries[key] = upscaler
-        if len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
-        return upscaler
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Marks a background future's exception as seen: the requests that wanted it report it, if any remain."""
-    if not future.cancelled():
-        future.exception()
-
-
-async def wait_through_cancellation(future: asyncio.Future[T]) -> None:
-    """Wait until `future` is done, whatever cancellations arrive meanwhile (the caller re-raises them)."""
-    while not future.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({future})
-    _retrieve(future)
 
 
 class ClientGone(Exception):
@@ -633,94 +454,6 @@ class UpscaleService:
             return await asyncio.to_thread(run)
 
 
-class QueueBatcher(Generic[T, R]):
-    """Packs the items queued while the previous call ran into the next call.
-
-    Why not `@serve.batch`: Ray Serve (2.60) forms the next batch as soon as the
-    previous one is launched and queues it behind that one, so behind a
-    multi-second CPU call each batch holds only what arrived within the batch
-    wait (measured: 1 to 2.2 images per batch at 16 clients). Here one consumer
-    takes a batch only when the previous call has returned, so everything that
-    queued meanwhile, up to `max_items`, shares the next call. A lone item waits
-    `wait_s` once for company.
-    """
-
-    def __init__(self, run: Callable[[list[T]], Awaitable[list[R]]], max_items: int, wait_s: float) -> None:
-        if max_items < 1 or wait_s < 0:
-            raise ValueError(f"need max_items >= 1 and wait_s >= 0, got {max_items} and {wait_s}")
-        self._run = run
-        self._max_items = max_items
-        self._wait_s = wait_s
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
-        self._consumer: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Future[R]] = set()  # the futures of the call in progress
-        self.batches = 0
-        self.items = 0
-
-    async def submit(self, item: T) -> R:
-        """`item`'s result, computed in a call shared with whatever else is queued.
-
-        Cancelled while queued, the item is dropped; cancelled while its call
-        runs, this waits for the call to return before re-raising, so the
-        caller's slots are not given up while its item still computes.
-        """
-        loop = asyncio.get_running_loop()
-        if self._consumer is None or self._consumer.done():
-            self._consumer = loop.create_task(self._consume())
-        future: asyncio.Future[R] = loop.create_future()
-        self._queue.put_nowait((item, future))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if future in self._running:
-                await wait_through_cancellation(future)
-            else:
-                future.cancel()
-            raise
-
-    async def _consume(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            if self._queue.qsize() < self._max_items - 1 and self._wait_s > 0:
-                await asyncio.sleep(self._wait_s)
-            while len(batch) < self._max_items and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            batch = [(item, future) for item, future in batch if not future.cancelled()]  # clients gone
-            if not batch:
-                continue
-            self._running = {future for _, future in batch}
-            try:
-                results = await self._run([item for item, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - any failure must reach every waiting request, or it hangs
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-            else:
-                for (_, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
-            finally:
-                self._running = set()
-            self.batches += 1
-            self.items += len(batch)
-
-
-def run_each_or_together(upscaler: Upscaler, images: list[Image.Image]) -> list[Image.Image | SRInputError]:
-    """`run_many` over all images; if one image fails, each runs alone so that only its request fails."""
-    try:
-        return list(cast(list[Image.Image], upscaler.run_many(images)))  # PIL images in, PIL images out
-    except SRInputError:
-        if len(images) == 1:
-            raise
-    results: list[Image.Image | SRInputError] = []
-    for image in images:
-        try:
-            results.append(upscaler.run(image))
-        except SRInputError as exc:
-            results.append(exc)
-    return results
-
-
 def build_app(
     model: str | os.PathLike[str] | None = None,
     backend: str = "auto",
@@ -751,6 +484,68 @@ def build_app(
     serve_options = scaling.deployment_options(cluster_gpus, extra_slots=options.max_queued_requests + HEALTH_HEADROOM)
     return deployment.options(**serve_options).bind(model_path, backend, precision, options,
                                                     scaling.max_ongoing_requests, drain_control)
+
+
+#: Application arguments that may be None (the rest take the type of their default).
+_OPTIONAL_NUMBERS: dict[str, Callable[[str], float]] = {"min_replicas": int, "max_replicas": int,
+                                                        "gpus_per_replica": float}
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """The arguments of `app_builder`: model, backend and precision, plus every ServiceOptions and
+    Scaling field by name, flat (`max_ongoing_requests`, `body_timeout_s`, ...)."""
+
+    model: str | None = None
+    backend: str = "auto"
+    precision: str = "auto"
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+    scaling: Scaling = field(default_factory=Scaling)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> AppArgs:
+        """Checked and typed: `serve run` passes every value as a string. ValueError names a bad key or value."""
+        top: dict[str, Any] = {}
+        parts: dict[type, dict[str, Any]] = {ServiceOptions: {}, Scaling: {}}
+        defaults = {kind: {f.name: getattr(kind(), f.name) for f in fields(kind)} for kind in parts}
+        for key, value in raw.items():
+            if key in ("model", "backend", "precision"):
+                top[key] = None if value is None else str(value)
+                continue
+            kind = next((k for k in parts if key in defaults[k]), None)
+            if kind is None:
+                known = ["model", "backend", "precision", *defaults[ServiceOptions], *defaults[Scaling]]
+                raise ValueError(f"unknown application argument {key!r} (use {', '.join(known)})")
+            parts[kind][key] = _typed(key, value, defaults[kind][key])
+        if top.get("backend", "auto") not in ALIASES:
+            raise ValueError(f"backend must be one of {', '.join(sorted(ALIASES))}, got {top['backend']!r}")
+        if top.get("precision", "auto") not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {top['precision']!r}")
+        return cls(**top, options=ServiceOptions(**parts[ServiceOptions]), scaling=Scaling(**parts[Scaling]))
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the argument's default (strings from `serve run` parsed)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if key in _OPTIONAL_NUMBERS:
+            return None
+        raise ValueError(f"{key} needs a value")
+    kind = _OPTIONAL_NUMBERS.get(key) or type(default)
+    try:
+        typed = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and value != typed:
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return typed
+
+
+def app_builder(args: Mapping[str, Any]) -> serve.Application:
+    """The application for `serve run sr_cluster.serve:app_builder model=... backend=cpu ...` and for a
+    Serve config file's `import_path: sr_cluster.serve:app_builder` with its `args`: see AppArgs."""
+    parsed = args if isinstance(args, AppArgs) else AppArgs.from_mapping(args)
+    return build_app(parsed.model, parsed.backend, parsed.precision, options=parsed.options,
+                     scaling=parsed.scaling)
 
 
 def _number(kind: Callable[[str], float], low: float, high: float = math.inf) -> Callable[[str], Any]:

@@ -38,10 +38,12 @@ from sr_runtime import Upscaler
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the `cluster` extra)")
 
 from sr_cluster.serve import (  # after the skip: needs ray
+    AppArgs,
     HTTPError,
     QueueBatcher,
     Scaling,
     ServiceOptions,
+    app_builder,
     build_app,
     build_parser,
     encode_image,
@@ -377,6 +379,38 @@ def test_an_address_where_nothing_listens_fails_at_once(capsys: pytest.CaptureFi
     assert capsys.readouterr().err.strip().splitlines() == [
         (f"sr-serve: error: cannot reach the Ray cluster at {HOST}:{port}: nothing answers at {HOST}:{port} "
          "(Connection refused)")]
+
+
+def test_app_arguments_are_typed_and_checked() -> None:
+    """What `serve run sr_cluster.serve:app_builder k=v ...` passes (strings) or a config file's `args` holds."""
+    args = AppArgs.from_mapping({"model": "/m", "backend": "cpu", "max_ongoing_requests": "4",
+                                 "body_timeout_s": "7.5", "min_replicas": "none", "gpus_per_replica": 0})
+    assert (args.model, args.backend, args.scaling.max_ongoing_requests) == ("/m", "cpu", 4)
+    assert args.options.body_timeout_s == 7.5 and args.scaling.min_replicas is None
+    assert args.scaling.gpus_per_replica == 0.0
+    for bad in ({"max_ongoing_request": "4"}, {"max_ongoing_requests": "four"}, {"replicas": "0"},
+                {"backend": "gpu"}, {"body_timeout_s": "inf"}, {"concurrent_runs": 1.5}, {"port": "80"}):
+        with pytest.raises(ValueError):
+            AppArgs.from_mapping(bad)
+
+
+@pytest.mark.slow
+def test_the_app_builder_serves(service: int, double_model: Path) -> None:
+    """The builder as `serve run` calls it (Serve's own builder call, with string arguments)."""
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    app = call_user_app_builder_with_args_if_necessary(app_builder, {  # type: ignore[arg-type]
+        "model": str(double_model), "backend": "cpu", "gpus_per_replica": "0", "cpus_per_replica": "0",
+        "max_ongoing_requests": "3"})
+    serve.run(app, name="sr-built", route_prefix="/built")
+    try:
+        assert json.loads(request(service, "GET", "/built/healthz").body)["model"] == "test-double"
+        data = encoded(photo(20, 16, 51), "PNG")
+        reply = post_image(service, data, prefix="/built")
+        assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(double_model, data)))
+    finally:
+        serve.delete("sr-built")
 
 
 def test_encode_keeps_what_the_format_can_hold() -> None:
