@@ -89,8 +89,8 @@ class Placement:
         return f"{self.workers} Ray worker{'s' if self.workers > 1 else ''}, {each} each"
 
 
-def plan_placement(cluster: dict[str, float], free: dict[str, float], node_cpus: list[float],
-                   requested: int | None) -> Placement:
+def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested: int | None,
+                   free: dict[str, float] | None = None) -> Placement:
     """One worker per free GPU where the cluster has GPUs; else one per free CPU, each with one intra-op thread.
 
     On CPUs, per-image parallelism beats intra-op threads for many small files (no
@@ -99,6 +99,7 @@ def plan_placement(cluster: dict[str, float], free: dict[str, float], node_cpus:
     one node's. Only what is free counts (another application, a service, may hold
     the rest): more workers than free slots would wait for ever, a usage error.
     """
+    free = cluster if free is None else free  # None: all of it is free
     gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
     free_gpus, free_cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
     if gpus:
@@ -431,7 +432,7 @@ def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summa
     try:
         with sigterm_as_exit(), _noting(terminated):
             nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-            placement = plan_placement(ray.cluster_resources(), free_resources(), nodes, args.workers)
+            placement = plan_placement(ray.cluster_resources(), nodes, args.workers, free=free_resources())
             with WorkerPool(args, samples, placement) as pool:
                 first = _check_workers(pool.start(), samples)
                 print(f"sr-upscale: model {first.model}, backend {first.backend} ({first.precision}) on "

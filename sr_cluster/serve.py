@@ -355,10 +355,10 @@ class UpscaleService:
 
     def health(self) -> dict[str, Any]:
         up, c = self._deterministic, self._counters
-        return {"status": "draining" if self._draining else "ok", "model": up.spec.name, "backend": up.backend, "precision": up.precision,
-                "max_pixels": up.max_pixels, "in_flight": c.in_flight, "uploading": c.uploading,
-                "upscaling": c.upscaling, "upscaling_peak": c.upscaling_peak, "stopped_runs": c.stopped_runs,
-                "refused_busy": c.refused_busy, "slow_uploads": c.slow_uploads,
+        return {"status": "draining" if self._draining else "ok", "model": up.spec.name, "backend": up.backend,
+                "precision": up.precision, "max_pixels": up.max_pixels, "in_flight": c.in_flight,
+                "uploading": c.uploading, "upscaling": c.upscaling, "upscaling_peak": c.upscaling_peak,
+                "stopped_runs": c.stopped_runs, "refused_busy": c.refused_busy, "slow_uploads": c.slow_uploads,
                 "samplers": len(self._samplers), "batches": self._batcher.batches,
                 "batched_images": self._batcher.items}
 
@@ -567,7 +567,8 @@ def _number(kind: Callable[[str], float], low: float, high: float = math.inf) ->
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sr-serve", description="x4 upscaling over HTTP on Ray Serve: "
                                                            "POST /upscale, GET /healthz")
-    p.add_argument("--model", default=None, help="model directory readable on every node (default: $SR_MODEL_DIR here, else the shipped one)")
+    p.add_argument("--model", default=None,
+                   help="model directory readable on every node (default: $SR_MODEL_DIR here, else the shipped one)")
     p.add_argument("--backend", default="auto", choices=sorted(ALIASES), help="inference backend (default auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="model precision (default auto)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -577,8 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: $RAY_ADDRESS, else the cluster `ray start` made here, else a new local one")
     scale = p.add_argument_group("scaling")
     scale.add_argument("--replicas", type=_number(int, 1), default=1, help="fixed replica count (default 1)")
-    scale.add_argument("--min-replicas", type=_number(int, 0), default=None, help="autoscaling lower bound (enables autoscaling)")
-    scale.add_argument("--max-replicas", type=_number(int, 1), default=None, help="autoscaling upper bound (enables autoscaling)")
+    scale.add_argument("--min-replicas", type=_number(int, 0), default=None,
+                       help="autoscaling lower bound (enables autoscaling)")
+    scale.add_argument("--max-replicas", type=_number(int, 1), default=None,
+                       help="autoscaling upper bound (enables autoscaling)")
     scale.add_argument("--target-ongoing-requests", type=_number(float, 1e-3), default=4.0,
                        help="autoscaling target of requests in flight per replica (default 4)")
     scale.add_argument("--max-ongoing-requests", type=_number(int, 1), default=DEFAULT_MAX_ONGOING_REQUESTS,

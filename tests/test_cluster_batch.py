@@ -220,19 +220,19 @@ def test_without_the_cluster_extra_one_line_and_exit_2(double_model: Path, photo
 def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str, float],
                                                                free: dict[str, float] | None, nodes: list[float],
                                                                requested: int | None, expected: Placement) -> None:
-    assert plan_placement(cluster, free or cluster, nodes, requested) == expected
+    assert plan_placement(cluster, nodes, requested, free=free) == expected
 
 
 def test_placement_refuses_what_is_not_free() -> None:
     with pytest.raises(UsageError, match="2 CPUs, 0 free"):
-        plan_placement({"CPU": 2.0}, {"CPU": 0.0}, [2.0], None)
+        plan_placement({"CPU": 2.0}, [2.0], None, free={"CPU": 0.0})
     with pytest.raises(UsageError, match="2 CPUs, 1 free"):
-        plan_placement({"CPU": 2.0}, {"CPU": 1.0}, [2.0], 2)
+        plan_placement({"CPU": 2.0}, [2.0], 2, free={"CPU": 1.0})
 
 
 def test_placement_refuses_more_workers_than_gpus() -> None:
     with pytest.raises(UsageError, match="2 GPUs"):
-        plan_placement({"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}, [8.0], 3)
+        plan_placement({"CPU": 8.0, "GPU": 2.0}, [8.0], 3)
 
 
 @pytest.mark.slow

@@ -693,8 +693,8 @@ def sr_serve(ray_local: Any, *flags: str, timeout: float = 180) -> subprocess.Co
 def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_local: Any,
                                           tmp_path: Path) -> None:
     """On a cluster whose Serve already listens on another port, for replicas it has no room for, or for a
-    backend it has no GPU for: one line, exit 2, nothing changed. A replica that cannot load: exit 1, and its failed application
-    is gone while the other application still answers."""
+    backend it has no GPU for: one line, exit 2, nothing changed. A replica that cannot load: exit 1, and
+    its failed application is gone while the other application still answers."""
     from ray import serve
 
     other = sr_serve(ray_local, "--model", str(double_model), "--port", str(free_port()))
