@@ -229,10 +229,13 @@ def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -
         job = FileJob.absolute(src, targets, order)
         try:
             check_targets(src, targets, inputs, claimed)  # the paths as given, for its messages
+            claimed.update(t.resolve() for t in job.targets)  # claimed at dispatch: files run concurrently
         except FILE_ERRORS as exc:
             summary.fail(order, failure_line(src, exc))
             continue
-        claimed.update(t.resolve() for t in job.targets)  # claimed at dispatch: files run concurrently
+        except RuntimeError:  # Path.resolve on a symlink loop: this file's failure, not the job's
+            summary.fail(order, f"{src}: an output path is a symlink loop")
+            continue
         if job.done():
             summary.skipped += 1
         else:

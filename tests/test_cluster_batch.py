@@ -135,7 +135,8 @@ def test_resume_does_only_the_missing_outputs(double_model: Path, ray_local: Any
 def test_resume_redoes_an_output_that_is_a_symlink(double_model: Path, ray_local: Any, photos: Path,
                                                    tmp_path: Path, local_results: dict[str, Path],
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """A symlink where an output goes (to any file) is not a finished output: redone, the link replaced."""
+    """A symlink where an output goes (to any file) is not a finished output: redone, the link replaced;
+    a symlink loop there fails that file alone."""
     out = tmp_path / "out"
     out.mkdir()
     elsewhere = tmp_path / "elsewhere.png"
@@ -144,6 +145,11 @@ def test_resume_redoes_an_output_that_is_a_symlink(double_model: Path, ray_local
     assert run_ray(double_model, ray_local, str(photos / "p00.png"), str(photos / "p01.png"), "-o", str(out)) == 0
     assert summary_counts(capsys.readouterr().err) == (2, 0, 0, 0)
     assert not (out / "p00_x4.png").is_symlink() and elsewhere.read_bytes() == (photos / "p01.png").read_bytes()
+    (out / "p03_x4.jpg").symlink_to(out / "p03_x4.jpg")  # a loop: that file fails on its own line, the rest go on
+    assert run_ray(double_model, ray_local, str(photos / "p02.png"), str(photos / "p03.jpg"), "-o", str(out)) == 1
+    err = capsys.readouterr().err
+    assert summary_counts(err) == (1, 0, 1, 0) and "Traceback" not in err
+    assert f"failed: {photos / 'p03.jpg'}: an output path is a symlink loop" in err
     for name in ("p00_x4.png", "p01_x4.png"):
         with Image.open(out / name) as got, Image.open(local_results["t0"] / name) as want:
             assert np.array_equal(np.asarray(got), np.asarray(want)), name
