@@ -19,12 +19,16 @@ Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import logging
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +37,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from tqdm import tqdm
 
+from sr_cluster.address import check_reachable
 from sr_runtime.cli import (
     FILE_ERRORS,
     FileNotes,
@@ -64,6 +69,8 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 15.0
 #: Pause between pings of a worker Ray is restarting.
 RESTART_POLL_S = 0.2
+#: How long resources held at the start are watched for being given back before the plan uses what is free.
+FREE_SETTLE_S = 2.0
 #: Longest the driver blocks in one `ray.wait`, so Ctrl-C and SIGTERM are handled promptly.
 POLL_S = 1.0
 
@@ -82,39 +89,63 @@ class Placement:
         return f"{self.workers} Ray worker{'s' if self.workers > 1 else ''}, {each} each"
 
 
-def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested: int | None) -> Placement:
-    """One worker per GPU where the cluster has GPUs; else one per CPU, each with one intra-op thread.
+def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested: int | None,
+                   free: dict[str, float] | None = None) -> Placement:
+    """One worker per free GPU where the cluster has GPUs; else one per free CPU, each with one intra-op thread.
 
     On CPUs, per-image parallelism beats intra-op threads for many small files (no
     sync per convolution) and maps one-to-one onto Ray's CPU slots on any node
-    size. Fewer workers (`--workers`) each take cpus // workers cores, at most
-    one node's. More workers than slots would wait forever: a usage error.
+    size. Fewer workers (`--workers`) each take free_cpus // workers cores, at most
+    one node's. Only what is free counts (another application, a service, may hold
+    the rest): more workers than free slots would wait for ever, a usage error.
     """
+    free = cluster if free is None else free  # None: all of it is free
     gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
+    free_gpus, free_cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
     if gpus:
-        workers = requested or gpus
-        if workers > gpus:
-            raise UsageError(f"--workers {workers}: the Ray cluster has {gpus} GPUs, one per worker")
-        return Placement(workers, num_gpus=1, num_cpus=1, cpu_threads=None)
-    workers = requested or cpus
-    if not 1 <= workers <= cpus:
-        raise UsageError(f"--workers {workers}: the Ray cluster has {cpus} CPUs, at least one per worker")
-    share = max(1, min(cpus // workers, int(max(node_cpus, default=1))))
+        workers = requested or free_gpus
+        if not 1 <= workers <= free_gpus:
+            raise UsageError(f"--workers {workers}: the Ray cluster has {gpus} GPUs, {free_gpus} free, "
+                             "one per worker")
+        return Placement(workers, num_gpus=1, num_cpus=1 if free_cpus >= workers else 0, cpu_threads=None)
+    workers = requested or free_cpus
+    if not 1 <= workers <= free_cpus:
+        raise UsageError(f"--workers {workers}: the Ray cluster has {cpus} CPUs, {free_cpus} free, "
+                         "at least one per worker")
+    share = max(1, min(free_cpus // workers, int(max(node_cpus, default=1))))
     return Placement(workers, num_gpus=0, num_cpus=share, cpu_threads=share)
 
 
 @dataclass(frozen=True)
 class FileJob:
-    """One input, the files it writes, and how many times a worker died while running it."""
+    """One input, the files it writes, and how many times a worker died while running it.
+
+    `src` and `targets` are absolute (a worker's working directory is not the
+    driver's); `shown` is the input as the user named it, for messages.
+    """
 
     src: Path
     targets: tuple[Path, ...]  # its output first, then the std map with --std-map
     order: int  # its place among the inputs: failure lines are printed in input order, as locally
+    shown: Path
     deaths: int = 0
 
+    @classmethod
+    def absolute(cls, src: Path, targets: tuple[Path, ...], order: int) -> FileJob:
+        """`src`'s job, its paths made absolute against this (the driver's) working directory."""
+        return cls(src.absolute(), tuple(t.absolute() for t in targets), order, shown=src)
+
+    def as_given(self, text: str) -> str:
+        """`text` with the absolute input path written as the user gave it, so lines read as the local CLI's."""
+        return text.replace(str(self.src), str(self.shown))
+
     def done(self) -> bool:
-        """Every output exists: complete, since outputs are only ever renamed into place."""
-        return all(t.exists() for t in self.targets)
+        """Every output is a file of its own: complete, since outputs are only ever renamed into place.
+
+        A symlink is not an output this tool wrote (it may point at anything): the file is redone,
+        and the rename replaces the link, not what it points at.
+        """
+        return all(t.is_file() and not t.is_symlink() for t in self.targets)
 
     def remove_leftovers(self) -> None:
         """Delete the temporary files a killed attempt at this file left (call only while none runs it)."""
@@ -164,9 +195,11 @@ class UpscaleWorker:
         """Upscale one file; a killed earlier attempt's temporary files go first (this worker owns them now)."""
         job.remove_leftovers()
         try:
-            return FileOutcome(notes=upscale_file(self._upscaler, job.src, job.targets, self._samples, self._args))
+            notes = upscale_file(self._upscaler, job.src, job.targets, self._samples, self._args)
         except FILE_ERRORS as exc:
-            return FileOutcome(failure=failure_line(job.src, exc))
+            return FileOutcome(failure=job.as_given(failure_line(job.src, exc)))
+        return FileOutcome(notes=FileNotes([job.as_given(w) for w in notes.warnings],
+                                           None if notes.timing is None else job.as_given(notes.timing)))
 
 
 @dataclass
@@ -192,13 +225,17 @@ def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -
     claimed: set[Path] = set()
     jobs: list[FileJob] = []
     for order, src in enumerate(sources):
-        job = FileJob(src, output_targets(output_path(src, args), args), order)
+        targets = output_targets(output_path(src, args), args)
+        job = FileJob.absolute(src, targets, order)
         try:
-            check_targets(src, job.targets, inputs, claimed)
+            check_targets(src, targets, inputs, claimed)  # the paths as given, for its messages
+            claimed.update(t.resolve() for t in job.targets)  # claimed at dispatch: files run concurrently
         except FILE_ERRORS as exc:
             summary.fail(order, failure_line(src, exc))
             continue
-        claimed.update(t.resolve() for t in job.targets)  # claimed at dispatch: files run concurrently
+        except RuntimeError:  # Path.resolve on a symlink loop: this file's failure, not the job's
+            summary.fail(order, f"{src}: an output path is a symlink loop")
+            continue
         if job.done():
             summary.skipped += 1
         else:
@@ -253,7 +290,7 @@ class WorkerPool:
             self._feed(queue)
             if not self._in_flight and not self._pings:  # work left but no live worker
                 for job in queue:
-                    summary.fail(job.order, f"{job.src}: no Ray worker left to upscale it (all died)")
+                    summary.fail(job.order, f"{job.shown}: no Ray worker left to upscale it (all died)")
                 queue.clear()
                 break
             ready, _ = ray.wait([*self._in_flight, *self._pings], num_returns=1, timeout=POLL_S)
@@ -283,7 +320,7 @@ class WorkerPool:
             return
         except RayTaskError as exc:  # a bug, not bad input: still one line for this file, the rest go on
             cause = exc.cause if exc.cause is not None else exc
-            outcome = FileOutcome(failure=f"{job.src}: {type(cause).__name__}: {cause}")
+            outcome = FileOutcome(failure=f"{job.shown}: {type(cause).__name__}: {cause}")
         if outcome.failure is not None:
             summary.fail(job.order, outcome.failure)
         elif outcome.notes is not None:
@@ -319,7 +356,7 @@ class WorkerPool:
             summary.done += 1
         elif job.deaths >= MAX_ATTEMPTS:
             job.remove_leftovers()
-            summary.fail(job.order, f"{job.src}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
+            summary.fail(job.order, f"{job.shown}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
         else:
             summary.resubmitted += 1
             queue.appendleft(job)
@@ -328,19 +365,24 @@ class WorkerPool:
 
     def stop(self) -> None:
         """Kill the workers; once their calls have failed, remove what the interrupted files left half-written."""
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        if self._in_flight:
-            ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception, SystemExit):  # the cluster itself is going: Ray ends its driver
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            if self._in_flight:
+                ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=STOP_TIMEOUT_S)
         for _, job in self._in_flight.values():
             job.remove_leftovers()
 
 
 def connect(address: str) -> bool:
-    """Join the Ray session this process already has, or the cluster at `address`; True if we connected here."""
+    """Join the Ray session this process already has, or the cluster at `address`; True if we connected here.
+
+    ConnectionError at once if nothing listens at an explicit address (Ray would retry for minutes).
+    """
     if ray.is_initialized():
         return False
-    ray.init(address=None if address == "auto" else address, logging_level=logging.WARNING)
+    check_reachable(address)
+    ray.init(address=None if address == "auto" else address, logging_level=logging.ERROR)  # Ray's warnings: its logs
     return True
 
 
@@ -354,14 +396,23 @@ def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: 
     if not jobs:
         return final_status(summary.failure_lines(), 0)
     try:
-        load_model_spec(args.model)  # a wrong --model is a usage error before any cluster starts
+        # Resolved here: a worker's environment (no $SR_MODEL_DIR) and working directory are not the driver's.
+        model = load_model_spec(args.model).directory.absolute()
+        args = argparse.Namespace(**{**vars(args), "model": str(model)})
         connected_here = connect(args.ray)
     except SRModelError as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        print(f"sr-upscale: error: cannot reach the Ray cluster at {args.ray}: {exc}", file=sys.stderr)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"sr-upscale: error: cannot reach the Ray cluster at {args.ray}: {reason}", file=sys.stderr)
         return 2
+    except SystemExit:  # SIGTERM while Ray connects: its handler exits with the bare signal number
+        print("sr-upscale: interrupted", file=sys.stderr)
+        return 143
+    # ray.init replaced the SIGTERM handler; the one of a cluster it started here kills that cluster and
+    # exits 1, and Ray's teardown after a SIGTERM to the process group can deliver it again.
+    signal.signal(signal.SIGTERM, _terminate_once)
     try:
         return _run_pool(args, samples, jobs, summary)
     finally:
@@ -369,14 +420,22 @@ def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: 
             ray.shutdown()
 
 
+def _terminate_once(signum: int, frame: object) -> None:
+    """SIGTERM outside the pool's own handling: exit 143 the first time, and ignore repeats (the job is
+    already stopping, its status decided)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summary: Summary) -> int:
     """Place the workers, stream the files through them, and always kill them at the end."""
     started = time.perf_counter()
     status = 0
+    terminated = threading.Event()
     try:
-        with sigterm_as_exit():
+        with sigterm_as_exit(), _noting(terminated):
             nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-            placement = plan_placement(ray.cluster_resources(), nodes, args.workers)
+            placement = plan_placement(ray.cluster_resources(), nodes, args.workers, free=free_resources())
             with WorkerPool(args, samples, placement) as pool:
                 first = _check_workers(pool.start(), samples)
                 print(f"sr-upscale: model {first.model}, backend {first.backend} ({first.precision}) on "
@@ -388,12 +447,42 @@ def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summa
         return 2
     except KeyboardInterrupt:
         status = 130
-    except SystemExit as exc:  # SIGTERM
-        status = exc.code if isinstance(exc.code, int) else 143
+    except SystemExit as exc:  # SIGTERM; or Ray ending its driver (code 1) as a signalled cluster goes down
+        status = 143 if terminated.is_set() or not isinstance(exc.code, int) else exc.code
     print(f"sr-upscale: {summary.done} done, {summary.skipped} skipped as already done, "
           f"{len(summary.failures)} failed, {summary.resubmitted} resubmitted after a worker died "
           f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return final_status(summary.failure_lines(), status)
+
+
+@contextlib.contextmanager
+def _noting(terminated: threading.Event) -> Iterator[None]:
+    """Sets `terminated` on SIGTERM, then runs the handler that was there (sigterm_as_exit's: SystemExit)."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def note(signum: int, frame: Any) -> None:
+        terminated.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def free_resources(settle_s: float = FREE_SETTLE_S) -> dict[str, float]:
+    """What the cluster has free; while some is held, watched for `settle_s`, since actors that just ended
+    (a previous job's workers) give theirs back a moment later."""
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    deadline = time.monotonic() + settle_s
+    while any(free.get(k, 0.0) < total.get(k, 0.0) for k in ("CPU", "GPU")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = ray.available_resources()
+        free = {k: max(free.get(k, 0.0), now.get(k, 0.0)) for k in {*free, *now}}
+    return free
 
 
 def _check_workers(infos: list[WorkerInfo], samples: int) -> WorkerInfo:

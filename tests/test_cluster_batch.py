@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -128,6 +132,30 @@ def test_resume_does_only_the_missing_outputs(double_model: Path, ray_local: Any
 
 
 @pytest.mark.slow
+def test_resume_redoes_an_output_that_is_a_symlink(double_model: Path, ray_local: Any, photos: Path,
+                                                   tmp_path: Path, local_results: dict[str, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A symlink where an output goes (to any file) is not a finished output: redone, the link replaced;
+    a symlink loop there fails that file alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes((photos / "p01.png").read_bytes())
+    (out / "p00_x4.png").symlink_to(elsewhere)
+    assert run_ray(double_model, ray_local, str(photos / "p00.png"), str(photos / "p01.png"), "-o", str(out)) == 0
+    assert summary_counts(capsys.readouterr().err) == (2, 0, 0, 0)
+    assert not (out / "p00_x4.png").is_symlink() and elsewhere.read_bytes() == (photos / "p01.png").read_bytes()
+    (out / "p03_x4.jpg").symlink_to(out / "p03_x4.jpg")  # a loop: that file fails on its own line, the rest go on
+    assert run_ray(double_model, ray_local, str(photos / "p02.png"), str(photos / "p03.jpg"), "-o", str(out)) == 1
+    err = capsys.readouterr().err
+    assert summary_counts(err) == (1, 0, 1, 0) and "Traceback" not in err
+    assert f"failed: {photos / 'p03.jpg'}: an output path is a symlink loop" in err
+    for name in ("p00_x4.png", "p01_x4.png"):
+        with Image.open(out / name) as got, Image.open(local_results["t0"] / name) as want:
+            assert np.array_equal(np.asarray(got), np.asarray(want)), name
+
+
+@pytest.mark.slow
 def test_a_corrupt_input_fails_with_the_local_line(double_model: Path, ray_local: Any, photos: Path,
                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken.png"
@@ -181,20 +209,149 @@ def test_without_the_cluster_extra_one_line_and_exit_2(double_model: Path, photo
 
 
 @pytest.mark.parametrize(
-    ("cluster", "nodes", "requested", "expected"),
+    ("cluster", "free", "nodes", "requested", "expected"),
     [
-        ({"CPU": 16.0, "GPU": 4.0}, [8.0, 8.0], None, Placement(4, num_gpus=1, num_cpus=1, cpu_threads=None)),
-        ({"CPU": 16.0}, [8.0, 8.0], None, Placement(16, num_gpus=0, num_cpus=1, cpu_threads=1)),
-        ({"CPU": 16.0}, [8.0, 8.0], 4, Placement(4, num_gpus=0, num_cpus=4, cpu_threads=4)),
-        ({"CPU": 16.0}, [8.0, 8.0], 1, Placement(1, num_gpus=0, num_cpus=8, cpu_threads=8)),  # one node's worth
-        ({"CPU": 2.0}, [2.0], 1, Placement(1, num_gpus=0, num_cpus=2, cpu_threads=2)),
+        ({"CPU": 16.0, "GPU": 4.0}, None, [8.0, 8.0], None, Placement(4, num_gpus=1, num_cpus=1, cpu_threads=None)),
+        ({"CPU": 16.0}, None, [8.0, 8.0], None, Placement(16, num_gpus=0, num_cpus=1, cpu_threads=1)),
+        ({"CPU": 16.0}, None, [8.0, 8.0], 4, Placement(4, num_gpus=0, num_cpus=4, cpu_threads=4)),
+        ({"CPU": 16.0}, None, [8.0, 8.0], 1, Placement(1, num_gpus=0, num_cpus=8, cpu_threads=8)),  # a node's worth
+        ({"CPU": 2.0}, None, [2.0], 1, Placement(1, num_gpus=0, num_cpus=2, cpu_threads=2)),
+        # another application holds one of two CPUs: only the free one is planned for
+        ({"CPU": 2.0}, {"CPU": 1.0}, [2.0], None, Placement(1, num_gpus=0, num_cpus=1, cpu_threads=1)),
+        ({"CPU": 2.0}, {"CPU": 1.0}, [2.0], 1, Placement(1, num_gpus=0, num_cpus=1, cpu_threads=1)),
+        ({"CPU": 16.0, "GPU": 4.0}, {"CPU": 0.0, "GPU": 2.0}, [16.0], None,
+         Placement(2, num_gpus=1, num_cpus=0, cpu_threads=None)),
     ],
 )
-def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str, float], nodes: list[float],
+def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str, float],
+                                                               free: dict[str, float] | None, nodes: list[float],
                                                                requested: int | None, expected: Placement) -> None:
-    assert plan_placement(cluster, nodes, requested) == expected
+    assert plan_placement(cluster, nodes, requested, free=free) == expected
+
+
+def test_placement_refuses_what_is_not_free() -> None:
+    with pytest.raises(UsageError, match="2 CPUs, 0 free"):
+        plan_placement({"CPU": 2.0}, [2.0], None, free={"CPU": 0.0})
+    with pytest.raises(UsageError, match="2 CPUs, 1 free"):
+        plan_placement({"CPU": 2.0}, [2.0], 2, free={"CPU": 1.0})
 
 
 def test_placement_refuses_more_workers_than_gpus() -> None:
     with pytest.raises(UsageError, match="2 GPUs"):
         plan_placement({"CPU": 8.0, "GPU": 2.0}, [8.0], 3)
+
+
+@pytest.mark.slow
+def test_relative_paths_mean_the_drivers_files(double_model: Path, ray_local: Any, photos: Path, tmp_path: Path,
+                                               local_results: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Inputs and -o relative to the driver's working directory, not the workers' (which is elsewhere)."""
+    (tmp_path / "in").mkdir()
+    for name in ("p00.png", "p03.jpg"):
+        (tmp_path / "in" / name).write_bytes((photos / name).read_bytes())
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(double_model), "-q", "in/broken.png", "-o", "local"]) == 1
+    local_failure = [line for line in capsys.readouterr().err.splitlines() if "failed:" in line]
+    assert run_ray(double_model, ray_local, "in/p00.png", "in/p03.jpg", "in/broken.png", "-o", "out") == 1
+    err = capsys.readouterr().err
+    assert summary_counts(err) == (2, 0, 1, 0)
+    assert [line for line in err.splitlines() if "failed:" in line] == local_failure  # named as given
+    assert local_failure[0].startswith("sr-upscale: failed: in/broken.png: ")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p00_x4.png", "p03_x4.jpg"]
+    for name in ("p00_x4.png", "p03_x4.jpg"):
+        with Image.open(tmp_path / "out" / name) as got, Image.open(local_results["t0"] / name) as want:
+            assert np.array_equal(np.asarray(got), np.asarray(want)), name
+
+
+@pytest.mark.slow
+def test_model_dir_from_the_environment_reaches_the_workers(double_model: Path, ray_local: Any, photos: Path,
+                                                            tmp_path: Path, local_results: dict[str, Path],
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """$SR_MODEL_DIR set on the driver only (the cluster started without it): workers still use that model."""
+    monkeypatch.setenv("SR_MODEL_DIR", str(double_model))
+    address = ray_local.get_runtime_context().gcs_address
+    assert main(["-q", str(photos / "p00.png"), str(photos / "p01.png"), "-o", str(tmp_path), "--ray", address]) == 0
+    assert "model test-double" in capsys.readouterr().err
+    for name in ("p00_x4.png", "p01_x4.png"):
+        with Image.open(tmp_path / name) as got, Image.open(local_results["t0"] / name) as want:
+            assert np.array_equal(np.asarray(got), np.asarray(want)), name
+
+
+def test_an_address_where_nothing_listens_fails_at_once(double_model: Path, photos: Path, tmp_path: Path) -> None:
+    """Ray would retry such an address for minutes (deaf to SIGTERM); one line and exit 2 instead.
+    In a process of its own: this one may have joined the test cluster, which --ray would use."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        for how in (["--ray", f"127.0.0.1:{port}"], ["--ray"]):
+            env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}  # what plain --ray (auto) dials
+            t0 = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "-q",
+                                   str(photos / "p00.png"), "-o", str(tmp_path), *how],
+                                  check=False, capture_output=True, text=True, env=env, timeout=60)
+            assert done.returncode == 2 and time.monotonic() - t0 < 20, done.stderr
+            assert done.stderr.strip().splitlines() == [
+                (f"sr-upscale: error: cannot reach the Ray cluster at {how[-1] if len(how) > 1 else 'auto'}: "
+                 f"nothing answers at 127.0.0.1:{port} (Connection refused)")]
+
+
+@pytest.mark.slow
+def test_workers_fit_in_what_another_application_leaves(double_model: Path, ray_local: Any, photos: Path,
+                                                        tmp_path: Path, local_results: dict[str, Path],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An actor holding one of the cluster's two CPUs (a service, say): the default is one worker on the
+    free CPU, and --workers 1 asks for that one CPU only, instead of waiting for a slot that cannot come."""
+    @ray_local.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()  # type: ignore[attr-defined]
+    try:
+        assert ray_local.get(holder.ready.remote(), timeout=60)
+        for i, flags in enumerate(([], ["--workers", "1"])):
+            t0 = time.monotonic()
+            out = tmp_path / str(i)
+            assert run_ray(double_model, ray_local, str(photos / "p0[0-3]*"), "-o", str(out), *flags) == 0
+            assert time.monotonic() - t0 < 60
+            assert "on 1 Ray worker, 1 CPU each" in capsys.readouterr().err
+            for path in out.iterdir():
+                with Image.open(path) as got, Image.open(local_results["t0"] / path.name) as want:
+                    assert np.array_equal(np.asarray(got), np.asarray(want)), path.name
+    finally:
+        ray_local.kill(holder)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_exits_143(double_model: Path, tmp_path: Path) -> None:
+    """`sr-upscale --ray` that started its own local cluster, SIGTERM to its process group (as a shell or a
+    supervisor sends it) mid-job: exit 143, no temporary file left. The dying cluster made Ray end its
+    driver with SystemExit(1), read as the exit status in most runs; two runs, since it is a race."""
+    photos = tmp_path / "big"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((rng.random((400, 400, 3)) * 255).astype(np.uint8)).save(photos / f"b{i}.png")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local cluster, not the test's
+    env["RAY_agent_register_timeout_ms"] = "180000"
+    for trial in range(2):
+        out, log = tmp_path / f"out{trial}", tmp_path / f"log{trial}"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "-q",
+                                     str(photos), "-o", str(out), "--ray"],
+                                    stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "Ray worker" not in log.read_text() or not out.exists():  # workers up, files being written
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        assert "sr-upscale: interrupted" in log.read_text()
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

@@ -7,9 +7,12 @@ image; bad requests are sent while good ones are in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import http.client
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -19,9 +22,10 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +38,12 @@ from sr_runtime import Upscaler
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the `cluster` extra)")
 
 from sr_cluster.serve import (  # after the skip: needs ray
+    AppArgs,
     HTTPError,
     QueueBatcher,
     Scaling,
     ServiceOptions,
+    app_builder,
     build_app,
     build_parser,
     encode_image,
@@ -71,8 +77,8 @@ class Reply:
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> Reply:
-    conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+            headers: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> Reply:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     t0 = time.perf_counter()
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -88,19 +94,43 @@ def post_image(port: int, data: bytes, query: str = "", content_type: str = "ima
     return request(port, "POST", f"{prefix}/upscale{query}", data, {"Content-Type": content_type})
 
 
-def start_upload(conn: http.client.HTTPConnection, port: int, prefix: str, data: bytes) -> None:
+def start_upload(conn: http.client.HTTPConnection, port: int, prefix: str, data: bytes, in_flight: int = 1) -> None:
     """POST `data` to `prefix`/upscale but send only its first 100 bytes, and wait (bounded) until the
-    replica holds the request, reading its body: a request in flight for as long as the test wants."""
+    replica holds `in_flight` requests, this one reading its body: a request in flight for as long as
+    the test wants (or the replica's upload deadline)."""
     conn.putrequest("POST", f"{prefix}/upscale")
     conn.putheader("Content-Type", "image/png")
     conn.putheader("Content-Length", str(len(data)))
     conn.endheaders()
     conn.send(data[:100])
-    for _ in range(100):
-        if json.loads(request(port, "GET", f"{prefix}/healthz").body)["in_flight"] == 1:
-            return
-        time.sleep(0.1)
-    pytest.fail("the request never reached the replica")
+    wait_for_health(port, prefix, lambda h: h["in_flight"] == in_flight, "the request never reached the replica")
+
+
+def health(port: int, prefix: str) -> dict[str, Any]:
+    return dict(json.loads(request(port, "GET", f"{prefix}/healthz", timeout=10).body))
+
+
+def wait_for_health(port: int, prefix: str, condition: Callable[[dict[str, Any]], bool], failure: str,
+                    timeout: float = 30.0) -> dict[str, Any]:
+    """Poll `/healthz` (bounded) until `condition` holds; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = health(port, prefix)
+        if condition(state):
+            return state
+        time.sleep(0.05)
+    pytest.fail(f"{failure}: {state}")
+
+
+def wait_for_health_status(port: int, status: int, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll `/healthz` (bounded) until it answers `status`; its JSON."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = request(port, "GET", "/healthz", timeout=10)
+        if reply.status == status:
+            return dict(json.loads(reply.body))
+        time.sleep(0.05)
+    pytest.fail(f"/healthz never answered {status}: {reply.status} {reply.body[:200]!r}")
 
 
 def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -143,6 +173,84 @@ def service(ray_local: Any, double_model: Path) -> Iterator[int]:
         yield port
     finally:
         serve.shutdown()
+
+
+def slow_double(double: Path, directory: Path, rounds: int) -> Path:
+    """The test double plus `rounds` 384x384 matrix products per tile whose sum, times 0, is added to the
+    output: the same pixels, but each tile costs about as much as the shipped model's (~0.1 s) on a CPU."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(double / "model.fp32.onnx")
+    for node in model.graph.node:
+        node.output[:] = ["hr_fast" if name == "hr" else name for name in node.output]
+    nodes = [helper.make_node("Reshape", ["lr", "rows_shape"], ["rows"]),
+             helper.make_node("Transpose", ["rows"], ["cols"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["rows", "cols"], ["m0"]),
+             helper.make_node("Tanh", ["m0"], ["t0"])]  # tanh keeps every value finite: 0 * it is 0
+    for i in range(rounds):
+        nodes += [helper.make_node("MatMul", [f"t{i}", f"t{i}"], [f"m{i + 1}"]),
+                  helper.make_node("Tanh", [f"m{i + 1}"], [f"t{i + 1}"])]
+    nodes += [helper.make_node("ReduceSum", [f"t{rounds}", "all_axes"], ["busy"], keepdims=1),
+              helper.make_node("Unsqueeze", ["busy", "last_axis"], ["busy4"]),
+              helper.make_node("Mul", ["busy4", "zero"], ["nothing"]),
+              helper.make_node("Add", ["hr_fast", "nothing"], ["hr"])]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([0, 384, -1], np.int64), "rows_shape"),
+                                    numpy_helper.from_array(np.array([1, 2], np.int64), "all_axes"),
+                                    numpy_helper.from_array(np.array([3], np.int64), "last_axis")])
+    onnx.checker.check_model(model)
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.fp32.onnx")
+    manifest = json.loads((double / "manifest.json").read_text())
+    sha = hashlib.sha256((directory / "model.fp32.onnx").read_bytes()).hexdigest()
+    manifest.update(name="slow-double", onnx={"fp32": {"file": "model.fp32.onnx", "sha256": sha}})
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+HARD = "/hard"
+HARD_MAX_ONGOING = 2
+HARD_MAX_QUEUED = 3
+HARD_GRACE_S = 4.0
+HARD_BODY_TIMEOUT_S = 8.0
+HARD_MIN_RATE = 1000.0
+
+
+@pytest.fixture(scope="module")
+def hard_service(service: int, double_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A second app on the same Serve, at /hard: the slow double (~0.1 s a tile), one run at a time,
+    2 request slots and 3 queued requests, tight upload limits. Its port."""
+    from ray import serve
+
+    model = slow_double(double_model, tmp_path_factory.mktemp("slow") / "slow-double", rounds=150)
+    options = ServiceOptions(max_pixels=MAX_PIXELS, concurrent_runs=1, max_queued_requests=HARD_MAX_QUEUED,
+                             body_timeout_s=HARD_BODY_TIMEOUT_S, min_upload_bytes_per_s=HARD_MIN_RATE,
+                             upload_grace_s=HARD_GRACE_S)
+    # No CPU reserved: the test cluster's 2 CPUs stay for the other apps and for sr-serve processes.
+    serve.run(build_app(model, "cpu", options=options,
+                        scaling=Scaling(max_ongoing_requests=HARD_MAX_ONGOING, gpus_per_replica=0,
+                                        cpus_per_replica=0)),
+              name="sr-hard", route_prefix=HARD)
+    try:
+        yield service
+    finally:
+        serve.delete("sr-hard")
+
+
+def open_upload(port: int, size: int) -> http.client.HTTPConnection:
+    """A POST to /hard/upscale announcing `size` bytes, with only its headers sent."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+    conn.putrequest("POST", f"{HARD}/upscale")
+    conn.putheader("Content-Type", "image/png")
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders()
+    return conn
+
+
+def reply_of(conn: http.client.HTTPConnection) -> Reply:
+    resp = conn.getresponse()
+    return Reply(resp.status, resp.getheader("Content-Type", ""), resp.read(), 0.0)
 
 
 def expected(double_model: Path, data: bytes, temperature: float = 0.0, seed: int = 0) -> Image.Image:
@@ -198,7 +306,8 @@ def test_query_parameters_are_checked() -> None:
     assert parse_params([("seed", "7")]).seed == 0  # temperature 0: the seed changes nothing
     for bad in ([("temperature", "nan")], [("temperature", "2.5")], [("temperature", "-0.1")],
                 [("seed", "-1")], [("seed", str(2**63))], [("seed", "1e3")], [("format", "gif")],
-                [("temp", "1")], [("seed", "1"), ("seed", "2")]):
+                [("temp", "1")], [("seed", "1"), ("seed", "2")], [("temperature", "1"), ("seed", "1" * 5000)],
+                [("temperature", "\u0661")], [("seed", "\u0661")]):
         with pytest.raises(HTTPError) as err:
             parse_params(bad)
         assert err.value.status == 400, bad
@@ -225,6 +334,83 @@ def test_cli_flags_map_to_settings() -> None:
     assert build_parser().parse_args([]).host == "127.0.0.1"
     assert main(["--concurrent-runs", "0"]) == 2  # refused before any Ray is started
     assert main(["--min-replicas", "3", "--max-replicas", "2"]) == 2
+
+
+@pytest.mark.parametrize("flags", [
+    ["--port", "-1"], ["--port", "70000"], ["--port", "0"], ["--replicas", "0"], ["--max-ongoing-requests", "0"],
+    ["--max-queued-requests", "0"], ["--max-body-mb", "inf"], ["--graceful-shutdown-s", "inf"],
+    ["--target-ongoing-requests", "nan"], ["--gpus-per-replica", "-1"], ["--batch-wait-ms", "inf"],
+    ["--body-timeout-s", "0"], ["--min-upload-kbps", "inf"], ["--backend", "gpu"], ["--precision", "fp8"],
+    ["--concurrent-runs", "1.5"],
+])
+def test_bad_flags_are_one_usage_line(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(flags) == 2  # refused before Ray is started
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "pydantic" not in err and flags[0] in err.splitlines()[-1], err
+
+
+def test_scaling_refuses_what_serve_would() -> None:
+    for bad in ({"replicas": 0}, {"max_ongoing_requests": 0}, {"target_ongoing_requests": math.inf},
+                {"gpus_per_replica": -1.0}, {"graceful_shutdown_timeout_s": math.nan}):
+        with pytest.raises(ValueError):
+            Scaling(**bad)  # type: ignore[arg-type]
+
+
+def test_help_and_a_clear_error_without_ray(tmp_path: Path) -> None:
+    """Without the cluster extra: --help works, anything else is one line naming the extra."""
+    code = ("import sys; sys.modules['ray'] = None; from sr_cluster.serve import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = partial(subprocess.run, check=False, capture_output=True, text=True, env=env, timeout=60)
+    helped = run([sys.executable, "-c", code, "--help"])
+    assert helped.returncode == 0 and "POST /upscale" in helped.stdout, helped.stderr
+    refused = run([sys.executable, "-c", code])
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "sr-serve: error: needs the cluster extra (ray is missing): pip install '.[cluster]'"], refused.stderr
+
+
+def test_an_address_where_nothing_listens_fails_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        t0 = time.monotonic()
+        assert main(["--ray-address", f"{HOST}:{port}"]) == 2
+        assert time.monotonic() - t0 < 10
+    assert capsys.readouterr().err.strip().splitlines() == [
+        (f"sr-serve: error: cannot reach the Ray cluster at {HOST}:{port}: nothing answers at {HOST}:{port} "
+         "(Connection refused)")]
+
+
+def test_app_arguments_are_typed_and_checked() -> None:
+    """What `serve run sr_cluster.serve:app_builder k=v ...` passes (strings) or a config file's `args` holds."""
+    args = AppArgs.from_mapping({"model": "/m", "backend": "cpu", "max_ongoing_requests": "4",
+                                 "body_timeout_s": "7.5", "min_replicas": "none", "gpus_per_replica": 0})
+    assert (args.model, args.backend, args.scaling.max_ongoing_requests) == ("/m", "cpu", 4)
+    assert args.options.body_timeout_s == 7.5 and args.scaling.min_replicas is None
+    assert args.scaling.gpus_per_replica == 0.0
+    for bad in ({"max_ongoing_request": "4"}, {"max_ongoing_requests": "four"}, {"replicas": "0"},
+                {"backend": "gpu"}, {"body_timeout_s": "inf"}, {"concurrent_runs": 1.5}, {"port": "80"}):
+        with pytest.raises(ValueError):
+            AppArgs.from_mapping(bad)
+
+
+@pytest.mark.slow
+def test_the_app_builder_serves(service: int, double_model: Path) -> None:
+    """The builder as `serve run` calls it (Serve's own builder call, with string arguments)."""
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    app = call_user_app_builder_with_args_if_necessary(app_builder, {  # type: ignore[arg-type]
+        "model": str(double_model), "backend": "cpu", "gpus_per_replica": "0", "cpus_per_replica": "0",
+        "max_ongoing_requests": "3"})
+    serve.run(app, name="sr-built", route_prefix="/built")
+    try:
+        assert json.loads(request(service, "GET", "/built/healthz").body)["model"] == "test-double"
+        data = encoded(photo(20, 16, 51), "PNG")
+        reply = post_image(service, data, prefix="/built")
+        assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(double_model, data)))
+    finally:
+        serve.delete("sr-built")
 
 
 def test_encode_keeps_what_the_format_can_hold() -> None:
@@ -297,6 +483,20 @@ def test_format_parameter_sets_the_content_type(service: int, double_model: Path
 
 
 @pytest.mark.slow
+def test_a_multi_picture_jpeg_is_answered_as_a_jpeg(service: int, double_model: Path) -> None:
+    """MPO (two JPEG pictures in one file, as phones write): its first picture, answered as a JPEG."""
+    first, second = photo(32, 24, 41), photo(32, 24, 42)
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second], quality=90)
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        assert img.format == "MPO" and getattr(img, "n_frames", 1) == 2
+    reply = post_image(service, buf.getvalue(), content_type="image/jpeg")
+    assert reply.status == 200 and reply.content_type == "image/jpeg", reply.body[:200]
+    want = encode_image(expected(double_model, buf.getvalue()), "jpeg")
+    assert np.array_equal(pixels(reply.body), pixels(want))
+
+
+@pytest.mark.slow
 def test_bad_requests_get_4xx_while_good_ones_succeed(service: int, double_model: Path) -> None:
     good = encoded(photo(40, 40, 11), "PNG")
     over_limit = encoded(Image.new("RGB", (1100, 1000)), "PNG")  # 1.1 MP > 1 MP, a small file
@@ -313,6 +513,7 @@ def test_bad_requests_get_4xx_while_good_ones_succeed(service: int, double_model
         ("seed", lambda: post_image(service, good, "?temperature=1&seed=-4"), 400, "seed"),
         ("format", lambda: post_image(service, good, "?format=gif"), 400, "format"),
         ("unknown", lambda: post_image(service, good, "?scale=8"), 400, "unknown"),
+        ("long seed", lambda: post_image(service, good, f"?temperature=1&seed={'9' * 5000}"), 400, "seed"),
         ("content type", lambda: post_image(service, good, content_type="text/plain"), 415, "Content-Type"),
     ]
     with ThreadPoolExecutor(8) as pool:
@@ -376,6 +577,158 @@ def test_delete_drains_a_request_in_flight(service: int, double_model: Path) -> 
     assert deleted_at and deleted_at[0] >= answered_at
 
 
+@pytest.mark.slow
+def test_model_dir_from_the_environment_reaches_the_replicas(service: int, double_model: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """$SR_MODEL_DIR set where the app is built, not on the cluster: the replica loads that model."""
+    from ray import serve
+
+    monkeypatch.setenv("SR_MODEL_DIR", str(double_model))
+    serve.run(build_app(None, "cpu", scaling=Scaling(gpus_per_replica=0)), name="sr-env", route_prefix="/env")
+    try:
+        assert json.loads(request(service, "GET", "/env/healthz").body)["model"] == "test-double"
+    finally:
+        serve.delete("sr-env")
+
+
+@pytest.mark.slow
+def test_stalled_and_trickled_uploads_hold_no_request_slot(hard_service: int, double_model: Path) -> None:
+    """More stalled uploads than request slots: /healthz and a good request still answer at once; the
+    stalled ones get 408 once behind the minimum rate, a steady but too slow one at the deadline, and a
+    request past what the replica may hold a 503 at once."""
+    port = hard_service
+    held = HARD_MAX_ONGOING + HARD_MAX_QUEUED
+    stalled = [open_upload(port, 50_000) for _ in range(held - 1)]
+    for conn in stalled:
+        conn.send(b"\x89PNG" + b"\0" * 96)
+    wait_for_health(port, HARD, lambda h: h["uploading"] == held - 1, "the uploads never arrived")
+    assert request(port, "GET", f"{HARD}/healthz", timeout=5).seconds < 2
+    good = encoded(photo(24, 20, 31), "PNG")
+    reply = request(port, "POST", f"{HARD}/upscale", good, {"Content-Type": "image/png"}, timeout=20)
+    assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(double_model, good)))
+
+    trickled = open_upload(port, 50_000)  # 1.5 kB/s: above the minimum rate, but 33 s for the body
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):  # the replica answers 408 and closes while we still send
+            for _ in range(int(HARD_BODY_TIMEOUT_S * 10) + 40):
+                trickled.send(b"\0" * 150)
+                time.sleep(0.1)
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    wait_for_health(port, HARD, lambda h: h["uploading"] == held, "the trickle never arrived")
+    busy = request(port, "POST", f"{HARD}/upscale", good, {"Content-Type": "image/png"}, timeout=5)
+    assert busy.status == 503 and "busy" in busy.error() and busy.seconds < 2, busy
+    assert request(port, "GET", f"{HARD}/healthz", timeout=5).seconds < 2
+    try:
+        for conn in stalled:
+            reply = reply_of(conn)
+            assert reply.status == 408 and "slower than 1000 bytes/s" in reply.error(), reply.body
+        reply = reply_of(trickled)
+        assert reply.status == 408 and f"not received within {HARD_BODY_TIMEOUT_S:g} s" in reply.error()
+    finally:
+        for conn in [*stalled, trickled]:
+            conn.close()
+        sender.join(timeout=30)
+    state = wait_for_health(port, HARD, lambda h: h["in_flight"] == 0, "the uploads were never let go")
+    assert state["uploading"] == 0 and state["slow_uploads"] >= 3 and state["refused_busy"] >= 1
+
+
+@pytest.mark.slow
+def test_a_cancelled_request_stops_and_keeps_its_run_slot_until_it_has(hard_service: int,
+                                                                        double_model: Path) -> None:
+    """A client leaves mid-run: its run stops at the next backend call, and the request queued behind it
+    starts only then (one run at a time here), so no two runs ever overlap; the counts end at 0."""
+    port = hard_service
+    data = encoded(photo(100, 100, 32), "PNG")  # 16 tiles: two backend calls of 8, run alone
+    before = health(port, HARD)
+    leaving = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
+    leaving.request("POST", f"{HARD}/upscale", body=data, headers={"Content-Type": "image/png"})
+    wait_for_health(port, HARD, lambda h: h["upscaling"] == 1, "the first request never started")
+    with ThreadPoolExecutor(1) as pool:
+        staying = pool.submit(post_image, port, data, prefix=HARD)
+        wait_for_health(port, HARD, lambda h: h["in_flight"] == 2, "the second request never arrived")
+        assert leaving.sock is not None
+        leaving.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-run
+        leaving.close()
+        reply = staying.result(timeout=TIMEOUT_S)
+    assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(double_model, data)))
+    state = wait_for_health(port, HARD, lambda h: h["in_flight"] == 0, "a request was never let go")
+    assert state["upscaling"] == 0 and state["upscaling_peak"] == 1, state  # never past --concurrent-runs 1
+    assert state["stopped_runs"] == before["stopped_runs"] + 1, state
+
+
+@pytest.mark.slow
+def test_health_answers_at_once_under_a_burst(hard_service: int, double_model: Path) -> None:
+    """As many requests as a replica holds, each real work (~1 s, one at a time): /healthz is not queued
+    behind them."""
+    port = hard_service
+    data = encoded(photo(60, 60, 33), "PNG")  # 9 tiles
+    burst = HARD_MAX_ONGOING + HARD_MAX_QUEUED
+    latencies: list[float] = []
+    with ThreadPoolExecutor(burst) as pool:
+        replies = [pool.submit(post_image, port, data, prefix=HARD) for _ in range(burst)]
+        wait_for_health(port, HARD, lambda h: h["in_flight"] == burst, "the burst never arrived")
+        while not all(r.done() for r in replies):
+            latencies.append(request(port, "GET", f"{HARD}/healthz", timeout=10).seconds)
+            time.sleep(0.1)
+        statuses = [r.result().status for r in replies]
+    assert statuses == [200] * burst
+    assert np.array_equal(pixels(replies[0].result().body), np.asarray(expected(double_model, data)))
+    p50, worst = float(np.percentile(latencies, 50)) * 1e3, max(latencies) * 1e3
+    print(f"\nhealthz under a burst of {burst}: {len(latencies)} probes, p50 {p50:.0f} ms, max {worst:.0f} ms")
+    assert len(latencies) >= 5 and worst < 1000
+
+
+def sr_serve(ray_local: Any, *flags: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`sr-serve FLAGS` in a process of its own, joining the test session's cluster, to its end."""
+    address = ray_local.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "sr_cluster.serve", "--ray-address", address, *flags],
+                          check=False, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_local: Any,
+                                          tmp_path: Path) -> None:
+    """On a cluster whose Serve already listens on another port, for replicas it has no room for, or for a
+    backend it has no GPU for: one line, exit 2, nothing changed. A replica that cannot load: exit 1, and
+    its failed application is gone while the other application still answers."""
+    from ray import serve
+
+    other = sr_serve(ray_local, "--model", str(double_model), "--port", str(free_port()))
+    assert other.returncode == 2, other.stderr
+    assert f"Serve already runs on this Ray cluster with its HTTP proxy on {HOST}:{service}" in other.stderr
+    free = int(ray_local.available_resources().get("CPU", 0))
+    crowded = sr_serve(ray_local, "--model", str(double_model), "--port", str(service), "--gpus-per-replica", "0",
+                       "--replicas", str(free + 1))
+    assert crowded.returncode == 2 and crowded.stderr.strip().splitlines() == [
+        (f"sr-serve: error: {free + 1} replicas need {free + 1} CPUs and the Ray cluster has {free} free (of 2): "
+         "lower --replicas/--min-replicas or --cpus-per-replica, or free some")], crowded.stderr
+    if not ray_local.cluster_resources().get("GPU"):
+        cuda = sr_serve(ray_local, "--model", str(double_model), "--port", str(service), "--backend", "cuda")
+        assert cuda.returncode == 2 and cuda.stderr.strip().splitlines() == [
+            "sr-serve: error: --backend cuda needs a GPU per replica, and the Ray cluster has none"], cuda.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.fp32.onnx").write_bytes(b"not an onnx model")
+    manifest = json.loads((double_model / "manifest.json").read_text())
+    sha = hashlib.sha256(b"not an onnx model").hexdigest()
+    manifest["onnx"] = {"fp32": {"file": "model.fp32.onnx", "sha256": sha}}
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    t0 = time.monotonic()
+    failed = sr_serve(ray_local, "--model", str(broken), "--port", str(service), "--backend", "cpu",
+                      "--gpus-per-replica", "0")
+    print(f"\nsr-serve with a model no replica can load gave up after {time.monotonic() - t0:.1f} s")
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()  # the replica's reason, not Ray's retries and tracebacks
+    assert len(lines) == 1 and lines[0].startswith("sr-serve: error: the service did not start: "), lines
+    assert "INVALID_PROTOBUF" in lines[0]
+    assert "sr" not in serve.status().applications
+    assert request(service, "GET", f"{PREFIX}/healthz").status == 200
+
+
 def test_cli_usage_errors_exit_2_before_ray_starts(tmp_path: Path) -> None:
     assert main(["--model", str(tmp_path / "no-model")]) == 2
     assert main(["--max-body-mb", "0"]) == 2
@@ -408,7 +761,11 @@ def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_
         data = encoded(photo(40, 40, 22), "PNG")
         start_upload(conn, port, "", data)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(1.5)  # sr-serve is draining
+        # Draining: new requests and /healthz get a JSON 503 (not the proxy's text 404 of a deleted route).
+        state = wait_for_health_status(port, 503)
+        assert state["status"] == "draining" and state["in_flight"] == 1
+        late = post_image(port, data, prefix="")
+        assert late.status == 503 and late.content_type == "application/json" and "shutting down" in late.error()
         assert proc.poll() is None, "sr-serve exited with a request in flight"
         conn.send(data[100:])
         try:
