@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ramp the KL weight 0 -> 1 over these steps (default 0)")
     tr.add_argument("--free-bits", type=float,
                     help="nats per latent channel and position that cost nothing (default 0: the plain ELBO)")
+    tr.add_argument("--prior-l1-weight", type=float,
+                    help="add this x the L1 of the temperature-0 output to the ELBO (default 0)")
     tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
     tr.add_argument("--crop-size", type=positive_int,
                     help="HR training crop, a multiple of the model's stride (fully convolutional presets)")

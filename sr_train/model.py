@@ -649,13 +649,22 @@ class VDVAESR(nn.Module):
 
     # -- training ------------------------------------------------------------
     def forward(
-        self, hr: Tensor, lr: Tensor | None = None, objective: str = "elbo", free_bits: float = 0.0
+        self,
+        hr: Tensor,
+        lr: Tensor | None = None,
+        objective: str = "elbo",
+        free_bits: float = 0.0,
+        prior_l1: bool = False,
     ) -> dict[str, Tensor]:
         """Negative ELBO per dimension (VDVAE's loss) for HR images in [0, 1].
 
         Returns per-image ``elbo``, ``distortion`` and ``rate`` [N], averaged by the caller.
         ``lr`` defaults to nothing only for pure VDVAE use; SR training always passes it.
         ``objective="skip"`` returns ``{"loss": skip_loss}`` instead (the conditioning warm-up).
+        ``prior_l1`` adds ``prior_l1``: the L1 (in [0, 1] units) of the temperature-0
+        output, the prior-mean path that users run. The ELBO trains the decoder on
+        posterior latents; once those carry texture, the prior mean is a latent the
+        decoder rarely sees, and this term keeps the output for it the best guess.
         """
         if objective == "skip":
             if lr is None:
@@ -665,7 +674,21 @@ class VDVAESR(nn.Module):
             raise ValueError(f"objective must be 'elbo' or 'skip', got {objective!r}")
         lr_acts = self.lr_encoder(self.encoder_input(lr)) if lr is not None else None
         px_z, stats = self.posterior_pass(hr, lr, lr_acts=lr_acts)
-        return self.loss_from(px_z, stats, hr, self.mean_base(lr, lr_acts), free_bits)
+        base = self.mean_base(lr, lr_acts)
+        out = self.loss_from(px_z, stats, hr, base, free_bits)
+        if prior_l1:
+            if lr is None:
+                raise ValueError("prior_l1 needs the LR image")
+            px0, _ = self.decoder(hr.shape[0], hr, lr_acts=lr_acts, hr_hw=(hr.shape[2], hr.shape[3]))
+            x0 = self.deterministic_head(self.decoder.out_conv(px0).float(), base)
+            out["prior_l1"] = (x0 - (hr * 2.0 - 1.0)).abs().mean(dim=(1, 2, 3)) * 0.5
+        return out
+
+    def deterministic_head(self, logits: Tensor, base: Tensor | None) -> Tensor:
+        """The temperature-0 image in [-1, 1] from DMoL logits: ``head_statistic``'s choice."""
+        if self.config.head_statistic == "mean":
+            return dmol_mean(logits, self.config.num_mixtures, base)
+        return dmol_mode(logits, self.config.num_mixtures, base)
 
     def posterior_pass(
         self,
@@ -772,10 +795,8 @@ class VDVAESR(nn.Module):
         base = self.mean_base(lr, lr_acts)
         if stochastic_head:
             x = dmol_sample(logits, self.config.num_mixtures, base, generator)
-        elif self.config.head_statistic == "mean":
-            x = dmol_mean(logits, self.config.num_mixtures, base)
         else:
-            x = dmol_mode(logits, self.config.num_mixtures, base)
+            x = self.deterministic_head(logits, base)
         return (x + 1.0) * 0.5
 
     def make_noise(self, n: int, temperature: float, seed: int, device: torch.device | str = "cpu") -> Tensor:

@@ -69,6 +69,7 @@ class TrainConfig:
     objective: str = "elbo"  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
     kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)
     free_bits: float = 0.0  # nats per latent channel and position that cost nothing (against posterior collapse)
+    prior_l1_weight: float = 0.0  # + this x L1 of the temperature-0 (prior mean) output: keeps t = 0 the best guess
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
     crop_size: int | None = None  # HR training crop (fully convolutional models; default: the preset's hr_size)
     steps: int = 1000
@@ -112,6 +113,7 @@ def check_config(cfg: TrainConfig) -> None:
     bounded("weight_decay", cfg.weight_decay, 0, 1)
     bounded("val_temperature", cfg.val_temperature, 0, 2)
     bounded("free_bits", cfg.free_bits, 0, 100)
+    bounded("prior_l1_weight", cfg.prior_l1_weight, 0, 1e6)
     bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
     for beta in cfg.adam_betas:
         bounded("adam_betas", beta, 0, 1, hi_open=True)
@@ -428,10 +430,14 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
             group["lr"] = lr_at(step, cfg)
         hr, lr = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr"))
         with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=low_precision is not None):
-            out = net(hr, lr, objective=cfg.objective, free_bits=cfg.free_bits)
+            out = net(hr, lr, objective=cfg.objective, free_bits=cfg.free_bits, prior_l1=cfg.prior_l1_weight > 0)
         beta = kl_weight(step, cfg)
-        loss = (out["loss"].mean() if cfg.objective == "skip"
-                else (out["distortion"] + beta * out.pop("rate_objective")).mean())
+        if cfg.objective == "skip":
+            loss = out["loss"].mean()
+        else:
+            loss = (out["distortion"] + beta * out.pop("rate_objective")).mean()
+            if cfg.prior_l1_weight > 0:
+                loss = loss + cfg.prior_l1_weight * out["prior_l1"].mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

@@ -161,3 +161,14 @@ def test_transfer_takes_the_encoders_of_a_fixed_size_checkpoint(tmp_path):
     for key, value in target.lr_encoder.state_dict().items():
         assert torch.equal(value, source.lr_encoder.state_dict()[key]), key
     assert torch.equal(target.skip_upsampler.c1.weight, source.skip_upsampler.c1.weight)
+
+
+def test_prior_l1_scores_the_temperature_0_output():
+    model = VDVAESR(preset("fc-256", width=16, custom_width_str="", num_mixtures=2)).eval()
+    hr = torch.rand(2, 3, 64, 64)
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    out = model(hr, lr, prior_l1=True)
+    with torch.no_grad():
+        t0 = model.sample(lr, None)
+    assert torch.allclose(out["prior_l1"], (t0 - hr).abs().mean(dim=(1, 2, 3)), atol=1e-6)
+    assert "prior_l1" not in model(hr, lr)
