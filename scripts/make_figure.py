@@ -1,13 +1,13 @@
-"""Comparison picture for the README: LR | bicubic | model t=0 | model t=0.8 | std map | HR.
+"""Comparison picture for the README at 100% zoom: LR | bicubic | model t=0 | model t=T | std map | HR.
 
 Usage: ``.venv/bin/python scripts/make_figure.py [--model DIR] [--images data/photos/val]
-[--rows 3] [--out assets/comparison.png]``.
+[--rows 3] [--temperature 0.6] [--out assets/comparison.png]``.
 
 Rows are the validation photos with the most detail (lowest bicubic PSNR-Y),
 cropped and degraded exactly as the evaluation protocol does (docs/design.md), and
 upscaled by the runtime (ONNX Runtime on this machine), so the picture shows
 what users get. The std map is the per-pixel standard deviation of 8 samples
-at t = 0.8, scaled so that 8 grey levels are white.
+at t = T, scaled so that 8 grey levels are white.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sr_train.evaluate import load_images, prepare_eval_pair
 from sr_train.metrics import psnr_y
 
 HR = 256
-LABELS = ("LR (nearest)", "bicubic", "VDVAE-SR t=0", "VDVAE-SR t=0.8", "std, 8 samples", "HR")
+LABELS = ("LR (nearest)", "bicubic", "VDVAE-SR t=0", "VDVAE-SR t={t:g}", "std, 8 samples", "HR")
 STD_WHITE = 8.0  # grey levels shown as white in the std map
 
 
@@ -39,7 +39,7 @@ def hardest(images: dict[str, np.ndarray], rows: int) -> list[tuple[str, np.ndar
 
 
 def panels(cold: Upscaler, hot: Upscaler, hr: np.ndarray, lr: np.ndarray) -> list[np.ndarray]:
-    """The six panels of one row; `cold` runs at t = 0, `hot` at t = 0.8."""
+    """The six panels of one row; `cold` runs at t = 0, `hot` at t = T."""
     det = cold.run(lr)
     sample = hot.run(lr)
     _, std = hot.run(lr, samples=8)
@@ -59,16 +59,17 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: the shipped one)")
     parser.add_argument("--images", default="data/photos/val")
     parser.add_argument("--rows", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--out", default="assets/comparison.png")
     args = parser.parse_args()
     rows = hardest(load_images(args.images), args.rows)
-    cold, hot = Upscaler(args.model, temperature=0.0), Upscaler(args.model, temperature=0.8, seed=1)
+    cold, hot = Upscaler(args.model, temperature=0.0), Upscaler(args.model, temperature=args.temperature, seed=1)
     label_h, gap = 18, 4
     width = len(LABELS) * (HR + gap) - gap
     sheet = Image.new("RGB", (width, label_h + len(rows) * (HR + gap)), "white")
     draw = ImageDraw.Draw(sheet)
     for col, label in enumerate(LABELS):
-        draw.text((col * (HR + gap) + 4, 3), label, fill="black")
+        draw.text((col * (HR + gap) + 4, 3), label.format(t=args.temperature), fill="black")
     for r, (name, hr, lr) in enumerate(rows):
         for col, panel in enumerate(panels(cold, hot, hr, lr)):
             sheet.paste(Image.fromarray(panel), (col * (HR + gap), label_h + r * (HR + gap)))
