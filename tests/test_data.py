@@ -422,3 +422,39 @@ def test_gpu_data_pack_fits_its_budget_with_exact_centre_crops(tmp_path):
         h, w = crop.shape[:2]
         top, left = (full.shape[0] - h) // 2, (full.shape[1] - w) // 2
         assert min(h, w) >= 256 and np.array_equal(full[top : top + h, left : left + w], crop)
+
+
+def test_scale_augmentation_is_deterministic_and_zooms_out(folder: Path) -> None:
+    plain = _dataset(folder, seed=3)
+    half = _dataset(folder, seed=3, scale_range=(0.5, 0.5))
+    some = _dataset(folder, seed=3, scale_range=(0.5, 1.0))
+    for i in range(8):
+        a, b = half.crop_uint8(i), _dataset(folder, seed=3, scale_range=(0.5, 0.5)).crop_uint8(i)
+        np.testing.assert_array_equal(a, b)  # a pure function of (seed, index)
+        assert a.shape == (64, 64, 3) and some.crop_uint8(i).shape == (64, 64, 3)
+        # Coordinates in R/G: a plain crop spans 64 rows and columns, a x0.5 one about 128.
+        spans = [int(np.ptp(c[..., ch].astype(int))) for c in (a, plain.crop_uint8(i)) for ch in (0, 1)]
+        assert min(spans[:2]) > 110 and max(spans[2:]) == 63, spans
+    off = _dataset(folder, seed=3, scale_range=None)
+    np.testing.assert_array_equal(off.crop_uint8(5), plain.crop_uint8(5))  # off = the old crops
+    item = half[2]
+    assert item["hr"].shape == (3, 64, 64) and item["lr"].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1.0), (0.8, 0.5), (0.5, 1.5), (float("nan"), 1.0)])
+def test_scale_range_is_checked(folder: Path, bad: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match="scale_range"):
+        _dataset(folder, scale_range=bad)
+
+
+def test_scale_aug_flag_parses_lo_hi() -> None:
+    import argparse
+
+    from sr_train.cli import build_parser, scale_range
+
+    assert scale_range("0.5,1") == (0.5, 1.0)
+    for bad in ("0.5", "1,0.5", "0,1", "a,b", "nan,1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            scale_range(bad)
+    args = build_parser().parse_args(["train", "--data", "d", "--run-dir", "r", "--scale-aug", "0.6,0.9"])
+    assert args.scale_aug == (0.6, 0.9)
