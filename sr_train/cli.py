@@ -88,6 +88,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def scale_range(text: str) -> tuple[float, float]:
+    """argparse type: 'LO,HI' with 0 < LO <= HI <= 1."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.5,1), got {text!r}") from None
+    if not (0 < lo <= hi <= 1):  # also false for NaN
+        raise argparse.ArgumentTypeError(f"need 0 < LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
     tr.add_argument("--crop-size", type=positive_int,
                     help="HR training crop, a multiple of the model's stride (fully convolutional presets)")
+    tr.add_argument("--scale-aug", type=scale_range, metavar="LO,HI",
+                    help="scale augmentation: downscale each HR crop's source by a random factor in [LO, HI] "
+                         "(e.g. 0.5,1; default off)")
     tr.add_argument("--steps", type=positive_int, help="total steps (default 1000)")
     tr.add_argument("--batch-size", type=positive_int, help="per process (default 4)")
     tr.add_argument("--lr", type=float)

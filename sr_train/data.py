@@ -13,6 +13,7 @@ sees exactly the crops an uninterrupted one would: feed it
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sr_train.degrade import SCALE, degrade_bicubic_x4, list_images, load_rgb
@@ -43,6 +45,13 @@ class RandomCropDataset(Dataset[dict[str, torch.Tensor]]):
     positions they offer, i.e. crops are uniform over all pixels of the set.
     Images smaller than the tile, and files that do not decode, are skipped
     with a warning naming them: one bad file must not stop a training run.
+
+    ``scale_range=(lo, hi)`` (0 < lo <= hi <= 1; default off) is scale
+    augmentation: each crop is a window of about ``hr_size / s`` pixels, for a
+    scale ``s`` drawn uniformly in the range, downscaled to ``hr_size`` (Pillow
+    LANCZOS, exact filter), so the model sees the photos' textures at several
+    frequencies. A window is never larger than the image (its scale then rises to
+    fit). Off, crops are exactly those of earlier versions for the same seed.
     """
 
     def __init__(
@@ -51,9 +60,16 @@ class RandomCropDataset(Dataset[dict[str, torch.Tensor]]):
         hr_size: int = 256,
         seed: int = 0,
         augment: bool = True,
+        scale_range: tuple[float, float] | None = None,
     ) -> None:
         if hr_size <= 0 or hr_size % SCALE:
             raise ValueError(f"hr_size must be a positive multiple of {SCALE}, got {hr_size}")
+        if scale_range is not None:
+            lo, hi = (float(v) for v in scale_range)
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 1):
+                raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi <= 1, got {scale_range}")
+            scale_range = (lo, hi)
+        self.scale_range = scale_range
         paths = list_images(images) if isinstance(images, (str, Path)) else list(map(Path, images))
         self.hr_size, self.seed, self.augment = hr_size, seed, augment
         self.paths: list[Path] = []
@@ -98,9 +114,19 @@ class RandomCropDataset(Dataset[dict[str, torch.Tensor]]):
         rng = np.random.default_rng([self.seed, index])
         img = self.images[int(rng.choice(len(self.images), p=self._weights))]
         s = self.hr_size
-        y = int(rng.integers(0, img.shape[0] - s + 1))
-        x = int(rng.integers(0, img.shape[1] - s + 1))
-        crop = img[y : y + s, x : x + s]
+        window = s
+        if self.scale_range is not None:  # drawn only when on: crops without it are unchanged
+            scale = float(rng.uniform(*self.scale_range))
+            window = min(max(s, round(s / scale)), *img.shape[:2])
+        y = int(rng.integers(0, img.shape[0] - window + 1))
+        x = int(rng.integers(0, img.shape[1] - window + 1))
+        crop = img[y : y + window, x : x + window]
+        if window != s:
+            crop = np.asarray(
+                Image.fromarray(np.ascontiguousarray(crop)).resize(
+                    (s, s), Image.Resampling.LANCZOS, reducing_gap=None
+                )
+            )
         if self.augment:
             crop = augment_dihedral(crop, bool(rng.integers(0, 2)), int(rng.integers(0, 4)))
         return np.ascontiguousarray(crop)

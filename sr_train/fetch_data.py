@@ -17,6 +17,11 @@ the exact separable filter, no draft-mode shortcut, on the largest even-sized
 top-left box so that output pixels cover exactly 2x2 source pixels. PNGs and
 the wheel images are used as they are.
 
+A path ``FILE::KEY`` names an image stored inside a container file of the
+package: ``KEY`` is an entry of an EET file (the format of Enlightenment's
+``.edj`` backgrounds, which hold each photo as a plain JPEG entry); its sha256 is
+that of the entry's bytes.
+
 The split is by image, from a hash of the path (``split_for``): it never
 depends on what else the list holds. Runs are idempotent: finished PNGs and
 cached ``.deb`` files are kept and skipped.
@@ -31,10 +36,12 @@ import importlib.util
 import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +62,10 @@ OUT_MANIFEST = "manifest.tsv"  # written into the output root
 _OUT_COLUMNS = (
     "split", "name", "w", "h", "source", "package", "path", "downscale", "sha256", "licence"
 )  # fmt: skip
+
+
+MEMBER_SEP = "::"  # FILE::KEY = entry KEY of the container FILE
+_EET_MAGIC = 0x1EE70F42
 
 
 class FetchError(RuntimeError):
@@ -78,6 +89,16 @@ class Photo:
 
     def output(self, out_root: Path) -> Path:
         return out_root / self.split / f"{self.name}.png"
+
+    @property
+    def file(self) -> str:
+        """The file inside the package (the container, for a ``FILE::KEY`` path)."""
+        return self.path.split(MEMBER_SEP, 1)[0]
+
+    @property
+    def member(self) -> str:
+        """The entry inside ``file`` holding the image; empty when the file is the image."""
+        return self.path.split(MEMBER_SEP, 1)[1] if MEMBER_SEP in self.path else ""
 
 
 def split_for(path: str, val_fraction: float = VAL_FRACTION) -> str:
@@ -154,6 +175,38 @@ def make_ground_truth(photo: Photo, data: bytes, out_root: Path, log: TextIO) ->
     )
 
 
+def eet_entry(data: bytes, key: str) -> bytes:
+    """The bytes of entry ``key`` of an EET file (e.g. an Enlightenment ``.edj``).
+
+    EET layout (big-endian int32): magic, entry count, dictionary count, then per
+    entry (offset, size, data_size, name_offset, name_size, flags). Entries that
+    are zlib-compressed (flags bit 0, compression type 0) are inflated; ciphered,
+    aliased or LZ4-compressed entries are refused.
+    """
+    if len(data) < 12:
+        raise FetchError(f"not an EET file (only {len(data)} bytes), looking for entry {key}")
+    magic, count, _ = struct.unpack_from(">III", data, 0)
+    if magic != _EET_MAGIC or 12 + 24 * count > len(data):
+        raise FetchError(f"not an EET file (magic {magic:#x}), looking for entry {key}")
+    for i in range(count):
+        off, size, data_size, name_off, name_size, flags = struct.unpack_from(">6I", data, 12 + 24 * i)
+        if data[name_off : name_off + name_size].rstrip(b"\0").decode(errors="replace") != key:
+            continue
+        if off + size > len(data):
+            raise FetchError(f"EET entry {key} runs past the end of the file")
+        blob = data[off : off + size]
+        if flags & 0b110:
+            raise FetchError(f"EET entry {key} is ciphered or an alias (flags {flags:#x})")
+        if flags & 1:
+            if (flags >> 3) & 0xFF:
+                raise FetchError(f"EET entry {key} uses an unsupported compression ({flags:#x})")
+            blob = zlib.decompress(blob)
+            if len(blob) != data_size:
+                raise FetchError(f"EET entry {key}: {len(blob)} bytes inflated, expected {data_size}")
+        return blob
+    raise FetchError(f"EET file has no entry {key}")
+
+
 def _require_tool(tool: str, why: str) -> str:
     found = shutil.which(tool)
     if found is None:
@@ -219,15 +272,25 @@ def fetch(photos: Sequence[Photo], out_root: Path, cache: Path, log: TextIO) -> 
     print(f"{len(photos) - len(todo)} of {len(photos)} photos already in {out_root}", file=log)
     errors: list[str] = []
     for package in dict.fromkeys(p.package for p in todo if p.source == "deb"):
-        rows = {p.path: p for p in todo if p.source == "deb" and p.package == package}
-        print(f"[{package}] {len(rows)} photos", file=log, flush=True)
+        rows: dict[str, list[Photo]] = {}
+        for p in todo:
+            if p.source == "deb" and p.package == package:
+                rows.setdefault(p.file, []).append(p)
+        print(f"[{package}] {sum(map(len, rows.values()))} photos", file=log, flush=True)
         try:
             deb = apt_download(package, cache)
             for path, data in iter_deb_files(deb, rows):
-                try:
-                    make_ground_truth(rows.pop(path), data, out_root, log)
-                except FetchError as e:
-                    errors.append(str(e))
+                for photo in rows.pop(path):
+                    try:
+                        payload = data
+                        if photo.member:
+                            try:
+                                payload = eet_entry(data, photo.member)
+                            except FetchError as e:
+                                raise FetchError(f"{photo.name}: {photo.file}: {e}") from None
+                        make_ground_truth(photo, payload, out_root, log)
+                    except FetchError as e:
+                        errors.append(str(e))
         except FetchError as e:
             errors.append(str(e))
             continue

@@ -72,6 +72,7 @@ class TrainConfig:
     prior_l1_weight: float = 0.0  # + this x L1 of the temperature-0 (prior mean) output: keeps t = 0 the best guess
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
     crop_size: int | None = None  # HR training crop (fully convolutional models; default: the preset's hr_size)
+    scale_aug: tuple[float, float] | None = None  # HR photo downscaled by a random factor in [lo, hi] before cropping
     steps: int = 1000
     batch_size: int = 4  # per rank
     lr: float = 1e-3
@@ -383,7 +384,8 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
 
     if cfg.crop_size is not None and not model.config.fully_convolutional and cfg.crop_size != model.config.hr_size:
         raise ValueError(f"--crop-size: {model.config.name} is fixed-size ({model.config.hr_size}px crops only)")
-    dataset = RandomCropDataset(cfg.data, hr_size=cfg.crop_size or model.config.hr_size, seed=cfg.seed)
+    dataset = RandomCropDataset(cfg.data, hr_size=cfg.crop_size or model.config.hr_size, seed=cfg.seed,
+                                scale_range=cfg.scale_aug)
     sampler = CropSampler(start=step * cfg.batch_size * world, rank=rank, world_size=world)
     # Its own generator: a DataLoader otherwise draws from the global RNG, which resuming restores.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
