@@ -111,8 +111,7 @@ def measure_ranges(
             arr = numpy_helper.to_array(init)
             ranges[init.name] = float(np.abs(arr).max()) if arr.size else 0.0
     for feed in feeds:
-        batch = next(iter(feed.values())).shape[0]
-        for group in _groups(produced, shapes, batch, budget_bytes):
+        for group in _groups(produced, shapes, _feed_symbols(proto, feed), budget_bytes):
             for name, value in zip(group, session.run(group, feed), strict=True):
                 peak = float(np.abs(value).max()) if np.isfinite(value).all() else math.inf
                 ranges[name] = max(ranges[name], peak)
@@ -131,13 +130,48 @@ def cpu_session_from_proto(proto: onnx.ModelProto) -> Any:
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _groups(names: list[str], shapes: dict[str, Any], batch: int, budget: int) -> list[list[str]]:
-    """Split ``names`` so each group's float32 tensors together stay under ``budget`` bytes."""
+def _feed_symbols(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """Values of the graph's symbolic dims for one feed, read off its inputs ('4*h' of 24 -> h = 6)."""
+    symbols: dict[str, int] = {}
+    for vi in proto.graph.input:
+        if vi.name not in feed:
+            continue
+        for dim, size in zip(vi.type.tensor_type.shape.dim, feed[vi.name].shape, strict=False):
+            coef, _, name = dim.dim_param.rpartition("*")
+            if name.isidentifier() and (coef == "" or coef.isdigit()):
+                symbols[name] = size // int(coef or 1)
+    return symbols
+
+
+def _dim_size(dim: Any, symbols: dict[str, int]) -> int:
+    """A dim's size: its value, its expression over ``symbols`` (sums and products of ints), else the largest."""
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    total = 0
+    for term in dim.dim_param.replace(" ", "").split("+"):
+        product = 1
+        for factor in term.split("*"):
+            if factor.isdigit():
+                product *= int(factor)
+            elif factor in symbols:
+                product *= symbols[factor]
+            else:  # an expression this does not read: bound it by the largest size in play
+                return max([16 * v for v in symbols.values()] or [1])
+        total += product
+    return total
+
+
+def _groups(names: list[str], shapes: dict[str, Any], symbols: dict[str, int], budget: int) -> list[list[str]]:
+    """Split ``names`` so each group's float32 tensors together stay under ``budget`` bytes.
+
+    Symbolic dims are sized for the feed at hand (``symbols``): a fully
+    convolutional graph's tensors follow the frame, not a fixed tile.
+    """
     groups: list[list[str]] = [[]]
     used = 0
     for name in names:
         dims = shapes[name].dim if name in shapes else []
-        size = 4 * math.prod(d.dim_value if d.HasField("dim_value") else batch for d in dims)
+        size = 4 * math.prod(_dim_size(d, symbols) for d in dims)
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0
