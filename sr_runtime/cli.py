@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,11 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file",
                                                disable=args.quiet or None) as files:
-            for src in files:
-                try:
-                    _process(upscaler, src, output_path(src, args), inputs, written, samples, args)
-                except FILE_ERRORS as exc:
-                    failures.append(failure_line(src, exc))
+            if upscaler.spec.fully_convolutional and samples == 1 and not (args.std_map or args.timings):
+                failures += _process_frames(upscaler, sources, inputs, written, args, files.update)
+            else:
+                for src in files:
+                    try:
+                        _process(upscaler, src, output_path(src, args), inputs, written, samples, args)
+                    except FILE_ERRORS as exc:
+                        failures.append(failure_line(src, exc))
     except KeyboardInterrupt:
         status = 130
     except SystemExit as exc:  # SIGTERM
@@ -339,6 +342,49 @@ def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], writt
     check_targets(src, targets, inputs, written)
     upscale_file(upscaler, src, targets, samples, args).report()
     written.update(t.resolve() for t in targets)
+
+
+def _process_frames(upscaler: Upscaler, sources: list[Path], inputs: set[Path], written: set[Path],
+                    args: argparse.Namespace, advance: Callable[[int], object]) -> list[str]:
+    """Files as a frame sequence (`Upscaler.run_frames`): the next one decodes while the model runs this one.
+
+    Same checks as `_process`; after a failed file the sequence resumes at the next one.
+    """
+    failures: list[str] = []
+    jobs: list[tuple[Path, Path]] = []
+    claimed = set(written)
+    for src in sources:
+        dest = output_path(src, args)
+        if args.no_clobber and dest.exists():
+            logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", src, dest)
+            advance(1)
+            continue
+        try:
+            check_targets(src, (dest,), inputs, claimed)
+        except SRInputError as exc:
+            failures.append(failure_line(src, exc))
+            advance(1)
+            continue
+        claimed.add(dest.resolve())
+        jobs.append((src, dest))
+    start = 0
+    while start < len(jobs):
+        frames = upscaler.run_frames([src for src, _ in jobs[start:]])
+        try:
+            for _src, dest in jobs[start:]:
+                out = next(frames)
+                assert isinstance(out, Image.Image)  # a path in gives a PIL image out
+                save_atomic(out, dest)
+                written.add(dest.resolve())
+                start += 1
+                advance(1)
+        except FILE_ERRORS as exc:
+            failures.append(failure_line(jobs[start][0], exc))
+            start += 1
+            advance(1)
+        finally:
+            frames.close()
+    return failures
 
 
 def output_targets(dest: Path, args: argparse.Namespace) -> tuple[Path, ...]:

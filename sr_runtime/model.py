@@ -73,6 +73,9 @@ class ModelSpec:
     deterministic_sha256: dict[str, str] = field(default_factory=dict)
     #: Peak backend memory per LR pixel of one call (measured at export); 0 = unknown.
     bytes_per_lr_pixel: int = 0
+    #: uint8 conversion graphs ("pre", "post") a GPU backend runs on the device; optional.
+    io_files: dict[str, Path] = field(default_factory=dict)
+    io_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def fully_convolutional(self) -> bool:
@@ -99,6 +102,15 @@ class ModelSpec:
         path = self.onnx_path(precision, deterministic)
         sums = self.deterministic_sha256 if deterministic else self.onnx_sha256
         if sha256_file(path) != sums[precision]:
+            raise SRModelError(f"{path} does not match the sha256 in its manifest (corrupt or stale copy)")
+        return path
+
+    def verify_io(self, key: str) -> Path | None:
+        """The uint8 conversion graph `key` ("pre"/"post") checked against its sha256; None if the model has none."""
+        path = self.io_files.get(key)
+        if path is None or not path.is_file():
+            return None
+        if sha256_file(path) != self.io_sha256[key]:
             raise SRModelError(f"{path} does not match the sha256 in its manifest (corrupt or stale copy)")
         return path
 
@@ -241,13 +253,23 @@ def _parse_frame(raw: dict, directory: Path) -> ModelSpec:
     memory = raw.get("memory", {})
     per_px = _int(memory.get("bytes_per_lr_pixel", 0), "memory.bytes_per_lr_pixel", 0, MAX_BYTES_PER_PIXEL) \
         if isinstance(memory, dict) else 0
+    io_files: dict[str, Path] = {}
+    io_sums: dict[str, str] = {}
+    raw_io = raw.get("io_graphs", {})
+    if not isinstance(raw_io, dict) or not set(raw_io) <= {"pre", "post"}:
+        raise ValueError("io_graphs must be an object with 'pre' and 'post'")
+    for key, entry in raw_io.items():
+        io_files[key] = _model_file(directory, entry["file"])
+        io_sums[key] = str(entry.get("sha256", "")).lower()
+        if not _SHA256.fullmatch(io_sums[key]):
+            raise ValueError(f"io_graphs.{key}.sha256 must be the file's 64-digit hex sha256")
     name = str(raw.get("name", directory.name))
     return ModelSpec(
         directory=directory, name="".join(c if c.isprintable() else "?" for c in name), scale=scale,
         lr_size=(lr_h, lr_w), noise_dim=0, batch_min=batch_min, batch_opt=batch_opt, batch_max=batch_max,
         onnx_files=files, onnx_sha256=sums, kind=KIND_FULLY_CONVOLUTIONAL, lr_multiple=multiple,
         receptive_radius=radius, noise_levels=tuple(levels), deterministic_files=det_files,
-        deterministic_sha256=det_sums, bytes_per_lr_pixel=per_px,
+        deterministic_sha256=det_sums, bytes_per_lr_pixel=per_px, io_files=io_files, io_sha256=io_sums,
     )
 
 
