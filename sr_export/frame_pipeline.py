@@ -34,6 +34,8 @@ from sr_export.onnx_export import (
     fc_noise_levels,
     op_histogram,
     polygraphy_lint,
+    uint8_post_graph,
+    uint8_pre_graph,
 )
 from sr_export.parity import ParityCase, compare_frame, level_feeds, parity_summary
 from sr_export.parity import cpu_session as parity_session
@@ -48,6 +50,8 @@ FRAME_FILES = {
     ("deterministic", "fp32"): "model.t0.fp32.onnx",
     ("deterministic", "fp16"): "model.t0.fp16.onnx",
 }
+#: uint8 conversion, padding and cropping as graphs, so a GPU backend keeps a frame on the device.
+IO_FILES = {"pre": "io.pre.onnx", "post": "io.post.onnx"}
 #: LR (h, w, batch) of the parity checks: square, non-square, odd multiples of the stride (5, 9, 11, 7 x 4).
 PARITY_SHAPES = ((16, 16, 1), (20, 36, 2), (44, 28, 1))
 #: FP16 calibration and held-out frame sizes (held-out sizes differ from the calibration ones).
@@ -139,7 +143,7 @@ def export_frame_model_dir(
     seconds: dict[str, float] = {}
     levels = fc_noise_levels(model)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
-    for name in FRAME_FILES.values():
+    for name in (*FRAME_FILES.values(), *IO_FILES.values()):
         (out / name).unlink(missing_ok=True)
     precisions = ("fp32", "fp16") if opts.fp16 else ("fp32",)
     steps = 3 + len(precisions) - 1
@@ -203,13 +207,18 @@ def export_frame_model_dir(
 
     with _timed(seconds, "memory"):
         bytes_per_px = measure_bytes_per_lr_pixel(files["deterministic.fp32"])
+    for key, build in (("pre", uint8_pre_graph), ("post", uint8_post_graph)):
+        protos[f"io.{key}"] = proto = build()
+        onnx.checker.check_model(proto, full_check=True)
+        files[f"io.{key}"] = out / IO_FILES[key]
+        atomic_write_bytes(files[f"io.{key}"], proto.SerializeToString())
 
     manifest = frame_manifest(model, checkpoint, opts, files=files, protos=protos, parity=parity, lints=lints,
                               fp16=fp16, bytes_per_lr_pixel=bytes_per_px, seconds=seconds)
     files["manifest"] = atomic_write_json(out / MANIFEST_FILE, manifest)
     # Keyed like the fixed-size report (fp32 / fp16 = the sampling graphs) plus t0.* for the deterministic ones.
     names = {"sampling.fp32": "fp32", "sampling.fp16": "fp16", "deterministic.fp32": "t0.fp32",
-             "deterministic.fp16": "t0.fp16", "manifest": "manifest"}
+             "deterministic.fp16": "t0.fp16", "io.pre": "io.pre", "io.post": "io.post", "manifest": "manifest"}
     report_files = {names[k]: v for k, v in files.items()}
     return ExportReport(manifest, report_files, parity, lints["sampling"], fp16.get("sampling"), seconds)
 
@@ -277,6 +286,9 @@ def frame_manifest(
         "value_range": [0.0, 1.0],
         "onnx": graphs["sampling"],
         "onnx_deterministic": graphs["deterministic"],
+        "io_graphs": {key: {**_entry(files[f"io.{key}"], protos[f"io.{key}"]), "purpose": purpose}
+                      for key, purpose in (("pre", "uint8 [N,h,w,3] + pads -> lr (x/255, edge pad)"),
+                                           ("post", "hr + starts/ends -> uint8 [N,h,w,3] (crop, clip, rint)"))},
         "memory": {"bytes_per_lr_pixel": bytes_per_lr_pixel,
                    "measured": "ONNX Runtime CPU FP32 peak RSS slope over LR frames "
                                + json.dumps([list(s) for s in MEMORY_PROBE_SHAPES])},

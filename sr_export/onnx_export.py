@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -272,3 +273,73 @@ def export_fc(
     assert_no_random_ops(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     return proto
+
+
+# ---------------------------------------------------------------------------
+# uint8 frames in and out on the device: two tiny graphs beside a frame model
+# ---------------------------------------------------------------------------
+
+IO_OPSET = 18
+
+
+def uint8_pre_graph() -> onnx.ModelProto:
+    """``u8`` uint8 [N, h, w, 3] + ``pads`` int64 [8] -> ``lr`` float32 [N, 3, H, W] in [0, 1], edge-padded.
+
+    The runtime's own conversion (x / 255, then edge padding at the bottom and
+    right to the stride), as a graph so a GPU backend does it on the device
+    and uploads a quarter of the bytes. ``pads`` is constant per frame shape.
+    """
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Transpose", ["u8"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["nchw"], ["nchw_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["nchw_f", "inv255"], ["unit"]),  # x * float32(1/255), as the host decoder
+        helper.make_node("Pad", ["unit", "pads"], ["lr"], mode="edge"),
+    ]
+    graph = helper.make_graph(
+        nodes, "uint8_pre",
+        [helper.make_tensor_value_info("u8", TensorProto.UINT8, ["N", "h", "w", 3]),
+         helper.make_tensor_value_info("pads", TensorProto.INT64, [8])],
+        [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor("inv255", TensorProto.FLOAT, [], [float(np.float32(1 / 255))])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", IO_OPSET)], producer_name="sr_export")
+
+
+def uint8_post_graph() -> onnx.ModelProto:
+    """``hr`` float32 [N, 3, H, W] + ``starts`` / ``ends`` int64 [2] (rows, cols) -> ``u8`` uint8 [N, h, w, 3].
+
+    Crop, clip to [0, 1], x 255, round half to even (numpy's rint, which the
+    host path uses), cast: the runtime's encoding of an RGB uint8 image. Also
+    ``nonfinite`` (uint8 scalar, 1 if any cropped value is NaN/Inf), because a
+    cast to uint8 would hide what the host path refuses.
+    """
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Slice", ["hr", "starts", "ends", "axes"], ["crop"]),
+        helper.make_node("Clip", ["crop", "k0", "k1"], ["unit"]),
+        helper.make_node("Mul", ["unit", "k255"], ["scaled"]),
+        helper.make_node("Round", ["scaled"], ["rounded"]),
+        helper.make_node("Cast", ["rounded"], ["nchw_u8"], to=TensorProto.UINT8),
+        helper.make_node("Transpose", ["nchw_u8"], ["u8"], perm=[0, 2, 3, 1]),
+        helper.make_node("IsNaN", ["crop"], ["nan"]),
+        helper.make_node("IsInf", ["crop"], ["inf"]),
+        helper.make_node("Or", ["nan", "inf"], ["bad"]),
+        helper.make_node("Cast", ["bad"], ["bad_u8"], to=TensorProto.UINT8),
+        helper.make_node("ReduceMax", ["bad_u8"], ["nonfinite"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "uint8_post",
+        [helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+         helper.make_tensor_value_info("starts", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("ends", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("u8", TensorProto.UINT8, ["N", "h", "w", 3]),
+         helper.make_tensor_value_info("nonfinite", TensorProto.UINT8, [])],
+        [helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+         helper.make_tensor("k0", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("k1", TensorProto.FLOAT, [], [1.0]),
+         helper.make_tensor("k255", TensorProto.FLOAT, [], [255.0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", IO_OPSET)], producer_name="sr_export")
