@@ -147,6 +147,8 @@ class Upscaler:
                               prefer_nhwc, uint8_io)
             return
         self._frame_backend: FrameBackend | None = None
+        self._frames: FrameNoise | None = None
+        self._uint8_io = False
         tile = self.spec.lr_size
         tile_overlap = checked_int("tile_overlap", tile_overlap, 0)
         plan_tiles(tile[0], tile[1], tile, tile_overlap)  # validates the overlap early
@@ -366,7 +368,7 @@ class Upscaler:
 
     def _uint8_frame(self, img: object) -> _Uint8Frame | None:
         """The frame as uint8 RGB when the uint8 path applies: a whole frame, 8-bit RGB, no alpha or EXIF turn."""
-        if not getattr(self, "_uint8_io", False):
+        if not self._uint8_io:
             return None
         if isinstance(img, Image.Image):
             if img.mode != "RGB" or img.getexif().get(0x0112, 1) != 1:
