@@ -280,7 +280,10 @@ class Upscaler:
         if samples is None:
             u8 = self._uint8_frame(img)
             if u8 is not None:
-                return self._run_uint8(u8, stats)
+                out = self._run_uint8(u8, stats)
+                if progress is not None:
+                    progress(1, 1)
+                return out
         decoded = self._decode(img)
         mean, std = self._upscale(decoded, n, progress, stats)
         out = self._encode(decoded, mean)

@@ -314,6 +314,7 @@ class _FrameSlot:
         self.hr = ort.OrtValue.ortvalue_from_shape_and_type(list(hr_shape), np.float32, "cuda", 0)
         # The noise of this shape is uploaded once and stays on the device: frames of one shape share it.
         self.noise = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0) for k, v in noise.items()}
+        self.noise_src = dict(noise)  # the host maps on the device now (kept alive, compared by identity)
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input("lr", self.lr)
         for name, value in self.noise.items():
@@ -323,6 +324,19 @@ class _FrameSlot:
         if graph_id is not None:
             self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.runs = 0
+
+    def use_noise(self, noise: dict[str, np.ndarray]) -> None:
+        """Copy `noise` into the bound device maps unless they already hold it (the same cached host arrays).
+
+        A stream of whole frames passes the same cached maps every call: no
+        copy. Tiles pass a window each: copied into the same addresses, so the
+        shape's CUDA graph still replays.
+        """
+        if all(noise[k] is self.noise_src.get(k) for k in noise):
+            return
+        for name, value in noise.items():
+            self.noise[name].update_inplace(np.ascontiguousarray(value))
+        self.noise_src = dict(noise)
 
     def bind_uint8(self, io: tuple[ort.InferenceSession, ort.InferenceSession], image: tuple[int, int],
                    scale: int) -> None:
@@ -359,7 +373,9 @@ class OrtCudaFrameBackend:
     is its own CUDA graph (`gpu_graph_id`), captured after ORT's warm-up runs.
     `prefer_nhwc` asks the CUDA provider for channels-last convolutions (faster
     in fp16 on tensor cores where measured). A call copies the frame in and
-    the result out and nothing else.
+    the result out and nothing else (tiles also copy their noise window).
+    Beyond `max_shapes` the oldest slot's buffers go; ONNX Runtime keeps its
+    captured graph, never replayed again (a new shape gets a new graph id).
     """
 
     name = "onnxruntime-cuda"
@@ -385,7 +401,7 @@ class OrtCudaFrameBackend:
         _check_frame_io(self._session, spec, deterministic)
         self._scale = spec.scale
         self._io = _io_sessions(spec, [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"])
-        self._slots: dict[tuple[tuple[int, ...], int, tuple[int, int] | None], _FrameSlot] = {}
+        self._slots: dict[tuple[tuple[int, ...], tuple[int, int] | None], _FrameSlot] = {}
         self._max_shapes = max_shapes
         self._next_graph = 1  # ORT reserves graph id 0 and reads -1 as "no graph"
 
@@ -395,8 +411,8 @@ class OrtCudaFrameBackend:
 
     def _slot(self, lr_shape: tuple[int, ...], noise: dict[str, np.ndarray], image: tuple[int, int] | None
               ) -> _FrameSlot:
-        """The slot of this shape (and noise maps, and uint8 image size), made on first use."""
-        key = (lr_shape, id(next(iter(noise.values()))) if noise else 0, image)
+        """The slot of this frame shape (and uint8 image size), made on first use, holding `noise` on the device."""
+        key = (lr_shape, image)
         slot = self._slots.get(key)
         if slot is None:
             if len(self._slots) >= self._max_shapes:
@@ -409,6 +425,7 @@ class OrtCudaFrameBackend:
                                                  noise, graph_id)
             if image is not None and self._io is not None:
                 slot.bind_uint8(self._io, image, self._scale)
+        slot.use_noise(noise)
         return slot
 
     def run_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
@@ -426,7 +443,7 @@ class OrtCudaFrameBackend:
         return out, not int(slot.nonfinite.numpy())
 
     def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
-        """`noise` must be the same maps for every call of one shape (FrameNoise's cache guarantees it)."""
+        """One call; `noise` is copied to the device only when it is not the maps the shape's slot holds."""
         slot = self._slot(lr.shape, noise, None)
         slot.lr.update_inplace(np.ascontiguousarray(lr, np.float32))
         self._session.run_with_iobinding(slot.binding, slot.options)
