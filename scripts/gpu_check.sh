@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU check: `pytest -m gpu`, the latency harness' GPU rows and the whole-image
-# rows, all within GPU_CHECK_BUDGET_S (default 480 s), results into $OUT.
+# GPU check: `pytest -m gpu`, the whole-frame benchmark of the fully convolutional
+# cost model (benchmarks/frames.py: 960x540 -> 3840x2160 whole vs tiled, a 4K
+# stream's frames/s, PyTorch + CUDA graph), the latency harness' GPU rows and the
+# whole-image rows, all within GPU_CHECK_BUDGET_S (default 570 s), results into $OUT.
 #
 #   OUT=out/gpu_check bash scripts/gpu_check.sh
 #
@@ -25,7 +27,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
 PACK=${GPU_PACK_DIR:-.gpu}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 PACK_MODE=${SR_GPU_PACK:-0}
@@ -80,16 +82,33 @@ if [ "$PACK_MODE" = 1 ]; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH" SR_ENGINE_CACHE=/tmp/sr_engines
 fi
 export -f environment install_missing
+DEVICE_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+DEVICE_NAME=${DEVICE_NAME:-cuda}
 
 [ "$PACK_MODE" = 1 ] && step install 120 bash -c install_missing
 step environment 30 bash -c environment
+# The fully convolutional cost model (fc-256, random weights), exported once for the GPU test and the frame bench.
+FC_MODEL=${FC_MODEL:-/tmp/sr_bench_cache/fc-256-random}
+step export_fc 120 "$PY" -c "import sys; from sr_export.cli import main; sys.exit(main(sys.argv[1:]))" \
+    --preset fc-256 --random-weights --out "$FC_MODEL" --engine off
+export SR_TEST_FC_MODEL=$FC_MODEL
 step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+# Whole frames: 960x540 -> 3840x2160 through Upscaler, steady state (p50 of 20), frames/s of a 30-frame 4K
+# stream, whole vs tiled (512x512 LR pixels per call), ORT CUDA fp16, and PyTorch fp16 + CUDA graph; then
+# the same with prefer_nhwc and at fp32.
+step bench_frames 120 "$PY" -m benchmarks.frames --model "$FC_MODEL" --device cuda --image 960x540 \
+    --precision fp16 --iters 20 --tiled-iters 3 --stream 30 --torch --device-name "$DEVICE_NAME" --out "$OUT/bench"
+step bench_frames_nhwc 60 "$PY" -m benchmarks.frames --model "$FC_MODEL" --device cuda --image 960x540 \
+    --precision fp16 --nhwc --iters 20 --tiled-iters 1 --stream 30 --device-name "$DEVICE_NAME-nhwc" \
+    --out "$OUT/bench"
+step bench_frames_fp32 60 "$PY" -m benchmarks.frames --model "$FC_MODEL" --device cuda --image 960x540 \
+    --precision fp32 --iters 10 --tiled-iters 1 --stream 10 --device-name "$DEVICE_NAME-fp32" --out "$OUT/bench"
 # Per tile (default model at batch 1/4/16) and whole images, 960x540 -> 3840x2160 among them, at batch 16.
-step bench_default 200 "$PY" -m benchmarks.latency --models default --devices cuda \
+step bench_default 150 "$PY" -m benchmarks.latency --models default --devices cuda \
     --backends pytorch-eager,pytorch-cudagraph,onnxruntime-cuda,tensorrt --batches 1,4,16 \
     --image 256x256,640x480,960x540 --image-batches 16 --iters 30 --budget-s 15 --out "$OUT/bench"
 # paper-256 (random weights, heavy): batch 1 and 16 per tile, no whole image.
-step bench_paper 150 "$PY" -m benchmarks.latency --models paper-256 --devices cuda \
+step bench_paper 90 "$PY" -m benchmarks.latency --models paper-256 --devices cuda \
     --backends pytorch-eager,pytorch-cudagraph,onnxruntime-cuda,tensorrt --heavy-batches 1,16 --heavy-iters 10 \
     --no-image --budget-s 15 --cache /tmp/sr_bench_cache --out "$OUT/bench"
 

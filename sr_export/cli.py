@@ -70,6 +70,17 @@ def parse_seed(text: str) -> int:
     return value
 
 
+def parse_frame(text: str) -> tuple[int, int]:
+    """'960x540' -> (960, 540): an LR frame's width and height."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--frame WxH, e.g. 960x540; got {text!r}") from None
+    if not (0 < w <= 1 << 14 and 0 < h <= 1 << 14):
+        raise argparse.ArgumentTypeError(f"--frame {text}: width and height must be in [1, 16384]")
+    return w, h
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sr-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT engine: auto builds where TensorRT and a GPU exist; on fails without them")
     p.add_argument("--engine-cache", type=Path, help=f"engine cache directory (default {engine_cache_dir()})")
     p.add_argument("--seed", type=parse_seed, default=0, help="seed for random weights and check noise")
+    p.add_argument("--frame", type=parse_frame,
+                   help="fully convolutional models: build engines for this one input frame size WxH (LR pixels, "
+                        "e.g. 960x540 for 4K output), a fixed-size video engine; default: a profile from one "
+                        "stride to 960x540 with opt at --res / 4")
     return p
 
 
@@ -126,7 +141,7 @@ def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, st
             except CheckpointError as exc:
                 raise SystemExit(f"sr-export: {exc}") from None
             info = checkpoint_info(meta, args.checkpoint)
-        if args.res is not None and args.res != model.config.hr_size:
+        if args.res is not None and args.res != model.config.hr_size and not model.config.fully_convolutional:
             raise SystemExit(f"sr-export: --res {args.res} but the model's HR size is {model.config.hr_size}")
         return model, info, args.out, args.out.name
 
@@ -178,6 +193,10 @@ def _export(args: argparse.Namespace) -> int:
         return 1
 
     model, info, out, name = load_source(args)
+    if args.frame is not None and not model.config.fully_convolutional:
+        print(f"sr-export: --frame needs a fully convolutional model; {model.config.name} is fixed-size",
+              file=sys.stderr)
+        return 2
     if info["random_weights"]:
         print(f"WARNING: RANDOM WEIGHTS - exporting an untrained {info['preset']} (seed {args.seed}); "
               "its output is not super-resolution, use it only for testing and cost measurements")
@@ -200,15 +219,27 @@ def _export(args: argparse.Namespace) -> int:
         print(f"engine: not built: {no_engine}")
         return 0
     cache = args.engine_cache or engine_cache_dir()
+    frame_kw = frame_engine_options(report.manifest, args.res, args.frame)
     try:
         for precision in wanted:
-            path = build_engine(report.files[precision], cache, precision=precision, batch=args.batch,
-                                model_config=report.manifest["model_config"])
-            print(f"engine: {precision}: {path}")
+            for key in (precision, f"t0.{precision}") if frame_kw else (precision,):
+                path = build_engine(report.files[key], cache, precision=precision, batch=args.batch,
+                                    model_config=report.manifest["model_config"], **frame_kw)
+                print(f"engine: {key}: {path}")
     except (EngineUnavailable, EngineBuildFailed) as exc:
         print(f"engine: build failed: {exc}", file=sys.stderr)
         return 1 if args.engine == "on" else 0
     return 0
+
+
+def frame_engine_options(manifest: dict[str, Any], res: int | None, frame: tuple[int, int] | None) -> dict[str, Any]:
+    """build_engine's frame profile for a fully convolutional model (empty for a fixed-size one)."""
+    if manifest.get("kind") != "fully_convolutional":
+        return {}
+    from sr_runtime.backends.engine_build import frame_profile
+
+    shapes = frame_profile(res or manifest["model_config"]["hr_size"], manifest["lr_multiple"], frame)
+    return {"frame": shapes, "frame_scales": {lv["name"]: lv["scale"] for lv in manifest["noise_levels"]}}
 
 
 def print_summary(report: Any) -> None:
@@ -228,7 +259,8 @@ def print_summary(report: Any) -> None:
             ties = f" ({c.near_tie_pixels} near-tie px; max on the others {c.max_abs_err_non_tie:.2e})"
         else:
             ties = ""
-        print(f"  parity   t={c.temperature:g} batch={c.batch}: max |ORT - torch| = {c.max_abs_err:.2e}{ties}")
+        at = f" lr={c.shape[0]}x{c.shape[1]}" if c.shape else ""
+        print(f"  parity   t={c.temperature:g} batch={c.batch}{at}: max |ORT - torch| = {c.max_abs_err:.2e}{ties}")
     if report.fp16 is not None:
         isl = m["onnx"]["fp16"]["fp32_island"]
         for label, chk in (("ORT CPU, FP16 file", report.fp16.ort), ("FP16 rounding sim", report.fp16.simulated)):

@@ -111,11 +111,14 @@ def measure_ranges(
         if init.data_type == FLOAT:
             arr = numpy_helper.to_array(init)
             ranges[init.name] = float(np.abs(arr).max()) if arr.size else 0.0
-    batch = max((next(iter(feed.values())).shape[0] for feed in feeds), default=1)
-    groups = _groups(produced, shapes, batch, budget_bytes)
+    symbols: dict[str, int] = {}
+    for feed in feeds:  # size every group for the largest feed: a fully convolutional graph's tensors follow it
+        for symbol, size in _feed_symbols(proto, feed).items():
+            symbols[symbol] = max(symbols.get(symbol, 0), size)
+    groups = _groups(produced, shapes, symbols, budget_bytes)
     if log is not None:
-        total = sum(_tensor_bytes(shapes, name, batch) for name in produced)
-        log(f"      {len(produced)} tensors, {total / 1e9:.2f} GB at batch {batch}: {len(groups)} group(s) of "
+        total = sum(_tensor_bytes(shapes, name, symbols) for name in produced)
+        log(f"      {len(produced)} tensors, {total / 1e9:.2f} GB at the largest feed: {len(groups)} group(s) of "
             f"<= {budget_bytes / 1e9:.2f} GB, {len(groups) * len(feeds)} forward passes")
     for group in groups:
         single = onnx.ModelProto()
@@ -144,18 +147,53 @@ def cpu_session_from_proto(proto: onnx.ModelProto) -> Any:
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _tensor_bytes(shapes: dict[str, Any], name: str, batch: int) -> int:
-    """float32 bytes of a tensor, symbolic dimensions taken as ``batch``."""
+def _feed_symbols(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """Values of the graph's symbolic dims for one feed, read off its inputs ('4*h' of 24 -> h = 6)."""
+    symbols: dict[str, int] = {}
+    for vi in proto.graph.input:
+        if vi.name not in feed:
+            continue
+        for dim, size in zip(vi.type.tensor_type.shape.dim, feed[vi.name].shape, strict=False):
+            coef, _, name = dim.dim_param.rpartition("*")
+            if name.isidentifier() and (coef == "" or coef.isdigit()):
+                symbols[name] = size // int(coef or 1)
+    return symbols
+
+
+def _dim_size(dim: Any, symbols: dict[str, int]) -> int:
+    """A dim's size: its value, its expression over ``symbols`` (sums and products of ints), else the largest."""
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    total = 0
+    for term in dim.dim_param.replace(" ", "").split("+"):
+        product = 1
+        for factor in term.split("*"):
+            if factor.isdigit():
+                product *= int(factor)
+            elif factor in symbols:
+                product *= symbols[factor]
+            else:  # an expression this does not read: bound it by the largest size in play
+                return max([16 * v for v in symbols.values()] or [1])
+        total += product
+    return total
+
+
+def _tensor_bytes(shapes: dict[str, Any], name: str, symbols: dict[str, int]) -> int:
+    """float32 bytes of a tensor, symbolic dimensions sized by ``symbols``."""
     dims = shapes[name].dim if name in shapes else []
-    return 4 * math.prod(d.dim_value if d.HasField("dim_value") else batch for d in dims)
+    return 4 * math.prod(_dim_size(d, symbols) for d in dims)
 
 
-def _groups(names: list[str], shapes: dict[str, Any], batch: int, budget: int) -> list[list[str]]:
-    """Split ``names`` so each group's float32 tensors together stay under ``budget`` bytes."""
+def _groups(names: list[str], shapes: dict[str, Any], symbols: dict[str, int], budget: int) -> list[list[str]]:
+    """Split ``names`` so each group's float32 tensors together stay under ``budget`` bytes.
+
+    Symbolic dims are sized by ``symbols`` (the largest feed's): a fully
+    convolutional graph's tensors follow the frame, not a fixed tile.
+    """
     groups: list[list[str]] = [[]]
     used = 0
     for name in names:
-        size = _tensor_bytes(shapes, name, batch)
+        size = _tensor_bytes(shapes, name, symbols)
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0

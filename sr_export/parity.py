@@ -35,9 +35,13 @@ class ParityCase:
     near_tie_pixels: int
     max_abs_err_non_tie: float
     pixels: int
+    shape: tuple[int, int] | None = None  # LR (h, w) where the graph takes any size
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.shape is None:
+            del out["shape"]  # fixed-size graphs: their manifest stays as it was
+        return out
 
 
 def cpu_session(path: str | Path, optimize: bool = True) -> ort.InferenceSession:
@@ -49,7 +53,9 @@ def cpu_session(path: str | Path, optimize: bool = True) -> ort.InferenceSession
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _sample_with_ties(model: VDVAESR, lr: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _sample_with_ties(
+    model: VDVAESR, lr: torch.Tensor, noise: torch.Tensor | list[torch.Tensor] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(model.sample output, [N,H,W] mask of pixels whose top two mixture logits are within TIE_GAP).
 
     The logits are caught with a hook on the head's conv, so the tie test sees
@@ -120,3 +126,39 @@ def parity_summary(cases: list[ParityCase]) -> dict[str, Any]:
     out["near_tie_pixels"] = sum(c.near_tie_pixels for c in cases)
     out["max_non_tie"] = max(c.max_abs_err_non_tie for c in cases)
     return out
+
+
+def level_feeds(model: VDVAESR, n: int, lr_hw: tuple[int, int], temperature: float, seed: int) -> dict[str, np.ndarray]:
+    """A fully convolutional model's noise inputs by name: the runtime's position-keyed maps x temperature."""
+    levels = model.make_level_noise(n, lr_hw, temperature, seed)
+    return {f"noise_{res}": np.ascontiguousarray(t.numpy(), np.float32)
+            for (res, _), t in zip(model.noise_levels, levels, strict=True)}
+
+
+@torch.no_grad()
+def compare_frame(
+    model: VDVAESR, session: ort.InferenceSession, lr: np.ndarray, temperature: float, seed: int = 0
+) -> ParityCase:
+    """``compare`` for a fully convolutional graph at ``lr``'s own size.
+
+    A graph without noise inputs is the deterministic one (torch: ``noise=None``);
+    otherwise both sides read the same per-level maps.
+    """
+    model = model.eval()
+    names = {i.name for i in session.get_inputs()}
+    feed: dict[str, np.ndarray] = {"lr": lr}
+    noise: list[torch.Tensor] | None = None
+    if names != {"lr"}:
+        feed.update(level_feeds(model, lr.shape[0], (lr.shape[2], lr.shape[3]), temperature, seed))
+        noise = [torch.from_numpy(feed[f"noise_{res}"]) for res, _ in model.noise_levels]
+    elif temperature != 0:
+        raise ValueError("the deterministic graph has no noise inputs: compare it at temperature 0")
+    ref, ties = _sample_with_ties(model, torch.from_numpy(lr), noise)
+    out = session.run(["hr"], feed)[0]
+    err = np.abs(out.astype(np.float64) - ref.astype(np.float64)).max(axis=1)
+    return ParityCase(
+        temperature=float(temperature), batch=int(lr.shape[0]), max_abs_err=float(err.max()),
+        mean_abs_err=float(err.mean()), near_tie_pixels=int(ties.sum()),
+        max_abs_err_non_tie=float(err[~ties].max()) if (~ties).any() else 0.0, pixels=int(err.size),
+        shape=(int(lr.shape[2]), int(lr.shape[3])),
+    )

@@ -10,6 +10,7 @@ files served together.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import secrets
@@ -38,7 +39,7 @@ from sr_export.onnx_export import (
 )
 from sr_export.parity import ParityCase, parity_suite, parity_summary
 from sr_runtime.files import atomic_write_bytes, atomic_write_json, sha256_file
-from sr_runtime.model import MANIFEST_FORMAT
+from sr_runtime.model import KIND_FIXED, MANIFEST_FORMAT
 from sr_train.model import VDVAESR
 
 FP32_FILE, FP16_FILE, MANIFEST_FILE = "model.fp32.onnx", "model.fp16.onnx", "manifest.json"
@@ -143,6 +144,10 @@ def export_model_dir(
 def _export_into(
     out: Path, model: VDVAESR, checkpoint: dict[str, Any], opts: ExportOptions, log: Callable[[str], None]
 ) -> ExportReport:
+    if model.config.fully_convolutional:  # symbolic frame size, noise maps per level: its own pipeline
+        from sr_export.frame_pipeline import export_frame_model_dir
+
+        return export_frame_model_dir(model, checkpoint, dataclasses.replace(opts, out_dir=out), log)
     model = model.eval()
     cfg = model.config
     seconds: dict[str, float] = {}
@@ -252,6 +257,7 @@ def build_manifest(
         checks["fp16_tried"] = fp16.tried
     return {
         "format": MANIFEST_FORMAT,
+        "kind": KIND_FIXED,
         "name": opts.name,
         "scale": cfg.scale_factor,
         "lr_size": [cfg.lr_size, cfg.lr_size],

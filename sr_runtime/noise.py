@@ -14,9 +14,14 @@ its position, so that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sr_runtime.model import NoiseLevel
 
 #: Rows drawn per bank at temperature > 0 (4x4 tile pattern before any repeat).
 DEFAULT_ROWS = 16
@@ -160,3 +165,53 @@ def position_noise(
         u2 = ((h & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) * (1.0 / 2**32)
         out[c] = np.sqrt(-2.0 * np.log(u1)) * np.cos(two_pi * u2)
     return out
+
+
+#: A sample's noise streams sit this far apart, so sample k never reuses another sample's maps.
+SAMPLE_STREAM_STRIDE = 1 << 8
+
+
+class FrameNoise:
+    """Per-level noise maps of whole frames, generated once per (frame shape, sample) and kept.
+
+    Values come from `position_noise` keyed by (seed, level stream, absolute
+    LR-frame position) times the temperature, so a tile reads a window of the
+    same maps, and every frame of one shape gets the same noise (texture that
+    does not flicker in video). Sample k (for `samples=K`) uses streams offset
+    by k x SAMPLE_STREAM_STRIDE; sample 0 is what `VDVAESR.make_level_noise`
+    draws. Only the most recent `keep` frame shapes stay cached.
+    """
+
+    def __init__(self, levels: Sequence[NoiseLevel], temperature: float, seed: int, keep: int = 2) -> None:
+        if temperature < 0 or not np.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        self.levels = tuple(levels)
+        self.temperature = float(temperature)
+        self.seed = int(seed)
+        self._keep = keep
+        self._cache: dict[tuple[int, int, int], list[np.ndarray]] = {}
+
+    def maps(self, frame: tuple[int, int], sample: int = 0) -> list[np.ndarray]:
+        """[C, h * scale, w * scale] float32 per level for an LR frame of (h, w) at the origin."""
+        key = (frame[0], frame[1], sample)
+        cached = self._cache.pop(key, None)
+        if cached is None:
+            cached = []
+            for level in self.levels:
+                h, w = level.size(*frame)
+                noise = position_noise(self.seed, level.stream + sample * SAMPLE_STREAM_STRIDE, level.channels,
+                                       0, 0, h, w)
+                noise *= np.float32(self.temperature)
+                cached.append(noise)
+            while len(self._cache) >= self._keep:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = cached  # most recent last
+        return cached
+
+    def window(self, frame: tuple[int, int], sample: int, y0: int, x0: int, h: int, w: int) -> dict[str, np.ndarray]:
+        """The noise inputs `{noise_<res>: [1, C, h*s, w*s]}` of a tile at LR (y0, x0) of size (h, w)."""
+        out = {}
+        for level, full in zip(self.levels, self.maps(frame, sample), strict=True):
+            (ty, tx), (th, tw) = level.size(y0, x0), level.size(h, w)
+            out[level.name] = np.ascontiguousarray(full[None, :, ty : ty + th, tx : tx + tw])
+        return out

@@ -11,6 +11,7 @@ weight, which leaves no step at tile borders.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,3 +140,99 @@ class Blender:
         out *= (1.0 / self._sum_y[rows])[:, None]
         out *= (1.0 / self._sum_x[cols])[None, :]
         return np.clip(out, 0.0, 1.0, out=out)
+
+
+# ---------------------------------------------------------------------------
+# Fully convolutional models: whole frames, or large tiles that keep their valid centres
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """How one LR image runs through a fully convolutional model.
+
+    The image is edge-padded at the bottom and right to `padded_size`
+    (multiples of the model's stride), so its top-left pixel is the frame's
+    origin and the position-keyed noise of a static region does not depend on
+    the frame. One tile when it fits the memory budget; else tiles start at
+    multiples of the stride and overlap by at least twice the receptive radius,
+    and each keeps only `keep_y[i] x keep_x[j]` (frame LR coordinates), where
+    every output pixel sees exactly what it would see in the whole frame.
+    """
+
+    image_size: tuple[int, int]
+    padded_size: tuple[int, int]
+    tile: tuple[int, int]
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+    keep_y: tuple[tuple[int, int], ...]
+    keep_x: tuple[tuple[int, int], ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def whole(self) -> bool:
+        return self.count == 1
+
+    def tiles(self) -> list[tuple[int, int, tuple[int, int], tuple[int, int]]]:
+        """(y0, x0, keep rows, keep cols) of every tile in raster order."""
+        return [(y, x, ky, kx) for y, ky in zip(self.ys, self.keep_y, strict=True)
+                for x, kx in zip(self.xs, self.keep_x, strict=True)]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _frame_axis(
+    length: int, tile: int, multiple: int, radius: int
+) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """Tile starts (multiples of `multiple`) and the part each keeps, along one axis of `length`."""
+    if length <= tile:
+        return (0,), ((0, length),)
+    step = (tile - 2 * radius) // multiple * multiple
+    if step < multiple:
+        raise ValueError(f"tile {tile} is too small for receptive radius {radius} (needs >= {2 * radius + multiple})")
+    n = -(-(length - tile) // step) + 1
+    starts = [(i * (length - tile) // (n - 1)) // multiple * multiple for i in range(n)]
+    starts[-1] = length - tile
+    cuts = [(starts[i + 1] + radius + starts[i] + tile - radius) // 2 for i in range(n - 1)]
+    bounds = [0, *cuts, length]
+    return tuple(starts), tuple((bounds[i], bounds[i + 1]) for i in range(n))
+
+
+def min_frame_tile(multiple: int, radius: int) -> int:
+    """The smallest tile side that leaves a valid centre: twice the radius plus one stride, rounded up."""
+    return _round_up(2 * radius + multiple, multiple)
+
+
+def plan_frame(height: int, width: int, multiple: int, radius: int, max_pixels: int) -> FramePlan:
+    """Plan one image: the whole frame when its padded size has at most `max_pixels` LR pixels, else tiles.
+
+    Tiles are as large as `max_pixels` allows (never below `min_frame_tile`,
+    which may exceed the budget: a correct result first), so the overlap
+    recomputed around each tile stays a small share.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    ph, pw = _round_up(height, multiple), _round_up(width, multiple)
+    if ph * pw <= max_pixels:
+        th, tw = ph, pw
+    else:
+        least = min_frame_tile(multiple, radius)
+        side = max(least, math.isqrt(max_pixels) // multiple * multiple)
+        th = min(ph, side)
+        tw = min(pw, max(least, max_pixels // th // multiple * multiple))
+    ys, keep_y = _frame_axis(ph, th, multiple, radius)
+    xs, keep_x = _frame_axis(pw, tw, multiple, radius)
+    return FramePlan((height, width), (ph, pw), (th, tw), ys, xs, keep_y, keep_x)
+
+
+def pad_frame(chw: np.ndarray, plan: FramePlan) -> np.ndarray:
+    """Edge-pad a [C, h, w] image at the bottom and right to the plan's padded size (float32, contiguous)."""
+    h, w = plan.image_size
+    ph, pw = plan.padded_size
+    out = np.pad(chw, ((0, 0), (0, ph - h), (0, pw - w)), mode="edge") if (ph, pw) != (h, w) else chw
+    return np.ascontiguousarray(out, np.float32)

@@ -6,14 +6,15 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar, overload
 
 import numpy as np
 from PIL import Image
 
-from sr_runtime.backends import Backend, batch_buckets, bucket_for, create_backend
+from sr_runtime.backends import Backend, FrameBackend, batch_buckets, bucket_for, create_backend, create_frame_backend
 from sr_runtime.errors import SRInputError, SRModelError
 from sr_runtime.imaging import (
     DEFAULT_MAX_PIXELS,
@@ -24,9 +25,18 @@ from sr_runtime.imaging import (
     open_image,
     upscale_alpha,
 )
-from sr_runtime.model import load_model_spec
-from sr_runtime.noise import DEFAULT_ROWS, MAX_BANK_BYTES, MIN_ROWS, NoiseBank
-from sr_runtime.tiling import Blender, extract, pad_image, plan_tiles
+from sr_runtime.model import ModelSpec, load_model_spec
+from sr_runtime.noise import DEFAULT_ROWS, MAX_BANK_BYTES, MIN_ROWS, FrameNoise, NoiseBank
+from sr_runtime.tiling import (
+    Blender,
+    FramePlan,
+    extract,
+    min_frame_tile,
+    pad_frame,
+    pad_image,
+    plan_frame,
+    plan_tiles,
+)
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at runtime here
     from typing_extensions import Self
@@ -40,6 +50,12 @@ BYTES_PER_OUTPUT_PIXEL = 31
 BYTES_PER_OUTPUT_PIXEL_SAMPLES = 44
 #: Share of the machine's RAM one image may take by default.
 MEMORY_SHARE = 0.5
+#: Device memory a whole-frame call may take on a GPU by default (`Upscaler(frame_pixels=...)` overrides).
+GPU_FRAME_BUDGET = 16 * 2**30
+#: Bytes per LR pixel assumed for a frame model whose manifest does not state its own.
+FALLBACK_BYTES_PER_LR_PIXEL = 32 * 2**10
+#: Most `samples` one run may average with a fully convolutional model (each its own noise streams).
+MAX_FRAME_SAMPLES = 256
 
 ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray)
 Progress = Callable[[int, int], None]
@@ -99,6 +115,9 @@ class Upscaler:
         max_pixels: int | None = None,
         noise_rows: int = DEFAULT_ROWS,
         cpu_threads: int | None = None,
+        frame_pixels: int | None = None,
+        prefer_nhwc: bool = False,
+        uint8_io: bool | None = None,
     ) -> None:
         """Load the model (`None`: the shipped default, or `$SR_MODEL_DIR`) and pick a backend.
 
@@ -112,8 +131,24 @@ class Upscaler:
         `noise_rows` is the noise bank size (also the most distinct `samples`);
         `cpu_threads` are the CPU backend's intra-op threads (default: one per
         core; give each of several Upscalers on one machine its share).
+
+        Fully convolutional models (manifest kind "fully_convolutional") run
+        whole frames: `frame_pixels` caps the LR pixels of one backend call
+        (default: the memory budget over the manifest's measured bytes per
+        pixel); larger images run as large tiles that keep their valid centres.
+        `tile_overlap`, `batch_size` and `noise_rows` do not apply to them;
+        `prefer_nhwc` asks ONNX Runtime CUDA for channels-last convolutions;
+        `uint8_io` sends uint8 RGB frames (arrays, RGB PIL images) through the
+        model's conversion graphs, on the device on a GPU (default: on GPUs).
         """
         self.spec = load_model_spec(model)
+        if self.spec.fully_convolutional:
+            self._init_frames(backend, precision, temperature, seed, max_pixels, cpu_threads, frame_pixels,
+                              prefer_nhwc, uint8_io)
+            return
+        self._frame_backend: FrameBackend | None = None
+        self._frames: FrameNoise | None = None
+        self._uint8_io = False
         tile = self.spec.lr_size
         tile_overlap = checked_int("tile_overlap", tile_overlap, 0)
         plan_tiles(tile[0], tile[1], tile, tile_overlap)  # validates the overlap early
@@ -140,6 +175,36 @@ class Upscaler:
         self.precision: str = self._backend.precision
         self._lock = threading.Lock()
 
+    def _init_frames(
+        self, backend: str, precision: str, temperature: float, seed: int, max_pixels: int | float | None,
+        cpu_threads: int | None, frame_pixels: int | None, prefer_nhwc: bool, uint8_io: bool | None,
+    ) -> None:
+        """Whole-frame set-up: a frame backend (the deterministic graph at temperature 0) and the frame noise."""
+        if max_pixels is None:
+            max_pixels = default_max_pixels(self.spec.scale)
+        elif isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)):
+            raise TypeError(f"max_pixels must be a number, got {max_pixels!r}")
+        elif not math.isfinite(max_pixels) or max_pixels < 1:
+            raise ValueError(f"max_pixels must be a finite number >= 1, got {max_pixels!r}")
+        if cpu_threads is not None:
+            cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
+        if frame_pixels is not None:
+            frame_pixels = checked_int("frame_pixels", frame_pixels, 1)
+        self.temperature = float(temperature)
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        self.max_pixels = int(max_pixels)
+        self.tile_overlap = 2 * self.spec.receptive_radius
+        self.batch_size = 1
+        self._frames = None if self.temperature == 0 else FrameNoise(self.spec.noise_levels, self.temperature, seed)
+        self._frame_backend = create_frame_backend(self.spec, backend, precision, self.temperature == 0,
+                                                   cpu_threads, prefer_nhwc, cpu_uint8_io=bool(uint8_io))
+        self._uint8_io = self._frame_backend.uint8_io and uint8_io is not False
+        self.backend = self._frame_backend.name
+        self.precision = self._frame_backend.precision
+        self.frame_pixels = frame_pixels or default_frame_pixels(self.spec, self._frame_backend.device)
+        self._lock = threading.Lock()
+
     def _batch_limit(self) -> int:
         """The manifest's batch max, lowered so the noise bank (MIN_ROWS + batch - 1 rows) fits its budget."""
         row_bytes = self.spec.noise_dim * np.dtype(np.float32).itemsize
@@ -151,12 +216,15 @@ class Upscaler:
 
     @property
     def max_samples(self) -> int:
-        """The most `samples` one run may average: each needs its own rows of the noise bank."""
-        return self._bank.rows
+        """The most `samples` one run may average: each needs its own rows of the noise bank (or noise streams)."""
+        return MAX_FRAME_SAMPLES if self._frame_backend is not None else self._bank.rows
 
     def close(self) -> None:
         """Release the backend's session and device memory."""
-        self._backend.close()
+        if self._frame_backend is not None:
+            self._frame_backend.close()
+        else:
+            self._backend.close()
 
     def __enter__(self) -> Self:
         return self
@@ -207,8 +275,15 @@ class Upscaler:
         n = 1 if samples is None else checked_int("samples", samples, 1)
         if n > 1 and self.temperature == 0:
             raise ValueError("samples > 1 needs temperature > 0: at temperature 0 every sample is the same")
-        if not 1 <= n <= self._bank.rows:
-            raise ValueError(f"samples must be in [1, {self._bank.rows}] (the noise bank rows), got {samples}")
+        if not 1 <= n <= self.max_samples:
+            raise ValueError(f"samples must be in [1, {self.max_samples}] (the noise bank rows), got {samples}")
+        if samples is None:
+            u8 = self._uint8_frame(img)
+            if u8 is not None:
+                out = self._run_uint8(u8, stats)
+                if progress is not None:
+                    progress(1, 1)
+                return out
         decoded = self._decode(img)
         mean, std = self._upscale(decoded, n, progress, stats)
         out = self._encode(decoded, mean)
@@ -230,7 +305,7 @@ class Upscaler:
         Pixels equal `run`'s up to float rounding where a backend's arithmetic
         depends on the batch a tile shares.
         """
-        if self.temperature > 0:
+        if self.temperature > 0 or self._frame_backend is not None:  # frames: one call per image already
             return [self.run(img, stats=stats) for img in images]
         decoded = [self._decode(img) for img in images]
         plans = [plan_tiles(*d.size, self.spec.lr_size, self.tile_overlap) for d in decoded]
@@ -253,6 +328,82 @@ class Upscaler:
                 blenders[image].add(hr[offset : offset + n], first)
                 offset += n
         return [self._encode(d, b.result()) for d, b in zip(decoded, blenders, strict=True)]
+
+    def run_frames(
+        self, frames: Iterable[str | os.PathLike[str] | Image.Image | np.ndarray], *, stats: RunStats | None = None
+    ) -> Generator[Image.Image | np.ndarray, None, None]:
+        """Upscale a sequence of frames, yielding each result as `run` returns it, in order.
+
+        The next frame is decoded on a helper thread while the backend runs the
+        current one. Frames of one shape share everything prepared per shape:
+        the noise maps (so a static region stays identical from frame to frame
+        at any temperature), and on a GPU the device buffers and CUDA graph.
+        An error is raised at the frame that caused it.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-decode") as pool:
+            it = iter(frames)
+            pending: Future[Decoded | _Uint8Frame] | None = None
+            first = next(it, _END)
+            if first is not _END:
+                pending = pool.submit(self._prepare, first)
+            while pending is not None:
+                prepared = pending.result()
+                nxt = next(it, _END)
+                pending = None if nxt is _END else pool.submit(self._prepare, nxt)
+                if isinstance(prepared, _Uint8Frame):
+                    yield self._run_uint8(prepared, stats)
+                    continue
+                mean, _ = self._upscale(prepared, 1, None, stats)
+                yield self._encode(prepared, mean)
+
+    def _prepare(self, img: object) -> Decoded | _Uint8Frame:
+        """A frame ready for the backend: a file opened, then the uint8 path where it applies, else decoded."""
+        if isinstance(img, (str, os.PathLike)):
+            opened = open_image(img, self.max_pixels)
+            u8 = self._uint8_frame(opened)
+            if u8 is not None:
+                return u8
+            try:
+                return decode_pil(opened, self.max_pixels)
+            except ValueError as exc:
+                raise SRInputError(f"{os.fspath(img)}: {exc}") from None
+        return self._uint8_frame(img) or self._decode(img)
+
+    def _uint8_frame(self, img: object) -> _Uint8Frame | None:
+        """The frame as uint8 RGB when the uint8 path applies: a whole frame, 8-bit RGB, no alpha or EXIF turn."""
+        if not self._uint8_io:
+            return None
+        if isinstance(img, Image.Image):
+            if img.mode != "RGB" or img.getexif().get(0x0112, 1) != 1:
+                return None
+            arr, pil = np.asarray(img), True
+        elif isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+            arr, pil = img, False
+        else:
+            return None
+        h, w = arr.shape[:2]
+        if not 0 < h * w <= self.max_pixels:
+            return None  # the decoder names the problem
+        plan = plan_frame(h, w, self.spec.lr_multiple, self.spec.receptive_radius, self.frame_pixels)
+        return _Uint8Frame(np.ascontiguousarray(arr)[None], plan, pil) if plan.whole else None
+
+    def _run_uint8(self, frame: _Uint8Frame, stats: RunStats | None) -> Image.Image | np.ndarray:
+        """One call from uint8 in to uint8 out: conversion, padding, model and cropping in the backend's graphs."""
+        assert self._frame_backend is not None
+        noise = self._frame_noise(frame.plan, 0, 0, 0)
+        t0 = time.perf_counter()
+        with self._lock:
+            out, finite = self._frame_backend.run_u8(frame.u8, frame.plan.padded_size, noise)
+        if not finite:
+            raise SRInputError(
+                f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
+                "a lower temperature may help")
+        out = out[0]
+        if stats is not None:
+            stats.backend_seconds += time.perf_counter() - t0
+            stats.tiles += 1
+            stats.batches += 1
+        return Image.fromarray(out) if frame.pil else out
 
     def _encode(self, decoded: Decoded, rgb: np.ndarray) -> Image.Image | np.ndarray:
         """The HR planes back in the input's layout, with its alpha upscaled beside them."""
@@ -291,6 +442,8 @@ class Upscaler:
         self, decoded: Decoded, samples: int, progress: Progress | None, stats: RunStats | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean and per-pixel std (mean over RGB) across samples of the blended HR planes; one sample: no std."""
+        if self._frame_backend is not None:
+            return self._upscale_frame(decoded, samples, progress, stats)
         h, w = decoded.size
         plan = plan_tiles(h, w, self.spec.lr_size, self.tile_overlap)
         padded = pad_image(decoded.rgb, plan)
@@ -316,6 +469,108 @@ class Upscaler:
             mean += delta / (sample + 1)
             m2 += delta * (result - mean)
         return mean, None if m2 is None else np.sqrt(m2 / samples).mean(axis=0)
+
+
+    def _upscale_frame(
+        self, decoded: Decoded, samples: int, progress: Progress | None, stats: RunStats | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A fully convolutional model: the whole padded frame in one call, or tiles keeping their valid centres.
+
+        Each output pixel is computed from the same inputs and the same noise
+        (keyed by its absolute position) either way, so the two agree to float
+        rounding; the result is cropped back to exactly 4x the image.
+        """
+        assert self._frame_backend is not None
+        h, w = decoded.size
+        s = self.spec.scale
+        plan = plan_frame(h, w, self.spec.lr_multiple, self.spec.receptive_radius, self.frame_pixels)
+        padded = pad_frame(decoded.rgb, plan)
+        th, tw = plan.tile
+        total = plan.count * samples
+        done = 0
+        mean = m2 = None
+        for sample in range(samples):
+            if plan.whole:
+                noise = self._frame_noise(plan, sample, 0, 0)
+                hr = self._run_frame_backend(padded[None], noise, stats)
+                result = hr[0, :, : h * s, : w * s]
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            else:
+                result = np.empty((3, plan.padded_size[0] * s, plan.padded_size[1] * s), np.float32)
+                for y0, x0, (ky0, ky1), (kx0, kx1) in plan.tiles():
+                    tile = np.ascontiguousarray(padded[None, :, y0 : y0 + th, x0 : x0 + tw])
+                    hr = self._run_frame_backend(tile, self._frame_noise(plan, sample, y0, x0), stats)
+                    result[:, ky0 * s : ky1 * s, kx0 * s : kx1 * s] = \
+                        hr[0, :, (ky0 - y0) * s : (ky1 - y0) * s, (kx0 - x0) * s : (kx1 - x0) * s]
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                result = result[:, : h * s, : w * s]
+            result = np.clip(result, 0.0, 1.0)
+            if samples == 1:
+                return result, None
+            if mean is None or m2 is None:
+                mean, m2 = result.copy(), np.zeros_like(result)
+                continue
+            delta = result - mean
+            mean += delta / (sample + 1)
+            m2 += delta * (result - mean)
+        assert mean is not None and m2 is not None
+        return mean, np.sqrt(m2 / samples).mean(axis=0)
+
+    def _frame_noise(self, plan: FramePlan, sample: int, y0: int, x0: int) -> dict[str, np.ndarray]:
+        """The noise inputs of the tile at LR (y0, x0): a window of the frame's cached maps; none at temperature 0."""
+        if self._frames is None:
+            return {}
+        return self._frames.window(plan.padded_size, sample, y0, x0, *plan.tile)
+
+    def _run_frame_backend(self, lr: np.ndarray, noise: dict[str, np.ndarray], stats: RunStats | None) -> np.ndarray:
+        """One frame backend call; refuses a non-finite result."""
+        assert self._frame_backend is not None
+        t0 = time.perf_counter()
+        with self._lock:
+            hr = self._frame_backend.run(lr, noise)
+        if not np.isfinite(hr).all():
+            raise SRInputError(
+                f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
+                "a lower temperature may help")
+        if stats is not None:
+            stats.backend_seconds += time.perf_counter() - t0
+            stats.tiles += 1
+            stats.batches += 1
+        return hr
+
+
+def default_frame_pixels(spec: ModelSpec, device: str) -> int:
+    """LR pixels one whole-frame call may take: the memory budget over the model's measured bytes per pixel.
+
+    The budget is MEMORY_SHARE of the RAM on the CPU and GPU_FRAME_BUDGET on a
+    GPU (ONNX Runtime does not report free device memory); at least one
+    minimal tile, so a model always runs.
+    """
+    per_pixel = spec.bytes_per_lr_pixel or FALLBACK_BYTES_PER_LR_PIXEL
+    budget = GPU_FRAME_BUDGET
+    if device == "cpu":
+        try:
+            budget = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * MEMORY_SHARE)
+        except (AttributeError, ValueError, OSError):
+            budget = GPU_FRAME_BUDGET
+    least = min_frame_tile(spec.lr_multiple, spec.receptive_radius) ** 2
+    return max(least, budget // per_pixel)
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Uint8Frame:
+    """An 8-bit RGB frame bound for the backend's uint8 graphs: [1, h, w, 3], its plan, whether it came as PIL."""
+
+    u8: np.ndarray
+    plan: FramePlan
+    pil: bool
 
 
 def _runs_by_image(batch: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

@@ -65,8 +65,29 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "manifest": json.loads((out / "manifest.json").read_text())}
 
 
-#: Fixtures that make every test using them slow: the export, a local Ray cluster, the benchmark smoke run.
-SLOW_FIXTURES = frozenset({"exported", "ray_local", "quick_result"})
+@pytest.fixture(scope="session")
+def exported_fc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One `sr-export` of an untrained fc-256 with far-reaching random weights (~2-3 min on 2 cores).
+
+    Keys: model (the torch module), out (the model directory), stdout, manifest (parsed).
+    """
+    from exporting import reaching_fc_model, run_cli
+
+    from sr_train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("export-fc")
+    model = reaching_fc_model()
+    ckpt = save_checkpoint(root / "ckpt", model, step=0)
+    out = root / "fc-256"
+    # FP32 only, to save a minute: the FP16 pass on frame graphs is tested on its own in test_export_frames.
+    rc, stdout, stderr = run_cli(["--checkpoint", str(ckpt), "--out", str(out), "--engine", "off",
+                                  "--precision", "fp32"])
+    assert rc == 0, stdout + stderr
+    return {"model": model, "out": out, "stdout": stdout, "manifest": json.loads((out / "manifest.json").read_text())}
+
+
+#: Fixtures that make every test using them slow: the exports, a local Ray cluster, the benchmark smoke run.
+SLOW_FIXTURES = frozenset({"exported", "exported_fc", "ray_local", "quick_result"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -154,3 +154,66 @@ def create_backend(
         log.info("sr_runtime: backend %s (%s)", chosen.name, chosen.precision)
         return chosen
     raise BackendUnavailable("no backend could run the model (not even onnxruntime-cpu)")
+
+
+class FrameBackend(Protocol):
+    """A fully convolutional model on one device: `run(lr [N, 3, H, W], noise by input name) -> hr`."""
+
+    name: str
+    precision: str
+    device: str
+    deterministic: bool
+
+    @property
+    def uint8_io(self) -> bool:
+        """Whether `run_u8` works: the model ships the uint8 conversion graphs and they were loaded."""
+
+    def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def run_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
+        """uint8 [1, h, w, 3] -> (uint8 [1, 4h, 4w, 3], all finite), padded and cropped back inside the graphs."""
+
+    def close(self) -> None: ...
+
+
+#: Backends that run fully convolutional models, tried by `auto` in this order. The TensorRT runtime
+#: backend runs fixed-size models only; `sr-export --frame` builds frame engines for other runtimes.
+FRAME_AUTO_ORDER = ("onnxruntime-cuda", "onnxruntime-cpu")
+
+
+def create_frame_backend(
+    spec: ModelSpec, backend: str, precision: str, deterministic: bool, cpu_threads: int | None = None,
+    prefer_nhwc: bool = False, cpu_uint8_io: bool = False,
+) -> FrameBackend:
+    """A frame backend for a fully convolutional model; `auto` logs why it skips one, as `create_backend`.
+
+    GPU backends load the model's uint8 conversion graphs when it has them; the
+    CPU backend only with `cpu_uint8_io` (numpy converts as fast there).
+    """
+    from sr_runtime.backends.onnxrt import OrtCpuFrameBackend, OrtCudaFrameBackend
+
+    name = ALIASES.get(backend)
+    if name is None:
+        raise ValueError(f"backend must be one of {sorted(ALIASES)}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if name == "tensorrt":
+        raise BackendUnavailable(f"model {spec.name!r} is fully convolutional: the tensorrt backend runs "
+                                 "fixed-size models only (use onnxruntime-cuda)")
+
+    def make(which: str) -> FrameBackend:
+        if which == "onnxruntime-cuda":
+            return OrtCudaFrameBackend(spec, precision, deterministic, prefer_nhwc=prefer_nhwc)
+        return OrtCpuFrameBackend(spec, precision, deterministic, threads=cpu_threads, uint8_io=cpu_uint8_io)
+
+    for candidate in FRAME_AUTO_ORDER if name == "auto" else (name,):
+        try:
+            chosen = make(candidate)
+        except BackendUnavailable as exc:
+            if name != "auto":
+                raise
+            log.info("sr_runtime: skipping %s: %s", candidate, exc)
+            continue
+        log.info("sr_runtime: backend %s (%s, whole frames)", chosen.name, chosen.precision)
+        return chosen
+    raise BackendUnavailable("no backend could run the model (not even onnxruntime-cpu)")

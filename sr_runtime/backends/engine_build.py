@@ -29,7 +29,9 @@ from sr_runtime.backends.engine_identity import (
     ENGINE_FORMAT,
     Batch,
     EngineIdentity,
+    FrameShapes,
     check_batch,
+    check_frame_shapes,
     engine_cache_dir,
     import_tensorrt,
     query_gpu,
@@ -69,8 +71,16 @@ def config_for(
     batch: Batch,
     strongly_typed: bool,
     timing_cache: bytes,
+    frame: FrameShapes | None = None,
+    frame_scales: Mapping[str, float] | None = None,
 ) -> trt.IBuilderConfig:
-    """Builder config: batch profile on every input's axis 0, timing cache, FP16 flag only before 10.12."""
+    """Builder config: batch profile on every input's axis 0, timing cache, FP16 flag only before 10.12.
+
+    A fully convolutional model's engine also spans the LR frame size: `frame`
+    is its (h, w) min/opt/max and `frame_scales` each input's size relative to
+    the LR frame (noise levels; `lr` is 1). min = opt = max builds a fixed-size
+    video engine, the fastest where every frame has one shape.
+    """
     import tensorrt as trt
 
     config = builder.create_builder_config()
@@ -82,6 +92,14 @@ def config_for(
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
+        if frame is not None:
+            # [N, C, h, w] with h, w = the LR frame x the input's scale (1 for lr, the level's for noise_<res>)
+            scale = frame_scales.get(tensor.name, 1.0) if frame_scales is not None else 1.0
+            channels = tensor.shape[1]
+            dims = [trt.Dims([b, channels, round(h * scale), round(w * scale)])
+                    for b, (h, w) in zip(batch, frame, strict=True)]
+            profile.set_shape(tensor.name, *dims)
+            continue
         rest = [tensor.shape[d] for d in range(1, len(tensor.shape))]
         lo, opt, hi = (trt.Dims([b, *rest]) for b in batch)
         profile.set_shape(tensor.name, lo, opt, hi)
@@ -123,8 +141,12 @@ def build_engine(
     batch: tuple[int, ...] = (1, 4, 16),
     model_config: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    frame: FrameShapes | None = None,
+    frame_scales: Mapping[str, float] | None = None,
 ) -> Path:
     """Return a current engine for `onnx_path` from `cache_dir/<key>/`, building it if needed.
+
+    `frame` / `frame_scales`: the LR frame profile of a fully convolutional model (see `config_for`).
 
     `precision` names the ONNX file's precision ("fp16" for model.fp16.onnx).
     A stale or foreign engine is never returned: its key differs, or its
@@ -134,7 +156,7 @@ def build_engine(
     cache = Path(cache_dir) if cache_dir is not None else engine_cache_dir()
     trt = import_tensorrt()
     identity = EngineIdentity(sha256_file(onnx_file), precision, check_batch(tuple(batch)), query_gpu(),
-                              str(trt.__version__))
+                              str(trt.__version__), frame)
     found, why = identity.cached_engine(cache)
     if found is not None:
         log(f"engine: reusing {found}")
@@ -148,7 +170,8 @@ def build_engine(
     timing_bytes, timing_skipped = read_timing_cache(cache, timing)
     if timing_skipped:
         log(f"engine: {timing_skipped}")
-    config = config_for(builder, network, precision, identity.batch, identity.strongly_typed, timing_bytes)
+    config = config_for(builder, network, precision, identity.batch, identity.strongly_typed, timing_bytes,
+                        frame, frame_scales)
     blob = build_serialized_engine(builder, network, config)
     seconds = time.perf_counter() - started
     save_timing_cache(cache, timing, config)
@@ -181,3 +204,26 @@ def _sibling_model_config(onnx_file: Path) -> dict[str, Any] | None:
         return None
     config = manifest.get("model_config") if isinstance(manifest, dict) else None
     return config if isinstance(config, dict) else None
+
+
+#: Largest LR frame of the default frame profile: a 4K output (3840x2160) at x4, rounded up to the stride.
+DEFAULT_MAX_FRAME_LR = (540, 960)
+
+
+def frame_profile(res: int, multiple: int, frame: tuple[int, int] | None = None) -> FrameShapes:
+    """LR (h, w) min/opt/max of a frame engine.
+
+    `frame` is the input (LR) frame's (width, height): it fixes all three, rounded up to the stride, for a
+    video engine whose frames all have one shape; otherwise min is one stride, opt the LR side of the HR
+    tile `res` (res / 4, square) and max DEFAULT_MAX_FRAME_LR (so one profile covers tiles to 4K frames).
+    """
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    if frame is not None:
+        w, h = frame
+        fixed = (up(h), up(w))
+        return check_frame_shapes((fixed, fixed, fixed), multiple)
+    opt = up(max(multiple, res // 4))
+    hi = (max(opt, up(DEFAULT_MAX_FRAME_LR[0])), max(opt, up(DEFAULT_MAX_FRAME_LR[1])))
+    return check_frame_shapes(((multiple, multiple), (opt, opt), hi), multiple)

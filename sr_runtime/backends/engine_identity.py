@@ -76,6 +76,22 @@ def check_batch(batch: tuple[int, ...]) -> Batch:
     return lo, opt, hi
 
 
+FrameShapes = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def check_frame_shapes(shapes: FrameShapes, multiple: int) -> FrameShapes:
+    """Validate LR (h, w) min/opt/max: each a positive multiple of `multiple`, min <= opt <= max per axis."""
+    if len(shapes) != 3 or any(len(s) != 2 for s in shapes):
+        raise ValueError(f"frame profile must be three (h, w) pairs, got {shapes!r}")
+    for h, w in shapes:
+        if h < multiple or w < multiple or h % multiple or w % multiple:
+            raise ValueError(f"frame sizes must be positive multiples of {multiple}, got {h}x{w}")
+    lo, opt, hi = shapes
+    if not all(lo[i] <= opt[i] <= hi[i] for i in (0, 1)):
+        raise ValueError(f"frame profile must satisfy min <= opt <= max per axis, got {shapes!r}")
+    return shapes
+
+
 @dataclass(frozen=True)
 class EngineIdentity:
     """Everything an engine depends on; any change means a different engine."""
@@ -85,6 +101,8 @@ class EngineIdentity:
     batch: Batch
     gpu: GpuInfo
     tensorrt_version: str
+    #: LR frame profile ((h, w) min, opt, max) of a fully convolutional model's engine; None: fixed-size model.
+    frame: FrameShapes | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -106,6 +124,9 @@ class EngineIdentity:
             "compute_capability": self.gpu.compute_capability,
             "tensorrt_version": self.tensorrt_version,
             "strongly_typed": self.strongly_typed,
+            # Only frame engines carry the key, so every fixed-size engine keeps its key.
+            **({} if self.frame is None else {"frame": {k: list(v) for k, v in zip(("min", "opt", "max"),
+                                                                                   self.frame, strict=True)}}),
         }
 
     def key(self) -> str:

@@ -1,0 +1,221 @@
+"""The runtime on a fully convolutional model: whole frames, tiles that equal them, noise that
+belongs to the frame, frame sequences. On a real export of an untrained fc-256 (random weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from sr_runtime import RunStats, Upscaler
+from sr_runtime.tiling import min_frame_tile, plan_frame
+
+RADIUS, STRIDE = 143, 4
+#: LR pixels per call that force tiles 296 (the least for radius 143) wide on a 40-row strip.
+STRIP_TILE_PIXELS = 40 * 296
+
+
+def photo_strip(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth colour image with some texture (uint8 HxWx3): sizes here are never multiples of the stride."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(xx / 9), np.cos(yy / 7), np.sin((xx + yy) / 13)], axis=-1) * 0.35 + 0.5
+    return np.clip((base + rng.normal(0, 0.05, base.shape)) * 255, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fc_dir(exported_fc: dict[str, Any]) -> Any:
+    return exported_fc["out"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("shape", [(37, 330), (330, 39)])
+def test_tiled_equals_whole_frame(fc_dir: Any, temperature: float, shape: tuple[int, int]) -> None:
+    img = photo_strip(*shape).astype(np.float32) / 255
+    whole_stats, tiled_stats = RunStats(), RunStats()
+    with Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=4) as whole, \
+            Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=4, frame_pixels=STRIP_TILE_PIXELS) as tiled:
+        a = whole.run(img, stats=whole_stats)
+        b = tiled.run(img, stats=tiled_stats)
+    assert whole_stats.batches == 1 and tiled_stats.batches >= 2
+    assert a.shape == b.shape == (shape[0] * 4, shape[1] * 4, 3)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_tiles_overlapped_less_than_the_receptive_field_differ(fc_dir: Any) -> None:
+    """The equality above is earned: with a radius understated to 8 the tiles' edges show."""
+    img = photo_strip(37, 330).astype(np.float32) / 255
+    with Upscaler(fc_dir, backend="cpu") as whole, Upscaler(fc_dir, backend="cpu", frame_pixels=40 * 64) as tiled:
+        tiled.spec = dataclasses.replace(tiled.spec, receptive_radius=8)
+        assert np.abs(whole.run(img) - tiled.run(img)).max() > 1e-3
+
+
+def test_same_frame_twice_is_identical_at_temperature(fc_dir: Any) -> None:
+    img = photo_strip(24, 36)
+    with Upscaler(fc_dir, backend="cpu", temperature=0.9, seed=1) as up:
+        first, second = up.run(img), up.run(img)
+    np.testing.assert_array_equal(first, second)
+    with Upscaler(fc_dir, backend="cpu", temperature=0.9, seed=2) as other:
+        assert not np.array_equal(other.run(img), first)  # the seed does reach the noise
+
+
+def test_static_region_stays_identical_across_frames(fc_dir: Any) -> None:
+    """Frame 2 changes only columns >= 300: everything farther than the receptive radius stays bit-identical."""
+    a = photo_strip(20, 330)
+    b = a.copy()
+    b[:, 300:] = 255 - b[:, 300:]
+    with Upscaler(fc_dir, backend="cpu", temperature=0.8, seed=7) as up:
+        out_a, out_b = list(up.run_frames([a, b]))
+    still = 4 * (300 - RADIUS - 1)
+    np.testing.assert_array_equal(out_a[:, :still], out_b[:, :still])
+    assert not np.array_equal(out_a[:, 4 * 300 :], out_b[:, 4 * 300 :])
+
+
+def test_run_frames_equals_run_in_order(fc_dir: Any) -> None:
+    frames = [photo_strip(16, 20, seed=k) for k in range(3)]
+    with Upscaler(fc_dir, backend="cpu", temperature=0.5) as up:
+        expected = [up.run(f) for f in frames]
+        got = list(up.run_frames(iter(frames)))
+    assert len(got) == 3
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(e, g)
+
+
+def test_run_frames_raises_at_the_bad_frame(fc_dir: Any) -> None:
+    from sr_runtime import SRInputError
+
+    with Upscaler(fc_dir, backend="cpu") as up:
+        it = up.run_frames([photo_strip(8, 8), np.zeros((4, 4, 7), np.uint8)])
+        assert next(it).shape == (32, 32, 3)
+        with pytest.raises(SRInputError):
+            next(it)
+
+
+def test_samples_use_different_noise_and_give_a_std_map(fc_dir: Any) -> None:
+    img = photo_strip(16, 24)
+    with Upscaler(fc_dir, backend="cpu", temperature=1.0) as up:
+        mean, std = up.run(img, samples=3)
+        single = up.run(img)
+    assert mean.shape == single.shape and std.shape == (64, 96)
+    assert float(std.max()) > 0.0
+
+
+def test_alpha_and_grey_survive_the_frame_path(fc_dir: Any) -> None:
+    rgba = Image.fromarray(np.dstack([photo_strip(9, 13), np.full((9, 13), 128, np.uint8)]), "RGBA")
+    grey = Image.fromarray(photo_strip(9, 13)[:, :, 0], "L")
+    with Upscaler(fc_dir, backend="cpu") as up:
+        out = up.run(rgba)
+        assert out.mode == "RGBA" and out.size == (52, 36)
+        assert set(np.asarray(out)[:, :, 3].ravel()) == {128}
+        g = up.run(grey)
+        assert g.mode == "L" and g.size == (52, 36)
+
+
+def test_frame_model_uses_the_deterministic_graph_at_temperature_zero(fc_dir: Any) -> None:
+    with Upscaler(fc_dir, backend="cpu") as t0, Upscaler(fc_dir, backend="cpu", temperature=0.3) as t:
+        assert t0._frame_backend is not None and t0._frame_backend.deterministic
+        assert t._frame_backend is not None and not t._frame_backend.deterministic
+        assert t0.frame_pixels >= min_frame_tile(STRIDE, RADIUS) ** 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="no onnxruntime CUDAExecutionProvider here: the CUDA frame backend (IO binding, "
+                           "a CUDA graph per frame shape) runs in scripts/gpu_check.sh on a GPU")
+def test_cuda_frame_backend_matches_cpu(request: pytest.FixtureRequest) -> None:
+    """$SR_TEST_FC_MODEL (a frame model exported beforehand, as scripts/gpu_check.sh does) or this session's export."""
+    fc_dir = os.environ.get("SR_TEST_FC_MODEL") or request.getfixturevalue("exported_fc")["out"]
+    img = photo_strip(36, 52)
+    with Upscaler(fc_dir, backend="cpu", temperature=0.6) as cpu, \
+            Upscaler(fc_dir, backend="cuda", precision="fp32", temperature=0.6) as gpu:
+        a, b = cpu.run(img), gpu.run(img)
+        c = gpu.run(img)  # the second call replays the shape's CUDA graph
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    np.testing.assert_array_equal(b, c)
+
+
+# -- planning, no model needed ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("h", "w", "budget"), [(300, 700, 300 * 300), (999, 1001, 400 * 500), (5, 7, 10**6),
+                                                (640, 480, 310 * 310)])
+def test_frame_plan_keeps_only_valid_centres_and_covers_each_pixel_once(h: int, w: int, budget: int) -> None:
+    plan = plan_frame(h, w, STRIDE, RADIUS, budget)
+    ph, pw = plan.padded_size
+    assert ph % STRIDE == 0 and pw % STRIDE == 0 and ph - h < STRIDE and pw - w < STRIDE
+    cover = np.zeros((ph, pw), np.int32)
+    th, tw = plan.tile
+    for y0, x0, (ky0, ky1), (kx0, kx1) in plan.tiles():
+        assert y0 % STRIDE == 0 and x0 % STRIDE == 0
+        assert y0 + th <= ph and x0 + tw <= pw
+        # each kept pixel sees RADIUS pixels of the tile around it, or the frame's own border
+        assert ky0 == 0 or ky0 - RADIUS >= y0
+        assert ky1 == ph or ky1 - 1 + RADIUS < y0 + th
+        assert kx0 == 0 or kx0 - RADIUS >= x0
+        assert kx1 == pw or kx1 - 1 + RADIUS < x0 + tw
+        cover[ky0:ky1, kx0:kx1] += 1
+    assert (cover == 1).all()
+    assert plan.whole == (ph * pw <= budget)
+
+
+def test_cli_runs_a_folder_as_a_frame_sequence(fc_dir: Any, tmp_path: Any) -> None:
+    from sr_runtime.cli import main
+
+    src = tmp_path / "frames"
+    src.mkdir()
+    frames = [photo_strip(12, 16, seed=k) for k in range(3)]
+    for k, frame in enumerate(frames):
+        Image.fromarray(frame).save(src / f"f{k}.png")
+    (src / "f1b.png").write_bytes(b"not an image")  # fails alone; the sequence resumes after it
+    out = tmp_path / "out"
+    rc = main([str(src), "-o", str(out), "--model", str(fc_dir), "--backend", "cpu", "--temperature", "0.4", "-q"])
+    assert rc == 1
+    with Upscaler(fc_dir, backend="cpu", temperature=0.4) as up:
+        for k, frame in enumerate(frames):
+            np.testing.assert_array_equal(np.asarray(Image.open(out / f"f{k}_x4.png")), up.run(frame))
+    assert not (out / "f1b_x4.png").exists()
+
+
+def test_uint8_graphs_do_the_host_conversions_exactly() -> None:
+    """The device path's pre/post graphs (run here by ONNX Runtime CPU) against the host path's numpy code."""
+    from sr_export.onnx_export import uint8_post_graph, uint8_pre_graph
+    from sr_runtime.imaging import decode_array
+    from sr_runtime.tiling import pad_frame
+
+    img = photo_strip(13, 18)
+    plan = plan_frame(13, 18, STRIDE, RADIUS, 10**6)
+    pre = ort.InferenceSession(uint8_pre_graph().SerializeToString(), providers=["CPUExecutionProvider"])
+    post = ort.InferenceSession(uint8_post_graph().SerializeToString(), providers=["CPUExecutionProvider"])
+    lr = pre.run(["lr"], {"u8": img[None], "pads": np.array([0, 0, 0, 0, 0, 0, 3, 2], np.int64)})[0]
+    np.testing.assert_array_equal(lr[0], pad_frame(decode_array(img).rgb, plan))
+    hr = np.random.default_rng(0).uniform(-0.1, 1.1, (1, 3, 64, 80)).astype(np.float32)
+    hr[0, :, 0, :4] = [0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255]  # rounding ties go to even, as np.rint
+    u8, bad = post.run(["u8", "nonfinite"], {"hr": hr, "starts": np.zeros(2, np.int64),
+                                             "ends": np.array([52, 72], np.int64)})
+    expected = np.rint(np.clip(hr[0, :, :52, :72], 0, 1) * np.float32(255)).astype(np.uint8).transpose(1, 2, 0)
+    np.testing.assert_array_equal(u8[0], expected)
+    assert int(bad) == 0
+    hr[0, 1, 5, 5] = np.nan
+    assert int(post.run(["nonfinite"], {"hr": hr, "starts": np.zeros(2, np.int64),
+                                        "ends": np.array([52, 72], np.int64)})[0]) == 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_uint8_path_equals_the_host_path(fc_dir: Any, temperature: float) -> None:
+    img = photo_strip(21, 30)
+    with Upscaler(fc_dir, backend="cpu", temperature=temperature, uint8_io=True) as dev, \
+            Upscaler(fc_dir, backend="cpu", temperature=temperature) as host:
+        assert dev._uint8_io and not host._uint8_io
+        stats = RunStats()
+        a = dev.run(img, stats=stats)
+        assert stats.batches == 1
+        np.testing.assert_array_equal(a, host.run(img))
+        pil = dev.run(Image.fromarray(img))
+        assert isinstance(pil, Image.Image)
+        np.testing.assert_array_equal(np.asarray(pil), a)
+        np.testing.assert_array_equal(next(dev.run_frames([img])), a)
