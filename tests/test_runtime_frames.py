@@ -163,7 +163,7 @@ def test_frame_plan_keeps_only_valid_centres_and_covers_each_pixel_once(h: int, 
     assert plan.whole == (ph * pw <= budget)
 
 
-def test_cli_runs_a_folder_as_a_frame_sequence(fc_dir: Any, tmp_path: Any) -> None:
+def test_cli_runs_a_folder_with_a_fully_convolutional_model(fc_dir: Any, tmp_path: Any) -> None:
     from sr_runtime.cli import main
 
     src = tmp_path / "frames"
@@ -171,7 +171,7 @@ def test_cli_runs_a_folder_as_a_frame_sequence(fc_dir: Any, tmp_path: Any) -> No
     frames = [photo_strip(12, 16, seed=k) for k in range(3)]
     for k, frame in enumerate(frames):
         Image.fromarray(frame).save(src / f"f{k}.png")
-    (src / "f1b.png").write_bytes(b"not an image")  # fails alone; the sequence resumes after it
+    (src / "f1b.png").write_bytes(b"not an image")  # fails alone; the other files are still done
     out = tmp_path / "out"
     rc = main([str(src), "-o", str(out), "--model", str(fc_dir), "--backend", "cpu", "--temperature", "0.4", "-q"])
     assert rc == 1
