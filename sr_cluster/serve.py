@@ -439,8 +439,13 @@ class UpscaleService:
                 raise
 
     def _fills_a_batch(self, image: Image.Image) -> bool:
-        """True if the image's own tiles fill a backend batch: sharing one with other requests gains nothing."""
+        """True if the image's own tiles fill a backend batch: sharing one with other requests gains nothing.
+
+        A fully convolutional model runs each image as one whole frame, so there is nothing to share.
+        """
         up = self._deterministic
+        if up.spec.fully_convolutional:
+            return True
         width, height = image.size
         return plan_tiles(height, width, up.spec.lr_size, up.tile_overlap).count >= up.batch_size
 
