@@ -36,7 +36,8 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
 assert top == {"sr_runtime", "sr_export", "sr_train", "sr_cluster"}, f"top-level entries: {sorted(top)}"
 for need in ("sr_runtime/backends/__init__.py", "sr_runtime/models/vdvae-sr-256/manifest.json",
-             "sr_runtime/models/vdvae-sr-256/model.fp32.onnx", "sr_train/training_photos.tsv"):
+             "sr_runtime/models/vdvae-sr-256/model.fp32.onnx", "sr_train/training_photos.tsv",
+             "sr_cluster/page.html"):
     assert need in names, f"missing from the wheel: {need}"
 assert not [n for n in names if n.endswith(".safetensors")], "a checkpoint is in the wheel"
 EOF

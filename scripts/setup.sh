@@ -13,6 +13,8 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q "torch==2.13.0" 2>/dev/null \
         || "$VPY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
+# The dev extra includes playwright (the browser test of sr-serve's page); it drives the system's
+# chromium (.ci/run installs Debian's), so `playwright install` is never run.
 "$VPY" -m pip install -q -e ".[${EXTRAS:-dev}]"
 # Type stubs for the TensorRT code; the stubs' own requirement on tensorrt is
 # a placeholder that cannot install without NVIDIA's index, hence --no-deps.

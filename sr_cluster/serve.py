@@ -2,8 +2,9 @@
 
 `POST /upscale?temperature=T&seed=S&format=png|jpeg|webp` with a PNG, JPEG or
 WebP body answers the 4x image; `GET /healthz` answers the model, backend and
-precision as JSON. Every error is one JSON line `{"error": "..."}` with a 4xx
-status for the client's mistakes and 500 only for faults of the server.
+precision as JSON; `GET /` is a page to try it in a browser (`page.py`). Every
+error is one JSON line `{"error": "..."}` with a 4xx status for the client's
+mistakes and 500 only for faults of the server.
 
 Each replica holds one deterministic (temperature 0) `Upscaler`, used by every
 temperature-0 request, and a small LRU of `Upscaler`s at temperature > 0, one
@@ -57,6 +58,7 @@ try:  # the `cluster` extra; without it `sr-serve --help` still works and the re
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 
+    from sr_cluster.page import page
     from sr_cluster.protocol import (
         ACCEPTED_CONTENT_TYPES,
         INPUT_FORMATS,
@@ -346,7 +348,12 @@ class UpscaleService:
                 if request.method not in ("GET", "HEAD"):
                     raise HTTPError(405, "use GET", {"Allow": "GET, HEAD"})
                 return JSONResponse(self.health(), status_code=503 if self._draining else 200)
-            raise HTTPError(404, "no such route: POST /upscale, GET /healthz")
+            if path == "":
+                if request.method not in ("GET", "HEAD"):
+                    raise HTTPError(405, "use GET", {"Allow": "GET, HEAD"})
+                body, headers = page()
+                return Response(body, media_type="text/html", headers=headers)
+            raise HTTPError(404, "no such route: GET / (a page to try it), POST /upscale, GET /healthz")
         except HTTPError as exc:
             return error_response(exc.status, exc.message, exc.headers)
         except Exception:
@@ -770,8 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     serve.shutdown()
             return 1
         session = ray.get_runtime_context().get_session_name()
-        print(f"sr-serve: http://{args.host}:{args.port}/upscale ({handle.deployment_name}, "
-              f"{asdict(scaling)}); replica logs in <ray temp dir>/{session}/logs/serve; "
+        print(f"sr-serve: http://{args.host}:{args.port}/ (a page to try it; POST /upscale, GET /healthz) "
+              f"({handle.deployment_name}, {asdict(scaling)}); replica logs in <ray temp dir>/{session}/logs/serve; "
               "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
         stop.wait()
         print("sr-serve: draining requests in flight, then shutting down", file=sys.stderr, flush=True)
