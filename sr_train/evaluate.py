@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_runtime.files import atomic_write_bytes
-from sr_train.cli import positive_int
+from sr_train.argtypes import positive_int
 from sr_train.degrade import SCALE, degrade_bicubic_x4, list_images, load_rgb, upscale_bicubic_x4
 from sr_train.metrics import psnr_y, ssim_y
 
