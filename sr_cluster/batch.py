@@ -13,8 +13,10 @@ resubmits the files that were in flight on it, unless their outputs already
 exist. A file that was *running* each of MAX_ATTEMPTS times its worker died
 fails with its own line instead of killing workers forever.
 
-Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`. Workers
-receive the command as `UpscaleOptions`, plain frozen data.
+Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`: `run` is
+registered as the runtime's "ray" runner (`sr_runtime.runners`), so the runtime
+reaches it without importing this package. Workers receive the command as
+`UpscaleOptions`, plain frozen data.
 """
 
 from __future__ import annotations

@@ -4,15 +4,15 @@ Exit status: 0 every input done, 1 some inputs failed (each named on stderr
 with its reason), 2 usage error (bad flags, no model...). User errors never
 print a traceback. Outputs are written atomically and never over an input.
 
-`--ray` is the one optional hand-off: the same checks, then `sr_cluster.batch`
-(the `cluster` extra, imported only then) spreads the files over Ray workers.
+`--ray` is the one optional hand-off: the same checks, then the runner
+registered as "ray" (`sr_runtime.runners`; the `cluster` extra provides it)
+spreads the files over Ray workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import logging
 import math
 import os
@@ -45,7 +45,7 @@ from sr_runtime.jobs import (
     upscale_file,
 )
 from sr_runtime.noise import DEFAULT_ROWS
-from sr_runtime.runners import BatchJob
+from sr_runtime.runners import BatchJob, load_runner
 from sr_runtime.signals import sigterm_as_exit
 from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, Upscaler, default_max_pixels
 
@@ -350,16 +350,16 @@ def options_from(args: argparse.Namespace, samples: int) -> UpscaleOptions:
 
 
 def _run_on_ray(job: BatchJob) -> int:
-    """The single optional hand-off: `--ray` runs `sr_cluster.batch`, imported only now (Ray is an extra)."""
+    """The single optional hand-off: `--ray` runs the runner registered as "ray", imported only now."""
     try:
-        batch = importlib.import_module("sr_cluster.batch")
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in ("ray", "sr_cluster"):
-            raise
+        runner = load_runner("ray")
+    except ModuleNotFoundError as exc:  # registered, but Ray (the extra) is not installed
+        logging.getLogger("sr_runtime").info("the ray runner cannot load: %s", exc)
+        runner = None
+    if runner is None:
         print(f"sr-upscale: error: {RAY_EXTRA_MISSING}", file=sys.stderr)
         return 2
-    status: int = batch.run(job)
-    return status
+    return runner(job)
 
 
 def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path],
