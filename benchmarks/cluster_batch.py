@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from benchmarks.report import write_result
 from benchmarks.system import host_info, load_average
 from sr_cluster.batch import Summary, WorkerPool, connect, plan_jobs, plan_placement
-from sr_runtime.cli import build_parser
+from sr_runtime.jobs import UpscaleOptions
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.png"
 
@@ -66,17 +67,16 @@ def _square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
-def measure(flags: list[str], inputs: list[Path], workers: int, work: Path) -> dict[str, Any]:
+def measure(model: str | None, inputs: list[Path], workers: int, work: Path) -> dict[str, Any]:
     """One pool of `workers`: warm each up on one image, then time the whole set; images/s."""
-    args = build_parser().parse_args([*flags, "--ray", "--workers", str(workers), "-q"])
+    options = UpscaleOptions(model=model, quiet=True)  # sr-upscale's defaults
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     placement = plan_placement(ray.cluster_resources(), nodes, workers)
-    with WorkerPool(args, 1, placement) as pool:
+    with WorkerPool(options, placement) as pool:
         infos = pool.start()
         for name, files in (("warm-up", inputs[:workers]), ("timed", inputs)):
-            args.output = str(work / f"{workers}-{name}")
             summary = Summary()
-            jobs = plan_jobs(files, args, summary)
+            jobs = plan_jobs(files, replace(options, output=str(work / f"{workers}-{name}")), summary)
             started = time.perf_counter()
             with tqdm(total=len(jobs), desc=f"{workers} worker(s), {name}", unit="img") as bar:
                 pool.run(deque(jobs), summary, bar)
@@ -123,14 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write the result JSON here (and markdown beside it, .md)")
     args = parser.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
-    flags = ["--model", args.model] if args.model else []
     host = host_info()
     connected_here = connect(args.address)
     with tempfile.TemporaryDirectory(prefix="cluster-batch-") as tmp:
         work = Path(tmp)
         (work / "in").mkdir()
         inputs, described = make_inputs(args.photos, args.images, args.size, work / "in")
-        runs = [measure([*flags, *map(str, inputs)], inputs, count, work) for count in counts]
+        runs = [measure(args.model, inputs, count, work) for count in counts]
     for run in runs:
         run["speedup"] = round(run["images_per_s"] / runs[0]["images_per_s"], 3)
     result = {

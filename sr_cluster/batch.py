@@ -13,12 +13,14 @@ resubmits the files that were in flight on it, unless their outputs already
 exist. A file that was *running* each of MAX_ATTEMPTS times its worker died
 fails with its own line instead of killing workers forever.
 
-Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`.
+Run as `sr-upscale ... --ray [ADDRESS]` or `python -m sr_cluster.batch ...`: `run` is
+registered as the runtime's "ray" runner (`sr_runtime.runners`), so the runtime
+reaches it without importing this package. Workers receive the command as
+`UpscaleOptions`, plain frozen data.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import enum
 import logging
@@ -28,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,23 +40,23 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from tqdm import tqdm
 
 from sr_cluster.address import check_reachable
-from sr_runtime.cli import (
+from sr_runtime.errors import BackendUnavailable, SRModelError, UsageError
+from sr_runtime.files import stale_temp_files
+from sr_runtime.jobs import (
     FILE_ERRORS,
     FileNotes,
-    UsageError,
+    FileResult,
+    UpscaleOptions,
     check_targets,
     failure_line,
     final_status,
-    main,
     output_path,
     output_targets,
-    sigterm_as_exit,
-    upscale_file,
-    upscaler_from_args,
+    run_file,
 )
-from sr_runtime.errors import BackendUnavailable, SRModelError
-from sr_runtime.files import stale_temp_files
 from sr_runtime.model import load_model_spec
+from sr_runtime.runners import BatchJob
+from sr_runtime.signals import sigterm_as_exit
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at runtime here
     from typing_extensions import Self
@@ -154,14 +156,6 @@ class FileJob:
                 leftover.unlink(missing_ok=True)
 
 
-@dataclass
-class FileOutcome:
-    """A worker's answer for one file: its notes, or its failure line."""
-
-    notes: FileNotes | None = None
-    failure: str | None = None
-
-
 @dataclass(frozen=True)
 class WorkerInfo:
     """What a worker loaded, or why it could not."""
@@ -174,13 +168,12 @@ class WorkerInfo:
 
 
 class UpscaleWorker:
-    """A Ray actor holding one Upscaler built from the command's flags (Ray reruns this on a restart)."""
+    """A Ray actor holding one Upscaler built from the command's options (Ray reruns this on a restart)."""
 
-    def __init__(self, args: argparse.Namespace, samples: int, cpu_threads: int | None) -> None:
-        self._args = args
-        self._samples = samples
+    def __init__(self, options: UpscaleOptions, cpu_threads: int | None) -> None:
+        self._options = options
         try:
-            self._upscaler = upscaler_from_args(args, cpu_threads)
+            self._upscaler = options.build_upscaler(cpu_threads)
             self._error: str | None = None
         except (SRModelError, BackendUnavailable, ValueError, TypeError) as exc:
             self._error = str(exc)
@@ -191,15 +184,15 @@ class UpscaleWorker:
         up = self._upscaler
         return WorkerInfo(up.spec.name, up.backend, up.precision, up.max_samples)
 
-    def upscale(self, job: FileJob) -> FileOutcome:
+    def upscale(self, job: FileJob) -> FileResult:
         """Upscale one file; a killed earlier attempt's temporary files go first (this worker owns them now)."""
         job.remove_leftovers()
-        try:
-            notes = upscale_file(self._upscaler, job.src, job.targets, self._samples, self._args)
-        except FILE_ERRORS as exc:
-            return FileOutcome(failure=job.as_given(failure_line(job.src, exc)))
-        return FileOutcome(notes=FileNotes([job.as_given(w) for w in notes.warnings],
-                                           None if notes.timing is None else job.as_given(notes.timing)))
+        result = run_file(self._upscaler, job.src, job.targets, self._options)
+        if result.notes is None:
+            return FileResult(failure=None if result.failure is None else job.as_given(result.failure))
+        notes = result.notes
+        return FileResult(notes=FileNotes([job.as_given(w) for w in notes.warnings],
+                                          None if notes.timing is None else job.as_given(notes.timing)))
 
 
 @dataclass
@@ -219,13 +212,13 @@ class Summary:
         return [line for _, line in sorted(self.failures, key=lambda item: item[0])]
 
 
-def plan_jobs(sources: list[Path], args: argparse.Namespace, summary: Summary) -> list[FileJob]:
+def plan_jobs(sources: Sequence[Path], options: UpscaleOptions, summary: Summary) -> list[FileJob]:
     """The files still to do, with the local CLI's output checks; files whose outputs exist count as skipped."""
     inputs = {p.resolve() for p in sources}
     claimed: set[Path] = set()
     jobs: list[FileJob] = []
     for order, src in enumerate(sources):
-        targets = output_targets(output_path(src, args), args)
+        targets = output_targets(output_path(src, options), options)
         job = FileJob.absolute(src, targets, order)
         try:
             check_targets(src, targets, inputs, claimed)  # the paths as given, for its messages
@@ -254,13 +247,13 @@ class WorkerState(enum.Enum):
 class WorkerPool:
     """The actors and the files in flight on each; feeds them from a queue and resubmits a dead worker's files."""
 
-    def __init__(self, args: argparse.Namespace, samples: int, placement: Placement) -> None:
+    def __init__(self, options: UpscaleOptions, placement: Placement) -> None:
         remote = ray.remote(UpscaleWorker)
         run_id = uuid.uuid4().hex[:8]  # named, so an operator (or a fault test) can find and kill one
         self.actors: list[Any] = [
             remote.options(name=f"sr-upscale-{run_id}-{i}", num_cpus=placement.num_cpus,
                            num_gpus=placement.num_gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
-            .remote(args, samples, placement.cpu_threads)
+            .remote(options, placement.cpu_threads)
             for i in range(placement.workers)
         ]
         self._in_flight: dict[Any, tuple[int, FileJob]] = {}  # ObjectRef -> (actor index, job)
@@ -313,14 +306,14 @@ class WorkerPool:
         running = self._order[index][0] == ref  # an actor runs its calls in order: the oldest was running
         self._order[index].remove(ref)
         try:
-            outcome: FileOutcome = ray.get(ref)
+            outcome: FileResult = ray.get(ref)
         except RayActorError as exc:  # the worker died; ActorDiedError: for good (its restarts are spent)
             self._went_down(index, exc)
             self._retry(replace(job, deaths=job.deaths + running), queue, summary, bar)
             return
         except RayTaskError as exc:  # a bug, not bad input: still one line for this file, the rest go on
             cause = exc.cause if exc.cause is not None else exc
-            outcome = FileOutcome(failure=f"{job.shown}: {type(cause).__name__}: {cause}")
+            outcome = FileResult(failure=f"{job.shown}: {type(cause).__name__}: {cause}")
         if outcome.failure is not None:
             summary.fail(job.order, outcome.failure)
         elif outcome.notes is not None:
@@ -386,26 +379,27 @@ def connect(address: str) -> bool:
     return True
 
 
-def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: list[tuple[str, str]]) -> int:
+def run(batch: BatchJob) -> int:
     """`sr-upscale --ray`: the exit status of the local CLI (0 / 1 / 2 / 130 / 143) for the same files."""
-    summary = Summary(failures=[(-1, f"{name}: {why}") for name, why in unmatched])  # first, as locally
-    jobs = plan_jobs(sources, args, summary)
+    summary = Summary(failures=[(-1, f"{name}: {why}") for name, why in batch.unmatched])  # first, as locally
+    options = batch.options
+    jobs = plan_jobs(batch.sources, options, summary)
     if summary.skipped:
-        print(f"sr-upscale: {summary.skipped} of {len(sources)} files already done (their outputs exist), "
+        print(f"sr-upscale: {summary.skipped} of {len(batch.sources)} files already done (their outputs exist), "
               "skipped", file=sys.stderr)
     if not jobs:
         return final_status(summary.failure_lines(), 0)
     try:
         # Resolved here: a worker's environment (no $SR_MODEL_DIR) and working directory are not the driver's.
-        model = load_model_spec(args.model).directory.absolute()
-        args = argparse.Namespace(**{**vars(args), "model": str(model)})
-        connected_here = connect(args.ray)
+        model = load_model_spec(options.model).directory.absolute()
+        options = replace(options, model=str(model))
+        connected_here = connect(batch.address)
     except SRModelError as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
     except (ConnectionError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"sr-upscale: error: cannot reach the Ray cluster at {args.ray}: {reason}", file=sys.stderr)
+        print(f"sr-upscale: error: cannot reach the Ray cluster at {batch.address}: {reason}", file=sys.stderr)
         return 2
     except SystemExit:  # SIGTERM while Ray connects: its handler exits with the bare signal number
         print("sr-upscale: interrupted", file=sys.stderr)
@@ -414,7 +408,7 @@ def run(args: argparse.Namespace, samples: int, sources: list[Path], unmatched: 
     # exits 1, and Ray's teardown after a SIGTERM to the process group can deliver it again.
     signal.signal(signal.SIGTERM, _terminate_once)
     try:
-        return _run_pool(args, samples, jobs, summary)
+        return _run_pool(options, batch.workers, jobs, summary)
     finally:
         if connected_here:
             ray.shutdown()
@@ -427,7 +421,7 @@ def _terminate_once(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summary: Summary) -> int:
+def _run_pool(options: UpscaleOptions, workers: int | None, jobs: list[FileJob], summary: Summary) -> int:
     """Place the workers, stream the files through them, and always kill them at the end."""
     started = time.perf_counter()
     status = 0
@@ -435,12 +429,12 @@ def _run_pool(args: argparse.Namespace, samples: int, jobs: list[FileJob], summa
     try:
         with sigterm_as_exit(), _noting(terminated):
             nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-            placement = plan_placement(ray.cluster_resources(), nodes, args.workers, free=free_resources())
-            with WorkerPool(args, samples, placement) as pool:
-                first = _check_workers(pool.start(), samples)
+            placement = plan_placement(ray.cluster_resources(), nodes, workers, free=free_resources())
+            with WorkerPool(options, placement) as pool:
+                first = _check_workers(pool.start(), options.samples)
                 print(f"sr-upscale: model {first.model}, backend {first.backend} ({first.precision}) on "
                       f"{placement.describe()}", file=sys.stderr)
-                with tqdm(total=len(jobs), desc="files", unit="file", disable=args.quiet or None) as bar:
+                with tqdm(total=len(jobs), desc="files", unit="file", disable=options.quiet or None) as bar:
                     pool.run(deque(jobs), summary, bar)
     except UsageError as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
@@ -496,6 +490,8 @@ def _check_workers(infos: list[WorkerInfo], samples: int) -> WorkerInfo:
 
 
 if __name__ == "__main__":  # `python -m sr_cluster.batch ARGS` is `sr-upscale ARGS --ray`
+    from sr_runtime.cli import main
+
     argv = sys.argv[1:]
     if not any(arg == "--ray" or arg.startswith("--ray=") for arg in argv):
         argv.append("--ray")

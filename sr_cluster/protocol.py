@@ -14,13 +14,13 @@ from PIL import Image, UnidentifiedImageError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from sr_runtime.cli import SAVE_OPTIONS, fit_format
+from sr_runtime.jobs import encode
 
 #: Body formats the service decodes (Pillow format name -> media type).
 INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 #: Content-Types a request may declare; anything else is a 415 (the bytes decide the format).
 ACCEPTED_CONTENT_TYPES = frozenset([*INPUT_FORMATS.values(), "application/octet-stream"])
-#: `format` query values -> (Pillow format, media type); saved as `sr-upscale` saves them (SAVE_OPTIONS).
+#: `format` query values -> (Pillow format, media type); encoded as `sr-upscale` writes them (sr_runtime.jobs.encode).
 OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "png": ("PNG", "image/png"),
     "jpeg": ("JPEG", "image/jpeg"),
@@ -117,10 +117,7 @@ def decode_body(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
 
 def encode_image(img: Image.Image, fmt: str) -> bytes:
     """`img` saved as `fmt` the way `sr-upscale` saves files (modes the format lacks converted)."""
-    pil_format = OUTPUT_FORMATS[fmt][0]
-    buf = io.BytesIO()
-    fit_format(img, pil_format).save(buf, format=pil_format, **SAVE_OPTIONS[pil_format])
-    return buf.getvalue()
+    return encode(img, OUTPUT_FORMATS[fmt][0])
 
 
 @dataclass(frozen=True)

@@ -4,26 +4,22 @@ Exit status: 0 every input done, 1 some inputs failed (each named on stderr
 with its reason), 2 usage error (bad flags, no model...). User errors never
 print a traceback. Outputs are written atomically and never over an input.
 
-`--ray` is the one optional hand-off: the same checks, then `sr_cluster.batch`
-(the `cluster` extra, imported only then) spreads the files over Ray workers.
+`--ray` is the one optional hand-off: the same checks, then the runner
+registered as "ray" (`sr_runtime.runners`; the `cluster` extra provides it)
+spreads the files over Ray workers.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
-import importlib
-import io
 import logging
 import math
 import os
 import re
-import signal
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,42 +28,33 @@ from PIL import Image
 from tqdm import tqdm
 
 from sr_runtime.backends import ALIASES, PRECISIONS
-from sr_runtime.errors import BackendUnavailable, SRInputError, SRModelError
-from sr_runtime.files import (
-    atomic_write,
-    atomic_write_json,
-    is_symlink_loop,
-    name_too_long,
-    printable,
-    resolved,
+from sr_runtime.errors import BackendUnavailable, SRModelError, UsageError
+from sr_runtime.files import atomic_write_json, printable, resolved
+from sr_runtime.jobs import (
+    FILE_ERRORS,
+    FORMATS,
+    STDIO,
+    FileNotes,
+    UpscaleOptions,
+    check_targets,
+    failure_line,
+    final_status,
+    output_is_file,
+    output_path,
+    output_targets,
+    upscale_file,
 )
-from sr_runtime.imaging import open_image, open_image_bytes
 from sr_runtime.noise import DEFAULT_ROWS
-from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler, default_max_pixels
+from sr_runtime.runners import BatchJob, load_runner
+from sr_runtime.signals import sigterm_as_exit
+from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, Upscaler, default_max_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
-FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
-#: zlib level 3: as fast as level 1 and ~12% larger than the default 6, which alone took
-#: longer than all tiling and blending of a 2048x2048 result.
-SAVE_OPTIONS: dict[str, dict[str, int]] = {"PNG": {"compress_level": 3}, "JPEG": {"quality": 95},
-                                           "WEBP": {"quality": 95}}
-
-
-#: What one input may fail with: reported as `failed: <input>: <reason>`, the batch goes on.
-FILE_ERRORS = (SRInputError, OSError, MemoryError)
 #: `--ray` ADDRESS: auto, host:port (the GCS) or ray://host:port (Ray Client).
 RAY_ADDRESS = re.compile(r"auto|(ray://)?[^\s:/]+:\d{1,5}")
 #: Above this the prior's noise swamps the image (sr-serve accepts the same range).
 MAX_TEMPERATURE = 2.0
 RAY_EXTRA_MISSING = "--ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"
-
-
-class UsageError(Exception):
-    """Bad command line: exit status 2."""
-
-
-#: The `-` of `sr-upscale - -o -`: standard input as the input, standard output as the output.
-STDIO = Path("-")
 #: Largest --outscale: the x4 result is resized, never upscaled by more than this overall.
 MAX_OUTSCALE = 16.0
 
@@ -195,66 +182,6 @@ def _is_output_of_another(path: Path, images: list[Path], suffix: str) -> bool:
     return any(other.stem == source_stem for other in images if other != path)
 
 
-def output_path(src: Path, args: argparse.Namespace) -> Path:
-    """Where `src`'s result goes: `-o` file (or `-`), or `<folder>/<stem><suffix>.<ext>`."""
-    if args.output == "-":
-        return STDIO
-    if args.output and _output_is_file(args.output):
-        out = Path(args.output)
-        if args.ext:
-            out = out.with_suffix("." + args.ext)
-        return out
-    folder = Path(args.output) if args.output else src.parent
-    ext = args.ext or (src.suffix.lower().lstrip(".") if src.suffix.lower().lstrip(".") in FORMATS else "png")
-    return folder / f"{src.stem}{args.suffix}.{ext}"
-
-
-def _output_is_file(out: str) -> bool:
-    """`-o` names a file when it has an extension and is not an existing folder, or is `-`; else a folder."""
-    return out == "-" or (not out.endswith(("/", os.sep)) and not Path(out).is_dir() and Path(out).suffix != "")
-
-
-def save_atomic(img: Image.Image, dest: Path, icc_profile: bytes | None = None) -> None:
-    """Write via a temporary file in the same folder and os.replace: no half-written outputs.
-
-    `icc_profile` (the input's) is embedded when it describes the written mode's
-    colour space, so Display P3 or Adobe RGB pixels are not read back as sRGB.
-    """
-    fmt = FORMATS.get(dest.suffix.lower().lstrip("."))
-    if fmt is None:
-        raise SRInputError(f"{dest}: unknown output format {dest.suffix!r} (use .png, .jpg or .webp)")
-    img = fit_format(img, fmt)
-    extra = {"icc_profile": icc_profile} if icc_profile and icc_fits(icc_profile, img.mode) else {}
-    atomic_write(dest, lambda fh: img.save(fh, format=fmt, **SAVE_OPTIONS[fmt], **extra))
-
-
-#: ICC colour space signature (header bytes 16..20) -> the PIL modes whose pixels it describes.
-ICC_SPACES = {b"RGB ": ("RGB", "RGBA"), b"GRAY": ("L", "LA", "I;16"), b"CMYK": ("CMYK",)}
-
-
-def icc_fits(profile: bytes, mode: str) -> bool:
-    """Whether an ICC profile's colour space is that of `mode` (a CMYK profile must not tag RGB pixels)."""
-    return len(profile) >= 128 and mode in ICC_SPACES.get(profile[16:20], ())
-
-
-def fit_format(img: Image.Image, fmt: str) -> Image.Image:
-    """Convert modes a format cannot store to the nearest one it can (only what is needed); `sr-serve` too."""
-    if img.mode == "F":  # float results: keep 16 bits where the format allows
-        img = Image.fromarray(np.rint(np.asarray(img) * 65535).astype(np.uint16))
-    if img.mode == "I;16" and fmt != "PNG":
-        img = Image.fromarray((np.asarray(img).astype(np.uint32) * 255 // 65535).astype(np.uint8))
-    if img.mode == "CMYK" and fmt != "JPEG":
-        img = img.convert("RGB")
-    if fmt == "JPEG" and img.mode in ("RGBA", "LA"):
-        img = img.convert(img.mode[:-1] if img.mode == "LA" else "RGB")
-    return img
-
-
-def std_map_image(std: np.ndarray) -> Image.Image:
-    """16-bit grey image of a std map; std 0.5 (the most a [0, 1] signal can have) is white."""
-    return Image.fromarray(np.rint(np.clip(std * 2.0, 0.0, 1.0) * 65535).astype(np.uint16))
-
-
 def _validate(args: argparse.Namespace) -> int:
     """Number of samples to draw; UsageError naming the flag for values that cannot work."""
     if args.scale != 4:
@@ -293,7 +220,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise UsageError("--ray reads and writes files on the workers: - and -o - are for local runs")
     if args.output == "-" and args.std_map:
         raise UsageError("--std-map writes a second file: it needs an output file or folder, not -o -")
-    if args.inputs == ["-"] and (not args.output or not (args.output == "-" or _output_is_file(args.output))):
+    if args.inputs == ["-"] and (not args.output or not (args.output == "-" or output_is_file(args.output))):
         raise UsageError("- (standard input) needs -o FILE or -o - (standard output)")
     return samples
 
@@ -301,32 +228,15 @@ def _validate(args: argparse.Namespace) -> int:
 def _check_output_file(args: argparse.Namespace, sources: list[Path]) -> None:
     """An `-o` file takes one input, in a format we can write; a name without extension must be a folder."""
     out = Path(args.output) if args.output and args.output != "-" else None
-    if out is not None and not _output_is_file(args.output) and (out.exists() or out.is_symlink()) \
+    if out is not None and not output_is_file(args.output) and (out.exists() or out.is_symlink()) \
             and not out.is_dir():
         raise UsageError(f"-o {printable(args.output)} is an existing file, not a folder: give a folder, or an "
                          "output file name ending .png, .jpg or .webp")
-    if args.output and _output_is_file(args.output):
+    if args.output and output_is_file(args.output):
         if len(sources) > 1:
             raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
         if args.output != "-" and Path(args.output).suffix.lower().lstrip(".") not in FORMATS and not args.ext:
             raise UsageError(f"-o {args.output}: unknown output format (use .png, .jpg or .webp)")
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """While active, SIGTERM raises SystemExit(143): `finally` blocks remove temp files as on Ctrl-C."""
-    def terminate(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread: signals cannot be caught here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,10 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
+    options = options_from(args, samples)
     if args.ray is not None:
-        return _run_on_ray(args, samples, sources, unmatched)
+        return _run_on_ray(BatchJob(options, tuple(sources), tuple(unmatched), args.ray, args.workers))
     try:
-        upscaler = upscaler_from_args(args)
+        upscaler = options.build_upscaler()
     except (SRModelError, BackendUnavailable, ValueError) as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
@@ -369,9 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file",
                                                disable=args.quiet or None) as files:
             for src in files:
-                dest = output_path(src, args)
+                dest = output_path(src, options)
                 try:
-                    notes = _process(upscaler, src, dest, inputs, written, samples, args)
+                    notes = _process(upscaler, src, dest, inputs, written, options)
                 except FILE_ERRORS as exc:
                     failures.append(failure_line(src, exc))
                     report.add(src, dest, "failed", reason=failures[-1])
@@ -427,171 +338,44 @@ class RunReport:
                 "files": self.files}
 
 
-def upscaler_from_args(args: argparse.Namespace, cpu_threads: int | None = None) -> Upscaler:
-    """The Upscaler the flags describe: every Ray worker builds this same one, so pixels do not depend on which."""
-    return Upscaler(
-        args.model, backend=args.backend, temperature=args.temperature, seed=args.seed,
-        tile_overlap=args.tile_overlap, batch_size=args.batch_size, precision=args.precision,
-        max_pixels=None if args.max_pixels is None else int(args.max_pixels), cpu_threads=cpu_threads,
+def options_from(args: argparse.Namespace, samples: int) -> UpscaleOptions:
+    """The checked flags as the typed options every file is done with, here or on a runner's workers."""
+    return UpscaleOptions(
+        model=args.model, backend=args.backend, precision=args.precision, temperature=args.temperature,
+        seed=args.seed, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+        max_pixels=None if args.max_pixels is None else int(args.max_pixels),
+        samples=samples, output=args.output, suffix=args.suffix, ext=args.ext, std_map=args.std_map,
+        outscale=args.outscale, no_clobber=args.no_clobber, timings=args.timings, quiet=args.quiet,
     )
 
 
-def _run_on_ray(args: argparse.Namespace, samples: int, sources: list[Path],
-                unmatched: list[tuple[str, str]]) -> int:
-    """The single optional hand-off: `--ray` runs `sr_cluster.batch`, imported only now (Ray is an extra)."""
+def _run_on_ray(job: BatchJob) -> int:
+    """The single optional hand-off: `--ray` runs the runner registered as "ray", imported only now."""
     try:
-        batch = importlib.import_module("sr_cluster.batch")
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in ("ray", "sr_cluster"):
-            raise
+        runner = load_runner("ray")
+    except ModuleNotFoundError as exc:  # registered, but Ray (the extra) is not installed
+        logging.getLogger("sr_runtime").info("the ray runner cannot load: %s", exc)
+        runner = None
+    if runner is None:
         print(f"sr-upscale: error: {RAY_EXTRA_MISSING}", file=sys.stderr)
         return 2
-    status: int = batch.run(args, samples, sources, unmatched)
-    return status
+    return runner(job)
 
 
-def final_status(failures: list[str], interrupted: int) -> int:
-    """Print each failure line; the exit status: `interrupted` (130/143) if set, 1 with failures, else 0."""
-    for failure in failures:
-        print(f"sr-upscale: failed: {printable(failure)}", file=sys.stderr)
-    if interrupted:
-        print("sr-upscale: interrupted", file=sys.stderr)
-        return interrupted
-    return 1 if failures else 0
-
-
-def failure_line(src: Path, exc: BaseException) -> str:
-    """`<input>: <reason>`, naming the input once whatever raised."""
-    if isinstance(exc, MemoryError):
-        return f"{src}: not enough memory (lower --max-pixels or --samples)"
-    reason = str(exc)
-    return reason if reason.startswith(str(src)) else f"{src}: {reason}"
-
-
-def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], samples: int,
-             args: argparse.Namespace) -> FileNotes | None:
+def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path],
+             options: UpscaleOptions) -> FileNotes | None:
     """Upscale one file (None: skipped); `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
-    targets = output_targets(dest, args)
-    if args.no_clobber and dest != STDIO and any(t.exists() for t in targets):
+    targets = output_targets(dest, options)
+    if options.no_clobber and dest != STDIO and any(t.exists() for t in targets):
         logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", printable(str(src)),
                                                 printable(str(dest)))
         return None
     if dest != STDIO:
         check_targets(src, targets, inputs, written)
-    notes = upscale_file(upscaler, src, targets, samples, args)
+    notes = upscale_file(upscaler, src, targets, options)
     notes.report()
     written.update(resolved(t) for t in targets if t != STDIO)
     return notes
-
-
-def output_targets(dest: Path, args: argparse.Namespace) -> tuple[Path, ...]:
-    """Every file one input writes: its output, and with --std-map the std map beside it."""
-    return (dest, dest.with_name(f"{dest.stem}_std.png")) if args.std_map else (dest,)
-
-
-def check_targets(src: Path, targets: tuple[Path, ...], inputs: set[Path], claimed: set[Path]) -> None:
-    """SRInputError if a target is an input or in `claimed`, another input's output (a.png, a.jpg -> a_x4.png)."""
-    for target in targets:
-        if is_symlink_loop(target):
-            raise SRInputError(f"{src}: output {target} is a symlink loop; remove it or choose another -o")
-        if resolved(target) in inputs:
-            raise SRInputError(f"{src}: output {target} is an input; refusing to overwrite it")
-        if resolved(target) in claimed:
-            raise SRInputError(f"{src}: output {target} was already written for another input")
-        too_long = name_too_long(target)
-        if too_long:
-            raise SRInputError(f"{src}: {too_long}")
-
-
-@dataclass
-class FileNotes:
-    """What upscaling one file has to tell: returned, not printed, so a Ray worker's reach the driver."""
-
-    warnings: list[str]
-    timing: str | None = None
-    seconds: float = 0.0
-    backend_seconds: float = 0.0
-    tiles: int = 0
-
-    def report(self) -> None:
-        """Decoder warnings to the `sr_runtime` log, the --timings line to stderr on its own line."""
-        for warning in self.warnings:
-            logging.getLogger("sr_runtime").warning("%s", printable(warning))
-        if self.timing:
-            tqdm.write(f"sr-upscale: {printable(self.timing)}", file=sys.stderr)
-
-
-def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], samples: int,
-                 args: argparse.Namespace) -> FileNotes:
-    """Read `src`, upscale it, write its `output_targets` atomically: the whole of one input's work."""
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:  # one decode per process at a time: safe here
-        warnings.simplefilter("always")
-        if src == STDIO:
-            data = sys.stdin.buffer.read()
-            img = open_image_bytes(data, "-", upscaler.max_pixels)
-            in_format = sniff_format(data)
-        else:
-            img = open_image(src, upscaler.max_pixels)
-            in_format = FORMATS.get(src.suffix.lower().lstrip("."))
-    notes = FileNotes([f"{src}: {message}" for message in dict.fromkeys(str(w.message).strip() for w in caught)])
-    stats = RunStats()
-    with tqdm(desc=src.name, unit="tile", leave=False, disable=args.quiet or None) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        out, std = upscaler.run(img, samples, progress=progress, stats=stats)
-    std_img = std_map_image(std) if args.std_map else None
-    if getattr(args, "outscale", None) not in (None, 4.0):
-        size = (max(1, round(img.width * args.outscale)), max(1, round(img.height * args.outscale)))
-        out = lanczos_resize(out, size)
-        std_img = None if std_img is None else lanczos_resize(std_img, size)
-    icc = img.info.get("icc_profile")
-    if targets[0] == STDIO:
-        write_stdout(out, FORMATS[args.ext] if args.ext else in_format or "PNG", icc)
-    else:
-        save_atomic(out, targets[0], icc)
-    if std_img is not None:
-        save_atomic(std_img, targets[1])
-    wall = time.perf_counter() - t0
-    notes.seconds, notes.backend_seconds, notes.tiles = wall, stats.backend_seconds, stats.tiles
-    if args.timings:
-        share = 1.0 - stats.backend_seconds / wall if wall > 0 else 0.0
-        notes.timing = (f"{src} -> {targets[0]}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
-                        f"({stats.tiles} tiles), {share:.1%} outside the backend")
-    return notes
-
-
-def lanczos_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize with Lanczos in the image's own mode (16-bit grey through float, which Pillow filters)."""
-    if img.mode == "I;16":
-        grey = Image.fromarray(np.asarray(img, np.float32)).resize(size, Image.Resampling.LANCZOS)
-        return Image.fromarray(np.clip(np.rint(np.asarray(grey)), 0, 65535).astype(np.uint16))
-    if img.mode in ("LA", "RGBA", "CMYK"):  # Pillow filters these per band
-        return Image.merge(img.mode, [b.resize(size, Image.Resampling.LANCZOS) for b in img.split()])
-    return img.resize(size, Image.Resampling.LANCZOS)
-
-
-def sniff_format(data: bytes) -> str | None:
-    """PNG, JPEG or WEBP from an encoded image's first bytes, else None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
-def write_stdout(img: Image.Image, fmt: str, icc_profile: bytes | None) -> None:
-    """Encode `img` as `fmt` to standard output in one write (nothing else goes there)."""
-    img = fit_format(img, fmt)
-    extra = {"icc_profile": icc_profile} if icc_profile and icc_fits(icc_profile, img.mode) else {}
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **SAVE_OPTIONS[fmt], **extra)
-    sys.stdout.buffer.write(buf.getvalue())
-    sys.stdout.buffer.flush()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Exception types: one for bad user input, one for a missing or broken model.
+"""Exception types: bad user input, a missing or broken model, a backend that cannot run, a bad command line.
 
 Callers (the CLI above all) catch these to print a one-line reason instead of a
 traceback; anything else escaping the runtime is a bug.
@@ -17,3 +17,7 @@ class SRModelError(RuntimeError):
 
 class BackendUnavailable(RuntimeError):
     """A backend cannot run here (no GPU, package missing...); `auto` moves on to the next."""
+
+
+class UsageError(Exception):
+    """Bad command line: exit status 2 (raised by `sr-upscale`'s checks and by the runners it hands off to)."""

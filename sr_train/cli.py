@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sr_train.argtypes import non_negative_int, positive_int
+
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import model_info
@@ -70,22 +72,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     tail = "no step left to run" if last is None else f"last loss {last:.4f}"
     print(f"done: step {result['step']}, skipped updates {result['skips']}, {tail}")
     return 0
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def scale_range(text: str) -> tuple[float, float]:

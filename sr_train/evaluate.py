@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_runtime.files import atomic_write_bytes
-from sr_train.cli import positive_int
+from sr_train.argtypes import positive_int
 from sr_train.degrade import SCALE, degrade_bicubic_x4, list_images, load_rgb, upscale_bicubic_x4
-from sr_train.metrics import psnr_y, ssim_y
+from sr_train.metrics import frechet_distance, psnr_y, ssim_y
 
 #: ``(lr uint8 [N,h,w,3], temperature, seed) -> sr uint8 [N,4h,4w,3]``
 SampleFn = Callable[[np.ndarray, float, int], np.ndarray]
@@ -285,18 +285,6 @@ def inception_features(
         return np.concatenate(out).astype(np.float64)
 
     return features
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two [N, D] feature sets (numpy only).
-
-    tr(sqrtm(S1 S2)) is the sum of the square roots of the eigenvalues of
-    S1 S2, which are >= 0 in exact arithmetic: no scipy needed.
-    """
-    m = float(np.sum((a.mean(0) - b.mean(0)) ** 2))
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0.0)
-    return m + float(np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(eig).sum())
 
 
 def _temperatures(text: str) -> list[float]:

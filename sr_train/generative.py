@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sr_train.metrics import psnr_y, rgb_to_y, ssim_y
+from sr_train.metrics import frechet_distance, psnr_y, rgb_to_y, ssim_y
 
 SampleFn = Callable[[np.ndarray, float, int], np.ndarray]
 #: uint8 [N, H, W, 3] images -> [N, D] float64 features
@@ -91,8 +91,6 @@ def kid(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from sr_train.evaluate import frechet_distance
-
     return frechet_distance(a, b)
 
 

@@ -1,4 +1,4 @@
-"""PSNR and SSIM on the Y channel, as the SR literature reports them.
+"""PSNR and SSIM on the Y channel, as the SR literature reports them; the Frechet distance FID takes.
 
 numpy only (no torch, no scipy) so that benchmarks and the torch-free runtime's
 users can import it. Conventions, stated because papers differ on them:
@@ -92,3 +92,15 @@ def ssim_y(a: np.ndarray, b: np.ndarray, crop_border: int = 0) -> float:
     num = (2.0 * mu_x * mu_y + c1) * (2.0 * cov + c2)
     den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
     return float(np.mean(num / den))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two [N, D] feature sets (numpy only).
+
+    tr(sqrtm(S1 S2)) is the sum of the square roots of the eigenvalues of
+    S1 S2, which are >= 0 in exact arithmetic: no scipy needed.
+    """
+    m = float(np.sum((a.mean(0) - b.mean(0)) ** 2))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0.0)
+    return m + float(np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(eig).sum())

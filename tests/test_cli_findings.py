@@ -60,7 +60,7 @@ def test_the_inputs_icc_profile_is_kept(double_model: Path, tmp_path: Path, ext:
 
 
 def test_a_cmyk_profile_never_tags_rgb_pixels() -> None:
-    from sr_runtime.cli import icc_fits
+    from sr_runtime.jobs import icc_fits
 
     header = bytes(16) + b"CMYK" + bytes(108)
     assert icc_fits(header, "CMYK") and not icc_fits(header, "RGB") and not icc_fits(b"short", "RGB")

@@ -291,7 +291,7 @@ def test_interrupt_still_lists_the_failures_so_far(double_model: Path, tmp_path:
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sr_runtime.cli.save_atomic", interrupted)
+    monkeypatch.setattr("sr_runtime.jobs.save_atomic", interrupted)
     assert run_cli(double_model, str(tmp_path / "a.png"), str(tmp_path / "b.png")) == 130
     err = capsys.readouterr().err
     assert "a.png: empty file" in err and "interrupted" in err
