@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nats per latent channel and position that cost nothing (default 0: the plain ELBO)")
     tr.add_argument("--prior-l1-weight", type=float,
                     help="add this x the L1 of the temperature-0 output to the ELBO (default 0)")
+    tr.add_argument("--max-log-scale", type=float,
+                    help="cap the likelihood's logistic log-scales in the loss (e.g. -4.5): residual texture "
+                         "then has to be carried by the latents (default: no cap, VDVAE's loss)")
     tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
     tr.add_argument("--crop-size", type=positive_int,
                     help="HR training crop, a multiple of the model's stride (fully convolutional presets)")

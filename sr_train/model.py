@@ -416,10 +416,23 @@ def dmol_split(logits: Tensor, nr_mix: int, base: Tensor | None = None) -> tuple
     return logit_probs, means, log_scales, coeffs
 
 
-def dmol_nll(x: Tensor, logits: Tensor, nr_mix: int, low_bit: bool = False, base: Tensor | None = None) -> Tensor:
-    """Per-image NLL per dimension of x in [-1, 1] (VDVAE's discretized_mix_logistic_loss)."""
+def dmol_nll(
+    x: Tensor,
+    logits: Tensor,
+    nr_mix: int,
+    low_bit: bool = False,
+    base: Tensor | None = None,
+    max_log_scale: float | None = None,
+) -> Tensor:
+    """Per-image NLL per dimension of x in [-1, 1] (VDVAE's discretized_mix_logistic_loss).
+
+    ``max_log_scale`` caps the logistic scales (training only): a residual wider
+    than the cap cannot be called per-pixel noise, so the latents must explain it.
+    """
     ndims = x[0].numel()
     logit_probs, means, log_scales, coeffs = dmol_split(logits, nr_mix, base)
+    if max_log_scale is not None:
+        log_scales = log_scales.clamp(max=max_log_scale)
     x = x.unsqueeze(2)  # [N, 3, 1, H, W], broadcast over the mixture axis
     m2 = means[:, 1:2] + coeffs[:, 0:1] * x[:, 0:1]
     m3 = means[:, 2:3] + coeffs[:, 1:2] * x[:, 0:1] + coeffs[:, 2:3] * x[:, 1:2]
@@ -655,6 +668,7 @@ class VDVAESR(nn.Module):
         objective: str = "elbo",
         free_bits: float = 0.0,
         prior_l1: bool = False,
+        max_log_scale: float | None = None,
     ) -> dict[str, Tensor]:
         """Negative ELBO per dimension (VDVAE's loss) for HR images in [0, 1].
 
@@ -675,7 +689,7 @@ class VDVAESR(nn.Module):
         lr_acts = self.lr_encoder(self.encoder_input(lr)) if lr is not None else None
         px_z, stats = self.posterior_pass(hr, lr, lr_acts=lr_acts)
         base = self.mean_base(lr, lr_acts)
-        out = self.loss_from(px_z, stats, hr, base, free_bits)
+        out = self.loss_from(px_z, stats, hr, base, free_bits, max_log_scale)
         if prior_l1:
             if lr is None:
                 raise ValueError("prior_l1 needs the LR image")
@@ -736,6 +750,7 @@ class VDVAESR(nn.Module):
         hr: Tensor,
         base: Tensor | None = None,
         free_bits: float = 0.0,
+        max_log_scale: float | None = None,
     ) -> dict[str, Tensor]:
         """Per-image ``elbo``, ``distortion``, ``rate`` (nats per image dimension), the rate of each
         latent level (``rate/<res>``), and ``rate_objective``: the rate term to optimise.
@@ -747,7 +762,7 @@ class VDVAESR(nn.Module):
         """
         target = hr * 2.0 - 1.0
         logits = self.decoder.out_conv(px_z).float()  # the DMoL likelihood in fp32 under autocast
-        distortion = dmol_nll(target, logits, self.config.num_mixtures, self.config.low_bit, base)
+        distortion = dmol_nll(target, logits, self.config.num_mixtures, self.config.low_bit, base, max_log_scale)
         ndims = hr[0].numel()
         per_block = [s["kl"].sum(dim=(1, 2, 3)) / ndims for s in stats]
         rate = torch.stack(per_block).sum(0)

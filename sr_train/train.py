@@ -70,6 +70,7 @@ class TrainConfig:
     kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)
     free_bits: float = 0.0  # nats per latent channel and position that cost nothing (against posterior collapse)
     prior_l1_weight: float = 0.0  # + this x L1 of the temperature-0 (prior mean) output: keeps t = 0 the best guess
+    max_log_scale: float | None = None  # cap on the DMoL log-scales in the loss: residual texture must go through z
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
     crop_size: int | None = None  # HR training crop (fully convolutional models; default: the preset's hr_size)
     scale_aug: tuple[float, float] | None = None  # HR photo downscaled by a random factor in [lo, hi] before cropping
@@ -115,6 +116,7 @@ def check_config(cfg: TrainConfig) -> None:
     bounded("val_temperature", cfg.val_temperature, 0, 2)
     bounded("free_bits", cfg.free_bits, 0, 100)
     bounded("prior_l1_weight", cfg.prior_l1_weight, 0, 1e6)
+    bounded("max_log_scale", cfg.max_log_scale, -7, 0)
     bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
     for beta in cfg.adam_betas:
         bounded("adam_betas", beta, 0, 1, hi_open=True)
@@ -432,7 +434,8 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
             group["lr"] = lr_at(step, cfg)
         hr, lr = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr"))
         with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=low_precision is not None):
-            out = net(hr, lr, objective=cfg.objective, free_bits=cfg.free_bits, prior_l1=cfg.prior_l1_weight > 0)
+            out = net(hr, lr, objective=cfg.objective, free_bits=cfg.free_bits, prior_l1=cfg.prior_l1_weight > 0,
+                      max_log_scale=cfg.max_log_scale)
         beta = kl_weight(step, cfg)
         if cfg.objective == "skip":
             loss = out["loss"].mean()

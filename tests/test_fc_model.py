@@ -172,3 +172,15 @@ def test_prior_l1_scores_the_temperature_0_output():
         t0 = model.sample(lr, None)
     assert torch.allclose(out["prior_l1"], (t0 - hr).abs().mean(dim=(1, 2, 3)), atol=1e-6)
     assert "prior_l1" not in model(hr, lr)
+
+
+def test_a_scale_cap_makes_a_wide_residual_cost_more():
+    from sr_train.model import dmol_nll
+
+    torch.manual_seed(0)
+    logits = torch.zeros(1, 2 * 10, 8, 8)  # 2 mixtures, log-scale 0: the whole range is "noise"
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    free = dmol_nll(x, logits, 2)
+    capped = dmol_nll(x, logits, 2, max_log_scale=-4.5)
+    assert capped.item() > free.item() + 1.0
+    assert torch.equal(dmol_nll(x, logits, 2, max_log_scale=0.5), free)  # a cap above every scale changes nothing
