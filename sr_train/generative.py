@@ -185,6 +185,7 @@ def markdown_table(result: Mapping[str, Any], label: str) -> str:
     lines.append(f"| bicubic | - | {cells(result['bicubic'], False)} |")
     for r in result["model"]:
         lines.append(f"| {label} | {r['temperature']:g} | {cells(r, True)} |")
+    patches_note = f"; KID/FID over {PATCH}x{PATCH} patches at stride {PATCH_STRIDE}" if has_kid else ""
     lines += ["", f"{result['n_images']} images, {result['samples']} samples per temperature > 0, "
-              f"seed {result['seed']}; KID/FID over {PATCH}x{PATCH} patches at stride {PATCH_STRIDE}."]
+              f"seed {result['seed']}{patches_note}."]
     return "\n".join(lines) + "\n"
