@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from sr_cluster.address import check_reachable
 from sr_runtime.errors import BackendUnavailable, SRModelError, UsageError
-from sr_runtime.files import stale_temp_files
+from sr_runtime.files import resolved, stale_temp_files
 from sr_runtime.jobs import (
     FILE_ERRORS,
     FileNotes,
@@ -214,7 +214,7 @@ class Summary:
 
 def plan_jobs(sources: Sequence[Path], options: UpscaleOptions, summary: Summary) -> list[FileJob]:
     """The files still to do, with the local CLI's output checks; files whose outputs exist count as skipped."""
-    inputs = {p.resolve() for p in sources}
+    inputs = {resolved(p) for p in sources}  # as the local CLI: a symlink-loop input fails on its own line
     claimed: set[Path] = set()
     jobs: list[FileJob] = []
     for order, src in enumerate(sources):
@@ -222,13 +222,10 @@ def plan_jobs(sources: Sequence[Path], options: UpscaleOptions, summary: Summary
         job = FileJob.absolute(src, targets, order)
         try:
             check_targets(src, targets, inputs, claimed)  # the paths as given, for its messages
-            claimed.update(t.resolve() for t in job.targets)  # claimed at dispatch: files run concurrently
         except FILE_ERRORS as exc:
             summary.fail(order, failure_line(src, exc))
             continue
-        except RuntimeError:  # Path.resolve on a symlink loop: this file's failure, not the job's
-            summary.fail(order, f"{src}: an output path is a symlink loop")
-            continue
+        claimed.update(resolved(t) for t in job.targets)  # claimed at dispatch: files run concurrently
         if job.done():
             summary.skipped += 1
         else:

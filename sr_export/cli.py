@@ -23,8 +23,8 @@ from sr_runtime.backends.engine_identity import (
     engine_cache_dir,
     engine_unavailable_reason,
 )
-from sr_runtime.cli import sigterm_as_exit
 from sr_runtime.model import MAX_BATCH, packaged_model_dir
+from sr_runtime.signals import sigterm_as_exit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINES_DIR = REPO_ROOT / "engines"

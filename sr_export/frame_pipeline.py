@@ -25,6 +25,7 @@ import onnxruntime
 import torch
 
 from sr_export.calibration import extreme_lr_batch, photo_lr_batch
+from sr_export.common import MANIFEST_FILE, ExportCheckFailed, ExportOptions, ExportReport, timed
 from sr_export.fp16 import Fp16Result, Fp16TargetMissed, choose_fp16
 from sr_export.onnx_export import (
     FC_EXAMPLE_LR,
@@ -133,11 +134,9 @@ def measure_bytes_per_lr_pixel(path: Path) -> int:
 
 
 def export_frame_model_dir(
-    model: VDVAESR, checkpoint: dict[str, Any], opts: Any, log: Callable[[str], None] = print
-) -> Any:
-    """Export, check and describe a fully convolutional ``model`` in ``opts.out_dir`` (an ExportOptions)."""
-    from sr_export.pipeline import MANIFEST_FILE, ExportCheckFailed, ExportReport, _timed
-
+    model: VDVAESR, checkpoint: dict[str, Any], opts: ExportOptions, log: Callable[[str], None] = print
+) -> ExportReport:
+    """Export, check and describe a fully convolutional ``model`` in ``opts.out_dir``."""
     model = model.eval()
     out: Path = opts.out_dir
     seconds: dict[str, float] = {}
@@ -149,7 +148,7 @@ def export_frame_model_dir(
     steps = 3 + len(precisions) - 1
     files: dict[str, Path] = {}
     protos: dict[str, onnx.ModelProto] = {}
-    with _timed(seconds, "export_fp32"):
+    with timed(seconds, "export_fp32"):
         for graph in ("deterministic", "sampling"):
             key = f"{graph}.fp32"
             files[key] = out / FRAME_FILES[(graph, "fp32")]
@@ -157,7 +156,7 @@ def export_frame_model_dir(
                 f"{torch.__version__} dynamo exporter, opset {opts.opset}) ...")
             protos[key] = export_fc(model, files[key], deterministic=graph == "deterministic", opset=opts.opset)
 
-    with _timed(seconds, "checks"):
+    with timed(seconds, "checks"):
         log(f"[2/{steps}] onnx.checker, symbolic axes, polygraphy lint ...")
         lints: dict[str, LintResult] = {}
         for graph in ("deterministic", "sampling"):
@@ -176,7 +175,7 @@ def export_frame_model_dir(
             if lints[graph].ran and not lints[graph].passed:
                 raise ExportCheckFailed(f"polygraphy lint failed on {files[key]}: {lints[graph].detail}")
 
-    with _timed(seconds, "parity"):
+    with timed(seconds, "parity"):
         log(f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo frames {PARITY_SHAPES} (h, w, batch), "
             "t 0 and 0.8 ...")
         parity: list[ParityCase] = []
@@ -191,7 +190,7 @@ def export_frame_model_dir(
 
     fp16: dict[str, Fp16Result] = {}
     if opts.fp16:
-        with _timed(seconds, "fp16"):
+        with timed(seconds, "fp16"):
             log(f"[4/{steps}] FP16 per graph: activation ranges on photo + extreme frames, FP32 islands, "
                 f"held-out checks at {HELD_OUT_SHAPES} ...")
             for graph in ("deterministic", "sampling"):
@@ -205,7 +204,7 @@ def export_frame_model_dir(
                 files[f"{graph}.fp16"] = out / FRAME_FILES[(graph, "fp16")]
                 atomic_write_bytes(files[f"{graph}.fp16"], fp16[graph].model.SerializeToString())
 
-    with _timed(seconds, "memory"):
+    with timed(seconds, "memory"):
         bytes_per_px = measure_bytes_per_lr_pixel(files["deterministic.fp32"])
     for key, build in (("pre", uint8_pre_graph), ("post", uint8_post_graph)):
         protos[f"io.{key}"] = proto = build()

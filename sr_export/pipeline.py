@@ -15,10 +15,7 @@ import math
 import os
 import secrets
 import shutil
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +25,17 @@ import onnxruntime
 import torch
 
 from sr_export.calibration import extreme_lr_batch, photo_lr_batch
+from sr_export.common import (
+    FP16_FILE,
+    FP32_FILE,
+    MANIFEST_FILE,
+    ExportCheckFailed,
+    ExportOptions,
+    ExportReport,
+    timed,
+)
 from sr_export.fp16 import Fp16Result, Fp16TargetMissed, choose_fp16
 from sr_export.onnx_export import (
-    OPSET,
     LintResult,
     check_onnx,
     export_fp32,
@@ -42,41 +47,8 @@ from sr_runtime.files import atomic_write_bytes, atomic_write_json, sha256_file
 from sr_runtime.model import KIND_FIXED, MANIFEST_FORMAT
 from sr_train.model import VDVAESR
 
-FP32_FILE, FP16_FILE, MANIFEST_FILE = "model.fp32.onnx", "model.fp16.onnx", "manifest.json"
-PARITY_TOLERANCE = 1e-4
-FP16_TARGET_PSNR_DB = 40.0
 CALIBRATION_TEMPERATURES = (0.0, 1.0)
 CHECK_TEMPERATURES = (0.0, 0.8)
-
-
-class ExportCheckFailed(RuntimeError):
-    """A check the export contract requires failed (docs/design.md); nothing was installed."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What to write where; ``fp16`` False skips the calibration and the FP16 graph."""
-
-    out_dir: Path
-    name: str
-    batch: tuple[int, int, int] = (1, 4, 16)
-    fp16: bool = True
-    opset: int = OPSET
-    parity_tolerance: float = PARITY_TOLERANCE
-    fp16_target_psnr_db: float = FP16_TARGET_PSNR_DB
-    seed: int = 0
-
-
-@dataclass
-class ExportReport:
-    """Everything the CLI prints and the tests assert on."""
-
-    manifest: dict[str, Any]
-    files: dict[str, Path]
-    parity: list[ParityCase]
-    lint: LintResult
-    fp16: Fp16Result | None
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _noise_feed(n: int, dim: int, temperature: float, seed: int) -> np.ndarray:
@@ -107,14 +79,6 @@ def check_cases(lr_size: int, noise_dim: int, seed: int) -> dict[str, dict[str, 
         for t in (0.0, 1.0):
             cases[f"{label}_t{t:g}"] = {"lr": img, "noise": _noise_feed(1, noise_dim, t, seed + 200)}
     return cases
-
-
-@contextmanager
-def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
-    """Record the block's wall time as `seconds[step]` (the manifest's export_seconds)."""
-    started = time.perf_counter()
-    yield
-    seconds[step] = time.perf_counter() - started
 
 
 def export_model_dir(
@@ -154,11 +118,11 @@ def _export_into(
     files = {"fp32": out / FP32_FILE}
     steps = 4 if opts.fp16 else 3
 
-    with _timed(seconds, "export_fp32"):
+    with timed(seconds, "export_fp32"):
         log(f"[1/{steps}] exporting FP32 ONNX (torch {torch.__version__} dynamo exporter, opset {opts.opset}) ...")
         fp32 = export_fp32(model, files["fp32"], opset=opts.opset)
 
-    with _timed(seconds, "checks"):
+    with timed(seconds, "checks"):
         log(f"[2/{steps}] onnx.checker + polygraphy lint ...")
         try:
             check_onnx(files["fp32"])
@@ -169,7 +133,7 @@ def _export_into(
         if lint.ran and not lint.passed:
             raise ExportCheckFailed(f"polygraphy lint failed on {files['fp32']}: {lint.detail}")
 
-    with _timed(seconds, "parity"):
+    with timed(seconds, "parity"):
         log(f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo crops, t in {CHECK_TEMPERATURES}, "
             "batch 1 and 3 ...")
         parity = parity_suite(model, files["fp32"], photo_lr_batch(cfg.lr_size, per_photo=1), CHECK_TEMPERATURES,
@@ -183,7 +147,7 @@ def _export_into(
 
     fp16_result: Fp16Result | None = None
     if opts.fp16:
-        with _timed(seconds, "fp16"):
+        with timed(seconds, "fp16"):
             log(f"[4/{steps}] FP16: measuring activation ranges on photos + extreme inputs, choosing FP32 islands ...")
             try:
                 fp16_result = choose_fp16(

@@ -36,6 +36,9 @@ def ray_local() -> Iterator[object]:
     with pytest.MonkeyPatch.context() as env:
         # On a loaded 2-core machine the raylet's wait for its metrics agent (30 s) ran out once.
         env.setenv("RAY_agent_register_timeout_ms", "180000")
+        # Serve kills a proxy whose process is not up within 5 s and fails `serve.start` with it; starting
+        # one took longer than that under load. Inherited by the raylet, so by Serve's controller.
+        env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
                  log_to_driver=False)
         try:

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sr_runtime.backends.common import PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_runtime.model import ModelSpec
 from sr_runtime.noise import NoiseBank
@@ -37,7 +38,6 @@ ALIASES = {
     "cpu": "onnxruntime-cpu",
     "onnxruntime-cpu": "onnxruntime-cpu",
 }
-PRECISIONS = ("auto", "fp32", "fp16")
 
 
 class Backend(Protocol):
@@ -77,17 +77,6 @@ def bucket_for(count: int, buckets: tuple[int, ...]) -> int:
         if size >= count:
             return size
     raise ValueError(f"a batch of {count} tiles exceeds the largest bucket {buckets[-1]}")
-
-
-def resolve_precision(spec: ModelSpec, precision: str, gpu: bool) -> str:
-    """"auto" means fp16 on GPUs when the model ships an fp16 ONNX, fp32 otherwise."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        spec.onnx_path(precision)  # SRModelError now rather than a fallback later
-        return precision
-    fp16 = spec.onnx_files.get("fp16")
-    return "fp16" if gpu and fp16 is not None and fp16.is_file() else "fp32"
 
 
 def _factory(name: str, cpu_threads: int | None) -> Factory:

@@ -16,7 +16,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
     RuntimeException,
 )
 
-from sr_runtime.backends import resolve_precision
+from sr_runtime.backends.common import resolve_precision
 from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_runtime.model import ModelSpec
 from sr_runtime.noise import NoiseBank

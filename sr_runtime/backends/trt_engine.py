@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sr_runtime.backends import resolve_precision
+from sr_runtime.backends.common import resolve_precision
 from sr_runtime.backends.engine_build import EngineBuildFailed, build_engine
 from sr_runtime.backends.engine_identity import (
     EngineIdentity,
