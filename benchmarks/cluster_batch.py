@@ -45,13 +45,15 @@ def make_inputs(photos: Path, count: int, size: int, folder: Path) -> tuple[list
     sources = sorted(p for p in photos.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if sources:
         described = f"{len(sources)} photos of {photos}, centre-cropped and resized to {size}x{size}"
-        crops = [_square(Image.open(p).convert("RGB")).resize((size, size), Image.Resampling.LANCZOS)
-                 for p in sources]
+        crops = [_square(Image.open(p).convert("RGB")).resize((size, size), Image.Resampling.LANCZOS) for p in sources]
     else:
         sample = Image.open(SAMPLE).convert("RGB")
         step = max(1, (min(sample.size) - size) // 3)
-        crops = [sample.crop((x, y, x + size, y + size)) for x in range(0, sample.width - size + 1, step)
-                 for y in range(0, sample.height - size + 1, step)] or [sample.resize((size, size))]
+        crops = [
+            sample.crop((x, y, x + size, y + size))
+            for x in range(0, sample.width - size + 1, step)
+            for y in range(0, sample.height - size + 1, step)
+        ] or [sample.resize((size, size))]
         described = f"{len(crops)} crops of {size}x{size} of {SAMPLE.name} ({photos} has no photos)"
     paths = []
     for i in range(count):
@@ -83,10 +85,18 @@ def measure(model: str | None, inputs: list[Path], workers: int, work: Path) -> 
             seconds = time.perf_counter() - started
             if summary.failures or summary.done != len(files):
                 raise RuntimeError(f"{workers} workers: {summary.failures or summary.done}")
-    return {"workers": workers, "cpus_per_worker": placement.num_cpus, "gpus_per_worker": placement.num_gpus,
-            "cpu_threads_per_worker": placement.cpu_threads, "backend": infos[0].backend,
-            "precision": infos[0].precision, "model": infos[0].model, "images": len(inputs),
-            "seconds": round(seconds, 3), "images_per_s": round(len(inputs) / seconds, 4)}
+    return {
+        "workers": workers,
+        "cpus_per_worker": placement.num_cpus,
+        "gpus_per_worker": placement.num_gpus,
+        "cpu_threads_per_worker": placement.cpu_threads,
+        "backend": infos[0].backend,
+        "precision": infos[0].precision,
+        "model": infos[0].model,
+        "images": len(inputs),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(inputs) / seconds, 4),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -95,7 +105,8 @@ def markdown(result: dict[str, Any]) -> str:
     rows = "".join(
         f"| {r['workers']} | {r['cpu_threads_per_worker'] or '-'} | {r['gpus_per_worker']} | {r['backend']} | "
         f"{r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {r['speedup']:.2f}x |\n"
-        for r in result["runs"])
+        for r in result["runs"]
+    )
     return (
         f"# Batch upscaling on Ray: images/s by worker count, {result['date']}\n\n"
         f"- inputs: {result['inputs']}; model {result['runs'][0]['model']}, temperature 0\n"
@@ -105,8 +116,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"cluster {result['cluster']}\n"
         f"- command: `{result['command']}`\n\n"
         "| workers | ORT threads each | GPUs each | backend | images | s | images/s | vs 1 worker |\n"
-        "|---|---|---|---|---|---|---|---|\n" + rows +
-        "\nTimed: the whole set after one warm-up image per worker (start-up and model load excluded; "
+        "|---|---|---|---|---|---|---|---|\n"
+        + rows
+        + "\nTimed: the whole set after one warm-up image per worker (start-up and model load excluded; "
         "file reading and writing included). " + result["note"] + "\n"
     )
 

@@ -137,9 +137,13 @@ def run_mode(args: argparse.Namespace, batching: bool, bodies: list[bytes]) -> d
     try:
         options = ServiceOptions(max_batch_images=args.max_batch_images if batching else 1)
         t0 = time.perf_counter()
-        serve.run(build_app(args.model, args.backend, options=options,
-                            scaling=Scaling(max_ongoing_requests=max(args.clients))),
-                  name="sr-bench", route_prefix="/")
+        serve.run(
+            build_app(
+                args.model, args.backend, options=options, scaling=Scaling(max_ongoing_requests=max(args.clients))
+            ),
+            name="sr-bench",
+            route_prefix="/",
+        )
         start_s = time.perf_counter() - t0
         info = health(port)
         for body in bodies[:WARMUP_REQUESTS]:
@@ -148,13 +152,20 @@ def run_mode(args: argparse.Namespace, batching: bool, bodies: list[bytes]) -> d
         for clients in args.clients:
             log(f"batching {'on' if batching else 'off'}: {clients} clients x {len(bodies)} requests ...")
             row = level(port, clients, bodies)
-            log(f"  p50 {row['latency']['p50_ms']:.0f} ms, p99 {row['latency']['p99_ms']:.0f} ms, "
-                f"{row['requests_per_s']:.2f} req/s, {row['output_mpix_per_s']:.3f} MP/s")
+            log(
+                f"  p50 {row['latency']['p50_ms']:.0f} ms, p99 {row['latency']['p99_ms']:.0f} ms, "
+                f"{row['requests_per_s']:.2f} req/s, {row['output_mpix_per_s']:.3f} MP/s"
+            )
             rows.append(row)
     finally:
         serve.shutdown()
-    return {"batching": batching, "max_batch_images": options.max_batch_images, "start_s": start_s,
-            "service": {k: info[k] for k in ("model", "backend", "precision")}, "levels": rows}
+    return {
+        "batching": batching,
+        "max_batch_images": options.max_batch_images,
+        "start_s": start_s,
+        "service": {k: info[k] for k in ("model", "backend", "precision")},
+        "levels": rows,
+    }
 
 
 def free_port() -> int:
@@ -170,14 +181,20 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# sr-serve: latency and throughput vs concurrent clients, {result['created_utc']}",
         "",
-        (f"- service: model `{service['model']}`, backend {service['backend']} {service['precision']}, one "
-         f"replica (num_cpus=1 in Ray's accounting; ONNX Runtime uses every core), local Ray "
-         f"{result['versions']['ray']}"),
-        (f"- host: {host['cpu']}, {host['usable_cpus']} usable cores; load average {host['load_average_at_start']} "
-         f"at start, {host['load_average_at_end']} at end. Shared with a training job at higher priority and "
-         "another engineer's work, and the clients run on the same 2 cores: noisy, compare rows within this page"),
-        (f"- requests: {s['requests']} per level, PNG crops {s['sizes'][0]}..{s['sizes'][1]} px a side of "
-         f"{', '.join(s['images'])}, temperature 0, PNG out; {WARMUP_REQUESTS} warm-up requests first"),
+        (
+            f"- service: model `{service['model']}`, backend {service['backend']} {service['precision']}, one "
+            f"replica (num_cpus=1 in Ray's accounting; ONNX Runtime uses every core), local Ray "
+            f"{result['versions']['ray']}"
+        ),
+        (
+            f"- host: {host['cpu']}, {host['usable_cpus']} usable cores; load average {host['load_average_at_start']} "
+            f"at start, {host['load_average_at_end']} at end. Shared with a training job at higher priority and "
+            "another engineer's work, and the clients run on the same 2 cores: noisy, compare rows within this page"
+        ),
+        (
+            f"- requests: {s['requests']} per level, PNG crops {s['sizes'][0]}..{s['sizes'][1]} px a side of "
+            f"{', '.join(s['images'])}, temperature 0, PNG out; {WARMUP_REQUESTS} warm-up requests first"
+        ),
         f"- `{' '.join(result['command'])}`",
         "",
         "| batching | clients | n | p50 ms | p99 ms | req/s | out MP/s | images/batch |",
@@ -189,16 +206,28 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {'on' if mode['batching'] else 'off'} | {row['clients']} | {row['latency']['n']} "
                 f"| {row['latency']['p50_ms']:.0f} | {row['latency']['p99_ms']:.0f} | {row['requests_per_s']:.2f} "
-                f"| {row['output_mpix_per_s']:.3f} | {'-' if per_batch is None else f'{per_batch:.1f}'} |")
+                f"| {row['output_mpix_per_s']:.3f} | {'-' if per_batch is None else f'{per_batch:.1f}'} |"
+            )
     floor = result["direct"]
     if floor:
         lat = floor["latency"]
-        lines += ["", (f"Floor: the first {lat['n']} crops through a local `Upscaler.run` in the benchmark's "
-                       f"process (no HTTP, no Ray, one at a time, no PNG encode): p50 {lat['p50_ms']:.0f} ms, "
-                       f"p99 {lat['p99_ms']:.0f} ms.")]
-    lines += ["", ("Latency is per request, client side (send, queue, upscale, PNG encode, read). "
-                   "images/batch: temperature-0 requests that shared one `run_many` call (images whose own tiles "
-                   "fill a backend batch run alone and are not counted)."), ""]
+        lines += [
+            "",
+            (
+                f"Floor: the first {lat['n']} crops through a local `Upscaler.run` in the benchmark's "
+                f"process (no HTTP, no Ray, one at a time, no PNG encode): p50 {lat['p50_ms']:.0f} ms, "
+                f"p99 {lat['p99_ms']:.0f} ms."
+            ),
+        ]
+    lines += [
+        "",
+        (
+            "Latency is per request, client side (send, queue, upscale, PNG encode, read). "
+            "images/batch: temperature-0 requests that shared one `run_many` call (images whose own tiles "
+            "fill a backend batch run alone and are not counted)."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -207,18 +236,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=positive_ints, default=[1, 4, 16], help="client thread counts (default 1,4,16)")
     p.add_argument("--requests", type=int, default=24, help="requests per level (default 24)")
     p.add_argument("--sizes", type=positive_ints, default=[64, 128], help="crop side range LOW,HIGH (default 64,128)")
-    p.add_argument("--images", type=Path, nargs="+", default=[REPO / "assets" / "sample.png"],
-                   help="photos to crop (default assets/sample.png)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        nargs="+",
+        default=[REPO / "assets" / "sample.png"],
+        help="photos to crop (default assets/sample.png)",
+    )
     p.add_argument("--batching", default="on,off", help="on, off or on,off (default on,off)")
     p.add_argument("--max-batch-images", type=int, default=8, help="batch bound when batching is on (default 8)")
     p.add_argument("--model", default=None, help="model directory (default: the shipped one)")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--direct", type=int, default=8,
-                   help="crops also timed through a local Upscaler without HTTP or Ray (default 8; 0: none)")
+    p.add_argument(
+        "--direct",
+        type=int,
+        default=8,
+        help="crops also timed through a local Upscaler without HTTP or Ray (default 8; 0: none)",
+    )
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="result JSON (.md beside it); default benchmarks/results/cluster-serve-cpu-DATE.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result JSON (.md beside it); default benchmarks/results/cluster-serve-cpu-DATE.json",
+    )
     args = p.parse_args(argv)
     if len(args.sizes) != 2 or args.sizes[0] > args.sizes[1]:
         p.error("--sizes needs LOW,HIGH")
@@ -233,8 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     floor = direct(args, bodies) if args.direct else None
     if floor:
         log(f"direct Upscaler.run: p50 {floor['latency']['p50_ms']:.0f} ms over {floor['latency']['n']} crops")
-    ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address=HOST, logging_level=logging.ERROR,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        _node_ip_address=HOST,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     try:
         results = [run_mode(args, mode == "on", bodies) for mode in modes]
     finally:
@@ -245,10 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": ["python", "-m", "benchmarks.cluster_serve", *(argv if argv is not None else sys.argv[1:])],
         "host": host | {"load_average_at_end": load_average()},
         "versions": versions() | {"ray": ray.__version__},
-        "settings": {"requests": args.requests, "sizes": args.sizes, "clients": args.clients,
-                     "images": [str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
-                                for path in args.images],
-                     "seed": args.seed, "cpus": args.cpus, "temperature": 0.0},
+        "settings": {
+            "requests": args.requests,
+            "sizes": args.sizes,
+            "clients": args.clients,
+            "images": [str(path.relative_to(REPO) if path.is_relative_to(REPO) else path) for path in args.images],
+            "seed": args.seed,
+            "cpus": args.cpus,
+            "temperature": 0.0,
+        },
         "direct": floor,
         "modes": results,
     }

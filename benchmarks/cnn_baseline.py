@@ -35,9 +35,12 @@ class PlainCNN(nn.Module):
         super().__init__()
         self.scale = scale
         self.body = nn.Sequential(
-            nn.Conv2d(3, 64, 5, padding=2), nn.GELU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.GELU(),
-            nn.Conv2d(64, 32, 3, padding=1), nn.GELU(),
+            nn.Conv2d(3, 64, 5, padding=2),
+            nn.GELU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, 32, 3, padding=1),
+            nn.GELU(),
             nn.Conv2d(32, 3 * scale * scale, 3, padding=1),
         )
         last = self.body[-1]

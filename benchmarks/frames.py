@@ -88,8 +88,9 @@ def whole_frame_rounds(
     from sr_runtime import RunStats, Upscaler
 
     h, w = img.shape[:2]
-    with Upscaler(model_dir, backend=backend, precision=args.precision, temperature=args.temperature,
-                  prefer_nhwc=args.nhwc) as up:
+    with Upscaler(
+        model_dir, backend=backend, precision=args.precision, temperature=args.temperature, prefer_nhwc=args.nhwc
+    ) as up:
         result["backend"], result["precision_used"] = up.backend, up.precision
         log(f"model call alone and Upscaler.run whole frame, {w}x{h} LR, interleaved ({args.iters} rounds) ...")
         stats = RunStats()
@@ -102,8 +103,9 @@ def whole_frame_rounds(
                 pass
 
         # Round-robin so the load drift of a shared machine hits all alike; CPU seconds drift less still.
-        return measure_interleaved([(model, host_timer), (whole, host_timer), (stream, host_timer)], args.iters,
-                                   budget_s=1e9)
+        return measure_interleaved(
+            [(model, host_timer), (whole, host_timer), (stream, host_timer)], args.iters, budget_s=1e9
+        )
 
 
 def torch_cuda_graph_seconds(manifest: dict[str, Any], lr_hw: tuple[int, int], iters: int) -> dict[str, Any]:
@@ -131,8 +133,11 @@ def torch_cuda_graph_seconds(manifest: dict[str, Any], lr_hw: tuple[int, int], i
 
     torch.cuda.reset_peak_memory_stats()
     samples = timed(replay, iters)
-    return {"p50_ms": 1e3 * statistics.median(samples), "min_ms": 1e3 * min(samples),
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {
+        "p50_ms": 1e3 * statistics.median(samples),
+        "min_ms": 1e3 * min(samples),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,38 +149,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     img = (np.random.default_rng(1).random((h, w, 3)) * 255).astype(np.uint8)
     backend = "cpu" if args.device == "cpu" else "cuda"
     result: dict[str, Any] = {
-        "schema": "vdvae-sr-frames/1", "model": manifest["name"], "model_config": manifest["model_config"]["name"],
-        "random_weights": bool(manifest["checkpoint"].get("random_weights")), "device": args.device,
-        "lr": [w, h], "hr": [4 * w, 4 * h], "temperature": args.temperature, "precision": args.precision,
+        "schema": "vdvae-sr-frames/1",
+        "model": manifest["name"],
+        "model_config": manifest["model_config"]["name"],
+        "random_weights": bool(manifest["checkpoint"].get("random_weights")),
+        "device": args.device,
+        "lr": [w, h],
+        "hr": [4 * w, 4 * h],
+        "temperature": args.temperature,
+        "precision": args.precision,
         "command": "python -m benchmarks.frames " + " ".join(sys.argv[1:]),
-        "host": host_info(), "versions": versions(), "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": host_info(),
+        "versions": versions(),
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     # In a function of its own: its Upscaler (session, memory arena) is gone before the tiled run's.
     (model_s, whole_s, stream_s), (model_cpu, whole_cpu, stream_cpu) = whole_frame_rounds(
-        model_dir, backend, args, img, result)
-    with Upscaler(model_dir, backend=backend, precision=args.precision, temperature=args.temperature,
-                  frame_pixels=args.tiled_pixels, prefer_nhwc=args.nhwc) as tiled:
+        model_dir, backend, args, img, result
+    )
+    with Upscaler(
+        model_dir,
+        backend=backend,
+        precision=args.precision,
+        temperature=args.temperature,
+        frame_pixels=args.tiled_pixels,
+        prefer_nhwc=args.nhwc,
+    ) as tiled:
         log(f"Upscaler.run tiled, frame_pixels {args.tiled_pixels} ({args.tiled_iters} iters) ...")
         stats = RunStats()
         tiled.run(img, stats=stats)  # warm-up
         result["tiled_calls_per_image"] = stats.batches
-        (tiled_s,), (tiled_cpu,) = measure_interleaved([(lambda: tiled.run(img), host_timer)], args.tiled_iters,
-                                                       budget_s=1e9)
+        (tiled_s,), (tiled_cpu,) = measure_interleaved(
+            [(lambda: tiled.run(img), host_timer)], args.tiled_iters, budget_s=1e9
+        )
     model_p50, whole_p50 = statistics.median(model_s), statistics.median(whole_s)
-    result.update({
-        "model_s": model_s, "whole_s": whole_s, "tiled_s": tiled_s, "model_cpu_s": model_cpu,
-        "whole_cpu_s": whole_cpu,
-        "whole_over_model_cpu": statistics.median(whole_cpu) / statistics.median(model_cpu),
-        "whole_over_model_paired": statistics.median(a / b for a, b in zip(whole_s, model_s, strict=True)),
-        "model_p50_s": model_p50, "rounds": len(model_s), "whole_p50_s": whole_p50,
-        "tiled_p50_s": statistics.median(tiled_s),
-        "whole_over_model": whole_p50 / model_p50, "tiled_over_whole": statistics.median(tiled_s) / whole_p50,
-        "stream_frames": args.stream, "stream_s": stream_s, "stream_cpu_s": stream_cpu, "tiled_cpu_s": tiled_cpu,
-        "stream_fps": args.stream / statistics.median(stream_s),
-        "stream_over_model_cpu": statistics.median(stream_cpu) / args.stream / statistics.median(model_cpu),
-        "tiled_over_model_cpu": statistics.median(tiled_cpu) / statistics.median(model_cpu),
-        "peak_rss_mb": round(rss_mb()[1]),
-    })
+    result.update(
+        {
+            "model_s": model_s,
+            "whole_s": whole_s,
+            "tiled_s": tiled_s,
+            "model_cpu_s": model_cpu,
+            "whole_cpu_s": whole_cpu,
+            "whole_over_model_cpu": statistics.median(whole_cpu) / statistics.median(model_cpu),
+            "whole_over_model_paired": statistics.median(a / b for a, b in zip(whole_s, model_s, strict=True)),
+            "model_p50_s": model_p50,
+            "rounds": len(model_s),
+            "whole_p50_s": whole_p50,
+            "tiled_p50_s": statistics.median(tiled_s),
+            "whole_over_model": whole_p50 / model_p50,
+            "tiled_over_whole": statistics.median(tiled_s) / whole_p50,
+            "stream_frames": args.stream,
+            "stream_s": stream_s,
+            "stream_cpu_s": stream_cpu,
+            "tiled_cpu_s": tiled_cpu,
+            "stream_fps": args.stream / statistics.median(stream_s),
+            "stream_over_model_cpu": statistics.median(stream_cpu) / args.stream / statistics.median(model_cpu),
+            "tiled_over_model_cpu": statistics.median(tiled_cpu) / statistics.median(model_cpu),
+            "peak_rss_mb": round(rss_mb()[1]),
+        }
+    )
     if args.torch and args.device == "cuda":
         log("PyTorch FP16 channels-last + CUDA graph ...")
         result["torch_cuda_graph"] = torch_cuda_graph_seconds(manifest, (h, w), args.iters)
@@ -206,16 +238,22 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if "torch_cuda_graph" in r:
         t = r["torch_cuda_graph"]
-        lines.append(f"| PyTorch fp16 channels-last + CUDA graph | {t['p50_ms'] / 1e3:.4f} s | 1 | "
-                     f"{t['p50_ms'] / 1e3 / r['model_p50_s']:.2f}x |")
+        lines.append(
+            f"| PyTorch fp16 channels-last + CUDA graph | {t['p50_ms'] / 1e3:.4f} s | 1 | "
+            f"{t['p50_ms'] / 1e3 / r['model_p50_s']:.2f}x |"
+        )
     lines += ["", f"Peak RSS {r['peak_rss_mb']} MB. Raw samples in the JSON beside this page.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.frames", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("/tmp/sr_bench_cache/fc-256-random"),
-                   help="a fully convolutional model directory (exported there with random weights if missing)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path("/tmp/sr_bench_cache/fc-256-random"),
+        help="a fully convolutional model directory (exported there with random weights if missing)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--image", type=parse_size, default=(640, 480), help="LR frame WxH (default 640x480)")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto")
@@ -230,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     result = run(args)
-    name = args.device_name or (result["host"]["gpus"][0] if args.device == "cuda" and result["host"]["gpus"]
-                                else "cpu")
+    name = args.device_name or (
+        result["host"]["gpus"][0] if args.device == "cuda" and result["host"]["gpus"] else "cpu"
+    )
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     stem = f"frames-{slug}-{result['model_config']}-{dt.date.today():%Y%m%d}"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -67,34 +67,59 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: the tiny model, batch 1 and 2, 3 iterations, a 64x48 image")
-    p.add_argument("--models", default=None,
-                   help="comma list: default (shipped, or random small-256 stand-in), tiny, or a preset "
-                        "(random weights). Default: default,paper-256 (--quick: tiny)")
+    p.add_argument(
+        "--quick", action="store_true", help="CI smoke run: the tiny model, batch 1 and 2, 3 iterations, a 64x48 image"
+    )
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma list: default (shipped, or random small-256 stand-in), tiny, or a preset "
+        "(random weights). Default: default,paper-256 (--quick: tiny)",
+    )
     p.add_argument("--batches", type=positive_ints, default=None, help="tile batch sizes (default 1,4; --quick 1,2)")
     p.add_argument("--devices", default=None, help="only backends on these devices (comma list of cpu,cuda)")
-    p.add_argument("--backends", default=None,
-                   help="only these backends (comma list of e.g. pytorch-eager,onnxruntime-cpu,tensorrt)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="only these backends (comma list of e.g. pytorch-eager,onnxruntime-cpu,tensorrt)",
+    )
     p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 30; --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --quick 1)")
-    p.add_argument("--budget-s", type=float, default=60.0,
-                   help="stop a measurement after this many seconds once 2 samples exist (default 60)")
-    p.add_argument("--heavy-gmac", type=float, default=50.0,
-                   help="models costing more GMAC per tile run --heavy-batches only, --heavy-iters, no whole image, "
-                        "no FP16 export (default 50)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=60.0,
+        help="stop a measurement after this many seconds once 2 samples exist (default 60)",
+    )
+    p.add_argument(
+        "--heavy-gmac",
+        type=float,
+        default=50.0,
+        help="models costing more GMAC per tile run --heavy-batches only, --heavy-iters, no whole image, "
+        "no FP16 export (default 50)",
+    )
     p.add_argument("--heavy-iters", type=int, default=3, help="timed calls for heavy models (default 3)")
-    p.add_argument("--heavy-batches", type=positive_ints, default=[1],
-                   help="tile batch sizes for heavy models (default 1)")
-    p.add_argument("--image", type=_sizes, default=None,
-                   help="whole-image LR sizes WxH, comma-separated (default 640x480)")
+    p.add_argument(
+        "--heavy-batches", type=positive_ints, default=[1], help="tile batch sizes for heavy models (default 1)"
+    )
+    p.add_argument(
+        "--image", type=_sizes, default=None, help="whole-image LR sizes WxH, comma-separated (default 640x480)"
+    )
     p.add_argument("--image-iters", type=int, default=None, help="timed whole-image runs (default 3; --quick 2)")
-    p.add_argument("--image-batches", type=positive_ints, default=None,
-                   help="Upscaler batch sizes for the whole image (default: the largest of --batches)")
+    p.add_argument(
+        "--image-batches",
+        type=positive_ints,
+        default=None,
+        help="Upscaler batch sizes for the whole image (default: the largest of --batches)",
+    )
     p.add_argument("--no-image", action="store_true", help="skip the whole-image measurement")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                   help=f"where random-weights exports are kept (default {DEFAULT_CACHE})")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"where random-weights exports are kept (default {DEFAULT_CACHE})",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -159,18 +184,26 @@ def prepare(target: Target, model: BenchModel, batch: int, warmup: int, seed: in
         "peak_rss_mb": rss_peak,
         "rss_before_mb": rss_before,
         "added_rss_mb": None if rss_before is None or not reset_ok else rss_peak - rss_before,
-        "rss_scope": "creation + warm-up of this backend (VmHWM reset before it)" if reset_ok
+        "rss_scope": "creation + warm-up of this backend (VmHWM reset before it)"
+        if reset_ok
         else "process lifetime peak",
     }
     if torch_gpu:
         memory["gpu"] = gpu_memory_mb() | {
-            "torch_added_peak_mb": (torch.cuda.max_memory_allocated() - allocated_before) / 2**20}
+            "torch_added_peak_mb": (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
+        }
     return runner, memory
 
 
 def tile_row(
-    target: Target, model: BenchModel, batch: int, samples: list[float], cpu: list[float], memory: dict[str, Any],
-    notes: list[str], peaks: dict[str, Any],
+    target: Target,
+    model: BenchModel,
+    batch: int,
+    samples: list[float],
+    cpu: list[float],
+    memory: dict[str, Any],
+    notes: list[str],
+    peaks: dict[str, Any],
 ) -> dict[str, Any]:
     """One per-tile result row from its timings (wall or device time, and process CPU time)."""
     lat = summarize(samples)
@@ -202,8 +235,14 @@ def tile_row(
 
 
 def tile_rows(
-    targets: list[Target], model: BenchModel, batch: int, warmup: int, iters: int, args: argparse.Namespace,
-    peaks: dict[str, Any], skipped: list[dict[str, str]],
+    targets: list[Target],
+    model: BenchModel,
+    batch: int,
+    warmup: int,
+    iters: int,
+    args: argparse.Namespace,
+    peaks: dict[str, Any],
+    skipped: list[dict[str, str]],
 ) -> list[dict[str, Any]]:
     """All targets at one batch size, timed round-robin so that load changes hit every backend alike."""
     prepared: list[tuple[Target, Runner, dict[str, Any]]] = []
@@ -218,8 +257,9 @@ def tile_rows(
                 continue
             prepared.append((target, runner, memory))
         log(f"[{model.key}] batch {batch}: timing {len(prepared)} backends round-robin, up to {iters} rounds ...")
-        samples, cpu = measure_interleaved([(r.call, r.timer) for _, r, _ in prepared], iters,
-                                           args.budget_s * len(prepared))
+        samples, cpu = measure_interleaved(
+            [(r.call, r.timer) for _, r, _ in prepared], iters, args.budget_s * len(prepared)
+        )
     finally:
         for _, runner, _ in prepared:
             runner.close()
@@ -266,8 +306,14 @@ def image_row(
     reset_ok = reset_peak_rss()
     t_load = time.perf_counter()
     try:
-        up = Upscaler(model.model_dir, backend=target.backend, precision=target.precision, batch_size=batch,
-                      seed=args.seed, tile_overlap=min(DEFAULT_TILE_OVERLAP, model.config.lr_size // 8))
+        up = Upscaler(
+            model.model_dir,
+            backend=target.backend,
+            precision=target.precision,
+            batch_size=batch,
+            seed=args.seed,
+            tile_overlap=min(DEFAULT_TILE_OVERLAP, model.config.lr_size // 8),
+        )
     except (BackendUnavailable, SRModelError, ImportError, ValueError) as exc:
         raise Unavailable(str(exc).splitlines()[0]) from exc
     load_s = time.perf_counter() - t_load
@@ -337,9 +383,14 @@ def run_model(
         rows += tile_rows(targets, model, batch, warmup, iters, args, peaks, skipped)
     add_speedups(rows)
     if heavy:
-        skipped.append({"backend": "all", "what": "image",
-                        "reason": f"{model.gmac_per_tile:.0f} GMAC/tile > --heavy-gmac {args.heavy_gmac:g}: "
-                                  "a whole image is ~100 tiles, too long for this device"})
+        skipped.append(
+            {
+                "backend": "all",
+                "what": "image",
+                "reason": f"{model.gmac_per_tile:.0f} GMAC/tile > --heavy-gmac {args.heavy_gmac:g}: "
+                "a whole image is ~100 tiles, too long for this device",
+            }
+        )
     elif not args.no_image:
         ran = {(r["backend"], r["precision"], r["device_type"]) for r in rows}
         for size in args.image:
@@ -354,9 +405,14 @@ def run_model(
                         log(f"  skipped: {exc}")
                         break
     if not heavy and not args.no_image:
-        skipped.append({"backend": "pytorch-*", "what": "image",
-                        "reason": "no whole-image path: Upscaler runs the exported model only; other backends "
-                                  "not measured per tile are not tried on whole images either"})
+        skipped.append(
+            {
+                "backend": "pytorch-*",
+                "what": "image",
+                "reason": "no whole-image path: Upscaler runs the exported model only; other backends "
+                "not measured per tile are not tried on whole images either",
+            }
+        )
     return {"model": model.describe() | {"parity_vs_pytorch": par}, "rows": rows, "skipped": merge_skipped(skipped)}
 
 
@@ -393,8 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.devices is not None and not args.devices <= set(DEVICES):
         parser.error(f"--devices: {', '.join(sorted(args.devices - set(DEVICES)))} is not one of {', '.join(DEVICES)}")
     cuda = torch.cuda.is_available()
-    wanted = [t for t in all_targets(cuda) if (args.backends is None or t.backend in args.backends)
-              and (args.devices is None or t.device in args.devices)]
+    wanted = [
+        t
+        for t in all_targets(cuda)
+        if (args.backends is None or t.backend in args.backends) and (args.devices is None or t.device in args.devices)
+    ]
     targets = wanted if gpu_present(cuda) else [t for t in wanted if t.device != "cuda"]
     if not targets:
         why = "no CUDA GPU here (torch sees none, no /dev/nvidia*)" if wanted else "no backend matches"
@@ -402,8 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = dt.datetime.now(dt.timezone.utc)
     host, vers = host_info(), versions()
-    log(f"host: {host['cpu']}, {host['usable_cpus']} usable cores, load {host['load_average_at_start']}, "
-        f"GPUs {host['gpus'] or 'none'}")
+    log(
+        f"host: {host['cpu']}, {host['usable_cpus']} usable cores, load {host['load_average_at_start']}, "
+        f"GPUs {host['gpus'] or 'none'}"
+    )
     peaks = measure_peaks(cuda, args.quick)
     log("peaks: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in peaks.items()))
     written: list[Path] = []
@@ -422,12 +483,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "host": host | {"load_average_at_end": load_average()},
             "versions": vers,
             "peaks": peaks,
-            "settings": {"batches": args.batches, "iters": args.iters, "warmup": args.warmup,
-                         "budget_s": args.budget_s, "heavy_gmac": args.heavy_gmac, "heavy_iters": args.heavy_iters,
-                         "heavy_batches": args.heavy_batches,
-                         "image": [list(size) for size in args.image], "image_iters": args.image_iters,
-                         "image_batches": args.image_batches, "temperature": 0.0,
-                         "seed": args.seed},
+            "settings": {
+                "batches": args.batches,
+                "iters": args.iters,
+                "warmup": args.warmup,
+                "budget_s": args.budget_s,
+                "heavy_gmac": args.heavy_gmac,
+                "heavy_iters": args.heavy_iters,
+                "heavy_batches": args.heavy_batches,
+                "image": [list(size) for size in args.image],
+                "image_iters": args.image_iters,
+                "image_batches": args.image_batches,
+                "temperature": 0.0,
+                "seed": args.seed,
+            },
             **body,
         }
         primary = "cuda" if cuda else "cpu"

@@ -76,7 +76,8 @@ class BenchModel:
             "gmac_per_tile": self.gmac_per_tile,
             "model_dir": str(self.model_dir),
             "generation_params": sum(
-                p.numel() for n, p in self.module.named_parameters()
+                p.numel()
+                for n, p in self.module.named_parameters()
                 if not n.startswith("hr_encoder.") and ".posterior." not in n
             ),
         }
@@ -86,9 +87,16 @@ def tiny_config() -> VDVAESRConfig:
     """A valid VDVAE-SR small enough to export and run in seconds (smoke tests only)."""
     return dataclasses.replace(
         preset(DEFAULT_PRESET),
-        name="tiny-64", hr_size=64, lr_size=16, width=16, custom_width_str="",
-        enc_blocks="64d4,16d4,4d4,1x1", dec_blocks="1x1,4m1,16m4,32m16,64m32",
-        lr_enc_blocks="16d4,4d4,1x1", zdim=4, num_mixtures=2,
+        name="tiny-64",
+        hr_size=64,
+        lr_size=16,
+        width=16,
+        custom_width_str="",
+        enc_blocks="64d4,16d4,4d4,1x1",
+        dec_blocks="1x1,4m1,16m4,32m16,64m32",
+        lr_enc_blocks="16d4,4d4,1x1",
+        zdim=4,
+        num_mixtures=2,
     )
 
 
@@ -107,9 +115,7 @@ def _cached(out: Path, config: VDVAESRConfig, seed: int, fp16: bool) -> bool:
     )
 
 
-def random_model(
-    config: VDVAESRConfig, key: str, cache: Path, seed: int, fp16_max_gmac: float, log: Log
-) -> BenchModel:
+def random_model(config: VDVAESRConfig, key: str, cache: Path, seed: int, fp16_max_gmac: float, log: Log) -> BenchModel:
     """Random weights from ``seed``, exported with sr_export unless the cache already has them.
 
     The FP16 graph is made only for models up to ``fp16_max_gmac`` per tile:
@@ -141,16 +147,20 @@ def shipped_model(cache: Path, seed: int, fp16_max_gmac: float, log: Log) -> Ben
     """The shipped default with its trained weights, or the clearly labelled random stand-in."""
     manifest_path, ckpt = SHIPPED_DIR / "manifest.json", SHIPPED_CHECKPOINT
     if not (manifest_path.is_file() and (ckpt / "config.json").is_file()):
-        log(f"no shipped model at {SHIPPED_DIR} with its checkpoint {ckpt}: "
-            f"using a random-weights {DEFAULT_PRESET} stand-in")
+        log(
+            f"no shipped model at {SHIPPED_DIR} with its checkpoint {ckpt}: "
+            f"using a random-weights {DEFAULT_PRESET} stand-in"
+        )
         return random_model(preset(DEFAULT_PRESET), "default", cache, seed, fp16_max_gmac, log)
     from sr_train.checkpoint import load_checkpoint
 
     module, meta = load_checkpoint(ckpt)
     shipped = json.loads(manifest_path.read_text()).get("checkpoint", {})
     if shipped.get("weights_sha256") != meta.get("weights_sha256"):
-        raise ValueError(f"{SHIPPED_DIR}: the ONNX files were exported from other weights than {ckpt} "
-                         "(manifest checkpoint.weights_sha256 differs); re-run sr-export --res 256")
+        raise ValueError(
+            f"{SHIPPED_DIR}: the ONNX files were exported from other weights than {ckpt} "
+            "(manifest checkpoint.weights_sha256 differs); re-run sr-export --res 256"
+        )
     return BenchModel(
         key="default",
         weights=f"trained ({meta.get('weights', '?')}, step {meta.get('step', '?')})",
@@ -192,6 +202,8 @@ def parity(model: BenchModel, seed: int = 0) -> dict[str, float]:
     err = np.abs(ort_out - ref)
     result = {"max_abs_err": float(err.max()), "fraction_over_1e-3": float((err > PARITY_ABS).mean())}
     if result["fraction_over_1e-3"] > PARITY_MAX_FRACTION:
-        raise ValueError(f"{model.model_dir}: ONNX Runtime and PyTorch disagree ({result}); they do not hold "
-                         "the same weights (delete the export cache, or re-export)")
+        raise ValueError(
+            f"{model.model_dir}: ONNX Runtime and PyTorch disagree ({result}); they do not hold "
+            "the same weights (delete the export cache, or re-export)"
+        )
     return result

@@ -71,8 +71,12 @@ def timed(fn: SampleFn, clock: list[float]) -> SampleFn:
 
 
 def method_rows(
-    name: str, device: str, make: Callable[[], SampleFn], images: dict[str, np.ndarray],
-    temperatures: Sequence[float] | None, seed: int,
+    name: str,
+    device: str,
+    make: Callable[[], SampleFn],
+    images: dict[str, np.ndarray],
+    temperatures: Sequence[float] | None,
+    seed: int,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate one method (at each temperature, None = deterministic); its rows and bicubic on the same crops."""
     clock = [0.0]
@@ -84,16 +88,18 @@ def method_rows(
         res = evaluate_model(fn, images, HR_SIZE, [t], seed)
         bicubic = res["bicubic"]
         row = res["model"][0]
-        rows.append({
-            "method": name,
-            "device": device,
-            "temperature": None if temperatures is None else row["temperature"],
-            "psnr_y": row["psnr_y"],
-            "ssim_y": row["ssim_y"],
-            "delta_psnr_vs_bicubic": row["psnr_y"] - bicubic["psnr_y"],
-            "seconds_per_image": clock[0] / len(images),
-            "per_image": row["per_image"],
-        })
+        rows.append(
+            {
+                "method": name,
+                "device": device,
+                "temperature": None if temperatures is None else row["temperature"],
+                "psnr_y": row["psnr_y"],
+                "ssim_y": row["ssim_y"],
+                "delta_psnr_vs_bicubic": row["psnr_y"] - bicubic["psnr_y"],
+                "seconds_per_image": clock[0] / len(images),
+                "per_image": row["per_image"],
+            }
+        )
     return rows, bicubic
 
 
@@ -137,8 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"test photos (default {DEFAULT_IMAGES})")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--model-dir", type=Path, default=SHIPPED_DIR,
-                   help="VDVAE-SR model directory (default: the shipped one); used only with trained weights")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=SHIPPED_DIR,
+        help="VDVAE-SR model directory (default: the shipped one); used only with trained weights",
+    )
     p.add_argument("--temperatures", type=_floats, default=[0.0, 0.2], help="VDVAE-SR temperatures (default 0,0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -162,8 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, _ = method_rows(name, cpu, lambda: fn, images, args.temperatures, args.seed)
         methods += rows
     else:
-        skipped.append({"method": "VDVAE-SR", "reason": f"no trained model at {args.model_dir} "
-                        "(random weights say nothing about quality)"})
+        skipped.append(
+            {
+                "method": "VDVAE-SR",
+                "reason": f"no trained model at {args.model_dir} (random weights say nothing about quality)",
+            }
+        )
 
     try:
         srmd = SrmdNcnn(threads=usable_cpus())

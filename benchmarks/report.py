@@ -46,8 +46,10 @@ def _versions(v: dict[str, Any]) -> str:
 
 def tile_table(rows: list[dict[str, Any]]) -> str:
     """One line per backend x batch: latency percentiles, throughput, FLOP/s, memory, speed-up."""
-    head = ("| device | backend | precision | batch | n | p50 ms | p90 ms | p99 ms | CPU ms p50 | ms/tile "
-            "| out MP/s | GFLOP/s | % of peak | vs PyTorch FP32 | +RSS MiB | peak RSS MiB |")
+    head = (
+        "| device | backend | precision | batch | n | p50 ms | p90 ms | p99 ms | CPU ms p50 | ms/tile "
+        "| out MP/s | GFLOP/s | % of peak | vs PyTorch FP32 | +RSS MiB | peak RSS MiB |"
+    )
     lines = [head, "|" + "---|" * 16]
     for r in rows:
         lat = r["latency"]
@@ -66,8 +68,10 @@ def tile_table(rows: list[dict[str, Any]]) -> str:
 
 def image_table(rows: list[dict[str, Any]]) -> str:
     """One line per runtime backend x batch: whole-image wall time and the share outside the backend."""
-    head = ("| device | backend | precision | resolution | batch | tiles | load s | first s | n | p50 s | p90 s "
-            "| out MP/s | outside backend | peak RSS MiB |")
+    head = (
+        "| device | backend | precision | resolution | batch | tiles | load s | first s | n | p50 s | p90 s "
+        "| out MP/s | outside backend | peak RSS MiB |"
+    )
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         lat = r["latency"]
@@ -102,22 +106,33 @@ def latency_markdown(result: dict[str, Any]) -> str:
         f"- ONNX Runtime vs PyTorch on one tile (same weights check): {m['parity_vs_pytorch']}",
     ]
     for name, p in result["peaks"].items():
-        out.append(f"- measured peak {name}: {p['gflops']:.1f} GFLOP/s "
-                   f"(median {p['gflops_median']:.1f}; {p['method']})")
+        out.append(
+            f"- measured peak {name}: {p['gflops']:.1f} GFLOP/s (median {p['gflops_median']:.1f}; {p['method']})"
+        )
     out += ["", "## Per tile", "", tile_table(tiles) if tiles else "(no backend ran)", ""]
-    out.append("CPU ms = process CPU time per call, all threads (less sensitive to other jobs than wall time; "
-               "counts spin-waiting threads); ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; "
-               "GFLOP/s = 2 x GMAC x batch / p50; % of peak against the measured peak above "
-               "(CPU rows against the fp32 peak); +RSS = resident memory the backend's creation and warm-up added "
-               "(PyTorch rows: the module already existed, so "
-               "activations only; memory an earlier step freed and this one reused shows as 0); peak RSS = the "
-               "whole process then, including models measured earlier in the same run. Backends were timed round-robin "
-               "(interleaved), so load changes during the run hit all of them alike.")
+    out.append(
+        "CPU ms = process CPU time per call, all threads (less sensitive to other jobs than wall time; "
+        "counts spin-waiting threads); ms/tile = p50 / batch; out MP/s = output megapixels per second at p50; "
+        "GFLOP/s = 2 x GMAC x batch / p50; % of peak against the measured peak above "
+        "(CPU rows against the fp32 peak); +RSS = resident memory the backend's creation and warm-up added "
+        "(PyTorch rows: the module already existed, so "
+        "activations only; memory an earlier step freed and this one reused shows as 0); peak RSS = the "
+        "whole process then, including models measured earlier in the same run. Backends were timed round-robin "
+        "(interleaved), so load changes during the run hit all of them alike."
+    )
     if images:
-        out += ["", "## Whole image through `Upscaler`", "", image_table(images), "",
-                ("load s = Upscaler() (a GPU backend's per-shape warm-up included); first s = the first image "
-                 "after load, outside the steady-state p50/p90; outside backend = 1 - (time inside backend.run) / "
-                 "wall time: tiling, blending, conversions.")]
+        out += [
+            "",
+            "## Whole image through `Upscaler`",
+            "",
+            image_table(images),
+            "",
+            (
+                "load s = Upscaler() (a GPU backend's per-shape warm-up included); first s = the first image "
+                "after load, outside the steady-state p50/p90; outside backend = 1 - (time inside backend.run) / "
+                "wall time: tiling, blending, conversions."
+            ),
+        ]
     notes = sorted({n for r in result["rows"] for n in r["notes"]})
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]

@@ -159,5 +159,7 @@ def make_runner(target: Target, model: BenchModel, batch: int, seed: int = 0) ->
 def gpu_memory_mb() -> dict[str, Any]:
     """Device memory in use (all processes) and torch's own peak allocation, in MiB."""
     free, total = torch.cuda.mem_get_info()
-    return {"device_used_mb": (total - free) / 2**20,
-            "torch_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {
+        "device_used_mb": (total - free) / 2**20,
+        "torch_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+    }

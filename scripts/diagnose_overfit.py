@@ -43,8 +43,13 @@ def main() -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default="small-256")
     src.add_argument("--checkpoint")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a preset field (ints and strings), e.g. head_statistic=mode")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset field (ints and strings), e.g. head_statistic=mode",
+    )
     parser.add_argument("--objective", choices=["elbo", "skip"], default="elbo")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=25)
@@ -71,8 +76,9 @@ def main() -> None:
     groups = {
         "hr_encoder": list(model.hr_encoder.parameters()),
         "lr_encoder": list(model.lr_encoder.parameters()),
-        "decoder": [p for n, p in model.decoder.named_parameters()
-                    if not n.startswith("out_conv") and "lr_gate" not in n],
+        "decoder": [
+            p for n, p in model.decoder.named_parameters() if not n.startswith("out_conv") and "lr_gate" not in n
+        ],
         "gates": [p for n, p in model.decoder.named_parameters() if "lr_gate" in n],
         "head": list(model.decoder.out_conv.parameters()),
     }

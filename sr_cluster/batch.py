@@ -91,8 +91,9 @@ class Placement:
         return f"{self.workers} Ray worker{'s' if self.workers > 1 else ''}, {each} each"
 
 
-def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested: int | None,
-                   free: dict[str, float] | None = None) -> Placement:
+def plan_placement(
+    cluster: dict[str, float], node_cpus: list[float], requested: int | None, free: dict[str, float] | None = None
+) -> Placement:
     """One worker per free GPU where the cluster has GPUs; else one per free CPU, each with one intra-op thread.
 
     On CPUs, per-image parallelism beats intra-op threads for many small files (no
@@ -107,13 +108,13 @@ def plan_placement(cluster: dict[str, float], node_cpus: list[float], requested:
     if gpus:
         workers = requested or free_gpus
         if not 1 <= workers <= free_gpus:
-            raise UsageError(f"--workers {workers}: the Ray cluster has {gpus} GPUs, {free_gpus} free, "
-                             "one per worker")
+            raise UsageError(f"--workers {workers}: the Ray cluster has {gpus} GPUs, {free_gpus} free, one per worker")
         return Placement(workers, num_gpus=1, num_cpus=1 if free_cpus >= workers else 0, cpu_threads=None)
     workers = requested or free_cpus
     if not 1 <= workers <= free_cpus:
-        raise UsageError(f"--workers {workers}: the Ray cluster has {cpus} CPUs, {free_cpus} free, "
-                         "at least one per worker")
+        raise UsageError(
+            f"--workers {workers}: the Ray cluster has {cpus} CPUs, {free_cpus} free, at least one per worker"
+        )
     share = max(1, min(free_cpus // workers, int(max(node_cpus, default=1))))
     return Placement(workers, num_gpus=0, num_cpus=share, cpu_threads=share)
 
@@ -191,8 +192,11 @@ class UpscaleWorker:
         if result.notes is None:
             return FileResult(failure=None if result.failure is None else job.as_given(result.failure))
         notes = result.notes
-        return FileResult(notes=FileNotes([job.as_given(w) for w in notes.warnings],
-                                          None if notes.timing is None else job.as_given(notes.timing)))
+        return FileResult(
+            notes=FileNotes(
+                [job.as_given(w) for w in notes.warnings], None if notes.timing is None else job.as_given(notes.timing)
+            )
+        )
 
 
 @dataclass
@@ -248,9 +252,13 @@ class WorkerPool:
         remote = ray.remote(UpscaleWorker)
         run_id = uuid.uuid4().hex[:8]  # named, so an operator (or a fault test) can find and kill one
         self.actors: list[Any] = [
-            remote.options(name=f"sr-upscale-{run_id}-{i}", num_cpus=placement.num_cpus,
-                           num_gpus=placement.num_gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
-            .remote(options, placement.cpu_threads)
+            remote.options(
+                name=f"sr-upscale-{run_id}-{i}",
+                num_cpus=placement.num_cpus,
+                num_gpus=placement.num_gpus,
+                max_restarts=MAX_ATTEMPTS,
+                max_task_retries=0,
+            ).remote(options, placement.cpu_threads)
             for i in range(placement.workers)
         ]
         self._in_flight: dict[Any, tuple[int, FileJob]] = {}  # ObjectRef -> (actor index, job)
@@ -269,8 +277,10 @@ class WorkerPool:
         refs = [actor.info.remote() for actor in self.actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
         if len(ready) < len(refs):
-            raise UsageError(f"only {len(ready)} of {len(refs)} Ray workers started within {START_TIMEOUT_S:.0f} s "
-                             "(the cluster is busy or lacks the resources)")
+            raise UsageError(
+                f"only {len(ready)} of {len(refs)} Ray workers started within {START_TIMEOUT_S:.0f} s "
+                "(the cluster is busy or lacks the resources)"
+            )
         infos: list[WorkerInfo] = ray.get(refs)
         return infos
 
@@ -382,8 +392,10 @@ def run(batch: BatchJob) -> int:
     options = batch.options
     jobs = plan_jobs(batch.sources, options, summary)
     if summary.skipped:
-        print(f"sr-upscale: {summary.skipped} of {len(batch.sources)} files already done (their outputs exist), "
-              "skipped", file=sys.stderr)
+        print(
+            f"sr-upscale: {summary.skipped} of {len(batch.sources)} files already done (their outputs exist), skipped",
+            file=sys.stderr,
+        )
     if not jobs:
         return final_status(summary.failure_lines(), 0)
     try:
@@ -429,8 +441,11 @@ def _run_pool(options: UpscaleOptions, workers: int | None, jobs: list[FileJob],
             placement = plan_placement(ray.cluster_resources(), nodes, workers, free=free_resources())
             with WorkerPool(options, placement) as pool:
                 first = _check_workers(pool.start(), options.samples)
-                print(f"sr-upscale: model {first.model}, backend {first.backend} ({first.precision}) on "
-                      f"{placement.describe()}", file=sys.stderr)
+                print(
+                    f"sr-upscale: model {first.model}, backend {first.backend} ({first.precision}) on "
+                    f"{placement.describe()}",
+                    file=sys.stderr,
+                )
                 with tqdm(total=len(jobs), desc="files", unit="file", disable=options.quiet or None) as bar:
                     pool.run(deque(jobs), summary, bar)
     except UsageError as exc:
@@ -440,9 +455,12 @@ def _run_pool(options: UpscaleOptions, workers: int | None, jobs: list[FileJob],
         status = 130
     except SystemExit as exc:  # SIGTERM; or Ray ending its driver (code 1) as a signalled cluster goes down
         status = 143 if terminated.is_set() or not isinstance(exc.code, int) else exc.code
-    print(f"sr-upscale: {summary.done} done, {summary.skipped} skipped as already done, "
-          f"{len(summary.failures)} failed, {summary.resubmitted} resubmitted after a worker died "
-          f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    print(
+        f"sr-upscale: {summary.done} done, {summary.skipped} skipped as already done, "
+        f"{len(summary.failures)} failed, {summary.resubmitted} resubmitted after a worker died "
+        f"({time.perf_counter() - started:.1f} s)",
+        file=sys.stderr,
+    )
     return final_status(summary.failure_lines(), status)
 
 

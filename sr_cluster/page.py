@@ -26,16 +26,18 @@ def _hashes(html: str, tag: str) -> str:
 
 
 def content_security_policy(html: str) -> str:
-    return "; ".join([
-        "default-src 'none'",
-        f"script-src {_hashes(html, 'script')}",
-        f"style-src {_hashes(html, 'style')}",
-        "img-src blob: data:",
-        "connect-src 'self'",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    ])
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {_hashes(html, 'script')}",
+            f"style-src {_hashes(html, 'style')}",
+            "img-src blob: data:",
+            "connect-src 'self'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
 
 
 @lru_cache(maxsize=1)

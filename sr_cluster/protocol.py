@@ -73,8 +73,9 @@ def parse_params(items: Sequence[tuple[str, str]]) -> UpscaleParams:
         except ValueError:
             temperature = math.nan
         if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses NaN
-            raise HTTPError(400, f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], "
-                                 f"got {quoted(seen['temperature'])}")
+            raise HTTPError(
+                400, f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {quoted(seen['temperature'])}"
+            )
     seed = 0
     if "seed" in seen:
         text = seen["seed"]
@@ -98,8 +99,11 @@ def decode_body(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         with Image.open(io.BytesIO(data), formats=tuple(INPUT_FORMATS)) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise HTTPError(413, f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over this "
-                                     f"service's limit of {max_pixels / 1e6:.1f} MP")
+                raise HTTPError(
+                    413,
+                    f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over this "
+                    f"service's limit of {max_pixels / 1e6:.1f} MP",
+                )
             img.load()
             # A multi-picture JPEG (MPO, as phones write) is its first picture, a JPEG: answered as one.
             return img, "jpeg" if img.format == "MPO" else str(img.format).lower()
@@ -143,8 +147,9 @@ async def read_body(request: Request, limits: UploadLimits) -> bytes:
         if not declared.isascii() or not declared.isdigit():
             raise HTTPError(400, f"bad Content-Length {quoted(declared)}")
         if len(declared) > 18 or int(declared) > limits.max_bytes:
-            raise HTTPError(413, f"body of {declared[:40]} bytes is over this service's limit of "
-                                 f"{limits.max_bytes} bytes")
+            raise HTTPError(
+                413, f"body of {declared[:40]} bytes is over this service's limit of {limits.max_bytes} bytes"
+            )
     loop = asyncio.get_running_loop()
     start = loop.time()
     body = bytearray()
@@ -164,8 +169,9 @@ async def read_body(request: Request, limits: UploadLimits) -> bytes:
                 reason = f"body not received within {limits.timeout_s:g} s"
             else:
                 reason = f"body arriving slower than {limits.min_bytes_per_s:g} bytes/s"
-            raise HTTPError(408, f"{reason} ({len(body)} bytes in {loop.time() - start:.1f} s)",
-                            {"Connection": "close"}) from None
+            raise HTTPError(
+                408, f"{reason} ({len(body)} bytes in {loop.time() - start:.1f} s)", {"Connection": "close"}
+            ) from None
         except ClientDisconnect:
             raise HTTPError(400, "the client closed the connection before the body was in") from None
         body += chunk

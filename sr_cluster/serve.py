@@ -195,8 +195,7 @@ class ServiceOptions:
 
     @property
     def upload_limits(self) -> UploadLimits:
-        return UploadLimits(self.max_body_bytes, self.body_timeout_s, self.min_upload_bytes_per_s,
-                            self.upload_grace_s)
+        return UploadLimits(self.max_body_bytes, self.body_timeout_s, self.min_upload_bytes_per_s, self.upload_grace_s)
 
 
 @dataclass(frozen=True)
@@ -225,11 +224,13 @@ class Scaling:
         for name, count in counts.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {count!r}")
-        for name, value in (("target_ongoing_requests", self.target_ongoing_requests),
-                            ("gpus_per_replica", self.gpus_per_replica or 0.0),
-                            ("cpus_per_replica", self.cpus_per_replica),
-                            ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s),
-                            ("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)):
+        for name, value in (
+            ("target_ongoing_requests", self.target_ongoing_requests),
+            ("gpus_per_replica", self.gpus_per_replica or 0.0),
+            ("cpus_per_replica", self.cpus_per_replica),
+            ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s),
+            ("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s),
+        ):
             if not math.isfinite(value) or value < 0 or (name == "target_ongoing_requests" and value == 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (> 0 for the target), got {value!r}")
 
@@ -249,10 +250,12 @@ class Scaling:
             low = 1 if self.min_replicas is None else self.min_replicas
             high = max(low, 1) if self.max_replicas is None else self.max_replicas
             if not 0 <= low <= high or high < 1:
-                raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
-                                 f"got {low}..{high}")
-            options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
-                                             "target_ongoing_requests": self.target_ongoing_requests}
+                raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {low}..{high}")
+            options["autoscaling_config"] = {
+                "min_replicas": low,
+                "max_replicas": high,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
         return options
 
 
@@ -298,24 +301,32 @@ class UpscaleService:
     and the counts stay true.
     """
 
-    def __init__(self, model: str, backend: str, precision: str, options: ServiceOptions,
-                 max_ongoing: int = DEFAULT_MAX_ONGOING_REQUESTS, drain_control: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        backend: str,
+        precision: str,
+        options: ServiceOptions,
+        max_ongoing: int = DEFAULT_MAX_ONGOING_REQUESTS,
+        drain_control: str | None = None,
+    ) -> None:
         self._max_held = max_ongoing + options.max_queued_requests
         self._draining = False
         make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels)
         self._options = options
         self._deterministic = make()
-        self._samplers = SamplerCache(lambda temperature, seed: make(temperature=temperature, seed=seed),
-                                      options.sampler_cache)
+        self._samplers = SamplerCache(
+            lambda temperature, seed: make(temperature=temperature, seed=seed), options.sampler_cache
+        )
         self._requests = asyncio.Semaphore(max_ongoing)  # requests with their body in: queued or running
         # Runs at once per replica: bounds peak memory (about 31 bytes per output pixel each).
         self._runs = asyncio.Semaphore(options.concurrent_runs)
         self._counters = Counters()
         self._batcher: QueueBatcher[Image.Image, Image.Image | SRInputError] = QueueBatcher(
-            self._run_batch, options.max_batch_images, options.batch_wait_s)
+            self._run_batch, options.max_batch_images, options.batch_wait_s
+        )
         if drain_control is not None:
-            threading.Thread(target=self._follow_drain, args=(drain_control,), daemon=True,
-                             name="sr-drain").start()
+            threading.Thread(target=self._follow_drain, args=(drain_control,), daemon=True, name="sr-drain").start()
 
     def _follow_drain(self, name: str) -> None:
         """Report this replica's load to sr-serve's DrainControl and take up its drain flag (a thread: a
@@ -337,8 +348,9 @@ class UpscaleService:
                 if request.method != "POST":
                     raise HTTPError(405, "use POST with the image as the body", {"Allow": "POST"})
                 if self._draining:
-                    raise HTTPError(503, "shutting down: retry on another instance",
-                                    {"Retry-After": "5", "Connection": "close"})
+                    raise HTTPError(
+                        503, "shutting down: retry on another instance", {"Retry-After": "5", "Connection": "close"}
+                    )
                 self._counters.in_flight += 1
                 try:
                     return await self.upscale(request)
@@ -362,19 +374,33 @@ class UpscaleService:
 
     def health(self) -> dict[str, Any]:
         up, c = self._deterministic, self._counters
-        return {"status": "draining" if self._draining else "ok", "model": up.spec.name, "backend": up.backend,
-                "precision": up.precision, "max_pixels": up.max_pixels, "in_flight": c.in_flight,
-                "uploading": c.uploading, "upscaling": c.upscaling, "upscaling_peak": c.upscaling_peak,
-                "stopped_runs": c.stopped_runs, "refused_busy": c.refused_busy, "slow_uploads": c.slow_uploads,
-                "samplers": len(self._samplers), "batches": self._batcher.batches,
-                "batched_images": self._batcher.items}
+        return {
+            "status": "draining" if self._draining else "ok",
+            "model": up.spec.name,
+            "backend": up.backend,
+            "precision": up.precision,
+            "max_pixels": up.max_pixels,
+            "in_flight": c.in_flight,
+            "uploading": c.uploading,
+            "upscaling": c.upscaling,
+            "upscaling_peak": c.upscaling_peak,
+            "stopped_runs": c.stopped_runs,
+            "refused_busy": c.refused_busy,
+            "slow_uploads": c.slow_uploads,
+            "samplers": len(self._samplers),
+            "batches": self._batcher.batches,
+            "batched_images": self._batcher.items,
+        }
 
     async def upscale(self, request: Request) -> Response:
         params = parse_params(request.query_params.multi_items())
         content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
         if content_type.lower() not in ACCEPTED_CONTENT_TYPES:
-            raise HTTPError(415, f"Content-Type {quoted(content_type)} is not accepted: send "
-                                 f"{', '.join(sorted(ACCEPTED_CONTENT_TYPES))}")
+            raise HTTPError(
+                415,
+                f"Content-Type {quoted(content_type)} is not accepted: send "
+                f"{', '.join(sorted(ACCEPTED_CONTENT_TYPES))}",
+            )
         image, source_format = await self._receive(request)
         try:
             result = await self._upscale(image, params)
@@ -389,8 +415,9 @@ class UpscaleService:
         counters = self._counters
         if counters.in_flight > self._max_held:  # this request is counted already
             counters.refused_busy += 1
-            raise HTTPError(503, f"busy: this replica holds {self._max_held} requests already; retry",
-                            {"Retry-After": "1"})
+            raise HTTPError(
+                503, f"busy: this replica holds {self._max_held} requests already; retry", {"Retry-After": "1"}
+            )
         counters.uploading += 1
         try:
             try:
@@ -458,6 +485,7 @@ class UpscaleService:
 
     async def _run_batch(self, images: list[Image.Image]) -> list[Image.Image | SRInputError]:
         """Small temperature-0 images of concurrent requests, their tiles packed into shared backend calls."""
+
         def run() -> list[Image.Image | SRInputError]:
             with self._counters.running():
                 return run_each_or_together(self._deterministic, images)
@@ -494,13 +522,17 @@ def build_app(
     options = options or ServiceOptions()
     deployment = serve.deployment(name="Upscaler")(UpscaleService)
     serve_options = scaling.deployment_options(cluster_gpus, extra_slots=options.max_queued_requests + HEALTH_HEADROOM)
-    return deployment.options(**serve_options).bind(model_path, backend, precision, options,
-                                                    scaling.max_ongoing_requests, drain_control)
+    return deployment.options(**serve_options).bind(
+        model_path, backend, precision, options, scaling.max_ongoing_requests, drain_control
+    )
 
 
 #: Application arguments that may be None (the rest take the type of their default).
-_OPTIONAL_NUMBERS: dict[str, Callable[[str], float]] = {"min_replicas": int, "max_replicas": int,
-                                                        "gpus_per_replica": float}
+_OPTIONAL_NUMBERS: dict[str, Callable[[str], float]] = {
+    "min_replicas": int,
+    "max_replicas": int,
+    "gpus_per_replica": float,
+}
 
 
 @dataclass(frozen=True)
@@ -556,12 +588,12 @@ def app_builder(args: Mapping[str, Any]) -> serve.Application:
     """The application for `serve run sr_cluster.serve:app_builder model=... backend=cpu ...` and for a
     Serve config file's `import_path: sr_cluster.serve:app_builder` with its `args`: see AppArgs."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.from_mapping(args)
-    return build_app(parsed.model, parsed.backend, parsed.precision, options=parsed.options,
-                     scaling=parsed.scaling)
+    return build_app(parsed.model, parsed.backend, parsed.precision, options=parsed.options, scaling=parsed.scaling)
 
 
 def _number(kind: Callable[[str], float], low: float, high: float = math.inf) -> Callable[[str], Any]:
     """An argparse type: `kind(text)` in [low, high] and finite, else a usage error naming the range."""
+
     def parse(text: str) -> float:
         try:
             value = kind(text)
@@ -577,71 +609,147 @@ def _number(kind: Callable[[str], float], low: float, high: float = math.inf) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sr-serve", description="x4 upscaling over HTTP on Ray Serve: "
-                                                           "POST /upscale, GET /healthz")
-    p.add_argument("--model", default=None,
-                   help="model directory readable on every node (default: $SR_MODEL_DIR here, else the shipped one)")
+    p = argparse.ArgumentParser(
+        prog="sr-serve", description="x4 upscaling over HTTP on Ray Serve: POST /upscale, GET /healthz"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory readable on every node (default: $SR_MODEL_DIR here, else the shipped one)",
+    )
     p.add_argument("--backend", default="auto", choices=sorted(ALIASES), help="inference backend (default auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="model precision (default auto)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (host:6379, ray://head:10001, auto); `local` starts a new one; "
-                        "default: $RAY_ADDRESS, else the cluster `ray start` made here, else a new local one")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (host:6379, ray://head:10001, auto); `local` starts a new one; "
+        "default: $RAY_ADDRESS, else the cluster `ray start` made here, else a new local one",
+    )
     scale = p.add_argument_group("scaling")
     scale.add_argument("--replicas", type=_number(int, 1), default=1, help="fixed replica count (default 1)")
-    scale.add_argument("--min-replicas", type=_number(int, 0), default=None,
-                       help="autoscaling lower bound (enables autoscaling)")
-    scale.add_argument("--max-replicas", type=_number(int, 1), default=None,
-                       help="autoscaling upper bound (enables autoscaling)")
-    scale.add_argument("--target-ongoing-requests", type=_number(float, 1e-3), default=4.0,
-                       help="autoscaling target of requests in flight per replica (default 4)")
-    scale.add_argument("--max-ongoing-requests", type=_number(int, 1), default=DEFAULT_MAX_ONGOING_REQUESTS,
-                       help=f"requests with their body in that a replica queues or runs at once "
-                            f"(default {DEFAULT_MAX_ONGOING_REQUESTS})")
-    scale.add_argument("--max-queued-requests", type=_number(int, 1), default=DEFAULT_MAX_QUEUED_REQUESTS,
-                       help="requests a replica holds beyond those (bodies arriving, or in and waiting for a "
-                            f"slot); more are answered 503 at once (default {DEFAULT_MAX_QUEUED_REQUESTS})")
-    scale.add_argument("--gpus-per-replica", type=_number(float, 0), default=None,
-                       help="default: 1 where the cluster has GPUs, else each replica takes 1 CPU")
-    scale.add_argument("--cpus-per-replica", type=_number(float, 0), default=1.0,
-                       help="CPUs a replica reserves where it takes no GPU (default 1)")
-    scale.add_argument("--graceful-shutdown-s", type=_number(float, 0), default=60.0,
-                       help="on SIGTERM/SIGINT, wait this long for requests in flight (default 60)")
+    scale.add_argument(
+        "--min-replicas", type=_number(int, 0), default=None, help="autoscaling lower bound (enables autoscaling)"
+    )
+    scale.add_argument(
+        "--max-replicas", type=_number(int, 1), default=None, help="autoscaling upper bound (enables autoscaling)"
+    )
+    scale.add_argument(
+        "--target-ongoing-requests",
+        type=_number(float, 1e-3),
+        default=4.0,
+        help="autoscaling target of requests in flight per replica (default 4)",
+    )
+    scale.add_argument(
+        "--max-ongoing-requests",
+        type=_number(int, 1),
+        default=DEFAULT_MAX_ONGOING_REQUESTS,
+        help=f"requests with their body in that a replica queues or runs at once "
+        f"(default {DEFAULT_MAX_ONGOING_REQUESTS})",
+    )
+    scale.add_argument(
+        "--max-queued-requests",
+        type=_number(int, 1),
+        default=DEFAULT_MAX_QUEUED_REQUESTS,
+        help="requests a replica holds beyond those (bodies arriving, or in and waiting for a "
+        f"slot); more are answered 503 at once (default {DEFAULT_MAX_QUEUED_REQUESTS})",
+    )
+    scale.add_argument(
+        "--gpus-per-replica",
+        type=_number(float, 0),
+        default=None,
+        help="default: 1 where the cluster has GPUs, else each replica takes 1 CPU",
+    )
+    scale.add_argument(
+        "--cpus-per-replica",
+        type=_number(float, 0),
+        default=1.0,
+        help="CPUs a replica reserves where it takes no GPU (default 1)",
+    )
+    scale.add_argument(
+        "--graceful-shutdown-s",
+        type=_number(float, 0),
+        default=60.0,
+        help="on SIGTERM/SIGINT, wait this long for requests in flight (default 60)",
+    )
     lim = p.add_argument_group("limits and batching (per replica)")
-    lim.add_argument("--max-body-mb", type=_number(float, 1e-6, 2**20), default=DEFAULT_MAX_BODY_MB,
-                     help=f"largest request body; more is refused with 413 (default {DEFAULT_MAX_BODY_MB:g})")
-    lim.add_argument("--body-timeout-s", type=_number(float, 1e-3), default=DEFAULT_BODY_TIMEOUT_S,
-                     help=f"a body must be in within this long, else 408 (default {DEFAULT_BODY_TIMEOUT_S:g})")
-    lim.add_argument("--min-upload-kbps", type=_number(float, 1e-3), default=DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000,
-                     help=f"an upload more than {DEFAULT_UPLOAD_GRACE_S:g} s behind this rate (kilobit/s) is "
-                          f"answered 408 (default {DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000:g})")
-    lim.add_argument("--max-pixels", type=_number(int, 1), default=DEFAULT_MAX_PIXELS,
-                     help=f"largest input width x height; more is refused with 413 (default {DEFAULT_MAX_PIXELS})")
-    lim.add_argument("--sampler-cache", type=_number(int, 1), default=DEFAULT_SAMPLER_CACHE,
-                     help="Upscalers kept for (temperature > 0, seed) pairs; each holds a session and a noise bank "
-                          f"(~125 MB for the shipped model) (default {DEFAULT_SAMPLER_CACHE})")
-    lim.add_argument("--concurrent-runs", type=_number(int, 1), default=DEFAULT_CONCURRENT_RUNS,
-                     help=f"images upscaled at once (peak memory ~31 bytes per output pixel each) "
-                          f"(default {DEFAULT_CONCURRENT_RUNS})")
-    lim.add_argument("--max-batch-images", type=_number(int, 1), default=DEFAULT_MAX_BATCH_IMAGES,
-                     help=f"temperature-0 requests batched together (default {DEFAULT_MAX_BATCH_IMAGES})")
-    lim.add_argument("--batch-wait-ms", type=_number(float, 0, 60_000), default=DEFAULT_BATCH_WAIT_S * 1e3,
-                     help=f"how long a batch waits to fill (default {DEFAULT_BATCH_WAIT_S * 1e3:g})")
+    lim.add_argument(
+        "--max-body-mb",
+        type=_number(float, 1e-6, 2**20),
+        default=DEFAULT_MAX_BODY_MB,
+        help=f"largest request body; more is refused with 413 (default {DEFAULT_MAX_BODY_MB:g})",
+    )
+    lim.add_argument(
+        "--body-timeout-s",
+        type=_number(float, 1e-3),
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help=f"a body must be in within this long, else 408 (default {DEFAULT_BODY_TIMEOUT_S:g})",
+    )
+    lim.add_argument(
+        "--min-upload-kbps",
+        type=_number(float, 1e-3),
+        default=DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000,
+        help=f"an upload more than {DEFAULT_UPLOAD_GRACE_S:g} s behind this rate (kilobit/s) is "
+        f"answered 408 (default {DEFAULT_MIN_UPLOAD_BYTES_PER_S * 8 / 1000:g})",
+    )
+    lim.add_argument(
+        "--max-pixels",
+        type=_number(int, 1),
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest input width x height; more is refused with 413 (default {DEFAULT_MAX_PIXELS})",
+    )
+    lim.add_argument(
+        "--sampler-cache",
+        type=_number(int, 1),
+        default=DEFAULT_SAMPLER_CACHE,
+        help="Upscalers kept for (temperature > 0, seed) pairs; each holds a session and a noise bank "
+        f"(~125 MB for the shipped model) (default {DEFAULT_SAMPLER_CACHE})",
+    )
+    lim.add_argument(
+        "--concurrent-runs",
+        type=_number(int, 1),
+        default=DEFAULT_CONCURRENT_RUNS,
+        help=f"images upscaled at once (peak memory ~31 bytes per output pixel each) "
+        f"(default {DEFAULT_CONCURRENT_RUNS})",
+    )
+    lim.add_argument(
+        "--max-batch-images",
+        type=_number(int, 1),
+        default=DEFAULT_MAX_BATCH_IMAGES,
+        help=f"temperature-0 requests batched together (default {DEFAULT_MAX_BATCH_IMAGES})",
+    )
+    lim.add_argument(
+        "--batch-wait-ms",
+        type=_number(float, 0, 60_000),
+        default=DEFAULT_BATCH_WAIT_S * 1e3,
+        help=f"how long a batch waits to fill (default {DEFAULT_BATCH_WAIT_S * 1e3:g})",
+    )
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[ServiceOptions, Scaling]:
     options = ServiceOptions(
-        max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels, sampler_cache=args.sampler_cache,
-        max_batch_images=args.max_batch_images, batch_wait_s=args.batch_wait_ms / 1e3,
-        concurrent_runs=args.concurrent_runs, max_queued_requests=args.max_queued_requests,
-        body_timeout_s=args.body_timeout_s, min_upload_bytes_per_s=args.min_upload_kbps * 1000 / 8)
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_pixels=args.max_pixels,
+        sampler_cache=args.sampler_cache,
+        max_batch_images=args.max_batch_images,
+        batch_wait_s=args.batch_wait_ms / 1e3,
+        concurrent_runs=args.concurrent_runs,
+        max_queued_requests=args.max_queued_requests,
+        body_timeout_s=args.body_timeout_s,
+        min_upload_bytes_per_s=args.min_upload_kbps * 1000 / 8,
+    )
     scaling = Scaling(
-        replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests, max_ongoing_requests=args.max_ongoing_requests,
-        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-        graceful_shutdown_timeout_s=args.graceful_shutdown_s)
+        replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        max_ongoing_requests=args.max_ongoing_requests,
+        gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_s,
+    )
     return options, scaling
 
 
@@ -669,8 +777,12 @@ def drain(control: Any, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         app = serve.status().applications.get(APP_NAME)
         deployments = [] if app is None else list(app.deployments.values())
-        replicas = sum(count for d in deployments for state, count in d.replica_states.items()
-                       if getattr(state, "value", state) == "RUNNING")
+        replicas = sum(
+            count
+            for d in deployments
+            for state, count in d.replica_states.items()
+            if getattr(state, "value", state) == "RUNNING"
+        )
         if ray.get(control.drained.remote(replicas)):
             return
         time.sleep(DRAIN_POLL_S)
@@ -694,31 +806,41 @@ def check_cluster(args: argparse.Namespace, scaling: Scaling) -> bool:
     gpus = ray.cluster_resources().get("GPU", 0.0)
     backend = ALIASES[args.backend]
     if backend in GPU_BACKENDS and (gpus == 0 or scaling.gpus_per_replica == 0):
-        raise ValueError(f"--backend {args.backend} needs a GPU per replica, and "
-                         + ("the Ray cluster has none" if gpus == 0 else "--gpus-per-replica is 0"))
+        raise ValueError(
+            f"--backend {args.backend} needs a GPU per replica, and "
+            + ("the Ray cluster has none" if gpus == 0 else "--gpus-per-replica is 0")
+        )
     if (scaling.gpus_per_replica or 0) > gpus:
         raise ValueError(f"--gpus-per-replica {scaling.gpus_per_replica:g}: the Ray cluster has {gpus:g} GPUs")
     # Replicas that cannot be placed would leave serve.run waiting for ever: refuse what is not free now.
     options = scaling.deployment_options(gpus)
     count = options.get("num_replicas", options.get("autoscaling_config", {}).get("min_replicas", 1))
     free = ray.available_resources()
-    for resource, each in (("GPU", options["ray_actor_options"].get("num_gpus", 0)),
-                           ("CPU", options["ray_actor_options"].get("num_cpus", 0))):
+    for resource, each in (
+        ("GPU", options["ray_actor_options"].get("num_gpus", 0)),
+        ("CPU", options["ray_actor_options"].get("num_cpus", 0)),
+    ):
         if count * each > free.get(resource, 0.0):
-            raise ValueError(f"{count} replicas need {count * each:g} {resource}s and the Ray cluster has "
-                             f"{free.get(resource, 0.0):g} free (of {ray.cluster_resources().get(resource, 0.0):g}): "
-                             "lower --replicas/--min-replicas or --cpus-per-replica, or free some")
+            raise ValueError(
+                f"{count} replicas need {count * each:g} {resource}s and the Ray cluster has "
+                f"{free.get(resource, 0.0):g} free (of {ray.cluster_resources().get(resource, 0.0):g}): "
+                "lower --replicas/--min-replicas or --cpus-per-replica, or free some"
+            )
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         return False
     running = client.http_config
     if (running.host, running.port) != (args.host, args.port):
-        raise ValueError(f"Serve already runs on this Ray cluster with its HTTP proxy on {running.host}:"
-                         f"{running.port}, which it keeps: pass --host {running.host} --port {running.port} to "
-                         "add sr-serve there, or --ray-address local for a cluster of its own")
+        raise ValueError(
+            f"Serve already runs on this Ray cluster with its HTTP proxy on {running.host}:"
+            f"{running.port}, which it keeps: pass --host {running.host} --port {running.port} to "
+            "add sr-serve there, or --ray-address local for a cluster of its own"
+        )
     if APP_NAME in serve.status().applications:
-        raise ValueError(f"an application named {APP_NAME!r} already runs on this Ray cluster (another "
-                         "sr-serve?); stop it first, or use --ray-address local")
+        raise ValueError(
+            f"an application named {APP_NAME!r} already runs on this Ray cluster (another "
+            "sr-serve?); stop it first, or use --ray-address local"
+        )
     return True
 
 
@@ -764,8 +886,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         control = ray.remote(num_cpus=0)(DrainControl).options(name=control_name, namespace=DRAIN_NAMESPACE).remote()
         try:
             serve.start(http_options={"host": args.host, "port": args.port})
-            app = build_app(args.model, args.backend, args.precision, options=options, scaling=scaling,
-                            drain_control=control_name)
+            app = build_app(
+                args.model, args.backend, args.precision, options=options, scaling=scaling, drain_control=control_name
+            )
             handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as exc:  # noqa: BLE001 - a replica that cannot start (port taken, backend...): one line
             print(f"sr-serve: error: the service did not start: {start_failure(exc)}", file=sys.stderr)
@@ -777,9 +900,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     serve.shutdown()
             return 1
         session = ray.get_runtime_context().get_session_name()
-        print(f"sr-serve: http://{args.host}:{args.port}/ (a page to try it; POST /upscale, GET /healthz) "
-              f"({handle.deployment_name}, {asdict(scaling)}); replica logs in <ray temp dir>/{session}/logs/serve; "
-              "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
+        print(
+            f"sr-serve: http://{args.host}:{args.port}/ (a page to try it; POST /upscale, GET /healthz) "
+            f"({handle.deployment_name}, {asdict(scaling)}); replica logs in <ray temp dir>/{session}/logs/serve; "
+            "SIGTERM or Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
         stop.wait()
         print("sr-serve: draining requests in flight, then shutting down", file=sys.stderr, flush=True)
         drain(control, scaling.graceful_shutdown_timeout_s)

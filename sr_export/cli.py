@@ -50,8 +50,9 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--batch MIN,OPT,MAX: {exc}") from None
     if batch[2] > MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"--batch MIN,OPT,MAX: max {batch[2]} is over {MAX_BATCH}, the largest "
-                                         "batch the runtime loads")
+        raise argparse.ArgumentTypeError(
+            f"--batch MIN,OPT,MAX: max {batch[2]} is over {MAX_BATCH}, the largest batch the runtime loads"
+        )
     return batch
 
 
@@ -82,31 +83,48 @@ def parse_frame(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sr-export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sr-export", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=Path,
-                     help="export this checkpoint directory (config.json + model.safetensors)")
+    src.add_argument(
+        "--checkpoint", type=Path, help="export this checkpoint directory (config.json + model.safetensors)"
+    )
     src.add_argument("--preset", help="a model preset (e.g. paper-256); needs --random-weights")
     p.add_argument("--res", type=int, help="HR tile size of the shipped model to export (default 256)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="use freshly initialised weights "
-                        "(cost/benchmark models, or a stand-in until a checkpoint exists)")
-    p.add_argument("--out", type=Path,
-                   help="output directory (default sr_runtime/models/vdvae-sr-<res>/ for the shipped model)")
-    p.add_argument("--batch", type=parse_batch, default=(1, 4, 16),
-                   help="engine batch profile MIN,OPT,MAX (default 1,4,16)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "both"), default="both",
-                   help="which graphs/engines: fp32 skips the FP16 graph; fp16 and both write both ONNX "
-                        "files (the FP16 one is derived from and checked against FP32), engines for the named ones")
-    p.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
-                   help="TensorRT engine: auto builds where TensorRT and a GPU exist; on fails without them")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="use freshly initialised weights (cost/benchmark models, or a stand-in until a checkpoint exists)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="output directory (default sr_runtime/models/vdvae-sr-<res>/ for the shipped model)"
+    )
+    p.add_argument(
+        "--batch", type=parse_batch, default=(1, 4, 16), help="engine batch profile MIN,OPT,MAX (default 1,4,16)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "both"),
+        default="both",
+        help="which graphs/engines: fp32 skips the FP16 graph; fp16 and both write both ONNX "
+        "files (the FP16 one is derived from and checked against FP32), engines for the named ones",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="TensorRT engine: auto builds where TensorRT and a GPU exist; on fails without them",
+    )
     p.add_argument("--engine-cache", type=Path, help=f"engine cache directory (default {engine_cache_dir()})")
     p.add_argument("--seed", type=parse_seed, default=0, help="seed for random weights and check noise")
-    p.add_argument("--frame", type=parse_frame,
-                   help="fully convolutional models: build engines for this one input frame size WxH (LR pixels, "
-                        "e.g. 960x540 for 4K output), a fixed-size video engine; default: a profile from one "
-                        "stride to 960x540 with opt at --res / 4")
+    p.add_argument(
+        "--frame",
+        type=parse_frame,
+        help="fully convolutional models: build engines for this one input frame size WxH (LR pixels, "
+        "e.g. 960x540 for 4K output), a fixed-size video engine; default: a profile from one "
+        "stride to 960x540 with opt at --res / 4",
+    )
     return p
 
 
@@ -125,12 +143,16 @@ def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, st
 
     if args.checkpoint is not None or args.preset is not None:
         if args.out is None:
-            raise SystemExit("sr-export: --out is required with --checkpoint/--preset "
-                             "(so a one-off export never overwrites the shipped model)")
+            raise SystemExit(
+                "sr-export: --out is required with --checkpoint/--preset "
+                "(so a one-off export never overwrites the shipped model)"
+            )
         if args.preset is not None:
             if not args.random_weights:
-                raise SystemExit(f"sr-export: preset {args.preset!r} has no trained weights; add --random-weights "
-                                 "for a cost/benchmark model, or export a checkpoint with --checkpoint")
+                raise SystemExit(
+                    f"sr-export: preset {args.preset!r} has no trained weights; add --random-weights "
+                    "for a cost/benchmark model, or export a checkpoint with --checkpoint"
+                )
             try:
                 model, info = random_model(args.preset)
             except KeyError as exc:
@@ -157,11 +179,15 @@ def load_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path, st
             raise SystemExit(f"sr-export: {ckpt} has HR size {model.config.hr_size}, not {res}")
         return model, checkpoint_info(meta, ckpt), args.out or shipped_model_dir(res), home.name
     if not args.random_weights:
-        raise SystemExit(f"sr-export: no trained checkpoint at {ckpt} (config.json missing). Export one with "
-                         "--checkpoint DIR, or pass --random-weights for a clearly-labelled untrained stand-in.")
+        raise SystemExit(
+            f"sr-export: no trained checkpoint at {ckpt} (config.json missing). Export one with "
+            "--checkpoint DIR, or pass --random-weights for a clearly-labelled untrained stand-in."
+        )
     if res not in DEFAULT_PRESETS:
-        raise SystemExit(f"sr-export: no default model for --res {res} (known: {sorted(DEFAULT_PRESETS)}); "
-                         "use --preset NAME --random-weights --out DIR")
+        raise SystemExit(
+            f"sr-export: no default model for --res {res} (known: {sorted(DEFAULT_PRESETS)}); "
+            "use --preset NAME --random-weights --out DIR"
+        )
     model, info = random_model(DEFAULT_PRESETS[res])
     return model, info, args.out or shipped_model_dir(res), home.name
 
@@ -172,8 +198,13 @@ def checkpoint_info(meta: dict[str, Any], path: Path) -> dict[str, Any]:
         shown = str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
         shown = str(path)
-    return {"step": meta.get("step"), "weights_sha256": meta.get("weights_sha256"), "weights": meta.get("weights"),
-            "random_weights": False, "path": shown}
+    return {
+        "step": meta.get("step"),
+        "weights_sha256": meta.get("weights_sha256"),
+        "weights": meta.get("weights"),
+        "random_weights": False,
+        "path": shown,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,12 +225,15 @@ def _export(args: argparse.Namespace) -> int:
 
     model, info, out, name = load_source(args)
     if args.frame is not None and not model.config.fully_convolutional:
-        print(f"sr-export: --frame needs a fully convolutional model; {model.config.name} is fixed-size",
-              file=sys.stderr)
+        print(
+            f"sr-export: --frame needs a fully convolutional model; {model.config.name} is fixed-size", file=sys.stderr
+        )
         return 2
     if info["random_weights"]:
-        print(f"WARNING: RANDOM WEIGHTS - exporting an untrained {info['preset']} (seed {args.seed}); "
-              "its output is not super-resolution, use it only for testing and cost measurements")
+        print(
+            f"WARNING: RANDOM WEIGHTS - exporting an untrained {info['preset']} (seed {args.seed}); "
+            "its output is not super-resolution, use it only for testing and cost measurements"
+        )
 
     from sr_export.pipeline import ExportCheckFailed, ExportOptions, export_model_dir
 
@@ -223,8 +257,14 @@ def _export(args: argparse.Namespace) -> int:
     try:
         for precision in wanted:
             for key in (precision, f"t0.{precision}") if frame_kw else (precision,):
-                path = build_engine(report.files[key], cache, precision=precision, batch=args.batch,
-                                    model_config=report.manifest["model_config"], **frame_kw)
+                path = build_engine(
+                    report.files[key],
+                    cache,
+                    precision=precision,
+                    batch=args.batch,
+                    model_config=report.manifest["model_config"],
+                    **frame_kw,
+                )
                 print(f"engine: {key}: {path}")
     except (EngineUnavailable, EngineBuildFailed) as exc:
         print(f"engine: build failed: {exc}", file=sys.stderr)
@@ -250,8 +290,10 @@ def print_summary(report: Any) -> None:
         entry = m["onnx"].get(key, {})
         nodes = f", {entry['nodes']} nodes" if "nodes" in entry else ""
         print(f"  {key:8s} {path}  {path.stat().st_size / 1e6:.2f} MB{nodes}")
-    print(f"  lint     {'passed' if report.lint.passed else 'not run' if not report.lint.ran else 'FAILED'}: "
-          f"{report.lint.detail}")
+    print(
+        f"  lint     {'passed' if report.lint.passed else 'not run' if not report.lint.ran else 'FAILED'}: "
+        f"{report.lint.detail}"
+    )
     for c in report.parity:
         if c.near_tie_pixels == c.pixels:
             ties = " (every pixel is a near-tie of its top two mixture logits)"
@@ -264,11 +306,15 @@ def print_summary(report: Any) -> None:
     if report.fp16 is not None:
         isl = m["onnx"]["fp16"]["fp32_island"]
         for label, chk in (("ORT CPU, FP16 file", report.fp16.ort), ("FP16 rounding sim", report.fp16.simulated)):
-            print(f"  fp16     {label}: PSNR vs FP32 >= {chk.min_psnr_db:.2f} dB (worst held-out image; "
-                  f"{chk.min_psnr_db_same_component:.2f} dB without the {chk.flip_fraction:.4%} of pixels whose "
-                  f"argmax component flipped), all finite incl. black/white/noise: {chk.all_finite}")
-        print(f"  fp16     FP32 island: {isl['nodes']}/{isl['of_nodes']} nodes (|x| > {isl['limit_abs']:g}) "
-              f"{isl['by_scope'] or ''}")
+            print(
+                f"  fp16     {label}: PSNR vs FP32 >= {chk.min_psnr_db:.2f} dB (worst held-out image; "
+                f"{chk.min_psnr_db_same_component:.2f} dB without the {chk.flip_fraction:.4%} of pixels whose "
+                f"argmax component flipped), all finite incl. black/white/noise: {chk.all_finite}"
+            )
+        print(
+            f"  fp16     FP32 island: {isl['nodes']}/{isl['of_nodes']} nodes (|x| > {isl['limit_abs']:g}) "
+            f"{isl['by_scope'] or ''}"
+        )
         top = isl["largest_measured"][0] if isl["largest_measured"] else None
         if top:
             where = top["scope"] or "top level"

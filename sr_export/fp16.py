@@ -118,8 +118,10 @@ def measure_ranges(
     groups = _groups(produced, shapes, symbols, budget_bytes)
     if log is not None:
         total = sum(_tensor_bytes(shapes, name, symbols) for name in produced)
-        log(f"      {len(produced)} tensors, {total / 1e9:.2f} GB at the largest feed: {len(groups)} group(s) of "
-            f"<= {budget_bytes / 1e9:.2f} GB, {len(groups) * len(feeds)} forward passes")
+        log(
+            f"      {len(produced)} tensors, {total / 1e9:.2f} GB at the largest feed: {len(groups)} group(s) of "
+            f"<= {budget_bytes / 1e9:.2f} GB, {len(groups) * len(feeds)} forward passes"
+        )
     for group in groups:
         single = onnx.ModelProto()
         single.CopyFrom(proto)
@@ -419,9 +421,7 @@ def _with_component_output(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str
     return model, name
 
 
-def verify_fp16(
-    fp32: onnx.ModelProto, fp16: onnx.ModelProto, cases: dict[str, dict[str, np.ndarray]]
-) -> Fp16Check:
+def verify_fp16(fp32: onnx.ModelProto, fp16: onnx.ModelProto, cases: dict[str, dict[str, np.ndarray]]) -> Fp16Check:
     """Run the FP32 graph and ``fp16`` (the FP16 file or its rounding simulation) on every case, ORT CPU.
 
     TensorRT's own numbers must still be checked on a GPU (README: polygraphy run --trt --onnxrt).

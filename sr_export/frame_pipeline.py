@@ -80,8 +80,9 @@ def frame_calibration(model: VDVAESR, seed: int, sampling: bool) -> list[dict[st
     temps = (0.0, 1.0) if sampling else (0.0,)
     photos = list(_photos(*CALIBRATION_SHAPE, per_photo=2))
     extremes = [img[0, :, : EXTREME_SHAPE[0], : EXTREME_SHAPE[1]] for img in extreme_lr_batch(32, seed).values()]
-    return [_feeds(model, img[None], t, seed + k, sampling)
-            for k, img in enumerate([*photos, *extremes]) for t in temps]
+    return [
+        _feeds(model, img[None], t, seed + k, sampling) for k, img in enumerate([*photos, *extremes]) for t in temps
+    ]
 
 
 def frame_check_cases(model: VDVAESR, seed: int, sampling: bool) -> dict[str, dict[str, np.ndarray]]:
@@ -152,8 +153,10 @@ def export_frame_model_dir(
         for graph in ("deterministic", "sampling"):
             key = f"{graph}.fp32"
             files[key] = out / FRAME_FILES[(graph, "fp32")]
-            log(f"[1/{steps}] exporting the {graph} FP32 ONNX (symbolic batch, height, width; torch "
-                f"{torch.__version__} dynamo exporter, opset {opts.opset}) ...")
+            log(
+                f"[1/{steps}] exporting the {graph} FP32 ONNX (symbolic batch, height, width; torch "
+                f"{torch.__version__} dynamo exporter, opset {opts.opset}) ..."
+            )
             protos[key] = export_fc(model, files[key], deterministic=graph == "deterministic", opset=opts.opset)
 
     with timed(seconds, "checks"):
@@ -169,15 +172,18 @@ def export_frame_model_dir(
             h, w = FC_EXAMPLE_LR
             shapes: dict[str, tuple[int, ...]] = {"lr": (2, 3, h, w)}
             if graph == "sampling":
-                shapes.update({lv["name"]: (2, lv["channels"], round(h * lv["scale"]), round(w * lv["scale"]))
-                               for lv in levels})
+                shapes.update(
+                    {lv["name"]: (2, lv["channels"], round(h * lv["scale"]), round(w * lv["scale"])) for lv in levels}
+                )
             lints[graph] = polygraphy_lint(files[key], shapes)
             if lints[graph].ran and not lints[graph].passed:
                 raise ExportCheckFailed(f"polygraphy lint failed on {files[key]}: {lints[graph].detail}")
 
     with timed(seconds, "parity"):
-        log(f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo frames {PARITY_SHAPES} (h, w, batch), "
-            "t 0 and 0.8 ...")
+        log(
+            f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo frames {PARITY_SHAPES} (h, w, batch), "
+            "t 0 and 0.8 ..."
+        )
         parity: list[ParityCase] = []
         for graph, temps in (("deterministic", (0.0,)), ("sampling", (0.0, 0.8))):
             session = parity_session(files[f"{graph}.fp32"])
@@ -191,14 +197,19 @@ def export_frame_model_dir(
     fp16: dict[str, Fp16Result] = {}
     if opts.fp16:
         with timed(seconds, "fp16"):
-            log(f"[4/{steps}] FP16 per graph: activation ranges on photo + extreme frames, FP32 islands, "
-                f"held-out checks at {HELD_OUT_SHAPES} ...")
+            log(
+                f"[4/{steps}] FP16 per graph: activation ranges on photo + extreme frames, FP32 islands, "
+                f"held-out checks at {HELD_OUT_SHAPES} ..."
+            )
             for graph in ("deterministic", "sampling"):
                 sampling = graph == "sampling"
                 try:
                     fp16[graph] = choose_fp16(
-                        protos[f"{graph}.fp32"], frame_calibration(model, opts.seed, sampling),
-                        frame_check_cases(model, opts.seed, sampling), target_psnr_db=opts.fp16_target_psnr_db)
+                        protos[f"{graph}.fp32"],
+                        frame_calibration(model, opts.seed, sampling),
+                        frame_check_cases(model, opts.seed, sampling),
+                        target_psnr_db=opts.fp16_target_psnr_db,
+                    )
                 except Fp16TargetMissed as exc:
                     raise ExportCheckFailed(f"{graph} graph: {exc}") from exc
                 files[f"{graph}.fp16"] = out / FRAME_FILES[(graph, "fp16")]
@@ -212,19 +223,41 @@ def export_frame_model_dir(
         files[f"io.{key}"] = out / IO_FILES[key]
         atomic_write_bytes(files[f"io.{key}"], proto.SerializeToString())
 
-    manifest = frame_manifest(model, checkpoint, opts, files=files, protos=protos, parity=parity, lints=lints,
-                              fp16=fp16, bytes_per_lr_pixel=bytes_per_px, seconds=seconds)
+    manifest = frame_manifest(
+        model,
+        checkpoint,
+        opts,
+        files=files,
+        protos=protos,
+        parity=parity,
+        lints=lints,
+        fp16=fp16,
+        bytes_per_lr_pixel=bytes_per_px,
+        seconds=seconds,
+    )
     files["manifest"] = atomic_write_json(out / MANIFEST_FILE, manifest)
     # Keyed like the fixed-size report (fp32 / fp16 = the sampling graphs) plus t0.* for the deterministic ones.
-    names = {"sampling.fp32": "fp32", "sampling.fp16": "fp16", "deterministic.fp32": "t0.fp32",
-             "deterministic.fp16": "t0.fp16", "io.pre": "io.pre", "io.post": "io.post", "manifest": "manifest"}
+    names = {
+        "sampling.fp32": "fp32",
+        "sampling.fp16": "fp16",
+        "deterministic.fp32": "t0.fp32",
+        "deterministic.fp16": "t0.fp16",
+        "io.pre": "io.pre",
+        "io.post": "io.post",
+        "manifest": "manifest",
+    }
     report_files = {names[k]: v for k, v in files.items()}
     return ExportReport(manifest, report_files, parity, lints["sampling"], fp16.get("sampling"), seconds)
 
 
 def _entry(path: Path, proto: onnx.ModelProto) -> dict[str, Any]:
-    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "nodes": len(proto.graph.node), "ops": op_histogram(proto)}
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "nodes": len(proto.graph.node),
+        "ops": op_histogram(proto),
+    }
 
 
 def frame_manifest(
@@ -250,15 +283,21 @@ def frame_manifest(
         "parity_tolerance": opts.parity_tolerance,
         "parity_cases": [c.as_dict() for c in parity],
         "polygraphy_lint": {g: {"ran": r.ran, "passed": r.passed, "detail": r.detail} for g, r in lints.items()},
-        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__,
-                          "onnxruntime": onnxruntime.__version__, "opset": opts.opset},
+        "exported_with": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": opts.opset,
+        },
     }
     for graph in graphs:
         graphs[graph]["fp32"] = _entry(files[f"{graph}.fp32"], protos[f"{graph}.fp32"])
         if graph in fp16:
             result = fp16[graph]
-            graphs[graph]["fp16"] = {**_entry(files[f"{graph}.fp16"], result.model),
-                                     "fp32_island": result.island_summary(protos[f"{graph}.fp32"])}
+            graphs[graph]["fp16"] = {
+                **_entry(files[f"{graph}.fp16"], result.model),
+                "fp32_island": result.island_summary(protos[f"{graph}.fp32"]),
+            }
             checks.setdefault("fp16_psnr_db", {})[graph] = round(result.ort.min_psnr_db, 2)
             checks.setdefault("fp16_ort_cpu", {})[graph] = result.ort.as_dict()
             checks.setdefault("fp16_rounding_sim", {})[graph] = result.simulated.as_dict()
@@ -285,12 +324,18 @@ def frame_manifest(
         "value_range": [0.0, 1.0],
         "onnx": graphs["sampling"],
         "onnx_deterministic": graphs["deterministic"],
-        "io_graphs": {key: {**_entry(files[f"io.{key}"], protos[f"io.{key}"]), "purpose": purpose}
-                      for key, purpose in (("pre", "uint8 [N,h,w,3] + pads -> lr (x/255, edge pad)"),
-                                           ("post", "hr + starts/ends -> uint8 [N,h,w,3] (crop, clip, rint)"))},
-        "memory": {"bytes_per_lr_pixel": bytes_per_lr_pixel,
-                   "measured": "ONNX Runtime CPU FP32 peak RSS slope over LR frames "
-                               + json.dumps([list(s) for s in MEMORY_PROBE_SHAPES])},
+        "io_graphs": {
+            key: {**_entry(files[f"io.{key}"], protos[f"io.{key}"]), "purpose": purpose}
+            for key, purpose in (
+                ("pre", "uint8 [N,h,w,3] + pads -> lr (x/255, edge pad)"),
+                ("post", "hr + starts/ends -> uint8 [N,h,w,3] (crop, clip, rint)"),
+            )
+        },
+        "memory": {
+            "bytes_per_lr_pixel": bytes_per_lr_pixel,
+            "measured": "ONNX Runtime CPU FP32 peak RSS slope over LR frames "
+            + json.dumps([list(s) for s in MEMORY_PROBE_SHAPES]),
+        },
         "model_config": cfg.to_dict(),
         "checkpoint": checkpoint,
         "checks": checks,

@@ -147,7 +147,9 @@ def polygraphy_lint(path: str | Path, input_shapes: dict[str, tuple[int, ...]]) 
         report = Path(tmp) / "lint.json"
         proc = subprocess.run(
             [cmd, "check", "lint", str(path), "-o", str(report), "--input-shapes", *shapes],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if not report.is_file():
             last = (proc.stdout + proc.stderr).strip().splitlines()
@@ -186,8 +188,14 @@ def fc_noise_levels(model: VDVAESR) -> list[dict[str, Any]]:
     """
     cfg = model.config
     return [
-        {"name": noise_input_name(res), "res": res, "blocks": blocks, "channels": cfg.zdim * blocks,
-         "scale": res / cfg.lr_size, "stream": k}
+        {
+            "name": noise_input_name(res),
+            "res": res,
+            "blocks": blocks,
+            "channels": cfg.zdim * blocks,
+            "scale": res / cfg.lr_size,
+            "stream": k,
+        }
         for k, (res, blocks) in enumerate(model.noise_levels)
     ]
 
@@ -263,8 +271,15 @@ def export_fc(
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", "# The axis name", UserWarning)  # 4*h named once per input
         program = torch.onnx.export(
-            graph.eval(), args, dynamo=True, opset_version=opset, input_names=names, output_names=[OUTPUT_NAME],
-            dynamic_shapes=shapes, external_data=False, verbose=False,
+            graph.eval(),
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=shapes,
+            external_data=False,
+            verbose=False,
         )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
@@ -298,9 +313,12 @@ def uint8_pre_graph() -> onnx.ModelProto:
         helper.make_node("Pad", ["unit", "pads"], ["lr"], mode="edge"),
     ]
     graph = helper.make_graph(
-        nodes, "uint8_pre",
-        [helper.make_tensor_value_info("u8", TensorProto.UINT8, ["N", "h", "w", 3]),
-         helper.make_tensor_value_info("pads", TensorProto.INT64, [8])],
+        nodes,
+        "uint8_pre",
+        [
+            helper.make_tensor_value_info("u8", TensorProto.UINT8, ["N", "h", "w", 3]),
+            helper.make_tensor_value_info("pads", TensorProto.INT64, [8]),
+        ],
         [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor("inv255", TensorProto.FLOAT, [], [float(np.float32(1 / 255))])],
     )
@@ -331,15 +349,22 @@ def uint8_post_graph() -> onnx.ModelProto:
         helper.make_node("ReduceMax", ["bad_u8"], ["nonfinite"], keepdims=0),
     ]
     graph = helper.make_graph(
-        nodes, "uint8_post",
-        [helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["N", 3, "H", "W"]),
-         helper.make_tensor_value_info("starts", TensorProto.INT64, [2]),
-         helper.make_tensor_value_info("ends", TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info("u8", TensorProto.UINT8, ["N", "h", "w", 3]),
-         helper.make_tensor_value_info("nonfinite", TensorProto.UINT8, [])],
-        [helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
-         helper.make_tensor("k0", TensorProto.FLOAT, [], [0.0]),
-         helper.make_tensor("k1", TensorProto.FLOAT, [], [1.0]),
-         helper.make_tensor("k255", TensorProto.FLOAT, [], [255.0])],
+        nodes,
+        "uint8_post",
+        [
+            helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+            helper.make_tensor_value_info("starts", TensorProto.INT64, [2]),
+            helper.make_tensor_value_info("ends", TensorProto.INT64, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("u8", TensorProto.UINT8, ["N", "h", "w", 3]),
+            helper.make_tensor_value_info("nonfinite", TensorProto.UINT8, []),
+        ],
+        [
+            helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+            helper.make_tensor("k0", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("k1", TensorProto.FLOAT, [], [1.0]),
+            helper.make_tensor("k255", TensorProto.FLOAT, [], [255.0]),
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", IO_OPSET)], producer_name="sr_export")

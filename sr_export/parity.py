@@ -131,8 +131,10 @@ def parity_summary(cases: list[ParityCase]) -> dict[str, Any]:
 def level_feeds(model: VDVAESR, n: int, lr_hw: tuple[int, int], temperature: float, seed: int) -> dict[str, np.ndarray]:
     """A fully convolutional model's noise inputs by name: the runtime's position-keyed maps x temperature."""
     levels = model.make_level_noise(n, lr_hw, temperature, seed)
-    return {f"noise_{res}": np.ascontiguousarray(t.numpy(), np.float32)
-            for (res, _), t in zip(model.noise_levels, levels, strict=True)}
+    return {
+        f"noise_{res}": np.ascontiguousarray(t.numpy(), np.float32)
+        for (res, _), t in zip(model.noise_levels, levels, strict=True)
+    }
 
 
 @torch.no_grad()
@@ -157,8 +159,12 @@ def compare_frame(
     out = session.run(["hr"], feed)[0]
     err = np.abs(out.astype(np.float64) - ref.astype(np.float64)).max(axis=1)
     return ParityCase(
-        temperature=float(temperature), batch=int(lr.shape[0]), max_abs_err=float(err.max()),
-        mean_abs_err=float(err.mean()), near_tie_pixels=int(ties.sum()),
-        max_abs_err_non_tie=float(err[~ties].max()) if (~ties).any() else 0.0, pixels=int(err.size),
+        temperature=float(temperature),
+        batch=int(lr.shape[0]),
+        max_abs_err=float(err.max()),
+        mean_abs_err=float(err.mean()),
+        near_tie_pixels=int(ties.sum()),
+        max_abs_err_non_tie=float(err[~ties].max()) if (~ties).any() else 0.0,
+        pixels=int(err.size),
         shape=(int(lr.shape[2]), int(lr.shape[3])),
     )

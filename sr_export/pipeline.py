@@ -74,7 +74,9 @@ def check_cases(lr_size: int, noise_dim: int, seed: int) -> dict[str, dict[str, 
         for start in range(0, len(photos), 3):
             chunk = photos[start : start + 3]
             cases[f"photos{start}-{start + len(chunk) - 1}_t{t:g}"] = {
-                "lr": chunk, "noise": _noise_feed(len(chunk), noise_dim, t, seed + 100 + start)}
+                "lr": chunk,
+                "noise": _noise_feed(len(chunk), noise_dim, t, seed + 100 + start),
+            }
     for label, img in extreme_lr_batch(lr_size, seed + 1).items():
         for t in (0.0, 1.0):
             cases[f"{label}_t{t:g}"] = {"lr": img, "noise": _noise_feed(1, noise_dim, t, seed + 200)}
@@ -134,16 +136,27 @@ def _export_into(
             raise ExportCheckFailed(f"polygraphy lint failed on {files['fp32']}: {lint.detail}")
 
     with timed(seconds, "parity"):
-        log(f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo crops, t in {CHECK_TEMPERATURES}, "
-            "batch 1 and 3 ...")
-        parity = parity_suite(model, files["fp32"], photo_lr_batch(cfg.lr_size, per_photo=1), CHECK_TEMPERATURES,
-                              (1, 3), seed=opts.seed)
-    failed = [c for c in parity if not (c.max_abs_err_non_tie <= opts.parity_tolerance  # NaN fails too
-                                        and math.isfinite(c.max_abs_err))]
+        log(
+            f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo crops, t in {CHECK_TEMPERATURES}, "
+            "batch 1 and 3 ..."
+        )
+        parity = parity_suite(
+            model, files["fp32"], photo_lr_batch(cfg.lr_size, per_photo=1), CHECK_TEMPERATURES, (1, 3), seed=opts.seed
+        )
+    failed = [
+        c
+        for c in parity
+        if not (
+            c.max_abs_err_non_tie <= opts.parity_tolerance  # NaN fails too
+            and math.isfinite(c.max_abs_err)
+        )
+    ]
     if failed:
         worst = failed[0].max_abs_err_non_tie if math.isfinite(failed[0].max_abs_err) else failed[0].max_abs_err
-        raise ExportCheckFailed(f"ONNX Runtime differs from PyTorch by {worst:.3g} > {opts.parity_tolerance:g} "
-                                f"(t={failed[0].temperature:g}, batch {failed[0].batch})")
+        raise ExportCheckFailed(
+            f"ONNX Runtime differs from PyTorch by {worst:.3g} > {opts.parity_tolerance:g} "
+            f"(t={failed[0].temperature:g}, batch {failed[0].batch})"
+        )
 
     fp16_result: Fp16Result | None = None
     if opts.fp16:
@@ -162,8 +175,9 @@ def _export_into(
             files["fp16"] = out / FP16_FILE
             atomic_write_bytes(files["fp16"], fp16_result.model.SerializeToString())
 
-    manifest = build_manifest(model, checkpoint, opts, files=files, parity=parity, lint=lint, fp32=fp32,
-                              fp16=fp16_result, seconds=seconds)
+    manifest = build_manifest(
+        model, checkpoint, opts, files=files, parity=parity, lint=lint, fp32=fp32, fp16=fp16_result, seconds=seconds
+    )
     files["manifest"] = atomic_write_json(out / MANIFEST_FILE, finite_json(manifest))
     return ExportReport(manifest, files, parity, lint, fp16_result, seconds)
 
@@ -196,21 +210,32 @@ def build_manifest(
     lo, opt, hi = opts.batch
     hr = cfg.lr_size * cfg.scale_factor
     onnx_entries: dict[str, Any] = {
-        "fp32": {"file": files["fp32"].name, "sha256": sha256_file(files["fp32"]),
-                 "bytes": files["fp32"].stat().st_size, "nodes": len(fp32.graph.node), "ops": op_histogram(fp32)},
+        "fp32": {
+            "file": files["fp32"].name,
+            "sha256": sha256_file(files["fp32"]),
+            "bytes": files["fp32"].stat().st_size,
+            "nodes": len(fp32.graph.node),
+            "ops": op_histogram(fp32),
+        },
     }
     checks: dict[str, Any] = {
         "parity_max_abs_err": parity_summary(parity),
         "parity_tolerance": opts.parity_tolerance,
         "parity_cases": [c.as_dict() for c in parity],
         "polygraphy_lint": {"ran": lint.ran, "passed": lint.passed, "detail": lint.detail},
-        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__,
-                          "onnxruntime": onnxruntime.__version__, "opset": opts.opset},
+        "exported_with": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": opts.opset,
+        },
     }
     if fp16 is not None:
         onnx_entries["fp16"] = {
-            "file": files["fp16"].name, "sha256": sha256_file(files["fp16"]),
-            "bytes": files["fp16"].stat().st_size, "nodes": len(fp16.model.graph.node),
+            "file": files["fp16"].name,
+            "sha256": sha256_file(files["fp16"]),
+            "bytes": files["fp16"].stat().st_size,
+            "nodes": len(fp16.model.graph.node),
             "ops": op_histogram(fp16.model),
             "fp32_island": fp16.island_summary(fp32),
         }

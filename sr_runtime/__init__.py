@@ -1,7 +1,7 @@
 """Torch-free runtime for VDVAE-SR x4 upscaling (ONNX Runtime / TensorRT).
 
-    from sr_runtime import Upscaler
-    big = Upscaler().run("photo.png")          # PIL image, 4x larger
+from sr_runtime import Upscaler
+big = Upscaler().run("photo.png")          # PIL image, 4x larger
 """
 
 from sr_runtime.errors import BackendUnavailable, SRInputError, SRModelError

@@ -69,8 +69,9 @@ def version_line() -> str:
         ours = importlib.metadata.version("vdvae-sr")
     except importlib.metadata.PackageNotFoundError:
         ours = "(not installed)"
-    return (f"sr-upscale {ours} (onnxruntime {onnxruntime.__version__}, Pillow {Image.__version__}, "
-            f"numpy {np.__version__})")
+    return (
+        f"sr-upscale {ours} (onnxruntime {onnxruntime.__version__}, Pillow {Image.__version__}, numpy {np.__version__})"
+    )
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -93,48 +94,92 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upscale images x4 with VDVAE-SR (no PyTorch needed).",
         epilog="Exit status: 0 all done, 1 some inputs failed, 2 usage error.",
     )
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns; - reads one image from "
-                   "standard input")
-    p.add_argument("-o", "--output", help="output file (one input) or folder (default: next to each input); "
-                   "- writes the one image to standard output (format: -f, else the input's, else png)")
+    p.add_argument(
+        "inputs", nargs="+", help="image files, folders or glob patterns; - reads one image from standard input"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output file (one input) or folder (default: next to each input); "
+        "- writes the one image to standard output (format: -f, else the input's, else png)",
+    )
     p.add_argument("--version", action="version", version=version_line())
     p.add_argument("-s", "--scale", type=int, default=4, help="upscale factor; the model does 4 only")
-    p.add_argument("-t", "--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP,
-                   help=f"LR pixels shared by neighbouring tiles (default {DEFAULT_TILE_OVERLAP})")
-    p.add_argument("--suffix", default="_x4", help="added to the file name in folder outputs (default _x4); "
-                   "a folder input skips files that are such outputs of its other images")
+    p.add_argument(
+        "-t",
+        "--tile-overlap",
+        type=int,
+        default=DEFAULT_TILE_OVERLAP,
+        help=f"LR pixels shared by neighbouring tiles (default {DEFAULT_TILE_OVERLAP})",
+    )
+    p.add_argument(
+        "--suffix",
+        default="_x4",
+        help="added to the file name in folder outputs (default _x4); "
+        "a folder input skips files that are such outputs of its other images",
+    )
     p.add_argument("-n", "--no-clobber", action="store_true", help="skip inputs whose output file already exists")
-    p.add_argument("-f", "--ext", "--format", dest="ext", choices=sorted(FORMATS),
-                   help="output format (default: the input's if png/jpg/webp, else png)")
+    p.add_argument(
+        "-f",
+        "--ext",
+        "--format",
+        dest="ext",
+        choices=sorted(FORMATS),
+        help="output format (default: the input's if png/jpg/webp, else png)",
+    )
     p.add_argument("--backend", default="auto", choices=sorted(ALIASES), help="inference backend (default auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="model precision (default auto)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="prior sampling temperature; 0 = deterministic (default 0)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="prior sampling temperature; 0 = deterministic (default 0)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise bank (default 0)")
     p.add_argument("--model", help="model directory (default: the shipped one, or $SR_MODEL_DIR)")
     p.add_argument("--batch-size", type=int, help="tiles per backend call (default: the model's maximum)")
-    p.add_argument("--samples", type=int,
-                   help=f"average this many samples, at most {DEFAULT_ROWS} (the noise bank; fewer for very "
-                        "large models) (default 1; 8 with --std-map)")
-    p.add_argument("--std-map", action="store_true",
-                   help="also write <output>_std.png: per-pixel std across samples, 16-bit, 65535 = std 0.5")
-    p.add_argument("--max-pixels", type=float,
-                   help="refuse inputs with more pixels than this; memory grows with it, ~31 bytes per output "
-                        f"pixel (44 with --samples) (default here {default_max_pixels():.0f}: what half the "
-                        "RAM holds, at most 64 MP)")
-    p.add_argument("--outscale", type=float,
-                   help="final scale: the model's x4, then a Lanczos resize to this factor of the input "
-                        "(as Real-ESRGAN's --outscale), in (0, 16] (default 4: no resize)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        help=f"average this many samples, at most {DEFAULT_ROWS} (the noise bank; fewer for very "
+        "large models) (default 1; 8 with --std-map)",
+    )
+    p.add_argument(
+        "--std-map",
+        action="store_true",
+        help="also write <output>_std.png: per-pixel std across samples, 16-bit, 65535 = std 0.5",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=float,
+        help="refuse inputs with more pixels than this; memory grows with it, ~31 bytes per output "
+        f"pixel (44 with --samples) (default here {default_max_pixels():.0f}: what half the "
+        "RAM holds, at most 64 MP)",
+    )
+    p.add_argument(
+        "--outscale",
+        type=float,
+        help="final scale: the model's x4, then a Lanczos resize to this factor of the input "
+        "(as Real-ESRGAN's --outscale), in (0, 16] (default 4: no resize)",
+    )
     p.add_argument("--timings", action="store_true", help="print wall time and backend share per file")
-    p.add_argument("--report", metavar="FILE",
-                   help="write a JSON report: per file its output, status, reason and timings, and totals")
-    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
-                   help="spread the files over a Ray cluster (needs the cluster extra): ADDRESS is host:6379, "
-                        "ray://host:10001 or auto (the default: RAY_ADDRESS, a cluster started on this machine, "
-                        "else a new local one); paths must be on a filesystem every worker shares; outputs "
-                        "already there are kept (resume), as with --no-clobber")
-    p.add_argument("--workers", type=int,
-                   help="Ray workers, one Upscaler each (default: one per GPU of the cluster, else one per CPU)")
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write a JSON report: per file its output, status, reason and timings, and totals",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="spread the files over a Ray cluster (needs the cluster extra): ADDRESS is host:6379, "
+        "ray://host:10001 or auto (the default: RAY_ADDRESS, a cluster started on this machine, "
+        "else a new local one); paths must be on a filesystem every worker shares; outputs "
+        "already there are kept (resume), as with --no-clobber",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="Ray workers, one Upscaler each (default: one per GPU of the cluster, else one per CPU)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend selection details")
     return p
@@ -228,10 +273,11 @@ def _validate(args: argparse.Namespace) -> int:
 def _check_output_file(args: argparse.Namespace, sources: list[Path]) -> None:
     """An `-o` file takes one input, in a format we can write; a name without extension must be a folder."""
     out = Path(args.output) if args.output and args.output != "-" else None
-    if out is not None and not output_is_file(args.output) and (out.exists() or out.is_symlink()) \
-            and not out.is_dir():
-        raise UsageError(f"-o {printable(args.output)} is an existing file, not a folder: give a folder, or an "
-                         "output file name ending .png, .jpg or .webp")
+    if out is not None and not output_is_file(args.output) and (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise UsageError(
+            f"-o {printable(args.output)} is an existing file, not a folder: give a folder, or an "
+            "output file name ending .png, .jpg or .webp"
+        )
     if args.output and output_is_file(args.output):
         if len(sources) > 1:
             raise UsageError(f"-o {args.output} is a file but there are {len(sources)} inputs; give a folder")
@@ -265,11 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if samples > upscaler.max_samples:
         upscaler.close()
-        print(f"sr-upscale: error: --samples must be at most {upscaler.max_samples} for this model "
-              "(its noise bank)", file=sys.stderr)
+        print(
+            f"sr-upscale: error: --samples must be at most {upscaler.max_samples} for this model (its noise bank)",
+            file=sys.stderr,
+        )
         return 2
-    print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})",
-          file=sys.stderr)
+    print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})", file=sys.stderr)
     failures = [f"{name}: {why}" for name, why in unmatched]
     inputs = {resolved(p) for p in sources}
     written: set[Path] = set()
@@ -277,8 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.files += [{"input": name, "status": "failed", "reason": why} for name, why in unmatched]
     status = 0
     try:
-        with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file",
-                                               disable=args.quiet or None) as files:
+        with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
             for src in files:
                 dest = output_path(src, options)
                 try:
@@ -319,8 +365,11 @@ class RunReport:
         if reason:
             entry["reason"] = reason
         if notes is not None:
-            entry |= {"seconds": round(notes.seconds, 3), "backend_seconds": round(notes.backend_seconds, 3),
-                      "tiles": notes.tiles}
+            entry |= {
+                "seconds": round(notes.seconds, 3),
+                "backend_seconds": round(notes.backend_seconds, 3),
+                "tiles": notes.tiles,
+            }
         self.files.append(entry)
 
     def count(self, status: str) -> int:
@@ -328,24 +377,46 @@ class RunReport:
 
     def summary(self) -> str:
         skipped = f", {self.count('skipped')} skipped" if self.count("skipped") else ""
-        return (f"{self.count('done')} done, {self.count('failed')} failed{skipped} in "
-                f"{time.perf_counter() - self.started:.1f} s")
+        return (
+            f"{self.count('done')} done, {self.count('failed')} failed{skipped} in "
+            f"{time.perf_counter() - self.started:.1f} s"
+        )
 
     def as_dict(self, status: int) -> dict[str, object]:
-        return {"version": self.version, "model": self.model, "backend": self.backend, "precision": self.precision,
-                "exit_status": status, "seconds": round(time.perf_counter() - self.started, 3),
-                "done": self.count("done"), "failed": self.count("failed"), "skipped": self.count("skipped"),
-                "files": self.files}
+        return {
+            "version": self.version,
+            "model": self.model,
+            "backend": self.backend,
+            "precision": self.precision,
+            "exit_status": status,
+            "seconds": round(time.perf_counter() - self.started, 3),
+            "done": self.count("done"),
+            "failed": self.count("failed"),
+            "skipped": self.count("skipped"),
+            "files": self.files,
+        }
 
 
 def options_from(args: argparse.Namespace, samples: int) -> UpscaleOptions:
     """The checked flags as the typed options every file is done with, here or on a runner's workers."""
     return UpscaleOptions(
-        model=args.model, backend=args.backend, precision=args.precision, temperature=args.temperature,
-        seed=args.seed, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+        model=args.model,
+        backend=args.backend,
+        precision=args.precision,
+        temperature=args.temperature,
+        seed=args.seed,
+        tile_overlap=args.tile_overlap,
+        batch_size=args.batch_size,
         max_pixels=None if args.max_pixels is None else int(args.max_pixels),
-        samples=samples, output=args.output, suffix=args.suffix, ext=args.ext, std_map=args.std_map,
-        outscale=args.outscale, no_clobber=args.no_clobber, timings=args.timings, quiet=args.quiet,
+        samples=samples,
+        output=args.output,
+        suffix=args.suffix,
+        ext=args.ext,
+        std_map=args.std_map,
+        outscale=args.outscale,
+        no_clobber=args.no_clobber,
+        timings=args.timings,
+        quiet=args.quiet,
     )
 
 
@@ -362,13 +433,15 @@ def _run_on_ray(job: BatchJob) -> int:
     return runner(job)
 
 
-def _process(upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path],
-             options: UpscaleOptions) -> FileNotes | None:
+def _process(
+    upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], options: UpscaleOptions
+) -> FileNotes | None:
     """Upscale one file (None: skipped); `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
     targets = output_targets(dest, options)
     if options.no_clobber and dest != STDIO and any(t.exists() for t in targets):
-        logging.getLogger("sr_runtime").warning("%s: skipped, %s exists (--no-clobber)", printable(str(src)),
-                                                printable(str(dest)))
+        logging.getLogger("sr_runtime").warning(
+            "%s: skipped, %s exists (--no-clobber)", printable(str(src)), printable(str(dest))
+        )
         return None
     if dest != STDIO:
         check_targets(src, targets, inputs, written)

@@ -48,8 +48,10 @@ def name_too_long(path: str | os.PathLike[str]) -> str | None:
         limit = 255
     length = len(os.fsencode(target.name))
     if length + TEMP_NAME_EXTRA > limit:
-        return (f"output name is {length} bytes; with the {TEMP_NAME_EXTRA} its temporary file adds it must stay "
-                f"within {limit} (the filesystem's limit): use a shorter name or --suffix")
+        return (
+            f"output name is {length} bytes; with the {TEMP_NAME_EXTRA} its temporary file adds it must stay "
+            f"within {limit} (the filesystem's limit): use a shorter name or --suffix"
+        )
     return None
 
 

@@ -116,8 +116,7 @@ def _decode_file(source: Path | io.BytesIO, size: int, name: str, max_pixels: in
     except SRInputError:
         raise
     except UnidentifiedImageError:
-        raise SRInputError(
-            f"{p}: not an image (or not one of {', '.join(RASTER_FORMATS)})") from None
+        raise SRInputError(f"{p}: not an image (or not one of {', '.join(RASTER_FORMATS)})") from None
     except Image.DecompressionBombError:
         raise SRInputError(f"{p}: refused as a decompression bomb (too many pixels for Pillow)") from None
     except MemoryError:
@@ -159,8 +158,10 @@ def _check_jpeg_data(img: Image.Image, size: int, path: str) -> None:
         return
     blocks = math.ceil(img.size[0] / 8) * math.ceil(img.size[1] / 8)
     if size * 8 * 2 < blocks:
-        raise SRInputError(f"{path}: the JPEG header says {img.size[0]}x{img.size[1]} but the file has only {size} "
-                           "bytes, too few for that many pixels (truncated or forged)")
+        raise SRInputError(
+            f"{path}: the JPEG header says {img.size[0]}x{img.size[1]} but the file has only {size} "
+            "bytes, too few for that many pixels (truncated or forged)"
+        )
 
 
 def _check_exif(img: Image.Image, path: str) -> None:

@@ -31,8 +31,11 @@ from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 #: zlib level 3: as fast as level 1 and ~12% larger than the default 6, which alone took
 #: longer than all tiling and blending of a 2048x2048 result.
-SAVE_OPTIONS: dict[str, dict[str, int]] = {"PNG": {"compress_level": 3}, "JPEG": {"quality": 95},
-                                           "WEBP": {"quality": 95}}
+SAVE_OPTIONS: dict[str, dict[str, int]] = {
+    "PNG": {"compress_level": 3},
+    "JPEG": {"quality": 95},
+    "WEBP": {"quality": 95},
+}
 #: What one input may fail with: reported as `failed: <input>: <reason>`, the batch goes on.
 FILE_ERRORS = (SRInputError, OSError, MemoryError)
 #: The `-` of `sr-upscale - -o -`: standard input as the input, standard output as the output.
@@ -66,9 +69,15 @@ class UpscaleOptions:
     def build_upscaler(self, cpu_threads: int | None = None) -> Upscaler:
         """The Upscaler these options describe (`cpu_threads`: a worker's share of its node)."""
         return Upscaler(
-            self.model, backend=self.backend, temperature=self.temperature, seed=self.seed,
-            tile_overlap=self.tile_overlap, batch_size=self.batch_size, precision=self.precision,
-            max_pixels=self.max_pixels, cpu_threads=cpu_threads,
+            self.model,
+            backend=self.backend,
+            temperature=self.temperature,
+            seed=self.seed,
+            tile_overlap=self.tile_overlap,
+            batch_size=self.batch_size,
+            precision=self.precision,
+            max_pixels=self.max_pixels,
+            cpu_threads=cpu_threads,
         )
 
 
@@ -154,6 +163,7 @@ def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], optio
     notes = FileNotes([f"{src}: {message}" for message in dict.fromkeys(str(w.message).strip() for w in caught)])
     stats = RunStats()
     with tqdm(desc=src.name, unit="tile", leave=False, disable=options.quiet or None) as bar:
+
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -175,8 +185,10 @@ def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], optio
     notes.seconds, notes.backend_seconds, notes.tiles = wall, stats.backend_seconds, stats.tiles
     if options.timings:
         share = 1.0 - stats.backend_seconds / wall if wall > 0 else 0.0
-        notes.timing = (f"{src} -> {targets[0]}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
-                        f"({stats.tiles} tiles), {share:.1%} outside the backend")
+        notes.timing = (
+            f"{src} -> {targets[0]}: {wall:.2f} s wall, backend {stats.backend_seconds:.2f} s "
+            f"({stats.tiles} tiles), {share:.1%} outside the backend"
+        )
     return notes
 
 

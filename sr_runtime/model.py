@@ -140,11 +140,7 @@ def load_model_spec(model: str | os.PathLike[str] | None = None) -> ModelSpec:
     manifest_path = directory if directory.is_file() else directory / "manifest.json"
     directory = manifest_path.parent
     if not manifest_path.is_file():
-        hint = (
-            f" (the shipped default; export one with `sr-export` or set {MODEL_DIR_ENV})"
-            if model is None
-            else ""
-        )
+        hint = f" (the shipped default; export one with `sr-export` or set {MODEL_DIR_ENV})" if model is None else ""
         raise SRModelError(f"no model manifest at {manifest_path}{hint}")
     try:
         if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -249,8 +245,12 @@ def _parse_frame(raw: dict, directory: Path) -> ModelSpec:
     if not isinstance(raw_levels, list) or not raw_levels:
         raise TypeError("noise_levels must be a non-empty list")
     for k, entry in enumerate(raw_levels):
-        level = NoiseLevel(name=str(entry["name"]), channels=_int(entry["channels"], "noise channels", 1, 1 << 16),
-                           scale=float(entry["scale"]), stream=_int(entry["stream"], "noise stream", 0, 1 << 16))
+        level = NoiseLevel(
+            name=str(entry["name"]),
+            channels=_int(entry["channels"], "noise channels", 1, 1 << 16),
+            scale=float(entry["scale"]),
+            stream=_int(entry["stream"], "noise stream", 0, 1 << 16),
+        )
         if not level.name.startswith("noise_") or not level.name.isidentifier():
             raise ValueError(f"noise_levels[{k}].name {level.name!r} is not a noise_<res> input name")
         if not (0 < level.scale <= 64) or (multiple * level.scale) != round(multiple * level.scale):
@@ -259,8 +259,11 @@ def _parse_frame(raw: dict, directory: Path) -> ModelSpec:
     files, sums = _onnx_entries(raw["onnx"], directory, "onnx")
     det_files, det_sums = _onnx_entries(raw["onnx_deterministic"], directory, "onnx_deterministic")
     memory = raw.get("memory", {})
-    per_px = _int(memory.get("bytes_per_lr_pixel", 0), "memory.bytes_per_lr_pixel", 0, MAX_BYTES_PER_PIXEL) \
-        if isinstance(memory, dict) else 0
+    per_px = (
+        _int(memory.get("bytes_per_lr_pixel", 0), "memory.bytes_per_lr_pixel", 0, MAX_BYTES_PER_PIXEL)
+        if isinstance(memory, dict)
+        else 0
+    )
     io_files: dict[str, Path] = {}
     io_sums: dict[str, str] = {}
     raw_io = raw.get("io_graphs", {})
@@ -273,11 +276,25 @@ def _parse_frame(raw: dict, directory: Path) -> ModelSpec:
             raise ValueError(f"io_graphs.{key}.sha256 must be the file's 64-digit hex sha256")
     name = str(raw.get("name", directory.name))
     return ModelSpec(
-        directory=directory, name="".join(c if c.isprintable() else "?" for c in name), scale=scale,
-        lr_size=(lr_h, lr_w), noise_dim=0, batch_min=batch_min, batch_opt=batch_opt, batch_max=batch_max,
-        onnx_files=files, onnx_sha256=sums, kind=KIND_FULLY_CONVOLUTIONAL, lr_multiple=multiple,
-        receptive_radius=radius, noise_levels=tuple(levels), deterministic_files=det_files,
-        deterministic_sha256=det_sums, bytes_per_lr_pixel=per_px, io_files=io_files, io_sha256=io_sums,
+        directory=directory,
+        name="".join(c if c.isprintable() else "?" for c in name),
+        scale=scale,
+        lr_size=(lr_h, lr_w),
+        noise_dim=0,
+        batch_min=batch_min,
+        batch_opt=batch_opt,
+        batch_max=batch_max,
+        onnx_files=files,
+        onnx_sha256=sums,
+        kind=KIND_FULLY_CONVOLUTIONAL,
+        lr_multiple=multiple,
+        receptive_radius=radius,
+        noise_levels=tuple(levels),
+        deterministic_files=det_files,
+        deterministic_sha256=det_sums,
+        bytes_per_lr_pixel=per_px,
+        io_files=io_files,
+        io_sha256=io_sums,
     )
 
 

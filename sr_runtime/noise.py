@@ -135,9 +135,7 @@ def _splitmix64_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def position_noise(
-    seed: int, stream: int, channels: int, y0: int, x0: int, height: int, width: int
-) -> np.ndarray:
+def position_noise(seed: int, stream: int, channels: int, y0: int, x0: int, height: int, width: int) -> np.ndarray:
     """Standard normal noise `[channels, height, width]` float32, a pure function of
     `(seed, stream, channel, y0 + i, x0 + j)`.
 
@@ -199,8 +197,9 @@ class FrameNoise:
             cached = []
             for level in self.levels:
                 h, w = level.size(*frame)
-                noise = position_noise(self.seed, level.stream + sample * SAMPLE_STREAM_STRIDE, level.channels,
-                                       0, 0, h, w)
+                noise = position_noise(
+                    self.seed, level.stream + sample * SAMPLE_STREAM_STRIDE, level.channels, 0, 0, h, w
+                )
                 noise *= np.float32(self.temperature)
                 cached.append(noise)
             while len(self._cache) >= self._keep:

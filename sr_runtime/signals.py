@@ -10,6 +10,7 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """While active, SIGTERM raises SystemExit(143): `finally` blocks remove temp files as on Ctrl-C."""
+
     def terminate(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 

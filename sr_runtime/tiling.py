@@ -178,8 +178,11 @@ class FramePlan:
 
     def tiles(self) -> list[tuple[int, int, tuple[int, int], tuple[int, int]]]:
         """(y0, x0, keep rows, keep cols) of every tile in raster order."""
-        return [(y, x, ky, kx) for y, ky in zip(self.ys, self.keep_y, strict=True)
-                for x, kx in zip(self.xs, self.keep_x, strict=True)]
+        return [
+            (y, x, ky, kx)
+            for y, ky in zip(self.ys, self.keep_y, strict=True)
+            for x, kx in zip(self.xs, self.keep_x, strict=True)
+        ]
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -143,8 +143,9 @@ class Upscaler:
         """
         self.spec = load_model_spec(model)
         if self.spec.fully_convolutional:
-            self._init_frames(backend, precision, temperature, seed, max_pixels, cpu_threads, frame_pixels,
-                              prefer_nhwc, uint8_io)
+            self._init_frames(
+                backend, precision, temperature, seed, max_pixels, cpu_threads, frame_pixels, prefer_nhwc, uint8_io
+            )
             return
         self._frame_backend: FrameBackend | None = None
         self._frames: FrameNoise | None = None
@@ -152,8 +153,9 @@ class Upscaler:
         tile = self.spec.lr_size
         tile_overlap = checked_int("tile_overlap", tile_overlap, 0)
         plan_tiles(tile[0], tile[1], tile, tile_overlap)  # validates the overlap early
-        batch = self._batch_limit() if batch_size is None else checked_int(
-            "batch_size", batch_size, 1, self._batch_limit())
+        batch = (
+            self._batch_limit() if batch_size is None else checked_int("batch_size", batch_size, 1, self._batch_limit())
+        )
         if max_pixels is None:
             max_pixels = default_max_pixels(self.spec.scale)
         elif isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)):
@@ -169,15 +171,24 @@ class Upscaler:
         self._bank = NoiseBank.create(
             self.spec.noise_dim, temperature=self.temperature, seed=seed, max_batch=batch, rows=noise_rows
         )
-        self._backend: Backend = create_backend(self.spec, backend, precision, self._bank,
-                                                batch_buckets(self.spec, batch), cpu_threads)
+        self._backend: Backend = create_backend(
+            self.spec, backend, precision, self._bank, batch_buckets(self.spec, batch), cpu_threads
+        )
         self.backend: str = self._backend.name
         self.precision: str = self._backend.precision
         self._lock = threading.Lock()
 
     def _init_frames(
-        self, backend: str, precision: str, temperature: float, seed: int, max_pixels: int | float | None,
-        cpu_threads: int | None, frame_pixels: int | None, prefer_nhwc: bool, uint8_io: bool | None,
+        self,
+        backend: str,
+        precision: str,
+        temperature: float,
+        seed: int,
+        max_pixels: int | float | None,
+        cpu_threads: int | None,
+        frame_pixels: int | None,
+        prefer_nhwc: bool,
+        uint8_io: bool | None,
     ) -> None:
         """Whole-frame set-up: a frame backend (the deterministic graph at temperature 0) and the frame noise."""
         if max_pixels is None:
@@ -197,8 +208,9 @@ class Upscaler:
         self.tile_overlap = 2 * self.spec.receptive_radius
         self.batch_size = 1
         self._frames = None if self.temperature == 0 else FrameNoise(self.spec.noise_levels, self.temperature, seed)
-        self._frame_backend = create_frame_backend(self.spec, backend, precision, self.temperature == 0,
-                                                   cpu_threads, prefer_nhwc, cpu_uint8_io=bool(uint8_io))
+        self._frame_backend = create_frame_backend(
+            self.spec, backend, precision, self.temperature == 0, cpu_threads, prefer_nhwc, cpu_uint8_io=bool(uint8_io)
+        )
         self._uint8_io = self._frame_backend.uint8_io and uint8_io is not False
         self.backend = self._frame_backend.name
         self.precision = self._frame_backend.precision
@@ -210,8 +222,10 @@ class Upscaler:
         row_bytes = self.spec.noise_dim * np.dtype(np.float32).itemsize
         fits = MAX_BANK_BYTES // row_bytes - MIN_ROWS + 1
         if fits < 1:
-            raise SRModelError(f"model {self.spec.name!r}: noise_dim {self.spec.noise_dim} would need a noise bank "
-                               f"over {MAX_BANK_BYTES >> 20} MiB")
+            raise SRModelError(
+                f"model {self.spec.name!r}: noise_dim {self.spec.noise_dim} would need a noise bank "
+                f"over {MAX_BANK_BYTES >> 20} MiB"
+            )
         return min(self.spec.batch_max, fits)
 
     @property
@@ -234,19 +248,31 @@ class Upscaler:
 
     @overload
     def run(
-        self, img: str | os.PathLike[str], samples: None = None, *, progress: Progress | None = None,
+        self,
+        img: str | os.PathLike[str],
+        samples: None = None,
+        *,
+        progress: Progress | None = None,
         stats: RunStats | None = None,
     ) -> Image.Image: ...
 
     @overload
     def run(
-        self, img: ImageLike, samples: None = None, *, progress: Progress | None = None,
+        self,
+        img: ImageLike,
+        samples: None = None,
+        *,
+        progress: Progress | None = None,
         stats: RunStats | None = None,
     ) -> ImageLike: ...
 
     @overload
     def run(
-        self, img: str | os.PathLike[str], samples: int, *, progress: Progress | None = None,
+        self,
+        img: str | os.PathLike[str],
+        samples: int,
+        *,
+        progress: Progress | None = None,
         stats: RunStats | None = None,
     ) -> tuple[Image.Image, np.ndarray]: ...
 
@@ -397,7 +423,8 @@ class Upscaler:
         if not finite:
             raise SRInputError(
                 f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
-                "a lower temperature may help")
+                "a lower temperature may help"
+            )
         out = out[0]
         if stats is not None:
             stats.backend_seconds += time.perf_counter() - t0
@@ -418,7 +445,8 @@ class Upscaler:
         if not np.isfinite(hr).all():
             raise SRInputError(
                 f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
-                "a lower temperature may help")
+                "a lower temperature may help"
+            )
         if stats is not None:
             stats.backend_seconds += time.perf_counter() - t0
             stats.tiles += count
@@ -470,7 +498,6 @@ class Upscaler:
             m2 += delta * (result - mean)
         return mean, None if m2 is None else np.sqrt(m2 / samples).mean(axis=0)
 
-
     def _upscale_frame(
         self, decoded: Decoded, samples: int, progress: Progress | None, stats: RunStats | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -502,8 +529,9 @@ class Upscaler:
                 for y0, x0, (ky0, ky1), (kx0, kx1) in plan.tiles():
                     tile = np.ascontiguousarray(padded[None, :, y0 : y0 + th, x0 : x0 + tw])
                     hr = self._run_frame_backend(tile, self._frame_noise(plan, sample, y0, x0), stats)
-                    result[:, ky0 * s : ky1 * s, kx0 * s : kx1 * s] = \
-                        hr[0, :, (ky0 - y0) * s : (ky1 - y0) * s, (kx0 - x0) * s : (kx1 - x0) * s]
+                    result[:, ky0 * s : ky1 * s, kx0 * s : kx1 * s] = hr[
+                        0, :, (ky0 - y0) * s : (ky1 - y0) * s, (kx0 - x0) * s : (kx1 - x0) * s
+                    ]
                     done += 1
                     if progress is not None:
                         progress(done, total)
@@ -535,7 +563,8 @@ class Upscaler:
         if not np.isfinite(hr).all():
             raise SRInputError(
                 f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
-                "a lower temperature may help")
+                "a lower temperature may help"
+            )
         if stats is not None:
             stats.backend_seconds += time.perf_counter() - t0
             stats.tiles += 1

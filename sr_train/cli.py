@@ -56,17 +56,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = read_checkpoint_meta(run / "latest").get("model")
         run_preset = model.get("name") if isinstance(model, dict) else None
         if args.preset is not None and args.preset != run_preset:
-            raise ValueError(f"{run} is a {run_preset} run: resuming keeps its model, --preset {args.preset} "
-                             "cannot apply (use a new --run-dir)")
+            raise ValueError(
+                f"{run} is a {run_preset} run: resuming keeps its model, --preset {args.preset} "
+                "cannot apply (use a new --run-dir)"
+            )
         if args.init_checkpoint or args.init_vdvae:
-            raise ValueError(f"{run} is resumed from its own weights: --init-checkpoint/--init-vdvae apply to "
-                             "a new run only")
+            raise ValueError(
+                f"{run} is resumed from its own weights: --init-checkpoint/--init-vdvae apply to a new run only"
+            )
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     result = train(TrainConfig(**values))
     if result["signal"] is not None:
         name = signal.Signals(result["signal"]).name
-        print(f"sr-train: stopped by {name} at step {result['step']}, checkpoint saved in {run} (the same command "
-              "resumes)", file=sys.stderr)
+        print(
+            f"sr-train: stopped by {name} at step {result['step']}, checkpoint saved in {run} (the same command "
+            "resumes)",
+            file=sys.stderr,
+        )
         return 128 + int(result["signal"])
     last = result.get("elbo", result.get("loss"))
     tail = "no step left to run" if last is None else f"last loss {last:.4f}"
@@ -96,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     parity = sub.add_parser("vdvae-parity", help="worst error per tensor group against an official-VDVAE fixture")
-    parity.add_argument("--reference",
-                        help="fixture directory (default: $VDVAE_REFERENCE_DIR or tests/fixtures/vdvae_reference)")
+    parity.add_argument(
+        "--reference", help="fixture directory (default: $VDVAE_REFERENCE_DIR or tests/fixtures/vdvae_reference)"
+    )
     parity.add_argument("--atol", type=float, default=1e-4, help="exit 1 if any error exceeds this")
     parity.set_defaults(func=cmd_vdvae_parity)
 
@@ -109,23 +116,41 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-vdvae", help="official VDVAE *-model(-ema).th for the HR encoder + decoder")
     tr.add_argument("--freeze-hr-encoder", action="store_true", default=None)
     tr.add_argument("--train-decoder-blocks", help="decoder blocks that train, e.g. '0-10,40' (default all)")
-    tr.add_argument("--objective", choices=["elbo", "skip"],
-                    help="elbo (default): VDVAE's loss; skip: L1 of the LR skip alone (conditioning warm-up)")
-    tr.add_argument("--kl-warmup-steps", type=non_negative_int,
-                    help="ramp the KL weight 0 -> 1 over these steps (default 0)")
-    tr.add_argument("--free-bits", type=float,
-                    help="nats per latent channel and position that cost nothing (default 0: the plain ELBO)")
-    tr.add_argument("--prior-l1-weight", type=float,
-                    help="add this x the L1 of the temperature-0 output to the ELBO (default 0)")
-    tr.add_argument("--max-log-scale", type=float,
-                    help="cap the likelihood's logistic log-scales in the loss (e.g. -4.5): residual texture "
-                         "then has to be carried by the latents (default: no cap, VDVAE's loss)")
+    tr.add_argument(
+        "--objective",
+        choices=["elbo", "skip"],
+        help="elbo (default): VDVAE's loss; skip: L1 of the LR skip alone (conditioning warm-up)",
+    )
+    tr.add_argument(
+        "--kl-warmup-steps", type=non_negative_int, help="ramp the KL weight 0 -> 1 over these steps (default 0)"
+    )
+    tr.add_argument(
+        "--free-bits",
+        type=float,
+        help="nats per latent channel and position that cost nothing (default 0: the plain ELBO)",
+    )
+    tr.add_argument(
+        "--prior-l1-weight", type=float, help="add this x the L1 of the temperature-0 output to the ELBO (default 0)"
+    )
+    tr.add_argument(
+        "--max-log-scale",
+        type=float,
+        help="cap the likelihood's logistic log-scales in the loss (e.g. -4.5): residual texture "
+        "then has to be carried by the latents (default: no cap, VDVAE's loss)",
+    )
     tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
-    tr.add_argument("--crop-size", type=positive_int,
-                    help="HR training crop, a multiple of the model's stride (fully convolutional presets)")
-    tr.add_argument("--scale-aug", type=scale_range, metavar="LO,HI",
-                    help="scale augmentation: downscale each HR crop's source by a random factor in [LO, HI] "
-                         "(e.g. 0.5,1; default off)")
+    tr.add_argument(
+        "--crop-size",
+        type=positive_int,
+        help="HR training crop, a multiple of the model's stride (fully convolutional presets)",
+    )
+    tr.add_argument(
+        "--scale-aug",
+        type=scale_range,
+        metavar="LO,HI",
+        help="scale augmentation: downscale each HR crop's source by a random factor in [LO, HI] "
+        "(e.g. 0.5,1; default off)",
+    )
     tr.add_argument("--steps", type=positive_int, help="total steps (default 1000)")
     tr.add_argument("--batch-size", type=positive_int, help="per process (default 4)")
     tr.add_argument("--lr", type=float)
@@ -144,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=positive_int, help="torch CPU threads")
     tr.add_argument("--max-minutes", type=float, help="stop and save after this wall time (resume later)")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): CUDA when present")
-    tr.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                    help="autocast precision (default fp32); the DMoL loss and KL stay fp32")
+    tr.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast precision (default fp32); the DMoL loss and KL stay fp32",
+    )
     tr.set_defaults(func=cmd_train)
 
     # Listed for --help; main() hands its arguments to sr_train.fetch_data.

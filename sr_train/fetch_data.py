@@ -151,25 +151,22 @@ def make_ground_truth(photo: Photo, data: bytes, out_root: Path, log: TextIO) ->
     """Check a source file against the manifest and write its ground-truth PNG."""
     digest = hashlib.sha256(data).hexdigest()
     if photo.sha256 and digest != photo.sha256:
-        print(
-            f"  warning: {photo.name}: source sha256 {digest} differs from the manifest", file=log
-        )
+        print(f"  warning: {photo.name}: source sha256 {digest} differs from the manifest", file=log)
     try:
         with Image.open(io.BytesIO(data), formats=RASTER_FORMATS) as src:
             if src.size != (photo.w, photo.h):
                 print(
-                    f"  warning: {photo.name}: source is {src.size}, manifest says "
-                    f"{(photo.w, photo.h)}",
+                    f"  warning: {photo.name}: source is {src.size}, manifest says {(photo.w, photo.h)}",
                     file=log,
                 )
             im = downscale(src.convert("RGB"), photo.downscale)
     except Exception as exc:  # noqa: BLE001 -- any decoder error fails this photo, not the run
-        raise FetchError(f"{photo.name}: {photo.path} is not a readable raster image "
-                         f"({type(exc).__name__}: {exc})") from None
+        raise FetchError(
+            f"{photo.name}: {photo.path} is not a readable raster image ({type(exc).__name__}: {exc})"
+        ) from None
     _save_png_atomic(im, photo.output(out_root))
     print(
-        f"  {photo.split:5s} {photo.name}  {src.size[0]}x{src.size[1]} -> "
-        f"{im.size[0]}x{im.size[1]}",
+        f"  {photo.split:5s} {photo.name}  {src.size[0]}x{src.size[1]} -> {im.size[0]}x{im.size[1]}",
         file=log,
         flush=True,
     )
@@ -225,9 +222,7 @@ def apt_download(package: str, cache: Path) -> Path:
         f"{package}_*.deb (from packages.debian.org) into {cache} and run again",
     )
     cache.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [apt, "download", package], check=False, cwd=cache, capture_output=True, text=True
-    )
+    proc = subprocess.run([apt, "download", package], check=False, cwd=cache, capture_output=True, text=True)
     cached = sorted(cache.glob(f"{package}_*.deb"))
     if proc.returncode != 0 or not cached:
         hint = " (try 'apt-get update' first)" if "locate" in proc.stderr else ""
@@ -239,9 +234,7 @@ def iter_deb_files(deb: Path, wanted: Iterable[str]) -> Iterable[tuple[str, byte
     """Yield (path, bytes) for the wanted paths, streamed from the .deb's data archive."""
     dpkg = _require_tool("dpkg-deb", "install dpkg to unpack .deb files")
     wanted_set = {p.lstrip("/") for p in wanted}
-    with subprocess.Popen(
-        [dpkg, "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    ) as proc:
+    with subprocess.Popen([dpkg, "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stdout is not None
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for member in tar:
@@ -259,10 +252,7 @@ def iter_deb_files(deb: Path, wanted: Iterable[str]) -> Iterable[tuple[str, byte
 def _wheel_file(photo: Photo) -> Path:
     spec = importlib.util.find_spec(photo.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FetchError(
-            f"Python package '{photo.package}' is not installed: it carries "
-            f"validation photo {photo.name}"
-        )
+        raise FetchError(f"Python package '{photo.package}' is not installed: it carries validation photo {photo.name}")
     return Path(next(iter(spec.submodule_search_locations))) / photo.path
 
 
@@ -338,10 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     photos = read_manifest(args.manifest)
     errors = fetch(photos, args.out, args.cache, sys.stdout)
     write_out_manifest(photos, args.out)
-    counts = {
-        s: sum(p.output(args.out).exists() for p in photos if p.split == s)
-        for s in ("train", "val")
-    }
+    counts = {s: sum(p.output(args.out).exists() for p in photos if p.split == s) for s in ("train", "val")}
     print(
         f"done in {time.perf_counter() - start:.0f} s: {counts['train']} train, "
         f"{counts['val']} val photos in {args.out}"

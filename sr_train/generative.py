@@ -142,24 +142,37 @@ def evaluate_generative(
     t0 = run(0.0, seed)
     bar.update()
     err0 = [np.abs(rgb_to_y(s) - rgb_to_y(h)) for s, h in zip(t0, hrs, strict=True)]
-    rows = [{"temperature": 0.0, **quality(t0), "diversity_textured": 0.0, "diversity_flat": 0.0,
-             "std_error_r": float("nan")}]
+    rows = [
+        {
+            "temperature": 0.0,
+            **quality(t0),
+            "diversity_textured": 0.0,
+            "diversity_flat": 0.0,
+            "std_error_r": float("nan"),
+        }
+    ]
     for t in temps[1:]:
         draws = []
         for k in range(samples):
             draws.append(run(t, seed + k))
             bar.update()
         stds = [np.stack([rgb_to_y(d[i]) for d in draws]).std(axis=0) for i in range(len(hrs))]
-        rows.append({
-            "temperature": t,
-            **quality(draws[0]),
-            "diversity_textured": float(np.mean([s[m].mean() for s, (m, _) in zip(stds, masks, strict=True)])),
-            "diversity_flat": float(np.mean([s[m].mean() for s, (_, m) in zip(stds, masks, strict=True)])),
-            "std_error_r": float(np.mean([
-                pearson(box_filter(s, SMOOTH_WINDOW), box_filter(e, SMOOTH_WINDOW))
-                for s, e in zip(stds, err0, strict=True)
-            ])),
-        })
+        rows.append(
+            {
+                "temperature": t,
+                **quality(draws[0]),
+                "diversity_textured": float(np.mean([s[m].mean() for s, (m, _) in zip(stds, masks, strict=True)])),
+                "diversity_flat": float(np.mean([s[m].mean() for s, (_, m) in zip(stds, masks, strict=True)])),
+                "std_error_r": float(
+                    np.mean(
+                        [
+                            pearson(box_filter(s, SMOOTH_WINDOW), box_filter(e, SMOOTH_WINDOW))
+                            for s, e in zip(stds, err0, strict=True)
+                        ]
+                    )
+                ),
+            }
+        )
     bar.close()
     result["model"] = rows
     return result
@@ -186,6 +199,9 @@ def markdown_table(result: Mapping[str, Any], label: str) -> str:
     for r in result["model"]:
         lines.append(f"| {label} | {r['temperature']:g} | {cells(r, True)} |")
     patches_note = f"; KID/FID over {PATCH}x{PATCH} patches at stride {PATCH_STRIDE}" if has_kid else ""
-    lines += ["", f"{result['n_images']} images, {result['samples']} samples per temperature > 0, "
-              f"seed {result['seed']}{patches_note}."]
+    lines += [
+        "",
+        f"{result['n_images']} images, {result['samples']} samples per temperature > 0, "
+        f"seed {result['seed']}{patches_note}.",
+    ]
     return "\n".join(lines) + "\n"

@@ -29,8 +29,14 @@ class ModelInfo:
 
 def parameter_groups(model: VDVAESR) -> dict[str, int]:
     """HR encoder, LR encoder, skip upsampler, decoder prior path, decoder posterior, head."""
-    groups = {"hr_encoder": 0, "lr_encoder": 0, "skip_upsampler": 0, "decoder_prior_path": 0, "decoder_posterior": 0,
-              "head": 0}
+    groups = {
+        "hr_encoder": 0,
+        "lr_encoder": 0,
+        "skip_upsampler": 0,
+        "decoder_prior_path": 0,
+        "decoder_posterior": 0,
+        "head": 0,
+    }
     for name, p in model.named_parameters():
         if name.startswith("hr_encoder."):
             key = "hr_encoder"

@@ -102,8 +102,10 @@ class VDVAESRConfig:
         start = dec[0][0] if dec else None
         if self.fully_convolutional:
             if start not in ends["lr_enc_blocks"] or dec[0][1] is not None:
-                raise ValueError(f"dec_blocks must start, without a mixin, at a resolution the LR encoder "
-                                 f"provides ({ends['lr_enc_blocks']}), starts at {start}")
+                raise ValueError(
+                    f"dec_blocks must start, without a mixin, at a resolution the LR encoder "
+                    f"provides ({ends['lr_enc_blocks']}), starts at {start}"
+                )
             if not self.lr_skip:
                 raise ValueError("a fully convolutional preset needs lr_skip")
         elif start != 1:
@@ -113,7 +115,9 @@ class VDVAESRConfig:
         widths = self.widths()
         for res, mixin in dec:
             if mixin is not None and widths[mixin] < widths[res]:
-                raise ValueError(f"block {res}m{mixin}: width may not grow with resolution ({widths[mixin]} -> {widths[res]})")
+                raise ValueError(
+                    f"block {res}m{mixin}: width may not grow with resolution ({widths[mixin]} -> {widths[res]})"
+                )
 
     def widths(self) -> dict[int, int]:
         return width_map(self.width, self.custom_width_str)
@@ -239,7 +243,9 @@ class Encoder(nn.Module):
         layers = parse_layer_string(blocks)
         self.in_conv = conv(3, widths[top_res], 3)
         modules = [
-            Block(widths[res], int(widths[res] * bottleneck), widths[res], down_rate=down, residual=True, use_3x3=res > 2)
+            Block(
+                widths[res], int(widths[res] * bottleneck), widths[res], down_rate=down, residual=True, use_3x3=res > 2
+            )
             for res, down in layers
         ]
         for b in modules:
@@ -334,7 +340,11 @@ class Decoder(nn.Module):
         self.bias_xs = nn.ParameterDict(
             {}
             if cfg.fully_convolutional
-            else {str(r): nn.Parameter(torch.zeros(1, widths[r], r, r)) for r in self.resolutions if r <= cfg.no_bias_above}
+            else {
+                str(r): nn.Parameter(torch.zeros(1, widths[r], r, r))
+                for r in self.resolutions
+                if r <= cfg.no_bias_above
+            }
         )
         out_width = widths[cfg.hr_size]
         self.gain = nn.Parameter(torch.ones(1, out_width, 1, 1))
@@ -601,8 +611,7 @@ class VDVAESR(nn.Module):
         if len(levels) != len(self.noise_levels):
             raise ValueError(f"expected {len(self.noise_levels)} noise levels, got {len(levels)}")
         chunks = {
-            res: list(t.split(self.config.zdim, dim=1))
-            for (res, _), t in zip(self.noise_levels, levels, strict=True)
+            res: list(t.split(self.config.zdim, dim=1)) for (res, _), t in zip(self.noise_levels, levels, strict=True)
         }
         return [chunks[b.res].pop(0) for b in self.decoder.blocks()]
 
@@ -716,8 +725,10 @@ class VDVAESR(nn.Module):
             lr_acts = self.lr_encoder(self.encoder_input(lr))
         hr_hw = (hr.shape[2], hr.shape[3])
         if eps is None:
-            eps = [torch.randn(hr.shape[0], c, h, w, device=hr.device, dtype=hr.dtype)
-                   for c, h, w in self.latent_shapes_for(hr_hw)]
+            eps = [
+                torch.randn(hr.shape[0], c, h, w, device=hr.device, dtype=hr.dtype)
+                for c, h, w in self.latent_shapes_for(hr_hw)
+            ]
         return self.decoder(hr.shape[0], hr, lr_acts=lr_acts, hr_acts=hr_acts, eps=eps, hr_hw=hr_hw)
 
     def mean_base(self, lr: Tensor | None, lr_acts: dict[int, Tensor] | None = None) -> Tensor | None:
@@ -771,8 +782,9 @@ class VDVAESR(nn.Module):
             key = f"rate/{block.res}"
             out[key] = out[key] + block_rate if key in out else block_rate
         if free_bits > 0:
-            floored = [s["kl"].mean(dim=(0, 2, 3)).clamp(min=free_bits).sum() * s["kl"][0, 0].numel() / ndims
-                       for s in stats]
+            floored = [
+                s["kl"].mean(dim=(0, 2, 3)).clamp(min=free_bits).sum() * s["kl"][0, 0].numel() / ndims for s in stats
+            ]
             out["rate_objective"] = torch.stack(floored).sum().expand_as(rate)
         else:
             out["rate_objective"] = rate
@@ -794,9 +806,13 @@ class VDVAESR(nn.Module):
         deterministic, most likely latent path (z = prior mean, same as zeros).
         No random op runs unless ``stochastic_head``.
         """
-        if self.config.fully_convolutional and (lr.shape[2] % self.config.lr_multiple or lr.shape[3] % self.config.lr_multiple):
-            raise ValueError(f"{self.config.name}: LR height and width must be multiples of "
-                             f"{self.config.lr_multiple}, got {tuple(lr.shape[2:])}")
+        if self.config.fully_convolutional and (
+            lr.shape[2] % self.config.lr_multiple or lr.shape[3] % self.config.lr_multiple
+        ):
+            raise ValueError(
+                f"{self.config.name}: LR height and width must be multiples of "
+                f"{self.config.lr_multiple}, got {tuple(lr.shape[2:])}"
+            )
         lr_acts = self.lr_encoder(self.encoder_input(lr))
         if noise is None:
             eps: list[Tensor | None] | None = None
@@ -858,18 +874,37 @@ FFHQ256_ENC = "256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4
 
 def _paper_64(**overrides: Any) -> VDVAESRConfig:
     base: dict[str, Any] = {
-        "name": "paper-64", "hr_size": 64, "lr_size": 16, "width": 512, "enc_blocks": IMAGENET64_ENC, "dec_blocks": IMAGENET64_DEC,
-        "lr_enc_blocks": "16x9,16d2,8x8,8d2,4x7,4d4,1x5", "zdim": 16, "num_mixtures": 10, "no_bias_above": 64,
-        "input_shift": IMAGENET64_STATS[0], "input_scale": IMAGENET64_STATS[1],
+        "name": "paper-64",
+        "hr_size": 64,
+        "lr_size": 16,
+        "width": 512,
+        "enc_blocks": IMAGENET64_ENC,
+        "dec_blocks": IMAGENET64_DEC,
+        "lr_enc_blocks": "16x9,16d2,8x8,8d2,4x7,4d4,1x5",
+        "zdim": 16,
+        "num_mixtures": 10,
+        "no_bias_above": 64,
+        "input_shift": IMAGENET64_STATS[0],
+        "input_scale": IMAGENET64_STATS[1],
     }
     return VDVAESRConfig(**{**base, **overrides})
 
 
 def _paper_256(**overrides: Any) -> VDVAESRConfig:
     base: dict[str, Any] = {
-        "name": "paper-256", "hr_size": 256, "lr_size": 64, "width": 512, "enc_blocks": FFHQ256_ENC, "dec_blocks": FFHQ256_DEC,
-        "lr_enc_blocks": IMAGENET64_ENC, "zdim": 16, "num_mixtures": 10, "no_bias_above": 64, "low_bit": True,
-        "input_shift": FFHQ256_STATS[0], "input_scale": FFHQ256_STATS[1],
+        "name": "paper-256",
+        "hr_size": 256,
+        "lr_size": 64,
+        "width": 512,
+        "enc_blocks": FFHQ256_ENC,
+        "dec_blocks": FFHQ256_DEC,
+        "lr_enc_blocks": IMAGENET64_ENC,
+        "zdim": 16,
+        "num_mixtures": 10,
+        "no_bias_above": 64,
+        "low_bit": True,
+        "input_shift": FFHQ256_STATS[0],
+        "input_scale": FFHQ256_STATS[1],
     }
     return VDVAESRConfig(**{**base, **overrides})
 
@@ -877,12 +912,22 @@ def _paper_256(**overrides: Any) -> VDVAESRConfig:
 def _small_256(**overrides: Any) -> VDVAESRConfig:
     """The shipped default: CPU-trainable 64 -> 256 (project design, see README)."""
     base: dict[str, Any] = {
-        "name": "small-256", "hr_size": 256, "lr_size": 64, "width": 64, "custom_width_str": "128:32,256:16",
+        "name": "small-256",
+        "hr_size": 256,
+        "lr_size": 64,
+        "width": 64,
+        "custom_width_str": "128:32,256:16",
         "enc_blocks": "256x1,256d2,128x1,128d2,64x2,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
         "dec_blocks": "1x1,4m1,4x1,16m4,16x1,32m16,32x2,64m32,64x5,128m64,128x1,256m128",
         "lr_enc_blocks": "64x8,64d2,32x2,32d2,16x2,16d4,4x2,4d4,1x1",
-        "zdim": 8, "num_mixtures": 5, "no_bias_above": 64, "lr_skip": True, "skip_upsampler_width": 64, "head_statistic": "mean",
-        "input_shift": IMAGENET64_STATS[0], "input_scale": IMAGENET64_STATS[1],
+        "zdim": 8,
+        "num_mixtures": 5,
+        "no_bias_above": 64,
+        "lr_skip": True,
+        "skip_upsampler_width": 64,
+        "head_statistic": "mean",
+        "input_shift": IMAGENET64_STATS[0],
+        "input_scale": IMAGENET64_STATS[1],
     }
     return VDVAESRConfig(**{**base, **overrides})
 
@@ -896,12 +941,22 @@ def _fc_256(**overrides: Any) -> VDVAESRConfig:
     learned skip upsampler (capacity at the LR resolution, ending in a pixel shuffle).
     """
     base: dict[str, Any] = {
-        "name": "fc-256", "hr_size": 256, "lr_size": 64, "width": 64, "custom_width_str": "128:32,256:16",
+        "name": "fc-256",
+        "hr_size": 256,
+        "lr_size": 64,
+        "width": 64,
+        "custom_width_str": "128:32,256:16",
         "enc_blocks": "256x1,256d2,128x1,128d2,64x2,64d2,32x2,32d2,16x2",
         "dec_blocks": "16x2,32m16,32x2,64m32,64x5,128m64,128x1,256m128",
         "lr_enc_blocks": "64x8,64d2,32x2,32d2,16x2",
-        "zdim": 4, "num_mixtures": 5, "lr_skip": True, "skip_upsampler_width": 64, "head_statistic": "mean",
-        "fully_convolutional": True, "input_shift": IMAGENET64_STATS[0], "input_scale": IMAGENET64_STATS[1],
+        "zdim": 4,
+        "num_mixtures": 5,
+        "lr_skip": True,
+        "skip_upsampler_width": 64,
+        "head_statistic": "mean",
+        "fully_convolutional": True,
+        "input_shift": IMAGENET64_STATS[0],
+        "input_scale": IMAGENET64_STATS[1],
     }
     return VDVAESRConfig(**{**base, **overrides})
 

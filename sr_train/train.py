@@ -98,12 +98,17 @@ class TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse values that would only fail later or silently ruin the run (NaN lr, negative clip, ...)."""
-    def bounded(name: str, value: float | None, lo: float, hi: float, *, lo_open: bool = False,
-                hi_open: bool = False) -> None:
+
+    def bounded(
+        name: str, value: float | None, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+    ) -> None:
         if value is None:
             return
-        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (
-            value < hi if hi_open else value <= hi)
+        ok = (
+            math.isfinite(value)
+            and (value > lo if lo_open else value >= lo)
+            and (value < hi if hi_open else value <= hi)
+        )
         if not ok:
             interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {interval}, got {value!r}")
@@ -150,8 +155,11 @@ def load_train_state(root: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
     body_path, tensors_path = root / f"{TRAIN_STATE}.json", root / f"{TRAIN_STATE}.safetensors"
     try:
         body = json.loads(body_path.read_text())
-        if not isinstance(body, dict) or not isinstance(body.get("step"), int) or not isinstance(
-                body.get("skips"), int):
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("step"), int)
+            or not isinstance(body.get("skips"), int)
+        ):
             raise ValueError("not an object with integer step and skips")  # noqa: TRY004 -- reported below
         param_groups = body.pop("param_groups")
     except (OSError, UnicodeDecodeError, ValueError, KeyError) as e:
@@ -181,13 +189,18 @@ def check_run_dir(run: Path) -> bool:
     if run.exists() and not run.is_dir():
         raise ValueError(f"--run-dir {run} is a file, not a directory")
     recover(run)
-    parts = [run / "latest" / f"{TRAIN_STATE}.json", run / "latest" / f"{TRAIN_STATE}.safetensors",
-             *(run / d / f for d in ("latest", "ema") for f in (CONFIG, WEIGHTS))]
+    parts = [
+        run / "latest" / f"{TRAIN_STATE}.json",
+        run / "latest" / f"{TRAIN_STATE}.safetensors",
+        *(run / d / f for d in ("latest", "ema") for f in (CONFIG, WEIGHTS)),
+    ]
     present = [p for p in parts if p.exists()]
     if present and len(present) < len(parts):
         missing = ", ".join(str(p.relative_to(run)) for p in parts if not p.exists())
-        raise ValueError(f"{run} holds part of a training run but lacks {missing}: refusing to resume or to "
-                         "overwrite it (start from its weights with --init-checkpoint and a new --run-dir)")
+        raise ValueError(
+            f"{run} holds part of a training run but lacks {missing}: refusing to resume or to "
+            "overwrite it (start from its weights with --init-checkpoint and a new --run-dir)"
+        )
     return bool(present)
 
 
@@ -376,8 +389,11 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
         torch.manual_seed(cfg.seed + rank)
     # The skip objective leaves the LR encoder's coarse blocks out of the loss.
     net: nn.Module = (
-        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                            find_unused_parameters=cfg.objective == "skip")
+        nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.objective == "skip",
+        )
         if world > 1
         else model
     )
@@ -386,12 +402,19 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
 
     if cfg.crop_size is not None and not model.config.fully_convolutional and cfg.crop_size != model.config.hr_size:
         raise ValueError(f"--crop-size: {model.config.name} is fixed-size ({model.config.hr_size}px crops only)")
-    dataset = RandomCropDataset(cfg.data, hr_size=cfg.crop_size or model.config.hr_size, seed=cfg.seed,
-                                scale_range=cfg.scale_aug)
+    dataset = RandomCropDataset(
+        cfg.data, hr_size=cfg.crop_size or model.config.hr_size, seed=cfg.seed, scale_range=cfg.scale_aug
+    )
     sampler = CropSampler(start=step * cfg.batch_size * world, rank=rank, world_size=world)
     # Its own generator: a DataLoader otherwise draws from the global RNG, which resuming restores.
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=device.type == "cuda",
+    )
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "train_config.json", asdict(cfg))
@@ -402,8 +425,9 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
         nonlocal saved
         if rank == 0 and saved != step:
             if not (weights_finite(list(model.parameters())) and weights_finite(list(ema.parameters()))):
-                raise TrainingStopped(f"the weights at step {step} are not finite; not saved, {run} keeps its "
-                                      "last checkpoint")
+                raise TrainingStopped(
+                    f"the weights at step {step} are not finite; not saved, {run} keeps its last checkpoint"
+                )
             with step_checkpoint(run, step) as stage:
                 save_checkpoint(stage / ema_dir.name, ema, step=step, ema=True)
                 save_checkpoint(stage / latest.name, model, step=step)
@@ -415,8 +439,9 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
         from .evaluate import load_images
 
         val_images = load_images(cfg.val_images)
-    bar = cleanup.enter_context(tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train",
-                                     dynamic_ncols=True))  # closed before an error is printed
+    bar = cleanup.enter_context(
+        tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    )  # closed before an error is printed
     last: dict[str, float] = {}
     data = iter(loader)  # CropSampler is endless
     t0 = time.time()
@@ -434,8 +459,14 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
             group["lr"] = lr_at(step, cfg)
         hr, lr = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr"))
         with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=low_precision is not None):
-            out = net(hr, lr, objective=cfg.objective, free_bits=cfg.free_bits, prior_l1=cfg.prior_l1_weight > 0,
-                      max_log_scale=cfg.max_log_scale)
+            out = net(
+                hr,
+                lr,
+                objective=cfg.objective,
+                free_bits=cfg.free_bits,
+                prior_l1=cfg.prior_l1_weight > 0,
+                max_log_scale=cfg.max_log_scale,
+            )
         beta = kl_weight(step, cfg)
         if cfg.objective == "skip":
             loss = out["loss"].mean()
@@ -451,17 +482,21 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
         if finite and grad_norm < cfg.skip_threshold:
             scaler.step(optimizer)
             if not weights_finite(params):
-                raise TrainingStopped(f"the update of step {step + 1} made the weights non-finite or huge (lr "
-                                      f"{lr_at(step, cfg):g}); stopped without saving, {run} keeps its last "
-                                      "checkpoint")
+                raise TrainingStopped(
+                    f"the update of step {step + 1} made the weights non-finite or huge (lr "
+                    f"{lr_at(step, cfg):g}); stopped without saving, {run} keeps its last "
+                    "checkpoint"
+                )
             update_ema(ema, model, cfg.ema_rate)
             in_row = 0
         else:
             skips, in_row = skips + 1, in_row + 1
             if in_row >= MAX_SKIPS_IN_A_ROW:
-                raise TrainingStopped(f"{in_row} updates in a row skipped (non-finite loss or gradient norm >= "
-                                      f"--skip-threshold; last {grad_norm:g}) at step {step + 1}; stopped, "
-                                      f"{run} keeps its last checkpoint")
+                raise TrainingStopped(
+                    f"{in_row} updates in a row skipped (non-finite loss or gradient norm >= "
+                    f"--skip-threshold; last {grad_norm:g}) at step {step + 1}; stopped, "
+                    f"{run} keeps its last checkpoint"
+                )
         scaler.update()
         step += 1
         last = {name: value.mean().item() for name, value in out.items()} | {"grad_norm": grad_norm}
@@ -470,15 +505,25 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()} | {"skips": skips})
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            append_csv(run / "log.csv", {"step": step, **last, "skips": skips, "lr": lr_at(step - 1, cfg),
-                                          "seconds": round(time.time() - t0, 1)})
+            append_csv(
+                run / "log.csv",
+                {
+                    "step": step,
+                    **last,
+                    "skips": skips,
+                    "lr": lr_at(step - 1, cfg),
+                    "seconds": round(time.time() - t0, 1),
+                },
+            )
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoint()
         if val_images and (step % cfg.val_every == 0 or step == cfg.steps):
             scores = validate(ema, val_images, cfg.val_temperature, cfg.seed)
             append_csv(run / "val.csv", {"step": step, "temperature": cfg.val_temperature, **scores})
-            bar.write(f"step {step}: EMA PSNR-Y {scores['psnr_y']:.2f} dB (bicubic {scores['bicubic_psnr_y']:.2f}),"
-                      f" SSIM-Y {scores['ssim_y']:.4f}")
+            bar.write(
+                f"step {step}: EMA PSNR-Y {scores['psnr_y']:.2f} dB (bicubic {scores['bicubic_psnr_y']:.2f}),"
+                f" SSIM-Y {scores['ssim_y']:.4f}"
+            )
     bar.close()
     if world > 1:
         dist.barrier()
@@ -510,5 +555,6 @@ def memory_errors(cfg: TrainConfig) -> Iterator[None]:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
         reason = str(e).strip().splitlines()[0][:200]
-        raise TrainingStopped(f"out of memory ({reason}); --batch-size {cfg.batch_size} may be too large "
-                              "for this machine") from None
+        raise TrainingStopped(
+            f"out of memory ({reason}); --batch-size {cfg.batch_size} may be too large for this machine"
+        ) from None

@@ -39,8 +39,13 @@ def ray_local() -> Iterator[object]:
         # Serve kills a proxy whose process is not up within 5 s and fails `serve.start` with it; starting
         # one took longer than that under load. Inherited by the raylet, so by Serve's controller.
         env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-                 log_to_driver=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
         try:
             yield ray
         finally:
@@ -64,8 +69,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = root / "vdvae-sr-tiny"
     rc, stdout, stderr = run_cli(["--checkpoint", str(ckpt), "--out", str(out), "--batch", "1,2,4"])
     assert rc == 0, stdout + stderr
-    return {"model": model, "out": out, "ckpt": ckpt, "stdout": stdout,
-            "manifest": json.loads((out / "manifest.json").read_text())}
+    return {
+        "model": model,
+        "out": out,
+        "ckpt": ckpt,
+        "stdout": stdout,
+        "manifest": json.loads((out / "manifest.json").read_text()),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +93,9 @@ def exported_fc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ckpt = save_checkpoint(root / "ckpt", model, step=0)
     out = root / "fc-256"
     # FP32 only, to save a minute: the FP16 pass on frame graphs is tested on its own in test_export_frames.
-    rc, stdout, stderr = run_cli(["--checkpoint", str(ckpt), "--out", str(out), "--engine", "off",
-                                  "--precision", "fp32"])
+    rc, stdout, stderr = run_cli(
+        ["--checkpoint", str(ckpt), "--out", str(out), "--engine", "off", "--precision", "fp32"]
+    )
     assert rc == 0, stdout + stderr
     return {"model": model, "out": out, "stdout": stdout, "manifest": json.loads((out / "manifest.json").read_text())}
 

@@ -35,12 +35,15 @@ def build_double(directory: Path, lr: int = 32, batch_max: int = 8, fp16: bool =
         nodes = []
         lr_name, noise_name = "lr", "noise"
         if cast_in:
-            nodes += [helper.make_node("Cast", ["lr"], ["lr_c"], to=dtype),
-                      helper.make_node("Cast", ["noise"], ["noise_c"], to=dtype)]
+            nodes += [
+                helper.make_node("Cast", ["lr"], ["lr_c"], to=dtype),
+                helper.make_node("Cast", ["noise"], ["noise_c"], to=dtype),
+            ]
             lr_name, noise_name = "lr_c", "noise_c"
         nodes += [
-            helper.make_node("Resize", [lr_name, "", "scales"], ["up"], mode="linear",
-                             coordinate_transformation_mode="half_pixel"),
+            helper.make_node(
+                "Resize", [lr_name, "", "scales"], ["up"], mode="linear", coordinate_transformation_mode="half_pixel"
+            ),
             helper.make_node("ReduceMean", [lr_name, "axes"], ["tile_mean"], keepdims=1),
             helper.make_node("Mul", ["up", "w_up"], ["a"]),
             helper.make_node("Mul", ["tile_mean", "w_mean"], ["b"]),
@@ -64,9 +67,12 @@ def build_double(directory: Path, lr: int = 32, batch_max: int = 8, fp16: bool =
             onnx.numpy_helper.from_array(np.array(1.0, np_dtype), "one"),
         ]
         g = helper.make_graph(
-            nodes, "sr_test_double",
-            [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, lr, lr]),
-             helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["N", noise_dim])],
+            nodes,
+            "sr_test_double",
+            [
+                helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, lr, lr]),
+                helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["N", noise_dim]),
+            ],
             [helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["N", 3, hr, hr])],
             inits,
         )
@@ -82,8 +88,12 @@ def build_double(directory: Path, lr: int = 32, batch_max: int = 8, fp16: bool =
         onnx.save(graph(dtype), path)
         entries[precision] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     manifest = {
-        "format": "vdvae-sr-onnx/1", "name": "test-double", "scale": 4,
-        "lr_size": [lr, lr], "hr_size": [hr, hr], "noise_dim": noise_dim,
+        "format": "vdvae-sr-onnx/1",
+        "name": "test-double",
+        "scale": 4,
+        "lr_size": [lr, lr],
+        "hr_size": [hr, hr],
+        "noise_dim": noise_dim,
         "batch": {"min": 1, "opt": batch_max // 2, "max": batch_max},
         "inputs": {"lr": ["N", 3, lr, lr], "noise": ["N", noise_dim]},
         "outputs": {"hr": ["N", 3, hr, hr]},
@@ -118,8 +128,10 @@ def seam_ratio(hr: np.ndarray, plan: TilePlan, scale: int = 4) -> float:
     """
     lum = hr.astype(np.float64).mean(axis=2)
     ratios = []
-    for axis, starts, pad, size in ((1, plan.xs, plan.pad_before[1], plan.tile[1]),
-                                    (0, plan.ys, plan.pad_before[0], plan.tile[0])):
+    for axis, starts, pad, size in (
+        (1, plan.xs, plan.pad_before[1], plan.tile[1]),
+        (0, plan.ys, plan.pad_before[0], plan.tile[0]),
+    ):
         grad = np.abs(np.diff(lum, axis=axis)).mean(axis=1 - axis)  # grad[i] = |I[i+1] - I[i]|
         edges = {(s - pad) * scale for s in starts} | {(s + size - pad) * scale for s in starts}
         seam = sorted(e - 1 for e in edges if 1 <= e < lum.shape[axis])

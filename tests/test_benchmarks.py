@@ -31,7 +31,7 @@ def test_measure_interleaved_round_robin_rotates_and_stops_at_iters() -> None:
     samples, cpu = measure_interleaved(calls, iters=3, budget_s=1e9)
     assert samples == [[0.5] * 3] * 3
     assert [len(c) for c in cpu] == [3, 3, 3] and all(x >= 0 for c in cpu for x in c)
-    assert order == list("abc" "bca" "cab")  # who goes first rotates each round
+    assert order == list("abcbcacab")  # who goes first rotates each round
 
 
 def test_measure_interleaved_budget_keeps_at_least_two_samples() -> None:
@@ -44,11 +44,21 @@ def test_measure_interleaved_budget_keeps_at_least_two_samples() -> None:
 
 def test_speedups_are_relative_to_pytorch_fp32_on_the_same_device_and_batch() -> None:
     def row(backend: str, precision: str, device: str, batch: int, p50: float) -> dict[str, Any]:
-        return {"model": "m", "backend": backend, "precision": precision, "device_type": device, "batch": batch,
-                "latency": {"p50_ms": p50}}
+        return {
+            "model": "m",
+            "backend": backend,
+            "precision": precision,
+            "device_type": device,
+            "batch": batch,
+            "latency": {"p50_ms": p50},
+        }
 
-    rows = [row("pytorch-eager", "fp32", "cpu", 1, 30.0), row("onnxruntime-cpu", "fp32", "cpu", 1, 10.0),
-            row("onnxruntime-cpu", "fp32", "cpu", 4, 20.0), row("tensorrt", "fp16", "cuda", 1, 1.0)]
+    rows = [
+        row("pytorch-eager", "fp32", "cpu", 1, 30.0),
+        row("onnxruntime-cpu", "fp32", "cpu", 1, 10.0),
+        row("onnxruntime-cpu", "fp32", "cpu", 4, 20.0),
+        row("tensorrt", "fp16", "cuda", 1, 1.0),
+    ]
     latency.add_speedups(rows)
     assert [r["speedup_vs_pytorch_fp32"] for r in rows] == [1.0, 3.0, None, None]
 
@@ -62,9 +72,11 @@ def test_whole_image_sizes_are_a_comma_list() -> None:
 
 
 def test_skipped_entries_merge_per_backend_and_reason() -> None:
-    skipped = [{"backend": "tensorrt fp16 (cuda)", "what": "tile batch 1", "reason": "no GPU"},
-               {"backend": "tensorrt fp16 (cuda)", "what": "tile batch 4", "reason": "no GPU"},
-               {"backend": "onnxruntime-cpu fp16 (cpu)", "what": "tile batch 1", "reason": "no fp16 ONNX"}]
+    skipped = [
+        {"backend": "tensorrt fp16 (cuda)", "what": "tile batch 1", "reason": "no GPU"},
+        {"backend": "tensorrt fp16 (cuda)", "what": "tile batch 4", "reason": "no GPU"},
+        {"backend": "onnxruntime-cpu fp16 (cpu)", "what": "tile batch 1", "reason": "no fp16 ONNX"},
+    ]
     assert latency.merge_skipped(skipped) == [
         {"backend": "tensorrt fp16 (cuda)", "what": "tile batch 1, tile batch 4", "reason": "no GPU"},
         {"backend": "onnxruntime-cpu fp16 (cpu)", "what": "tile batch 1", "reason": "no fp16 ONNX"},
@@ -153,8 +165,21 @@ def test_quality_bicubic_row_matches_the_protocols_bicubic(tmp_path: Path) -> No
     """Two bundled photos: the table carries bicubic (timed) and names what it skipped, with a reason."""
     from benchmarks import quality
 
-    assert quality.main(["--images", str(tmp_path / "none"), "--limit", "2", "--model-dir", str(tmp_path),
-                         "--out", str(tmp_path / "out")]) == 0
+    assert (
+        quality.main(
+            [
+                "--images",
+                str(tmp_path / "none"),
+                "--limit",
+                "2",
+                "--model-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     (path,) = (tmp_path / "out").glob("quality-cpu-*.json")
     result = json.loads(path.read_text())
     assert result["schema"] == quality.SCHEMA and result["n_images"] == 2
@@ -200,8 +225,23 @@ def test_cnn_baseline_trains_scores_and_writes_json_and_markdown(tmp_path: Path)
         for name in names:
             Image.fromarray(getattr(data, name)()[..., :3]).save(tmp_path / split / f"{name}.png")
     out = tmp_path / "cnn.json"
-    assert cnn_baseline.main(["--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
-                              "--minutes", "0.05", "--batch-size", "2", "--out", str(out)]) == 0
+    assert (
+        cnn_baseline.main(
+            [
+                "--data",
+                str(tmp_path / "train"),
+                "--val",
+                str(tmp_path / "val"),
+                "--minutes",
+                "0.05",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["steps"] >= 1 and abs(result["delta_psnr_y"]) < 1.0  # zero-init head: starts at bicubic
     assert f"{result['psnr_y']:.2f}" in out.with_suffix(".md").read_text()

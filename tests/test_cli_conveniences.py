@@ -27,9 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(model: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     """The real sr-upscale in its own process (pipes need real file descriptors)."""
-    return subprocess.run([sys.executable, "-m", "sr_runtime.cli", "--model", str(model), "--backend", "cpu", *args],
-                          input=stdin, capture_output=True, timeout=120, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "sr_runtime.cli", "--model", str(model), "--backend", "cpu", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def encoded(fmt: str, size: int = 12) -> bytes:
@@ -38,8 +43,9 @@ def encoded(fmt: str, size: int = 12) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(("fmt", "flags", "expect"), [("PNG", [], "PNG"), ("JPEG", [], "JPEG"),
-                                                      ("PNG", ["-f", "webp"], "WEBP")])
+@pytest.mark.parametrize(
+    ("fmt", "flags", "expect"), [("PNG", [], "PNG"), ("JPEG", [], "JPEG"), ("PNG", ["-f", "webp"], "WEBP")]
+)
 def test_stdin_to_stdout(double_model: Path, fmt: str, flags: list[str], expect: str) -> None:
     proc = cli(double_model, "-", "-o", "-", "-q", *flags, stdin=encoded(fmt))
     assert proc.returncode == 0, proc.stderr.decode()
@@ -63,19 +69,27 @@ def test_broken_stdin_is_a_failure_line(double_model: Path) -> None:
     assert b"sr-upscale: failed: -: not an image" in proc.stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["-"], "needs -o FILE or -o -"),
-    (["-", "-o", "folder/"], "needs -o FILE or -o -"),
-    (["a.png", "b.png", "-o", "-"], "take exactly one input"),
-    (["-", "x.png", "-o", "out/"], "take exactly one input"),
-    (["a.png", "-o", "-", "--std-map", "--temperature", "0.5"], "--std-map writes a second file"),
-    (["a.png", "--outscale", "0"], "--outscale must be a number in (0, 16]"),
-    (["a.png", "--outscale", "nan"], "--outscale must be"),
-    (["a.png", "--outscale", "17"], "--outscale must be"),
-])
-def test_pipe_and_outscale_misuse_is_one_usage_line(double_model: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                                   args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-"], "needs -o FILE or -o -"),
+        (["-", "-o", "folder/"], "needs -o FILE or -o -"),
+        (["a.png", "b.png", "-o", "-"], "take exactly one input"),
+        (["-", "x.png", "-o", "out/"], "take exactly one input"),
+        (["a.png", "-o", "-", "--std-map", "--temperature", "0.5"], "--std-map writes a second file"),
+        (["a.png", "--outscale", "0"], "--outscale must be a number in (0, 16]"),
+        (["a.png", "--outscale", "nan"], "--outscale must be"),
+        (["a.png", "--outscale", "17"], "--outscale must be"),
+    ],
+)
+def test_pipe_and_outscale_misuse_is_one_usage_line(
+    double_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["--model", str(double_model), *args]) == 2
     err = capsys.readouterr().err
@@ -83,13 +97,20 @@ def test_pipe_and_outscale_misuse_is_one_usage_line(double_model: Path, tmp_path
 
 
 def test_version(double_model: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "sr_runtime.cli", "--version"], capture_output=True, text=True,
-                          timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sr_runtime.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("sr-upscale ") and "onnxruntime" in proc.stdout
 
 
-def test_a_summary_line_ends_a_local_run(double_model: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_summary_line_ends_a_local_run(
+    double_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     Image.fromarray(photo_lr(12)).save(good)
     bad.write_bytes(b"nope")
@@ -104,10 +125,26 @@ def test_timings_are_printed_on_their_own_line_above_the_progress_bar(double_mod
         Image.fromarray(photo_lr(40)).save(tmp_path / f"{name}.png")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing at 0x0
-    proc = subprocess.Popen([sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "--backend",
-                             "cpu", "--timings", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o",
-                             str(tmp_path / "out")], stdin=follower, stdout=follower, stderr=follower,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sr_runtime.cli",
+            "--model",
+            str(double_model),
+            "--backend",
+            "cpu",
+            "--timings",
+            str(tmp_path / "a.png"),
+            str(tmp_path / "b.png"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"},
+    )
     os.close(follower)
     out = b""
     while True:
@@ -138,8 +175,24 @@ def test_report_json(double_model: Path, tmp_path: Path) -> None:
     out.mkdir()
     (out / "old_x4.png").write_bytes(b"kept")
     report = tmp_path / "reports" / "run.json"
-    assert main(["--model", str(double_model), "-q", "--no-clobber", str(good), str(bad), str(old), "-o", str(out),
-                 "--report", str(report)]) == 1
+    assert (
+        main(
+            [
+                "--model",
+                str(double_model),
+                "-q",
+                "--no-clobber",
+                str(good),
+                str(bad),
+                str(old),
+                "-o",
+                str(out),
+                "--report",
+                str(report),
+            ]
+        )
+        == 1
+    )
     data = json.loads(report.read_text())
     assert (data["done"], data["failed"], data["skipped"], data["exit_status"]) == (1, 1, 1, 1)
     assert data["model"] == "test-double" and data["backend"] == "onnxruntime-cpu"
@@ -151,8 +204,9 @@ def test_report_json(double_model: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("outscale", "size"), [(2.0, (24, 20)), (3.5, (42, 35)), (1.0, (12, 10))])
-def test_outscale_resizes_the_x4_result(double_model: Path, tmp_path: Path, outscale: float,
-                                        size: tuple[int, int]) -> None:
+def test_outscale_resizes_the_x4_result(
+    double_model: Path, tmp_path: Path, outscale: float, size: tuple[int, int]
+) -> None:
     src = tmp_path / "a.png"
     Image.fromarray(photo_lr(12)[:10]).save(src)  # 12 wide, 10 high
     args = ["--model", str(double_model), "-q", str(src), "-o", str(tmp_path / "out"), "--outscale", str(outscale)]

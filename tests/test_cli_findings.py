@@ -29,8 +29,9 @@ def good(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_symlink_loop_input_is_a_failure_line(double_model: Path, tmp_path: Path, good: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_symlink_loop_input_is_a_failure_line(
+    double_model: Path, tmp_path: Path, good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
     assert run(double_model, str(tmp_path / "a.png"), str(good), "-o", str(tmp_path / "out")) == 1
@@ -38,8 +39,9 @@ def test_a_symlink_loop_input_is_a_failure_line(double_model: Path, tmp_path: Pa
     assert (tmp_path / "out" / "good_x4.png").is_file()
 
 
-def test_a_symlink_loop_as_the_output_is_a_failure_line(double_model: Path, tmp_path: Path, good: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_symlink_loop_as_the_output_is_a_failure_line(
+    double_model: Path, tmp_path: Path, good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "good_x4.png").symlink_to("good_x4.png")
@@ -66,9 +68,9 @@ def test_a_cmyk_profile_never_tags_rgb_pixels() -> None:
     assert icc_fits(header, "CMYK") and not icc_fits(header, "RGB") and not icc_fits(b"short", "RGB")
 
 
-def test_an_output_name_that_cannot_fit_is_refused_before_the_upscale(double_model: Path, tmp_path: Path,
-                                                                     good: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_output_name_that_cannot_fit_is_refused_before_the_upscale(
+    double_model: Path, tmp_path: Path, good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     long_src = tmp_path / ("n" * 240 + ".png")
     Image.fromarray(photo_lr(12)).save(long_src)
     assert run(double_model, str(long_src), str(good), "-o", str(tmp_path / "out")) == 1
@@ -77,8 +79,9 @@ def test_an_output_name_that_cannot_fit_is_refused_before_the_upscale(double_mod
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_x4.png"]
 
 
-def test_terminal_escapes_in_file_names_are_printed_escaped(double_model: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_terminal_escapes_in_file_names_are_printed_escaped(
+    double_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "x\x1b[31mred\x07.png"
     bad.write_bytes(b"not an image")
     assert run(double_model, str(bad), "-o", str(tmp_path / "out")) == 1
@@ -87,9 +90,9 @@ def test_terminal_escapes_in_file_names_are_printed_escaped(double_model: Path, 
     assert "x\\x1b[31mred\\x07.png: not an image" in err
 
 
-def test_o_naming_an_existing_file_without_extension_is_a_usage_error(double_model: Path, tmp_path: Path,
-                                                                      good: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_o_naming_an_existing_file_without_extension_is_a_usage_error(
+    double_model: Path, tmp_path: Path, good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "afile").write_text("keep me")
     assert run(double_model, str(good), "-o", str(tmp_path / "afile")) == 2
     assert "is an existing file, not a folder" in capsys.readouterr().err
@@ -105,8 +108,9 @@ def test_a_truncated_webp_says_so(double_model: Path, tmp_path: Path, capsys: py
     assert f"{src}: truncated or corrupt image" in capsys.readouterr().err
 
 
-def test_a_jpeg_whose_header_claims_far_more_pixels_is_refused(double_model: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_jpeg_whose_header_claims_far_more_pixels_is_refused(
+    double_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     buf = io.BytesIO()
     Image.fromarray(photo_lr(40)).save(buf, format="JPEG")
     data = bytearray(buf.getvalue())
@@ -130,8 +134,12 @@ def _png_grey_alpha_16(path: Path, w: int = 8, h: int = 8) -> None:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_16_bit_grey_alpha_stays_grey_alpha(double_model: Path, tmp_path: Path) -> None:
@@ -144,9 +152,9 @@ def test_16_bit_grey_alpha_stays_grey_alpha(double_model: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("value", ["1e308", "inf", "nan", "2.5", "-0.1"])
-def test_an_absurd_temperature_is_one_usage_line_without_warnings(double_model: Path, good: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str],
-                                                                   value: str) -> None:
+def test_an_absurd_temperature_is_one_usage_line_without_warnings(
+    double_model: Path, good: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert run(double_model, str(good), "-o", str(tmp_path / "out"), f"--temperature={value}") == 2
@@ -154,8 +162,9 @@ def test_an_absurd_temperature_is_one_usage_line_without_warnings(double_model: 
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-def test_corrupt_exif_is_refused_in_every_format(double_model: Path, tmp_path: Path, fmt: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_exif_is_refused_in_every_format(
+    double_model: Path, tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / f"bad-exif.{fmt.lower()}"
     Image.fromarray(photo_lr(12)).save(src, format=fmt, exif=b"Exif\x00\x00" + b"\xde\xad" * 20)
     assert run(double_model, str(src), "-o", str(tmp_path / "out")) == 1

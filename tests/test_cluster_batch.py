@@ -77,9 +77,15 @@ def summary_counts(err: str) -> tuple[int, ...]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["t0", "seeded"])
-def test_ray_gives_the_local_pixels(double_model: Path, ray_local: Any, photos: Path, tmp_path: Path,
-                                    local_results: dict[str, Path], name: str,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_ray_gives_the_local_pixels(
+    double_model: Path,
+    ray_local: Any,
+    photos: Path,
+    tmp_path: Path,
+    local_results: dict[str, Path],
+    name: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Whichever worker upscales an image, it gets the local CLI's pixels (noise keyed by tile and seed)."""
     flags = SEEDED if name == "seeded" else []
     assert run_ray(double_model, ray_local, str(photos), "-o", str(tmp_path), *flags) == 0
@@ -88,9 +94,14 @@ def test_ray_gives_the_local_pixels(double_model: Path, ray_local: Any, photos: 
 
 
 @pytest.mark.slow
-def test_a_killed_worker_loses_and_duplicates_nothing(double_model: Path, ray_local: Any, photos: Path,
-                                                      tmp_path: Path, local_results: dict[str, Path],
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_killed_worker_loses_and_duplicates_nothing(
+    double_model: Path,
+    ray_local: Any,
+    photos: Path,
+    tmp_path: Path,
+    local_results: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Kill a worker (Ray restarts it) once 2 outputs exist: its in-flight files are redone, each output once."""
     killed: list[str] = []
     earlier = set(ray_local.util.list_named_actors())  # earlier tests' workers, if any still listed
@@ -115,9 +126,14 @@ def test_a_killed_worker_loses_and_duplicates_nothing(double_model: Path, ray_lo
 
 
 @pytest.mark.slow
-def test_resume_does_only_the_missing_outputs(double_model: Path, ray_local: Any, photos: Path, tmp_path: Path,
-                                              local_results: dict[str, Path],
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_does_only_the_missing_outputs(
+    double_model: Path,
+    ray_local: Any,
+    photos: Path,
+    tmp_path: Path,
+    local_results: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert run_ray(double_model, ray_local, str(photos / "p0*"), "-o", str(tmp_path)) == 0  # a partial run
     first = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert len(first) == 10
@@ -132,9 +148,14 @@ def test_resume_does_only_the_missing_outputs(double_model: Path, ray_local: Any
 
 
 @pytest.mark.slow
-def test_resume_redoes_an_output_that_is_a_symlink(double_model: Path, ray_local: Any, photos: Path,
-                                                   tmp_path: Path, local_results: dict[str, Path],
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_redoes_an_output_that_is_a_symlink(
+    double_model: Path,
+    ray_local: Any,
+    photos: Path,
+    tmp_path: Path,
+    local_results: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """A symlink where an output goes (to any file) is not a finished output: redone, the link replaced;
     a symlink loop there fails that file alone."""
     out = tmp_path / "out"
@@ -146,8 +167,10 @@ def test_resume_redoes_an_output_that_is_a_symlink(double_model: Path, ray_local
     assert summary_counts(capsys.readouterr().err) == (2, 0, 0, 0)
     assert not (out / "p00_x4.png").is_symlink() and elsewhere.read_bytes() == (photos / "p01.png").read_bytes()
     (out / "p03_x4.jpg").symlink_to(out / "p03_x4.jpg")  # a loop: that file fails on its own line, the rest go on
-    loop_line = (f"sr-upscale: failed: {photos / 'p03.jpg'}: output {out / 'p03_x4.jpg'} is a symlink loop; "
-                 "remove it or choose another -o")
+    loop_line = (
+        f"sr-upscale: failed: {photos / 'p03.jpg'}: output {out / 'p03_x4.jpg'} is a symlink loop; "
+        "remove it or choose another -o"
+    )
     assert main(["--model", str(double_model), "-q", str(photos / "p03.jpg"), "-o", str(out)]) == 1
     assert [line for line in capsys.readouterr().err.splitlines() if "failed:" in line] == [loop_line]
     assert run_ray(double_model, ray_local, str(photos / "p02.png"), str(photos / "p03.jpg"), "-o", str(out)) == 1
@@ -160,8 +183,9 @@ def test_resume_redoes_an_output_that_is_a_symlink(double_model: Path, ray_local
 
 
 @pytest.mark.slow
-def test_a_corrupt_input_fails_with_the_local_line(double_model: Path, ray_local: Any, photos: Path,
-                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_corrupt_input_fails_with_the_local_line(
+    double_model: Path, ray_local: Any, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     loop = tmp_path / "loop.png"
@@ -186,9 +210,15 @@ def test_a_corrupt_input_fails_with_the_local_line(double_model: Path, ray_local
         (["--ray", "--model", "/nonexistent/model"], "no model manifest"),
     ],
 )
-def test_usage_errors_exit_2_before_any_work(double_model: Path, photos: Path, tmp_path: Path, args: list[str],
-                                             message: str, capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_usage_errors_exit_2_before_any_work(
+    double_model: Path,
+    photos: Path,
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["--model", str(double_model), "-q", str(photos), *args]) == 2
     err = capsys.readouterr().err
@@ -196,22 +226,23 @@ def test_usage_errors_exit_2_before_any_work(double_model: Path, photos: Path, t
     assert list(tmp_path.iterdir()) == [] and not list(photos.glob("*_x4.*"))
 
 
-def test_more_workers_than_the_cluster_holds_is_a_usage_error(double_model: Path, ray_local: Any, photos: Path,
-                                                              tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_more_workers_than_the_cluster_holds_is_a_usage_error(
+    double_model: Path, ray_local: Any, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_ray(double_model, ray_local, str(photos), "-o", str(tmp_path), "--workers", "3") == 2
     assert "the Ray cluster has 2 CPUs" in capsys.readouterr().err
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
-def test_without_the_cluster_extra_one_line_and_exit_2(double_model: Path, photos: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_the_cluster_extra_one_line_and_exit_2(
+    double_model: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
     monkeypatch.delitem(sys.modules, "sr_cluster.batch")
     assert main(["--model", str(double_model), str(photos), "--ray"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "sr-upscale: error: --ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"]
+        "sr-upscale: error: --ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -225,13 +256,22 @@ def test_without_the_cluster_extra_one_line_and_exit_2(double_model: Path, photo
         # another application holds one of two CPUs: only the free one is planned for
         ({"CPU": 2.0}, {"CPU": 1.0}, [2.0], None, Placement(1, num_gpus=0, num_cpus=1, cpu_threads=1)),
         ({"CPU": 2.0}, {"CPU": 1.0}, [2.0], 1, Placement(1, num_gpus=0, num_cpus=1, cpu_threads=1)),
-        ({"CPU": 16.0, "GPU": 4.0}, {"CPU": 0.0, "GPU": 2.0}, [16.0], None,
-         Placement(2, num_gpus=1, num_cpus=0, cpu_threads=None)),
+        (
+            {"CPU": 16.0, "GPU": 4.0},
+            {"CPU": 0.0, "GPU": 2.0},
+            [16.0],
+            None,
+            Placement(2, num_gpus=1, num_cpus=0, cpu_threads=None),
+        ),
     ],
 )
-def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(cluster: dict[str, float],
-                                                               free: dict[str, float] | None, nodes: list[float],
-                                                               requested: int | None, expected: Placement) -> None:
+def test_placement_one_worker_per_gpu_else_a_share_of_the_cpus(
+    cluster: dict[str, float],
+    free: dict[str, float] | None,
+    nodes: list[float],
+    requested: int | None,
+    expected: Placement,
+) -> None:
     assert plan_placement(cluster, nodes, requested, free=free) == expected
 
 
@@ -248,9 +288,15 @@ def test_placement_refuses_more_workers_than_gpus() -> None:
 
 
 @pytest.mark.slow
-def test_relative_paths_mean_the_drivers_files(double_model: Path, ray_local: Any, photos: Path, tmp_path: Path,
-                                               local_results: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_relative_paths_mean_the_drivers_files(
+    double_model: Path,
+    ray_local: Any,
+    photos: Path,
+    tmp_path: Path,
+    local_results: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Inputs and -o relative to the driver's working directory, not the workers' (which is elsewhere)."""
     (tmp_path / "in").mkdir()
     for name in ("p00.png", "p03.jpg"):
@@ -271,10 +317,15 @@ def test_relative_paths_mean_the_drivers_files(double_model: Path, ray_local: An
 
 
 @pytest.mark.slow
-def test_model_dir_from_the_environment_reaches_the_workers(double_model: Path, ray_local: Any, photos: Path,
-                                                            tmp_path: Path, local_results: dict[str, Path],
-                                                            monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_dir_from_the_environment_reaches_the_workers(
+    double_model: Path,
+    ray_local: Any,
+    photos: Path,
+    tmp_path: Path,
+    local_results: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """$SR_MODEL_DIR set on the driver only (the cluster started without it): workers still use that model."""
     monkeypatch.setenv("SR_MODEL_DIR", str(double_model))
     address = ray_local.get_runtime_context().gcs_address
@@ -294,21 +345,46 @@ def test_an_address_where_nothing_listens_fails_at_once(double_model: Path, phot
         for how in (["--ray", f"127.0.0.1:{port}"], ["--ray"]):
             env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}  # what plain --ray (auto) dials
             t0 = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "-q",
-                                   str(photos / "p00.png"), "-o", str(tmp_path), *how],
-                                  check=False, capture_output=True, text=True, env=env, timeout=60)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "sr_runtime.cli",
+                    "--model",
+                    str(double_model),
+                    "-q",
+                    str(photos / "p00.png"),
+                    "-o",
+                    str(tmp_path),
+                    *how,
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
             assert done.returncode == 2 and time.monotonic() - t0 < 20, done.stderr
             assert done.stderr.strip().splitlines() == [
-                (f"sr-upscale: error: cannot reach the Ray cluster at {how[-1] if len(how) > 1 else 'auto'}: "
-                 f"nothing answers at 127.0.0.1:{port} (Connection refused)")]
+                (
+                    f"sr-upscale: error: cannot reach the Ray cluster at {how[-1] if len(how) > 1 else 'auto'}: "
+                    f"nothing answers at 127.0.0.1:{port} (Connection refused)"
+                )
+            ]
 
 
 @pytest.mark.slow
-def test_workers_fit_in_what_another_application_leaves(double_model: Path, ray_local: Any, photos: Path,
-                                                        tmp_path: Path, local_results: dict[str, Path],
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_workers_fit_in_what_another_application_leaves(
+    double_model: Path,
+    ray_local: Any,
+    photos: Path,
+    tmp_path: Path,
+    local_results: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """An actor holding one of the cluster's two CPUs (a service, say): the default is one worker on the
     free CPU, and --workers 1 asks for that one CPU only, instead of waiting for a slot that cannot come."""
+
     @ray_local.remote(num_cpus=1)
     class Holder:
         def ready(self) -> bool:
@@ -345,9 +421,24 @@ def test_sigterm_to_the_process_group_exits_143(double_model: Path, tmp_path: Pa
     for trial in range(2):
         out, log = tmp_path / f"out{trial}", tmp_path / f"log{trial}"
         with log.open("wb") as sink:
-            proc = subprocess.Popen([sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "-q",
-                                     str(photos), "-o", str(out), "--ray"],
-                                    stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sr_runtime.cli",
+                    "--model",
+                    str(double_model),
+                    "-q",
+                    str(photos),
+                    "-o",
+                    str(out),
+                    "--ray",
+                ],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         try:
             deadline = time.monotonic() + START_TIMEOUT_S + 60  # a fresh cluster on a loaded machine, then its workers
             while "Ray worker" not in log.read_text() or not out.exists():  # workers up, files being written

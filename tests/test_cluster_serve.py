@@ -76,8 +76,14 @@ class Reply:
         return str(json.loads(self.body)["error"])
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> Reply:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = TIMEOUT_S,
+) -> Reply:
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     t0 = time.perf_counter()
     try:
@@ -89,8 +95,7 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
-def post_image(port: int, data: bytes, query: str = "", content_type: str = "image/png",
-               prefix: str = PREFIX) -> Reply:
+def post_image(port: int, data: bytes, query: str = "", content_type: str = "image/png", prefix: str = PREFIX) -> Reply:
     return request(port, "POST", f"{prefix}/upscale{query}", data, {"Content-Type": content_type})
 
 
@@ -110,8 +115,9 @@ def health(port: int, prefix: str) -> dict[str, Any]:
     return dict(json.loads(request(port, "GET", f"{prefix}/healthz", timeout=10).body))
 
 
-def wait_for_health(port: int, prefix: str, condition: Callable[[dict[str, Any]], bool], failure: str,
-                    timeout: float = 30.0) -> dict[str, Any]:
+def wait_for_health(
+    port: int, prefix: str, condition: Callable[[dict[str, Any]], bool], failure: str, timeout: float = 30.0
+) -> dict[str, Any]:
     """Poll `/healthz` (at least once, then until `timeout`) until `condition` holds; its last answer."""
     deadline = time.monotonic() + timeout
     while True:
@@ -152,12 +158,14 @@ def encoded(img: Image.Image, fmt: str) -> bytes:
 
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +177,11 @@ def service(ray_local: Any, double_model: Path) -> Iterator[int]:
     serve.start(http_options={"host": HOST, "port": port})
     try:
         options = ServiceOptions(max_body_bytes=MAX_BODY_BYTES, max_pixels=MAX_PIXELS, sampler_cache=2)
-        serve.run(build_app(double_model, "cpu", options=options, scaling=Scaling(gpus_per_replica=0)),
-                  name="sr-test", route_prefix=PREFIX)
+        serve.run(
+            build_app(double_model, "cpu", options=options, scaling=Scaling(gpus_per_replica=0)),
+            name="sr-test",
+            route_prefix=PREFIX,
+        )
         yield port
     finally:
         serve.shutdown()
@@ -185,21 +196,31 @@ def slow_double(double: Path, directory: Path, rounds: int) -> Path:
     model = onnx.load(double / "model.fp32.onnx")
     for node in model.graph.node:
         node.output[:] = ["hr_fast" if name == "hr" else name for name in node.output]
-    nodes = [helper.make_node("Reshape", ["lr", "rows_shape"], ["rows"]),
-             helper.make_node("Transpose", ["rows"], ["cols"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["rows", "cols"], ["m0"]),
-             helper.make_node("Tanh", ["m0"], ["t0"])]  # tanh keeps every value finite: 0 * it is 0
+    nodes = [
+        helper.make_node("Reshape", ["lr", "rows_shape"], ["rows"]),
+        helper.make_node("Transpose", ["rows"], ["cols"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["rows", "cols"], ["m0"]),
+        helper.make_node("Tanh", ["m0"], ["t0"]),
+    ]  # tanh keeps every value finite: 0 * it is 0
     for i in range(rounds):
-        nodes += [helper.make_node("MatMul", [f"t{i}", f"t{i}"], [f"m{i + 1}"]),
-                  helper.make_node("Tanh", [f"m{i + 1}"], [f"t{i + 1}"])]
-    nodes += [helper.make_node("ReduceSum", [f"t{rounds}", "all_axes"], ["busy"], keepdims=1),
-              helper.make_node("Unsqueeze", ["busy", "last_axis"], ["busy4"]),
-              helper.make_node("Mul", ["busy4", "zero"], ["nothing"]),
-              helper.make_node("Add", ["hr_fast", "nothing"], ["hr"])]
+        nodes += [
+            helper.make_node("MatMul", [f"t{i}", f"t{i}"], [f"m{i + 1}"]),
+            helper.make_node("Tanh", [f"m{i + 1}"], [f"t{i + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("ReduceSum", [f"t{rounds}", "all_axes"], ["busy"], keepdims=1),
+        helper.make_node("Unsqueeze", ["busy", "last_axis"], ["busy4"]),
+        helper.make_node("Mul", ["busy4", "zero"], ["nothing"]),
+        helper.make_node("Add", ["hr_fast", "nothing"], ["hr"]),
+    ]
     model.graph.node.extend(nodes)
-    model.graph.initializer.extend([numpy_helper.from_array(np.array([0, 384, -1], np.int64), "rows_shape"),
-                                    numpy_helper.from_array(np.array([1, 2], np.int64), "all_axes"),
-                                    numpy_helper.from_array(np.array([3], np.int64), "last_axis")])
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0, 384, -1], np.int64), "rows_shape"),
+            numpy_helper.from_array(np.array([1, 2], np.int64), "all_axes"),
+            numpy_helper.from_array(np.array([3], np.int64), "last_axis"),
+        ]
+    )
     onnx.checker.check_model(model)
     directory.mkdir(parents=True)
     onnx.save(model, directory / "model.fp32.onnx")
@@ -229,14 +250,25 @@ def hard_service(service: int, double_model: Path, tmp_path_factory: pytest.Temp
     from ray import serve
 
     model = slow_double(double_model, tmp_path_factory.mktemp("slow") / "slow-double", rounds=150)
-    options = ServiceOptions(max_pixels=MAX_PIXELS, concurrent_runs=1, max_queued_requests=HARD_MAX_QUEUED,
-                             body_timeout_s=HARD_BODY_TIMEOUT_S, min_upload_bytes_per_s=HARD_MIN_RATE,
-                             upload_grace_s=HARD_GRACE_S)
+    options = ServiceOptions(
+        max_pixels=MAX_PIXELS,
+        concurrent_runs=1,
+        max_queued_requests=HARD_MAX_QUEUED,
+        body_timeout_s=HARD_BODY_TIMEOUT_S,
+        min_upload_bytes_per_s=HARD_MIN_RATE,
+        upload_grace_s=HARD_GRACE_S,
+    )
     # No CPU reserved: the test cluster's 2 CPUs stay for the other apps and for sr-serve processes.
-    serve.run(build_app(model, "cpu", options=options,
-                        scaling=Scaling(max_ongoing_requests=HARD_MAX_ONGOING, gpus_per_replica=0,
-                                        cpus_per_replica=0)),
-              name="sr-hard", route_prefix=HARD)
+    serve.run(
+        build_app(
+            model,
+            "cpu",
+            options=options,
+            scaling=Scaling(max_ongoing_requests=HARD_MAX_ONGOING, gpus_per_replica=0, cpus_per_replica=0),
+        ),
+        name="sr-hard",
+        route_prefix=HARD,
+    )
     try:
         yield service
     finally:
@@ -309,10 +341,20 @@ def test_a_failed_batch_call_reaches_every_request_in_it() -> None:
 def test_query_parameters_are_checked() -> None:
     assert parse_params([("temperature", "0.5"), ("seed", "7"), ("format", "webp")]).seed == 7
     assert parse_params([("seed", "7")]).seed == 0  # temperature 0: the seed changes nothing
-    for bad in ([("temperature", "nan")], [("temperature", "2.5")], [("temperature", "-0.1")],
-                [("seed", "-1")], [("seed", str(2**63))], [("seed", "1e3")], [("format", "gif")],
-                [("temp", "1")], [("seed", "1"), ("seed", "2")], [("temperature", "1"), ("seed", "1" * 5000)],
-                [("temperature", "\u0661")], [("seed", "\u0661")]):
+    for bad in (
+        [("temperature", "nan")],
+        [("temperature", "2.5")],
+        [("temperature", "-0.1")],
+        [("seed", "-1")],
+        [("seed", str(2**63))],
+        [("seed", "1e3")],
+        [("format", "gif")],
+        [("temp", "1")],
+        [("seed", "1"), ("seed", "2")],
+        [("temperature", "1"), ("seed", "1" * 5000)],
+        [("temperature", "\u0661")],
+        [("seed", "\u0661")],
+    ):
         with pytest.raises(HTTPError) as err:
             parse_params(bad)
         assert err.value.status == 400, bad
@@ -329,8 +371,20 @@ def test_scaling_maps_to_serve_options() -> None:
 
 
 def test_cli_flags_map_to_settings() -> None:
-    args = build_parser().parse_args(["--min-replicas", "0", "--max-replicas", "3", "--max-body-mb", "1",
-                                      "--batch-wait-ms", "5", "--graceful-shutdown-s", "9"])
+    args = build_parser().parse_args(
+        [
+            "--min-replicas",
+            "0",
+            "--max-replicas",
+            "3",
+            "--max-body-mb",
+            "1",
+            "--batch-wait-ms",
+            "5",
+            "--graceful-shutdown-s",
+            "9",
+        ]
+    )
     options, scaling = settings_from_args(args)
     assert options.max_body_bytes == 2**20 and options.batch_wait_s == 0.005
     serve_options = scaling.deployment_options(cluster_gpus=0)
@@ -341,13 +395,27 @@ def test_cli_flags_map_to_settings() -> None:
     assert main(["--min-replicas", "3", "--max-replicas", "2"]) == 2
 
 
-@pytest.mark.parametrize("flags", [
-    ["--port", "-1"], ["--port", "70000"], ["--port", "0"], ["--replicas", "0"], ["--max-ongoing-requests", "0"],
-    ["--max-queued-requests", "0"], ["--max-body-mb", "inf"], ["--graceful-shutdown-s", "inf"],
-    ["--target-ongoing-requests", "nan"], ["--gpus-per-replica", "-1"], ["--batch-wait-ms", "inf"],
-    ["--body-timeout-s", "0"], ["--min-upload-kbps", "inf"], ["--backend", "gpu"], ["--precision", "fp8"],
-    ["--concurrent-runs", "1.5"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--port", "-1"],
+        ["--port", "70000"],
+        ["--port", "0"],
+        ["--replicas", "0"],
+        ["--max-ongoing-requests", "0"],
+        ["--max-queued-requests", "0"],
+        ["--max-body-mb", "inf"],
+        ["--graceful-shutdown-s", "inf"],
+        ["--target-ongoing-requests", "nan"],
+        ["--gpus-per-replica", "-1"],
+        ["--batch-wait-ms", "inf"],
+        ["--body-timeout-s", "0"],
+        ["--min-upload-kbps", "inf"],
+        ["--backend", "gpu"],
+        ["--precision", "fp8"],
+        ["--concurrent-runs", "1.5"],
+    ],
+)
 def test_bad_flags_are_one_usage_line(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(flags) == 2  # refused before Ray is started
     err = capsys.readouterr().err
@@ -355,23 +423,28 @@ def test_bad_flags_are_one_usage_line(flags: list[str], capsys: pytest.CaptureFi
 
 
 def test_scaling_refuses_what_serve_would() -> None:
-    for bad in ({"replicas": 0}, {"max_ongoing_requests": 0}, {"target_ongoing_requests": math.inf},
-                {"gpus_per_replica": -1.0}, {"graceful_shutdown_timeout_s": math.nan}):
+    for bad in (
+        {"replicas": 0},
+        {"max_ongoing_requests": 0},
+        {"target_ongoing_requests": math.inf},
+        {"gpus_per_replica": -1.0},
+        {"graceful_shutdown_timeout_s": math.nan},
+    ):
         with pytest.raises(ValueError):
             Scaling(**bad)  # type: ignore[arg-type]
 
 
 def test_help_and_a_clear_error_without_ray(tmp_path: Path) -> None:
     """Without the cluster extra: --help works, anything else is one line naming the extra."""
-    code = ("import sys; sys.modules['ray'] = None; from sr_cluster.serve import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = "import sys; sys.modules['ray'] = None; from sr_cluster.serve import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = partial(subprocess.run, check=False, capture_output=True, text=True, env=env, timeout=60)
     helped = run([sys.executable, "-c", code, "--help"])
     assert helped.returncode == 0 and "POST /upscale" in helped.stdout, helped.stderr
     refused = run([sys.executable, "-c", code])
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        "sr-serve: error: needs the cluster extra (ray is missing): pip install '.[cluster]'"], refused.stderr
+        "sr-serve: error: needs the cluster extra (ray is missing): pip install '.[cluster]'"
+    ], refused.stderr
 
 
 def test_an_address_where_nothing_listens_fails_at_once(capsys: pytest.CaptureFixture[str]) -> None:
@@ -382,19 +455,37 @@ def test_an_address_where_nothing_listens_fails_at_once(capsys: pytest.CaptureFi
         assert main(["--ray-address", f"{HOST}:{port}"]) == 2
         assert time.monotonic() - t0 < 10
     assert capsys.readouterr().err.strip().splitlines() == [
-        (f"sr-serve: error: cannot reach the Ray cluster at {HOST}:{port}: nothing answers at {HOST}:{port} "
-         "(Connection refused)")]
+        (
+            f"sr-serve: error: cannot reach the Ray cluster at {HOST}:{port}: nothing answers at {HOST}:{port} "
+            "(Connection refused)"
+        )
+    ]
 
 
 def test_app_arguments_are_typed_and_checked() -> None:
     """What `serve run sr_cluster.serve:app_builder k=v ...` passes (strings) or a config file's `args` holds."""
-    args = AppArgs.from_mapping({"model": "/m", "backend": "cpu", "max_ongoing_requests": "4",
-                                 "body_timeout_s": "7.5", "min_replicas": "none", "gpus_per_replica": 0})
+    args = AppArgs.from_mapping(
+        {
+            "model": "/m",
+            "backend": "cpu",
+            "max_ongoing_requests": "4",
+            "body_timeout_s": "7.5",
+            "min_replicas": "none",
+            "gpus_per_replica": 0,
+        }
+    )
     assert (args.model, args.backend, args.scaling.max_ongoing_requests) == ("/m", "cpu", 4)
     assert args.options.body_timeout_s == 7.5 and args.scaling.min_replicas is None
     assert args.scaling.gpus_per_replica == 0.0
-    for bad in ({"max_ongoing_request": "4"}, {"max_ongoing_requests": "four"}, {"replicas": "0"},
-                {"backend": "gpu"}, {"body_timeout_s": "inf"}, {"concurrent_runs": 1.5}, {"port": "80"}):
+    for bad in (
+        {"max_ongoing_request": "4"},
+        {"max_ongoing_requests": "four"},
+        {"replicas": "0"},
+        {"backend": "gpu"},
+        {"body_timeout_s": "inf"},
+        {"concurrent_runs": 1.5},
+        {"port": "80"},
+    ):
         with pytest.raises(ValueError):
             AppArgs.from_mapping(bad)
 
@@ -405,9 +496,16 @@ def test_the_app_builder_serves(service: int, double_model: Path) -> None:
     from ray import serve
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    app = call_user_app_builder_with_args_if_necessary(app_builder, {  # type: ignore[arg-type]
-        "model": str(double_model), "backend": "cpu", "gpus_per_replica": "0", "cpus_per_replica": "0",
-        "max_ongoing_requests": "3"})
+    app = call_user_app_builder_with_args_if_necessary(
+        app_builder,
+        {  # type: ignore[arg-type]
+            "model": str(double_model),
+            "backend": "cpu",
+            "gpus_per_replica": "0",
+            "cpus_per_replica": "0",
+            "max_ongoing_requests": "3",
+        },
+    )
     serve.run(app, name="sr-built", route_prefix="/built")
     try:
         assert json.loads(request(service, "GET", "/built/healthz").body)["model"] == "test-double"
@@ -448,7 +546,7 @@ def test_concurrent_requests_match_a_local_upscaler(service: int, double_model: 
     for i in range(24):
         width, height = sizes[i % len(sizes)]
         source, media = formats[i % 3]
-        temperature, seed = ((0.0, 0) if i % 4 else (0.7, i % 2))  # two (temperature, seed) keys
+        temperature, seed = (0.0, 0) if i % 4 else (0.7, i % 2)  # two (temperature, seed) keys
         cases.append((encoded(photo(width, height, i), source), media, temperature, seed))
 
     def send(case: tuple[bytes, str, float, int]) -> Reply:
@@ -466,8 +564,10 @@ def test_concurrent_requests_match_a_local_upscaler(service: int, double_model: 
         # Exact: the double's ops compute each tile alone, so a shared batch changes no rounding.
         assert np.array_equal(pixels(reply.body), np.asarray(expected(double_model, data, temperature, seed)))
     latencies = np.array([r.seconds for r in replies]) * 1e3
-    print(f"\nserve: {len(replies)} requests from 8 threads in {wall:.2f} s = {len(replies) / wall:.1f} req/s; "
-          f"p50 {np.percentile(latencies, 50):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms")
+    print(
+        f"\nserve: {len(replies)} requests from 8 threads in {wall:.2f} s = {len(replies) / wall:.1f} req/s; "
+        f"p50 {np.percentile(latencies, 50):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms"
+    )
     health = json.loads(request(service, "GET", f"{PREFIX}/healthz").body)
     assert health["batched_images"] > health["batches"], "no two concurrent requests shared a batch"
     assert health["samplers"] <= 2  # the LRU's bound (sampler_cache=2)
@@ -554,9 +654,15 @@ def test_delete_drains_a_request_in_flight(service: int, double_model: Path) -> 
     """serve.delete (what sr-serve runs on SIGTERM) waits for a request whose body is still arriving."""
     from ray import serve
 
-    serve.run(build_app(double_model, "cpu", scaling=Scaling(gpus_per_replica=0, graceful_shutdown_timeout_s=30,
-                                                             graceful_shutdown_wait_loop_s=0.5)),
-              name="sr-drain", route_prefix="/drain")
+    serve.run(
+        build_app(
+            double_model,
+            "cpu",
+            scaling=Scaling(gpus_per_replica=0, graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=0.5),
+        ),
+        name="sr-drain",
+        route_prefix="/drain",
+    )
     data = encoded(photo(40, 40, 21), "PNG")
     conn = http.client.HTTPConnection(HOST, service, timeout=TIMEOUT_S)
     deleted_at: list[float] = []
@@ -583,8 +689,9 @@ def test_delete_drains_a_request_in_flight(service: int, double_model: Path) -> 
 
 
 @pytest.mark.slow
-def test_model_dir_from_the_environment_reaches_the_replicas(service: int, double_model: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_dir_from_the_environment_reaches_the_replicas(
+    service: int, double_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """$SR_MODEL_DIR set where the app is built, not on the cluster: the replica loads that model."""
     from ray import serve
 
@@ -633,8 +740,13 @@ def test_stalled_and_trickled_uploads_hold_no_request_slot(hard_service: int, do
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     try:
-        wait_for_health(port, HARD, lambda h: h["uploading"] == held, "the trickle never arrived",
-                        timeout=max(stalled_until - time.monotonic(), 0.5))
+        wait_for_health(
+            port,
+            HARD,
+            lambda h: h["uploading"] == held,
+            "the trickle never arrived",
+            timeout=max(stalled_until - time.monotonic(), 0.5),
+        )
         busy = request(port, "POST", f"{HARD}/upscale", good, {"Content-Type": "image/png"}, timeout=PROMPT_S)
         assert busy.status == 503 and "busy" in busy.error() and busy.seconds < PROMPT_S, busy
         assert request(port, "GET", f"{HARD}/healthz", timeout=PROMPT_S).seconds < PROMPT_S
@@ -653,13 +765,13 @@ def test_stalled_and_trickled_uploads_hold_no_request_slot(hard_service: int, do
 
 
 @pytest.mark.slow
-def test_a_cancelled_request_stops_and_keeps_its_run_slot_until_it_has(hard_service: int,
-                                                                        double_model: Path) -> None:
+def test_a_cancelled_request_stops_and_keeps_its_run_slot_until_it_has(hard_service: int, double_model: Path) -> None:
     """A client leaves mid-run: its run stops at the next backend call, and the request queued behind it
     starts only then (one run at a time here), so no two runs ever overlap; the counts end at 0."""
     port = hard_service
-    before = wait_for_health(port, HARD, lambda h: h["in_flight"] == 0, "an earlier test's request is still held",
-                             timeout=TIMEOUT_S)
+    before = wait_for_health(
+        port, HARD, lambda h: h["in_flight"] == 0, "an earlier test's request is still held", timeout=TIMEOUT_S
+    )
     # 64 tiles, eight backend calls of 8 (~6 s idle): time for the steps below while it runs, under load too
     long_run = encoded(photo(200, 200, 34), "PNG")
     data = encoded(photo(100, 100, 32), "PNG")  # 16 tiles: two backend calls of 8, run alone
@@ -686,8 +798,9 @@ def test_health_answers_at_once_under_a_burst(hard_service: int, double_model: P
     port = hard_service
     data = encoded(photo(60, 60, 33), "PNG")  # 9 tiles
     burst = HARD_MAX_ONGOING + HARD_MAX_QUEUED
-    wait_for_health(port, HARD, lambda h: h["in_flight"] == 0, "an earlier test's request is still held",
-                    timeout=TIMEOUT_S)  # a request still held would push the burst's last one to a 503
+    wait_for_health(
+        port, HARD, lambda h: h["in_flight"] == 0, "an earlier test's request is still held", timeout=TIMEOUT_S
+    )  # a request still held would push the burst's last one to a 503
     latencies: list[float] = []
     started = time.monotonic()
     with ThreadPoolExecutor(burst) as pool:
@@ -701,8 +814,10 @@ def test_health_answers_at_once_under_a_burst(hard_service: int, double_model: P
     assert statuses == [200] * burst
     assert np.array_equal(pixels(replies[0].result().body), np.asarray(expected(double_model, data)))
     p50, worst = float(np.percentile(latencies, 50)), max(latencies)
-    print(f"\nhealthz under a burst of {burst} ({run_s:.1f} s a run): {len(latencies)} probes, "
-          f"p50 {p50 * 1e3:.0f} ms, max {worst * 1e3:.0f} ms")
+    print(
+        f"\nhealthz under a burst of {burst} ({run_s:.1f} s a run): {len(latencies)} probes, "
+        f"p50 {p50 * 1e3:.0f} ms, max {worst * 1e3:.0f} ms"
+    )
     # A probe queued behind the runs would wait for one to end: half a run on average, up to a whole one.
     assert len(latencies) >= 5 and p50 < run_s / 4 and worst < max(2.0, run_s), (p50, worst, run_s)
 
@@ -711,13 +826,18 @@ def sr_serve(ray_local: Any, *flags: str, timeout: float = 180) -> subprocess.Co
     """`sr-serve FLAGS` in a process of its own, joining the test session's cluster, to its end."""
     address = ray_local.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "sr_cluster.serve", "--ray-address", address, *flags],
-                          check=False, capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sr_cluster.serve", "--ray-address", address, *flags],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
-def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_local: Any,
-                                          tmp_path: Path) -> None:
+def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_local: Any, tmp_path: Path) -> None:
     """On a cluster whose Serve already listens on another port, for replicas it has no room for, or for a
     backend it has no GPU for: one line, exit 2, nothing changed. A replica that cannot load: exit 1, and
     its failed application is gone while the other application still answers."""
@@ -727,15 +847,28 @@ def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_
     assert other.returncode == 2, other.stderr
     assert f"Serve already runs on this Ray cluster with its HTTP proxy on {HOST}:{service}" in other.stderr
     free = int(ray_local.available_resources().get("CPU", 0))
-    crowded = sr_serve(ray_local, "--model", str(double_model), "--port", str(service), "--gpus-per-replica", "0",
-                       "--replicas", str(free + 1))
+    crowded = sr_serve(
+        ray_local,
+        "--model",
+        str(double_model),
+        "--port",
+        str(service),
+        "--gpus-per-replica",
+        "0",
+        "--replicas",
+        str(free + 1),
+    )
     assert crowded.returncode == 2 and crowded.stderr.strip().splitlines() == [
-        (f"sr-serve: error: {free + 1} replicas need {free + 1} CPUs and the Ray cluster has {free} free (of 2): "
-         "lower --replicas/--min-replicas or --cpus-per-replica, or free some")], crowded.stderr
+        (
+            f"sr-serve: error: {free + 1} replicas need {free + 1} CPUs and the Ray cluster has {free} free (of 2): "
+            "lower --replicas/--min-replicas or --cpus-per-replica, or free some"
+        )
+    ], crowded.stderr
     if not ray_local.cluster_resources().get("GPU"):
         cuda = sr_serve(ray_local, "--model", str(double_model), "--port", str(service), "--backend", "cuda")
         assert cuda.returncode == 2 and cuda.stderr.strip().splitlines() == [
-            "sr-serve: error: --backend cuda needs a GPU per replica, and the Ray cluster has none"], cuda.stderr
+            "sr-serve: error: --backend cuda needs a GPU per replica, and the Ray cluster has none"
+        ], cuda.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.fp32.onnx").write_bytes(b"not an onnx model")
@@ -744,8 +877,9 @@ def test_sr_serve_next_to_a_running_serve(service: int, double_model: Path, ray_
     manifest["onnx"] = {"fp32": {"file": "model.fp32.onnx", "sha256": sha}}
     (broken / "manifest.json").write_text(json.dumps(manifest))
     t0 = time.monotonic()
-    failed = sr_serve(ray_local, "--model", str(broken), "--port", str(service), "--backend", "cpu",
-                      "--gpus-per-replica", "0")
+    failed = sr_serve(
+        ray_local, "--model", str(broken), "--port", str(service), "--backend", "cpu", "--gpus-per-replica", "0"
+    )
     print(f"\nsr-serve with a model no replica can load gave up after {time.monotonic() - t0:.1f} s")
     assert failed.returncode == 1, failed.stderr
     lines = failed.stderr.strip().splitlines()  # the replica's reason, not Ray's retries and tracebacks
@@ -770,10 +904,28 @@ def test_sr_serve_drains_a_request_in_flight_on_sigterm(double_model: Path, tmp_
     log = tmp_path / "sr-serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sr_cluster.serve", "--model", str(double_model), "--backend", "cpu",
-             "--port", str(port), "--gpus-per-replica", "0", "--graceful-shutdown-s", "30",
-             "--ray-address", "local"],  # not the test session's cluster, which Ray would find and join
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "sr_cluster.serve",
+                "--model",
+                str(double_model),
+                "--backend",
+                "cpu",
+                "--port",
+                str(port),
+                "--gpus-per-replica",
+                "0",
+                "--graceful-shutdown-s",
+                "30",
+                "--ray-address",
+                "local",
+            ],  # not the test session's cluster, which Ray would find and join
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT_S)
     try:
         deadline = time.monotonic() + 180

@@ -148,8 +148,7 @@ def test_fetch_from_a_local_deb_is_correct_and_idempotent(tmp_path: Path) -> Non
     root = tmp_path / "pkg"
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
-        "Package: fake-photos\nVersion: 1.0\nArchitecture: all\n"
-        "Maintainer: t <t@example.org>\nDescription: test\n"
+        "Package: fake-photos\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\nDescription: test\n"
     )
     (root / "usr/share/pics").mkdir(parents=True)
     (root / "usr/share/pics/a.jpg").write_bytes(jpg)
@@ -163,12 +162,8 @@ def test_fetch_from_a_local_deb_is_correct_and_idempotent(tmp_path: Path) -> Non
     )
     row = {"source": "deb", "package": "fake-photos", "sha256": ""}
     photos = [
-        fd.Photo(
-            **row, path="usr/share/pics/a.jpg", w=66, h=48, downscale=2, split="train", name="a"
-        ),
-        fd.Photo(
-            **row, path="usr/share/pics/b.png", w=20, h=30, downscale=1, split="val", name="b"
-        ),
+        fd.Photo(**row, path="usr/share/pics/a.jpg", w=66, h=48, downscale=2, split="train", name="a"),
+        fd.Photo(**row, path="usr/share/pics/b.png", w=20, h=30, downscale=1, split="val", name="b"),
     ]
     out = tmp_path / "photos"
     log = io.StringIO()
@@ -221,8 +216,7 @@ def test_fetch_reads_a_photo_inside_an_edj_container(tmp_path: Path) -> None:
     root = tmp_path / "pkg"
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
-        "Package: fake-edj\nVersion: 1.0\nArchitecture: all\n"
-        "Maintainer: t <t@example.org>\nDescription: test\n"
+        "Package: fake-edj\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\nDescription: test\n"
     )
     (root / "usr/share/bg").mkdir(parents=True)
     (root / "usr/share/bg/x.edj").write_bytes(_eet({"edje/images/1": (b"thumb", False),

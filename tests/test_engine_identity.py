@@ -39,7 +39,10 @@ def test_cache_key_changes_with_every_identity_field() -> None:
     assert base == EngineIdentity("ab" * 32, "fp16", (1, 4, 16), GPU, "10.13.0.35").key()
     assert base.startswith("fp16-b1-4-16-sm90-")
     variants = [
-        {"onnx_sha256": "cd" * 32}, {"precision": "fp32"}, {"batch": (2, 4, 16)}, {"batch": (1, 8, 16)},
+        {"onnx_sha256": "cd" * 32},
+        {"precision": "fp32"},
+        {"batch": (2, 4, 16)},
+        {"batch": (1, 8, 16)},
         {"batch": (1, 4, 32)},
         {"tensorrt_version": "10.14.1"},
         {"gpu": dataclasses.replace(GPU, compute_capability="8.9")},
@@ -49,12 +52,21 @@ def test_cache_key_changes_with_every_identity_field() -> None:
     assert len(keys) == len(variants) and base not in keys
 
 
-@pytest.mark.parametrize("field, value", [
-    ("onnx_sha256", "cd" * 32), ("tensorrt_version", "11.0.0"), ("gpu_name", "NVIDIA A100"),
-    ("compute_capability", "8.0"), ("precision", "fp32"), ("batch", {"min": 2, "opt": 4, "max": 16}),
-    ("batch", {"min": 1, "opt": 8, "max": 16}), ("batch", {"min": 1, "opt": 4, "max": 8}),
-    ("strongly_typed", False), ("format", "something/0"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("onnx_sha256", "cd" * 32),
+        ("tensorrt_version", "11.0.0"),
+        ("gpu_name", "NVIDIA A100"),
+        ("compute_capability", "8.0"),
+        ("precision", "fp32"),
+        ("batch", {"min": 2, "opt": 4, "max": 16}),
+        ("batch", {"min": 1, "opt": 8, "max": 16}),
+        ("batch", {"min": 1, "opt": 4, "max": 8}),
+        ("strongly_typed", False),
+        ("format", "something/0"),
+    ],
+)
 def test_every_stale_field_is_named_by_the_one_checker(field: str, value: object) -> None:
     assert IDENTITY.stale_reasons(current_manifest()) == []
     reasons = IDENTITY.stale_reasons({**current_manifest(), field: value})
@@ -67,8 +79,10 @@ def test_a_missing_field_is_stale() -> None:
     assert IDENTITY.stale_reasons(manifest) == ["strongly_typed is None, need True"]
 
 
-@pytest.mark.parametrize("version, strongly", [("10.0.1", False), ("10.11.0.33", False), ("10.12.0.36", True),
-                                               ("10.13.0.35", True), ("11.0.0", True)])
+@pytest.mark.parametrize(
+    "version, strongly",
+    [("10.0.1", False), ("10.11.0.33", False), ("10.12.0.36", True), ("10.13.0.35", True), ("11.0.0", True)],
+)
 def test_strongly_typed_from_10_12(version: str, strongly: bool) -> None:
     assert uses_strongly_typed(version) is strongly
 
@@ -119,12 +133,16 @@ def _tiny_onnx(path: Path) -> Path:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["noise"], ["m"], axes=[1], keepdims=1),
-         helper.make_node("Unsqueeze", ["m", "axes"], ["m4"]),
-         helper.make_node("Add", ["lr", "m4"], ["hr"])],
+        [
+            helper.make_node("ReduceMean", ["noise"], ["m"], axes=[1], keepdims=1),
+            helper.make_node("Unsqueeze", ["m", "axes"], ["m4"]),
+            helper.make_node("Add", ["lr", "m4"], ["hr"]),
+        ],
         "tiny",
-        [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, 8, 8]),
-         helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, 8, 8]),
+            helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["N", 4]),
+        ],
         [helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])],
     )

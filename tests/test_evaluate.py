@@ -39,9 +39,7 @@ def test_prepare_eval_pair_follows_the_protocol() -> None:
 
 
 def test_bicubic_as_the_model_reproduces_the_bicubic_row_exactly() -> None:
-    result = ev.evaluate_model(
-        ev.bicubic_sample_fn, _photos(), 128, [0.0, 0.5], seed=1, batch_size=2
-    )
+    result = ev.evaluate_model(ev.bicubic_sample_fn, _photos(), 128, [0.0, 0.5], seed=1, batch_size=2)
     assert result["n_images"] == 5 and len(result["model"]) == 2
     bic = result["bicubic"]
     assert 20 < bic["psnr_y"] < 40 and 0.3 < bic["ssim_y"] < 1
@@ -88,9 +86,7 @@ def test_markdown_table_lists_bicubic_and_each_temperature() -> None:
     assert "2 images, 64x64 centre crops" in table
 
 
-def test_sr_eval_bicubic_writes_json_and_markdown(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_sr_eval_bicubic_writes_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)
     photos = _photos(3)
@@ -165,8 +161,12 @@ def test_cli_reports_a_bad_checkpoint_or_folder_without_a_traceback(tmp_path, ca
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--batch-size", "0"], "--batch-size: must be >= 1"), (["--hr-size", "3"], "--hr-size: must be a multiple"),
-     (["--temperatures", "nan"], "finite temperatures"), (["--temperatures", "0,inf"], "finite temperatures")],
+    [
+        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["--hr-size", "3"], "--hr-size: must be a multiple"),
+        (["--temperatures", "nan"], "finite temperatures"),
+        (["--temperatures", "0,inf"], "finite temperatures"),
+    ],
 )
 def test_sr_eval_refuses_bad_values_naming_the_flag(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -193,8 +193,10 @@ def test_sr_eval_writes_its_outputs_atomically(tmp_path):
     for path in (out, md):
         path.write_text("previous")
         os.link(path, path.with_suffix(".reader"))
-    assert ev.main(["--bicubic", "--images", str(folder), "--hr-size", "64", "--out", str(out),
-                    "--markdown", str(md)]) == 0
+    assert (
+        ev.main(["--bicubic", "--images", str(folder), "--hr-size", "64", "--out", str(out), "--markdown", str(md)])
+        == 0
+    )
     assert json.loads(out.read_text())["n_images"] == 1 and "bicubic" in md.read_text()
     assert out.with_suffix(".reader").read_text() == md.with_suffix(".reader").read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -34,8 +34,21 @@ from sr_export.parity import cpu_session, parity_suite
 from sr_runtime.backends.engine_identity import engine_unavailable_reason
 from sr_runtime.files import sha256_file
 
-MANIFEST_KEYS = {"format", "name", "scale", "lr_size", "hr_size", "noise_dim", "batch", "inputs", "outputs",
-                 "onnx", "model_config", "checkpoint", "checks"}
+MANIFEST_KEYS = {
+    "format",
+    "name",
+    "scale",
+    "lr_size",
+    "hr_size",
+    "noise_dim",
+    "batch",
+    "inputs",
+    "outputs",
+    "onnx",
+    "model_config",
+    "checkpoint",
+    "checks",
+}
 NO_ENGINE = engine_unavailable_reason()
 
 
@@ -70,8 +83,9 @@ def test_dynamic_batch_runs_at_1_and_3(exported: dict) -> None:
     session = cpu_session(exported["out"] / "model.fp32.onnx")
     dim = exported["model"].noise_dim
     for n in (1, 3):
-        hr = session.run(["hr"], {"lr": np.full((n, 3, 64, 64), 0.5, np.float32),
-                                  "noise": np.zeros((n, dim), np.float32)})[0]
+        hr = session.run(
+            ["hr"], {"lr": np.full((n, 3, 64, 64), 0.5, np.float32), "noise": np.zeros((n, dim), np.float32)}
+        )[0]
         assert hr.shape == (n, 3, 256, 256)
         assert hr.min() >= 0.0 and hr.max() <= 1.0
 
@@ -207,7 +221,8 @@ def test_export_refuses_opset_17_and_batch_1_examples(tmp_path: Path) -> None:
 
 def test_random_ops_are_rejected() -> None:
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("RandomNormalLike", ["x"], ["y"])], "g",
+        [onnx.helper.make_node("RandomNormalLike", ["x"], ["y"])],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
     )
@@ -232,16 +247,20 @@ def _overflowing_graph() -> onnx.ModelProto:
 
     consts = {"a": 3e4, "b": 4.0, "c": 1.0 / 1.2e5, "z": 0.0}
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["lr", "a"], ["t1"], name="scale_up"),
-         helper.make_node("Mul", ["t1", "b"], ["t2"], name="overflow"),
-         helper.make_node("Mul", ["t2", "c"], ["t3"], name="scale_down"),
-         helper.make_node("ReduceMean", ["noise"], ["m"], name="mean", axes=[1], keepdims=1),
-         helper.make_node("Mul", ["m", "z"], ["m0"], name="zero"),
-         helper.make_node("Unsqueeze", ["m0", "ax"], ["m4"], name="unsq"),
-         helper.make_node("Add", ["t3", "m4"], ["hr"], name="out")],
+        [
+            helper.make_node("Mul", ["lr", "a"], ["t1"], name="scale_up"),
+            helper.make_node("Mul", ["t1", "b"], ["t2"], name="overflow"),
+            helper.make_node("Mul", ["t2", "c"], ["t3"], name="scale_down"),
+            helper.make_node("ReduceMean", ["noise"], ["m"], name="mean", axes=[1], keepdims=1),
+            helper.make_node("Mul", ["m", "z"], ["m0"], name="zero"),
+            helper.make_node("Unsqueeze", ["m0", "ax"], ["m4"], name="unsq"),
+            helper.make_node("Add", ["t3", "m4"], ["hr"], name="out"),
+        ],
         "overflow",
-        [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, 4, 4]),
-         helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["N", 2])],
+        [
+            helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, 4, 4]),
+            helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["N", 2]),
+        ],
         [helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["N", 3, 4, 4])],
         [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()]
         + [numpy_helper.from_array(np.array([2, 3], np.int64), "ax")],
@@ -255,14 +274,17 @@ def test_fp16_islands_come_from_measured_ranges() -> None:
 
     proto = _overflowing_graph()
     rng = np.random.default_rng(0)
-    feeds = [{"lr": rng.random((1, 3, 4, 4), dtype=np.float32), "noise": rng.standard_normal((1, 2)).astype(np.float32)}
-             for _ in range(3)]
+    feeds = [
+        {"lr": rng.random((1, 3, 4, 4), dtype=np.float32), "noise": rng.standard_normal((1, 2)).astype(np.float32)}
+        for _ in range(3)
+    ]
     ranges = measure_ranges(proto, feeds)
     assert 1e4 < ranges["t1"] <= 3e4 and ranges["t2"] > 65504 and ranges["t3"] <= 1.0
     naive = cpu_session_from_proto(fp16_rounding_model(proto, set())).run(["hr"], feeds[0])[0]
     assert not np.isfinite(naive).all()  # all-FP16 overflows (ORT CPU's FP32 fallback alone would hide it)
-    result = choose_fp16(proto, feeds, {"held_out": {"lr": np.ones((2, 3, 4, 4), np.float32),
-                                                     "noise": np.zeros((2, 2), np.float32)}})
+    result = choose_fp16(
+        proto, feeds, {"held_out": {"lr": np.ones((2, 3, 4, 4), np.float32), "noise": np.zeros((2, 2), np.float32)}}
+    )
     assert set(result.island) == {"scale_up", "overflow", "scale_down"}
     assert result.simulated.all_finite and result.ort.all_finite
     assert result.simulated.min_psnr_db >= 40.0 and result.ort.min_psnr_db >= 40.0
@@ -280,8 +302,9 @@ def test_unknown_preset_and_file_out_are_one_error_line(tmp_path: Path, monkeypa
     assert rc == 2 and "is a file" in err and "Traceback" not in err
 
 
-def test_sigterm_during_an_export_removes_its_temporary_directory(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_during_an_export_removes_its_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import os
     import signal
     import tempfile

@@ -27,8 +27,12 @@ def test_frame_manifest_states_kind_stride_radius_levels_and_graphs(exported_fc:
     assert m["format"] == "vdvae-sr-onnx/2" and m["kind"] == "fully_convolutional"
     assert m["lr_multiple"] == 4 and m["receptive_radius"] == 143
     assert [(lv["name"], lv["channels"], lv["scale"]) for lv in m["noise_levels"]] == [
-        ("noise_16", 8, 0.25), ("noise_32", 12, 0.5), ("noise_64", 24, 1.0), ("noise_128", 8, 2.0),
-        ("noise_256", 4, 4.0)]
+        ("noise_16", 8, 0.25),
+        ("noise_32", 12, 0.5),
+        ("noise_64", 24, 1.0),
+        ("noise_128", 8, 2.0),
+        ("noise_256", 4, 4.0),
+    ]
     assert m["graphs"] == {"sampling": {"fp32": "model.fp32.onnx"}, "deterministic": {"fp32": "model.t0.fp32.onnx"}}
     assert set(m["io_graphs"]) == {"pre", "post"}
     for entries in (m["onnx"], m["onnx_deterministic"], m["io_graphs"]):
@@ -46,8 +50,14 @@ def test_frame_graphs_are_symbolic_and_deterministic_has_no_noise(exported_fc: d
     t0 = onnx.load(str(out / "model.t0.fp32.onnx"))
     sampling = onnx.load(str(out / "model.fp32.onnx"))
     assert [i.name for i in t0.graph.input] == ["lr"]
-    assert [i.name for i in sampling.graph.input] == ["lr", "noise_16", "noise_32", "noise_64", "noise_128",
-                                                      "noise_256"]
+    assert [i.name for i in sampling.graph.input] == [
+        "lr",
+        "noise_16",
+        "noise_32",
+        "noise_64",
+        "noise_128",
+        "noise_256",
+    ]
     for proto in (t0, sampling):
         for vi in proto.graph.input:
             dims = vi.type.tensor_type.shape.dim
@@ -60,8 +70,10 @@ def test_frame_graphs_match_torch_at_sizes_the_export_did_not_check(
 ) -> None:
     model, out = exported_fc["model"], exported_fc["out"]
     lr = np.ascontiguousarray(photo_lr_batch(max(h, w), per_photo=1)[:n, :, :h, :w])
-    cases = [compare_frame(model, cpu_session(out / "model.t0.fp32.onnx"), lr, 0.0),
-             compare_frame(model, cpu_session(out / "model.fp32.onnx"), lr, 0.9, seed=5)]
+    cases = [
+        compare_frame(model, cpu_session(out / "model.t0.fp32.onnx"), lr, 0.0),
+        compare_frame(model, cpu_session(out / "model.fp32.onnx"), lr, 0.9, seed=5),
+    ]
     for case in cases:
         assert case.max_abs_err_non_tie < 1e-4, case
         assert case.shape == (h, w)
@@ -70,8 +82,9 @@ def test_frame_graphs_match_torch_at_sizes_the_export_did_not_check(
 def test_fp16_frame_graph_stays_close_at_sizes_it_was_not_calibrated_on(exported_fc: dict[str, Any]) -> None:
     model, out = exported_fc["model"], exported_fc["out"]
     fp32 = onnx.load(str(out / "model.t0.fp32.onnx"))
-    result = choose_fp16(fp32, frame_calibration(model, 0, sampling=False)[:4],
-                         frame_check_cases(model, 0, sampling=False))
+    result = choose_fp16(
+        fp32, frame_calibration(model, 0, sampling=False)[:4], frame_check_cases(model, 0, sampling=False)
+    )
     lr = np.ascontiguousarray(photo_lr_batch(40, per_photo=1)[:2, :, :24, :40])
     ref = cpu_session(out / "model.t0.fp32.onnx").run(["hr"], {"lr": lr})[0]
     half = cpu_session_from_proto(result.model).run(["hr"], {"lr": lr})[0]
@@ -90,8 +103,11 @@ def test_sampling_graph_with_zero_noise_equals_the_deterministic_graph(exported_
 
 
 def test_range_measurement_sizes_symbolic_tensors_from_the_feed() -> None:
-    proto = onnx.helper.make_model(onnx.helper.make_graph(
-        [], "g", [onnx.helper.make_tensor_value_info("lr", onnx.TensorProto.FLOAT, ["batch", 3, "4*h", "4*w"])], []))
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [], "g", [onnx.helper.make_tensor_value_info("lr", onnx.TensorProto.FLOAT, ["batch", 3, "4*h", "4*w"])], []
+        )
+    )
     symbols = _feed_symbols(proto, {"lr": np.zeros((2, 3, 24, 40), np.float32)})
     assert symbols == {"batch": 2, "h": 6, "w": 10}
     dim = onnx.TensorShapeProto.Dimension(dim_param="16*h")
@@ -117,4 +133,3 @@ def test_engine_key_of_fixed_models_is_unchanged_by_frame_profiles() -> None:
     assert "frame" not in fixed.fields()
     assert frame.fields()["frame"] == {"min": [4, 4], "opt": [64, 64], "max": [540, 960]}
     assert fixed.key() != frame.key()
-

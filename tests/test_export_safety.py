@@ -56,8 +56,9 @@ def test_nan_weights_fail_parity_and_leave_the_working_model(double_model: Path,
     _assert_untouched(out, before)
 
 
-def test_an_interrupted_reexport_leaves_the_working_model(double_model: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_reexport_leaves_the_working_model(
+    double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sr_export import pipeline
 
     out, before = _working_model(double_model, tmp_path)
@@ -80,11 +81,14 @@ def test_manifests_are_strict_json() -> None:
     json.loads(json.dumps(safe, allow_nan=False))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--batch", "1,4,1000000"], "max 1000000 is over 256"),
-    (["--seed", str(2**70)], f"--seed: must be in [0, {2**32 - 1}]"),
-    (["--seed", "-1"], "--seed: must be in"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "1,4,1000000"], "max 1000000 is over 256"),
+        (["--seed", str(2**70)], f"--seed: must be in [0, {2**32 - 1}]"),
+        (["--seed", "-1"], "--seed: must be in"),
+    ],
+)
 def test_out_of_range_batch_and_seed_are_one_error_line(tmp_path: Path, args: list[str], message: str) -> None:
     rc, _, err = run_cli(["--preset", "small-256", "--random-weights", "--out", str(tmp_path / "x"), *args])
     assert rc == 2 and message in err and "Traceback" not in err, err
@@ -112,8 +116,14 @@ print(grew * 1024, ranges["t0"], ranges["t23"])
 
 def test_range_measurement_memory_stays_near_its_budget() -> None:
     """24 tensors of 16 MB with a 40 MB budget: ORT would keep all 384 MB alive in one session."""
-    proc = subprocess.run([sys.executable, "-c", _MEASURE], check=False, capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     grew, first, last = (float(v) for v in proc.stdout.split())
     assert first == 3.0 and last == 3.0  # max |x| over both feeds, through the chain
@@ -127,8 +137,15 @@ def test_engine_bytes_are_read_once_and_checked(tmp_path: Path, monkeypatch: pyt
     engine, sidecar = IDENTITY.paths(tmp_path)
     engine.parent.mkdir(parents=True)
     engine.write_bytes(b"serialized engine")
-    sidecar.write_text(json.dumps({"format": ENGINE_FORMAT, **IDENTITY.fields(),
-                                   "engine_sha256": hashlib.sha256(b"serialized engine").hexdigest()}))
+    sidecar.write_text(
+        json.dumps(
+            {
+                "format": ENGINE_FORMAT,
+                **IDENTITY.fields(),
+                "engine_sha256": hashlib.sha256(b"serialized engine").hexdigest(),
+            }
+        )
+    )
     opened: list[str] = []
     real_open = __import__("os").open
     monkeypatch.setattr("os.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))

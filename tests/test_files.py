@@ -64,9 +64,11 @@ def test_file_lock_keeps_another_process_out_until_released(tmp_path: Path) -> N
 
 def test_stale_temp_files_finds_what_a_killed_writer_left_and_nothing_else(tmp_path: Path) -> None:
     target = tmp_path / "a[1].png"  # glob characters in the name must not widen the match
-    code = ("import os, signal, sys; from sr_runtime.files import atomic_write; "
-            "atomic_write(sys.argv[1], lambda fh: (fh.write(b'half'), fh.flush(), "
-            "os.kill(os.getpid(), signal.SIGKILL)))")
+    code = (
+        "import os, signal, sys; from sr_runtime.files import atomic_write; "
+        "atomic_write(sys.argv[1], lambda fh: (fh.write(b'half'), fh.flush(), "
+        "os.kill(os.getpid(), signal.SIGKILL)))"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(target)], timeout=60, check=False)
     assert proc.returncode == -signal.SIGKILL
     (tmp_path / f".{target.name}.notes.tmp").write_text("someone else's")

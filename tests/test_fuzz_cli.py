@@ -92,9 +92,25 @@ def test_mutated_files_of_every_format_in_one_batch(double_model: Path, tmp_path
     out = tmp_path / "out"
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "sr_runtime.cli", "--model", str(double_model), "-q", "--max-pixels", "100000",
-         "-o", str(out) + "/", *map(str, paths)],
-        capture_output=True, text=True, timeout=180, check=False, cwd=REPO, env=env,
+        [
+            sys.executable,
+            "-m",
+            "sr_runtime.cli",
+            "--model",
+            str(double_model),
+            "-q",
+            "--max-pixels",
+            "100000",
+            "-o",
+            str(out) + "/",
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        cwd=REPO,
+        env=env,
     )
     assert proc.returncode in (0, 1), proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -108,8 +124,9 @@ def test_mutated_files_of_every_format_in_one_batch(double_model: Path, tmp_path
     assert leftovers == []
 
 
-def test_decoder_warnings_are_one_line_naming_the_file(double_model: Path, tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_decoder_warnings_are_one_line_naming_the_file(
+    double_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from sr_runtime.cli import main
 
     buf = io.BytesIO()

@@ -56,8 +56,12 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             # `from pkg import name`: the submodule pkg.name if there is one, else pkg itself
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             func = node.func
             called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
             if called in IMPORTING_CALLS:
@@ -86,8 +90,11 @@ def loops(graph: dict[str, set[str]]) -> set[frozenset[str]]:
                 seen.add(module)
                 todo.extend(graph.get(module, ()))
         reach[start] = seen
-    return {frozenset({start, *(m for m in reach[start] if start in reach[m])})
-            for start in graph if any(start in reach[m] for m in reach[start])}
+    return {
+        frozenset({start, *(m for m in reach[start] if start in reach[m])})
+        for start in graph
+        if any(start in reach[m] for m in reach[start])
+    }
 
 
 def test_the_graph_sees_every_kind_of_import() -> None:
@@ -112,6 +119,11 @@ def test_no_import_loops() -> None:
 
 def test_the_runtime_imports_nothing_of_ours_outside_it() -> None:
     """Checks the source, importlib strings included: `sr_runtime` must run with only its own dependencies."""
-    upward = {f"{module} -> {target}" for module, targets in import_graph().items() if module.startswith("sr_runtime")
-              for target in targets if not target.startswith("sr_runtime")}
+    upward = {
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        if module.startswith("sr_runtime")
+        for target in targets
+        if not target.startswith("sr_runtime")
+    }
     assert not upward

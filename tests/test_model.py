@@ -181,8 +181,11 @@ def test_head_statistic_selects_the_deterministic_output():
     outs = {}
     for stat in ("mode", "mean"):
         torch.manual_seed(0)
-        model = VDVAESR(tiny("small-256") if stat == "mean" else preset("small-256", width=16, custom_width_str="",
-                                                                        zdim=4, num_mixtures=2, head_statistic="mode"))
+        model = VDVAESR(
+            tiny("small-256")
+            if stat == "mean"
+            else preset("small-256", width=16, custom_width_str="", zdim=4, num_mixtures=2, head_statistic="mode")
+        )
         model.decoder.out_conv.weight.data.normal_(std=0.3)  # components far apart
         with torch.no_grad():
             outs[stat] = model.sample(lr, torch.zeros(1, model.noise_dim))

@@ -34,14 +34,19 @@ def _with_onnx(double_model: Path, tmp_path: Path, data: bytes) -> Path:
 
 def _broken(double_model: Path, kind: str) -> bytes:
     real = (double_model / "model.fp32.onnx").read_bytes()
-    return {"random": np.random.default_rng(0).bytes(4096), "truncated": real[: len(real) // 2],
-            "text": b"this is not an ONNX model\n" * 20, "empty": b""}[kind]
+    return {
+        "random": np.random.default_rng(0).bytes(4096),
+        "truncated": real[: len(real) // 2],
+        "text": b"this is not an ONNX model\n" * 20,
+        "empty": b"",
+    }[kind]
 
 
 @pytest.mark.parametrize("kind", ["random", "truncated", "text", "empty"])
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
-def test_an_onnx_file_that_is_not_onnx_is_a_model_error(double_model: Path, tmp_path: Path, kind: str,
-                                                       backend: str) -> None:
+def test_an_onnx_file_that_is_not_onnx_is_a_model_error(
+    double_model: Path, tmp_path: Path, kind: str, backend: str
+) -> None:
     out = _with_onnx(double_model, tmp_path, _broken(double_model, kind))
     with pytest.raises(SRModelError, match=r"ONNX Runtime cannot load its ONNX file|inputs|no fp32"):
         Upscaler(out, backend=backend)
@@ -53,26 +58,46 @@ def test_the_cli_names_a_broken_model_in_one_line(double_model: Path, tmp_path: 
     from PIL import Image
 
     Image.new("RGB", (8, 8), (10, 200, 30)).save(img)
-    proc = subprocess.run([sys.executable, "-m", "sr_runtime.cli", str(img), "-o", str(tmp_path / "out"), "--model",
-                           str(out), "--backend", "cpu", "-q"], check=False, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sr_runtime.cli",
+            str(img),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(out),
+            "--backend",
+            "cpu",
+            "-q",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("sr-upscale: error: model ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("change", [
-    {"onnx": [1, 2]},
-    {"onnx": "model.fp32.onnx"},
-    {"onnx": {"fp32": ["model.fp32.onnx"]}},
-    {"onnx": {"fp32": None}},
-    {"lr_size": 32},
-    {"lr_size": [32, 32, 32]},
-    {"lr_size": ["a", "b"]},
-    {"batch": [1, 4, 16]},
-    {"scale": 4.0},
-    {"noise_dim": None},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"onnx": [1, 2]},
+        {"onnx": "model.fp32.onnx"},
+        {"onnx": {"fp32": ["model.fp32.onnx"]}},
+        {"onnx": {"fp32": None}},
+        {"lr_size": 32},
+        {"lr_size": [32, 32, 32]},
+        {"lr_size": ["a", "b"]},
+        {"batch": [1, 4, 16]},
+        {"scale": 4.0},
+        {"noise_dim": None},
+    ],
+)
 def test_a_crafted_manifest_is_a_model_error(double_model: Path, tmp_path: Path, change: dict) -> None:
     out = tmp_path / "model"
     shutil.copytree(double_model, out)

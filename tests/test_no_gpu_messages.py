@@ -15,8 +15,9 @@ needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
 
 
 @needs_no_gpu
-def test_sr_eval_device_cuda_without_a_gpu_names_the_device(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sr_eval_device_cuda_without_a_gpu_names_the_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from test_train import TINY
 
     from sr_train import evaluate
@@ -39,7 +40,8 @@ def test_sr_eval_refuses_a_device_torch_does_not_know(tmp_path: Path, capsys: py
 @needs_no_gpu
 @pytest.mark.parametrize("args", [["--devices", "cuda"], ["--backends", "tensorrt,onnxruntime-cuda"]])
 def test_latency_for_cuda_without_a_gpu_fails_with_a_reason_and_writes_nothing(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
     from benchmarks import latency
 
     if latency.gpu_present(False):

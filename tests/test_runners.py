@@ -49,25 +49,54 @@ def photos(tmp_path: Path) -> Path:
     return folder
 
 
-def test_ray_hands_the_checked_command_to_the_registered_runner(double_model: Path, photos: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_hands_the_checked_command_to_the_registered_runner(
+    double_model: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     register(tmp_path, monkeypatch, f"{__name__}:fake_runner")
     received.clear()
-    status = main(["--model", str(double_model), "-q", str(photos), str(tmp_path / "gone-*.png"), "-o",
-                   str(tmp_path / "out"), "--temperature", "0.5", "--samples", "3", "--max-pixels", "1e6",
-                   "--ray", "10.0.0.1:6379", "--workers", "2"])
+    status = main(
+        [
+            "--model",
+            str(double_model),
+            "-q",
+            str(photos),
+            str(tmp_path / "gone-*.png"),
+            "-o",
+            str(tmp_path / "out"),
+            "--temperature",
+            "0.5",
+            "--samples",
+            "3",
+            "--max-pixels",
+            "1e6",
+            "--ray",
+            "10.0.0.1:6379",
+            "--workers",
+            "2",
+        ]
+    )
     assert status == 42
     (job,) = received
     assert job.sources == (photos / "a.png", photos / "b.jpg")
     assert job.unmatched == ((str(tmp_path / "gone-*.png"), "pattern matched no files"),)
     assert (job.address, job.workers) == ("10.0.0.1:6379", 2)
-    assert job.options == UpscaleOptions(model=str(double_model), temperature=0.5, samples=3, max_pixels=1_000_000,
-                                         output=str(tmp_path / "out"), quiet=True)
+    assert job.options == UpscaleOptions(
+        model=str(double_model),
+        temperature=0.5,
+        samples=3,
+        max_pixels=1_000_000,
+        output=str(tmp_path / "out"),
+        quiet=True,
+    )
 
 
-def test_usage_errors_stop_before_the_hand_off(double_model: Path, photos: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_stop_before_the_hand_off(
+    double_model: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     register(tmp_path, monkeypatch, f"{__name__}:fake_runner")
     received.clear()
     assert main(["--model", str(double_model), str(photos), "--ray", "no port"]) == 2
@@ -76,22 +105,28 @@ def test_usage_errors_stop_before_the_hand_off(double_model: Path, photos: Path,
     assert "expected host:port" in capsys.readouterr().err
 
 
-def test_no_runner_installed_is_one_line_and_exit_2(double_model: Path, photos: Path,
-                                                     monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_runner_installed_is_one_line_and_exit_2(
+    double_model: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(runners.importlib.metadata, "entry_points", lambda **kw: [])
     assert main(["--model", str(double_model), str(photos), "--ray"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "sr-upscale: error: --ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"]
+        "sr-upscale: error: --ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"
+    ]
 
 
-def test_a_runner_whose_dependencies_are_missing_is_the_same_line(double_model: Path, photos: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_runner_whose_dependencies_are_missing_is_the_same_line(
+    double_model: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     register(tmp_path, monkeypatch, "no_such_module_anywhere:run")
     assert main(["--model", str(double_model), str(photos), "--ray"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "sr-upscale: error: --ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"]
+        "sr-upscale: error: --ray needs the cluster extra: pip install 'vdvae-sr[cluster]'"
+    ]
 
 
 def test_pyproject_registers_the_cluster_batch_runner() -> None:
@@ -121,11 +156,17 @@ def test_what_a_worker_receives_survives_pickling(double_model: Path, tmp_path: 
     assert pickle.loads(pickle.dumps(job)) == job
 
 
-def test_run_file_does_one_file_and_answers_with_its_result(double_model: Path, photos: Path,
-                                                            tmp_path: Path) -> None:
+def test_run_file_does_one_file_and_answers_with_its_result(double_model: Path, photos: Path, tmp_path: Path) -> None:
     """The library's per-file job, as a worker runs it: outputs written, a failure as its line, nothing raised."""
-    options = UpscaleOptions(model=str(double_model), output=str(tmp_path / "out"), std_map=True, temperature=0.5,
-                             samples=2, timings=True, quiet=True)
+    options = UpscaleOptions(
+        model=str(double_model),
+        output=str(tmp_path / "out"),
+        std_map=True,
+        temperature=0.5,
+        samples=2,
+        timings=True,
+        quiet=True,
+    )
     (tmp_path / "out").mkdir()
     with options.build_upscaler() as upscaler:
         src = photos / "a.png"

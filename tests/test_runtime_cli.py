@@ -38,8 +38,7 @@ def test_single_file_to_named_output(double_model: Path, photos: Path, tmp_path:
     assert [p.name for p in out.parent.iterdir()] == ["big.png"]  # no temporary file left behind
 
 
-def test_folder_input_writes_suffixed_files_keeping_formats(double_model: Path, photos: Path,
-                                                           tmp_path: Path) -> None:
+def test_folder_input_writes_suffixed_files_keeping_formats(double_model: Path, photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert run_cli(double_model, str(photos), "-o", str(out) + "/") == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_x4.png", "b_x4.jpg", "c_x4.webp"]
@@ -55,11 +54,19 @@ def test_glob_next_to_inputs_with_format_and_suffix(double_model: Path, photos: 
 
 @pytest.mark.parametrize(
     ("mode", "ext", "saved_mode"),
-    [("CMYK", "png", "RGB"), ("CMYK", "jpg", "CMYK"), ("I;16", "jpg", "L"), ("I;16", "png", "I;16"),
-     ("LA", "jpg", "L"), ("RGBA", "webp", "RGBA"), ("F", "png", "I;16")],
+    [
+        ("CMYK", "png", "RGB"),
+        ("CMYK", "jpg", "CMYK"),
+        ("I;16", "jpg", "L"),
+        ("I;16", "png", "I;16"),
+        ("LA", "jpg", "L"),
+        ("RGBA", "webp", "RGBA"),
+        ("F", "png", "I;16"),
+    ],
 )
-def test_every_mode_is_saved_in_every_format(double_model: Path, tmp_path: Path, mode: str, ext: str,
-                                             saved_mode: str) -> None:
+def test_every_mode_is_saved_in_every_format(
+    double_model: Path, tmp_path: Path, mode: str, ext: str, saved_mode: str
+) -> None:
     src = tmp_path / "src.tiff"  # TIFF holds all these modes
     base = Image.fromarray(photo_lr(12))
     gray = np.asarray(base.convert("L"))
@@ -77,8 +84,9 @@ def test_every_mode_is_saved_in_every_format(double_model: Path, tmp_path: Path,
     assert out.size == (48, 48) and out.mode.replace("I;16B", "I;16") == saved_mode
 
 
-def test_exit_1_names_each_failed_input_and_keeps_going(double_model: Path, photos: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_exit_1_names_each_failed_input_and_keeps_going(
+    double_model: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = photos / "broken.png"
     broken.write_bytes(b"")
     out = tmp_path / "out"
@@ -98,8 +106,9 @@ def test_never_overwrites_an_input(double_model: Path, photos: Path, capsys: pyt
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-def test_two_inputs_never_share_one_output(double_model: Path, photos: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_inputs_never_share_one_output(
+    double_model: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     Image.fromarray(photo_lr(12)).save(photos / "a.webp")  # a.png and a.webp -> a_x4.png
     out = tmp_path / "out"
     assert run_cli(double_model, str(photos / "a.png"), str(photos / "a.webp"), "-o", str(out), "-f", "png") == 1
@@ -119,15 +128,15 @@ def test_two_inputs_never_share_one_output(double_model: Path, photos: Path, tmp
         (["--model", "/nonexistent/model"], "no model manifest"),
     ],
 )
-def test_usage_errors_exit_2_without_traceback(double_model: Path, photos: Path, args: list[str],
-                                               message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_exit_2_without_traceback(
+    double_model: Path, photos: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_cli(double_model, str(photos / "a.png"), *args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-def test_one_file_output_for_many_inputs_is_a_usage_error(double_model: Path, photos: Path,
-                                                          tmp_path: Path) -> None:
+def test_one_file_output_for_many_inputs_is_a_usage_error(double_model: Path, photos: Path, tmp_path: Path) -> None:
     assert run_cli(double_model, str(photos), "-o", str(tmp_path / "one.png")) == 2
     assert run_cli(double_model, str(photos / "a.png"), "-o", str(tmp_path / "one.tif")) == 2
 
@@ -139,16 +148,18 @@ def test_output_without_extension_is_a_folder(double_model: Path, photos: Path, 
 
 def test_std_map_is_written_as_16_bit(double_model: Path, photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.png"
-    code = run_cli(double_model, str(photos / "a.png"), "-o", str(out), "--temperature", "0.8",
-                   "--samples", "3", "--std-map")
+    code = run_cli(
+        double_model, str(photos / "a.png"), "-o", str(out), "--temperature", "0.8", "--samples", "3", "--std-map"
+    )
     assert code == 0
     std = Image.open(tmp_path / "o_std.png")
     assert std.mode == "I;16" and std.size == (96, 96)
     assert np.asarray(std).mean() > 1000  # visibly non-zero where the noise varies
 
 
-def test_timings_report_the_backend_share(double_model: Path, photos: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_timings_report_the_backend_share(
+    double_model: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_cli(double_model, str(photos / "a.png"), "-o", str(tmp_path), "--timings") == 0
     assert "outside the backend" in capsys.readouterr().err
 
@@ -164,12 +175,24 @@ def test_console_script_in_a_subprocess(double_model: Path, photos: Path, tmp_pa
     out = tmp_path / "cli.png"
     # This checkout's code, whichever checkout the console script was installed from.
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([_console_script(), str(photos / "b.jpg"), "-o", str(out), "--model", str(double_model)],
-                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    proc = subprocess.run(
+        [_console_script(), str(photos / "b.jpg"), "-o", str(out), "--model", str(double_model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "backend onnxruntime-cpu" in proc.stderr and Image.open(out).size == (80, 80)
-    bad = subprocess.run([_console_script(), str(photos / "b.jpg"), "-s", "3"],
-                         capture_output=True, text=True, timeout=120, check=False, env=env)
+    bad = subprocess.run(
+        [_console_script(), str(photos / "b.jpg"), "-s", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
@@ -182,7 +205,7 @@ def test_runtime_works_with_torch_and_onnx_unimportable(double_model: Path, phot
             sys.modules[name] = None  # any import of these now raises ImportError
         from sr_runtime.cli import main
         from sr_runtime import Upscaler
-        rc = main(["{photos / 'a.png'}", "-o", "{out}", "--model", "{double_model}", "-q"])
+        rc = main(["{photos / "a.png"}", "-o", "{out}", "--model", "{double_model}", "-q"])
         assert rc == 0, rc
         with Upscaler("{double_model}") as up:
             assert up.run(__import__("numpy").zeros((5, 5, 3), "uint8")).shape == (20, 20, 3)
@@ -192,8 +215,15 @@ def test_runtime_works_with_torch_and_onnx_unimportable(double_model: Path, phot
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-                          cwd=Path(__file__).resolve().parent.parent, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
     assert Image.open(out).size == (96, 96)
 

@@ -59,8 +59,14 @@ def recording_upscaler(model: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: o
     """An Upscaler whose backend is a RecordingBackend (the backend factory is swapped for the fake)."""
     made: list[RecordingBackend] = []
 
-    def fake_backend(spec: ModelSpec, backend: str, precision: str, bank: NoiseBank,
-                     buckets: tuple[int, ...], cpu_threads: int | None = None) -> RecordingBackend:
+    def fake_backend(
+        spec: ModelSpec,
+        backend: str,
+        precision: str,
+        bank: NoiseBank,
+        buckets: tuple[int, ...],
+        cpu_threads: int | None = None,
+    ) -> RecordingBackend:
         made.append(RecordingBackend(bank, buckets))
         return made[-1]
 
@@ -153,11 +159,14 @@ def test_onnxruntime_cuda_replays_each_bucket_and_noise_start_like_the_cpu(doubl
         np.testing.assert_allclose(gpu.run(lr[:size], start), cpu.run(lr[:size], start), atol=1e-4)
 
 
-def test_run_many_packs_small_images_into_bucket_batches(shipped_shape_model: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_many_packs_small_images_into_bucket_batches(
+    shipped_shape_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Five small images of a few tiles each: alone they make five small calls, packed one call of 16.
-    images = [np.asarray(Image.fromarray(photo_lr(128)).resize(size)) for size in
-              ((40, 40), (60, 40), (40, 60), (56, 56), (20, 30))]
+    images = [
+        np.asarray(Image.fromarray(photo_lr(128)).resize(size))
+        for size in ((40, 40), (60, 40), (40, 60), (56, 56), (20, 30))
+    ]
     counts = [plan_tiles(img.shape[0], img.shape[1], (64, 64), 8).count for img in images]
     assert 1 < sum(counts) <= 16 and max(counts) < sum(counts)
     up, made = recording_upscaler(shipped_shape_model, monkeypatch, temperature=0.0)

@@ -38,8 +38,10 @@ def fc_dir(exported_fc: dict[str, Any]) -> Any:
 def test_tiled_equals_whole_frame(fc_dir: Any, temperature: float, shape: tuple[int, int]) -> None:
     img = photo_strip(*shape).astype(np.float32) / 255
     whole_stats, tiled_stats = RunStats(), RunStats()
-    with Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=4) as whole, \
-            Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=4, frame_pixels=STRIP_TILE_PIXELS) as tiled:
+    with (
+        Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=4) as whole,
+        Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=4, frame_pixels=STRIP_TILE_PIXELS) as tiled,
+    ):
         a = whole.run(img, stats=whole_stats)
         b = tiled.run(img, stats=tiled_stats)
     assert whole_stats.batches == 1 and tiled_stats.batches >= 2
@@ -124,15 +126,19 @@ def test_frame_model_uses_the_deterministic_graph_at_temperature_zero(fc_dir: An
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
-                    reason="no onnxruntime CUDAExecutionProvider here: the CUDA frame backend (IO binding, "
-                           "a CUDA graph per frame shape) runs in scripts/gpu_check.sh on a GPU")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="no onnxruntime CUDAExecutionProvider here: the CUDA frame backend (IO binding, "
+    "a CUDA graph per frame shape) runs in scripts/gpu_check.sh on a GPU",
+)
 def test_cuda_frame_backend_matches_cpu(request: pytest.FixtureRequest) -> None:
     """$SR_TEST_FC_MODEL (a frame model exported beforehand, as scripts/gpu_check.sh does) or this session's export."""
     fc_dir = os.environ.get("SR_TEST_FC_MODEL") or request.getfixturevalue("exported_fc")["out"]
     img = photo_strip(36, 52)
-    with Upscaler(fc_dir, backend="cpu", temperature=0.6) as cpu, \
-            Upscaler(fc_dir, backend="cuda", precision="fp32", temperature=0.6) as gpu:
+    with (
+        Upscaler(fc_dir, backend="cpu", temperature=0.6) as cpu,
+        Upscaler(fc_dir, backend="cuda", precision="fp32", temperature=0.6) as gpu,
+    ):
         a, b = cpu.run(img), gpu.run(img)
         c = gpu.run(img)  # the second call replays the shape's CUDA graph
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
@@ -142,8 +148,9 @@ def test_cuda_frame_backend_matches_cpu(request: pytest.FixtureRequest) -> None:
 # -- planning, no model needed ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("h", "w", "budget"), [(300, 700, 300 * 300), (999, 1001, 400 * 500), (5, 7, 10**6),
-                                                (640, 480, 310 * 310)])
+@pytest.mark.parametrize(
+    ("h", "w", "budget"), [(300, 700, 300 * 300), (999, 1001, 400 * 500), (5, 7, 10**6), (640, 480, 310 * 310)]
+)
 def test_frame_plan_keeps_only_valid_centres_and_covers_each_pixel_once(h: int, w: int, budget: int) -> None:
     plan = plan_frame(h, w, STRIDE, RADIUS, budget)
     ph, pw = plan.padded_size
@@ -195,21 +202,30 @@ def test_uint8_graphs_do_the_host_conversions_exactly() -> None:
     np.testing.assert_array_equal(lr[0], pad_frame(decode_array(img).rgb, plan))
     hr = np.random.default_rng(0).uniform(-0.1, 1.1, (1, 3, 64, 80)).astype(np.float32)
     hr[0, :, 0, :4] = [0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255]  # rounding ties go to even, as np.rint
-    u8, bad = post.run(["u8", "nonfinite"], {"hr": hr, "starts": np.zeros(2, np.int64),
-                                             "ends": np.array([52, 72], np.int64)})
+    u8, bad = post.run(
+        ["u8", "nonfinite"], {"hr": hr, "starts": np.zeros(2, np.int64), "ends": np.array([52, 72], np.int64)}
+    )
     expected = np.rint(np.clip(hr[0, :, :52, :72], 0, 1) * np.float32(255)).astype(np.uint8).transpose(1, 2, 0)
     np.testing.assert_array_equal(u8[0], expected)
     assert int(bad) == 0
     hr[0, 1, 5, 5] = np.nan
-    assert int(post.run(["nonfinite"], {"hr": hr, "starts": np.zeros(2, np.int64),
-                                        "ends": np.array([52, 72], np.int64)})[0]) == 1
+    assert (
+        int(
+            post.run(["nonfinite"], {"hr": hr, "starts": np.zeros(2, np.int64), "ends": np.array([52, 72], np.int64)})[
+                0
+            ]
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_uint8_path_equals_the_host_path(fc_dir: Any, temperature: float) -> None:
     img = photo_strip(21, 30)
-    with Upscaler(fc_dir, backend="cpu", temperature=temperature, uint8_io=True) as dev, \
-            Upscaler(fc_dir, backend="cpu", temperature=temperature) as host:
+    with (
+        Upscaler(fc_dir, backend="cpu", temperature=temperature, uint8_io=True) as dev,
+        Upscaler(fc_dir, backend="cpu", temperature=temperature) as host,
+    ):
         assert dev._uint8_io and not host._uint8_io
         stats = RunStats()
         a = dev.run(img, stats=stats)

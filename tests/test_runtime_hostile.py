@@ -44,10 +44,12 @@ def _jpeg_with_corrupt_exif() -> bytes:
 # --- 1. any decoder exception is that input's failure --------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "data"), [("bad-maxval.ppm", _ppm_with_bad_maxval()),
-                                            ("bad-exif.jpg", _jpeg_with_corrupt_exif())])
+@pytest.mark.parametrize(
+    ("name", "data"), [("bad-maxval.ppm", _ppm_with_bad_maxval()), ("bad-exif.jpg", _jpeg_with_corrupt_exif())]
+)
 def test_any_decoder_error_is_one_failure_line_and_the_batch_goes_on(
-        double_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, data: bytes) -> None:
+    double_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, data: bytes
+) -> None:
     bad = tmp_path / name
     bad.write_bytes(data)
     good = tmp_path / "good.png"
@@ -62,8 +64,9 @@ def test_any_decoder_error_is_one_failure_line_and_the_batch_goes_on(
 # --- 2. only raster formats reach a decoder --------------------------------------------------------
 
 
-def test_eps_named_png_never_reaches_ghostscript(upscaler: Upscaler, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eps_named_png_never_reaches_ghostscript(
+    upscaler: Upscaler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[object] = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
     path = tmp_path / "photo.png"
@@ -90,13 +93,19 @@ def test_training_and_evaluation_loader_refuses_eps_too(tmp_path: Path, monkeypa
 
 @pytest.mark.parametrize(
     ("args", "flag"),
-    [(["--temperature", "0.5", "--samples", "17"], "--samples"),
-     (["--max-pixels", "inf"], "--max-pixels"), (["--max-pixels", "nan"], "--max-pixels"),
-     (["--seed", "-1"], "--seed"), (["--batch-size", "0"], "--batch-size"), (["--temperature", "nan"], "--temperature"),
-     (["--suffix", "/../escape"], "--suffix")],
+    [
+        (["--temperature", "0.5", "--samples", "17"], "--samples"),
+        (["--max-pixels", "inf"], "--max-pixels"),
+        (["--max-pixels", "nan"], "--max-pixels"),
+        (["--seed", "-1"], "--seed"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--suffix", "/../escape"], "--suffix"),
+    ],
 )
-def test_bad_values_are_one_usage_line_naming_the_flag(double_model: Path, tmp_path: Path, args: list[str], flag: str,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_values_are_one_usage_line_naming_the_flag(
+    double_model: Path, tmp_path: Path, args: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "a.png"
     Image.fromarray(photo_lr(12)).save(src)
     assert run_cli(double_model, str(src), *args) == 2
@@ -111,8 +120,12 @@ def test_samples_limit_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> Non
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"tile_overlap": 2.5}, "tile_overlap must be an integer"), ({"batch_size": 2.7}, "batch_size must be an integer"),
-     ({"max_pixels": math.nan}, "max_pixels"), ({"max_pixels": math.inf}, "max_pixels")],
+    [
+        ({"tile_overlap": 2.5}, "tile_overlap must be an integer"),
+        ({"batch_size": 2.7}, "batch_size must be an integer"),
+        ({"max_pixels": math.nan}, "max_pixels"),
+        ({"max_pixels": math.inf}, "max_pixels"),
+    ],
 )
 def test_api_refuses_non_integers_and_nan_limits(double_model: Path, kwargs: dict, message: str) -> None:
     with pytest.raises((TypeError, ValueError), match=message):
@@ -120,8 +133,10 @@ def test_api_refuses_non_integers_and_nan_limits(double_model: Path, kwargs: dic
 
 
 def test_api_refuses_non_integer_samples(double_model: Path) -> None:
-    with Upscaler(double_model, backend="cpu", temperature=0.5) as up, \
-            pytest.raises(TypeError, match="samples must be an integer"):
+    with (
+        Upscaler(double_model, backend="cpu", temperature=0.5) as up,
+        pytest.raises(TypeError, match="samples must be an integer"),
+    ):
         up.run(np.zeros((4, 4, 3), np.uint8), 2.0)  # type: ignore[call-overload]
 
 
@@ -166,15 +181,18 @@ def _edited_model(double_model: Path, tmp_path: Path, **changes: object) -> Path
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"batch__max": 1000}, "batch.max"),
-     ({"noise_dim": 10**12}, "noise_dim"),
-     ({"scale": 2, "hr_size": [64, 64]}, "output shape"),
-     ({"onnx__fp32__file": "../test-double/model.fp32.onnx"}, "plain file name"),
-     ({"onnx__fp32__sha256": ""}, "sha256"),
-     ({"onnx__fp32__sha256": None}, "sha256")],
+    [
+        ({"batch__max": 1000}, "batch.max"),
+        ({"noise_dim": 10**12}, "noise_dim"),
+        ({"scale": 2, "hr_size": [64, 64]}, "output shape"),
+        ({"onnx__fp32__file": "../test-double/model.fp32.onnx"}, "plain file name"),
+        ({"onnx__fp32__sha256": ""}, "sha256"),
+        ({"onnx__fp32__sha256": None}, "sha256"),
+    ],
 )
-def test_manifest_values_are_checked_before_use(double_model: Path, tmp_path: Path, changes: dict,
-                                                message: str) -> None:
+def test_manifest_values_are_checked_before_use(
+    double_model: Path, tmp_path: Path, changes: dict, message: str
+) -> None:
     model = _edited_model(double_model, tmp_path, **changes)
     with pytest.raises(SRModelError, match=message):
         Upscaler(model, backend="cpu")
@@ -186,8 +204,9 @@ def test_manifest_that_is_not_an_object_is_a_model_error(tmp_path: Path) -> None
         Upscaler(tmp_path, backend="cpu")
 
 
-def test_manifest_name_is_printed_without_terminal_escapes(double_model: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_manifest_name_is_printed_without_terminal_escapes(
+    double_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = _edited_model(double_model, tmp_path, name="evil\x1b]0;owned\x07")
     src = tmp_path / "a.png"
     Image.fromarray(photo_lr(12)).save(src)
@@ -229,8 +248,10 @@ def test_nan_output_fails_that_input_and_writes_nothing(tmp_path: Path, capsys: 
 
 
 def test_nan_output_is_an_error_for_arrays_too(tmp_path: Path) -> None:
-    with Upscaler(_nan_model(tmp_path), backend="cpu", temperature=1.0) as up, \
-            pytest.raises(SRInputError, match="not finite"):
+    with (
+        Upscaler(_nan_model(tmp_path), backend="cpu", temperature=1.0) as up,
+        pytest.raises(SRInputError, match="not finite"),
+    ):
         up.run(np.zeros((8, 8), np.uint8))
 
 
@@ -243,12 +264,14 @@ def _png_rgb48(path: Path) -> None:
 
     rows = b"".join(b"\x00" + np.arange(12, dtype=">u2").tobytes() for _ in range(3))
     ihdr = struct.pack(">IIBBBBB", 4, 3, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
 
 
-def test_animation_and_16_bit_colour_are_reported(upscaler: Upscaler, tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_animation_and_16_bit_colour_are_reported(
+    upscaler: Upscaler, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     frames = [Image.new("RGB", (8, 8), (i * 80, 0, 0)) for i in range(3)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     _png_rgb48(tmp_path / "deep.png")
@@ -282,9 +305,9 @@ def test_rerun_on_a_folder_skips_its_own_outputs(double_model: Path, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_x4.png"]
 
 
-def test_interrupt_still_lists_the_failures_so_far(double_model: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_interrupt_still_lists_the_failures_so_far(
+    double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "a.png").write_bytes(b"")
     Image.fromarray(photo_lr(12)).save(tmp_path / "b.png")
 
@@ -333,9 +356,9 @@ def test_engine_reached_through_a_symlink_or_a_shared_directory_is_refused(tmp_p
     assert engine is None and "writable by other users" in rejected[0]
 
 
-def test_sigterm_during_a_save_removes_the_temp_file(double_model: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigterm_during_a_save_removes_the_temp_file(
+    double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import os
     import signal
 

@@ -28,8 +28,9 @@ def test_pil_modes_keep_mode_size_and_values(upscaler: Upscaler, mode: str, valu
     assert isinstance(out, Image.Image)
     assert out.mode == mode and out.size == (92, 68)
     expected = np.asarray(img)[0, 0]
-    assert np.array_equal(np.unique(np.asarray(out).reshape(-1, np.asarray(img)[0, 0].size), axis=0),
-                          np.atleast_1d(expected)[None])
+    assert np.array_equal(
+        np.unique(np.asarray(out).reshape(-1, np.asarray(img)[0, 0].size), axis=0), np.atleast_1d(expected)[None]
+    )
 
 
 def test_float_and_bilevel_pil_modes(upscaler: Upscaler) -> None:
@@ -89,8 +90,15 @@ def test_exif_orientation_is_applied(upscaler: Upscaler, tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("shape", "dtype"),
-    [((13, 9), np.uint8), ((13, 9, 1), np.uint8), ((13, 9, 2), np.uint16), ((13, 9, 3), np.uint16),
-     ((13, 9, 4), np.uint8), ((13, 9, 3), np.float32), ((13, 9), np.float64)],
+    [
+        ((13, 9), np.uint8),
+        ((13, 9, 1), np.uint8),
+        ((13, 9, 2), np.uint16),
+        ((13, 9, 3), np.uint16),
+        ((13, 9, 4), np.uint8),
+        ((13, 9, 3), np.float32),
+        ((13, 9), np.float64),
+    ],
 )
 def test_arrays_keep_shape_layout_and_dtype(upscaler: Upscaler, shape: tuple[int, ...], dtype: type) -> None:
     rng = np.random.default_rng(0)
@@ -173,9 +181,15 @@ def _bad_file(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "message"),
-    [("missing", "no such file"), ("directory", "is a directory"), ("empty", "empty file"),
-     ("text", "not an image"), ("truncated", "truncated or corrupt"), ("bomb", "exceeds the pixel limit"),
-     ("huge-bomb", "decompression bomb")],
+    [
+        ("missing", "no such file"),
+        ("directory", "is a directory"),
+        ("empty", "empty file"),
+        ("text", "not an image"),
+        ("truncated", "truncated or corrupt"),
+        ("bomb", "exceeds the pixel limit"),
+        ("huge-bomb", "decompression bomb"),
+    ],
 )
 def test_bad_files_raise_one_clear_error(upscaler: Upscaler, tmp_path: Path, kind: str, message: str) -> None:
     path = _bad_file(tmp_path, kind)
@@ -186,8 +200,10 @@ def test_bad_files_raise_one_clear_error(upscaler: Upscaler, tmp_path: Path, kin
 
 def test_pillows_own_bomb_error_is_caught_above_our_limit(double_model: Path, tmp_path: Path) -> None:
     path = _bad_file(tmp_path, "huge-bomb")
-    with Upscaler(double_model, backend="cpu", max_pixels=10**10) as up, \
-            pytest.raises(SRInputError, match="too many pixels for Pillow"):
+    with (
+        Upscaler(double_model, backend="cpu", max_pixels=10**10) as up,
+        pytest.raises(SRInputError, match="too many pixels for Pillow"),
+    ):
         up.run(path)
 
 

@@ -109,6 +109,7 @@ def test_adjacent_tiles_of_a_flat_image_get_different_texture(double_model: Path
         hr = up.run(flat)
         plan = plan_tiles(120, 120, up.spec.lr_size, up.tile_overlap)
     assert hr.std() > 0.01  # the noise really shows as texture
+
     # Each tile's centre (16x16 HR pixels, far from any overlap) is that tile's noise alone.
     def centre(row: int, col: int) -> np.ndarray:
         y = (plan.ys[row] - plan.pad_before[0]) * 4 + 56

@@ -29,8 +29,9 @@ from sr_runtime.noise import NoiseBank
 from sr_runtime.tiling import plan_tiles
 
 
-def test_default_model_is_the_shipped_one_or_the_env_override(monkeypatch: pytest.MonkeyPatch,
-                                                              double_model: Path) -> None:
+def test_default_model_is_the_shipped_one_or_the_env_override(
+    monkeypatch: pytest.MonkeyPatch, double_model: Path
+) -> None:
     monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
     assert default_model_dir() == Path(__file__).resolve().parent.parent / "sr_runtime" / "models" / "vdvae-sr-256"
     monkeypatch.setenv(MODEL_DIR_ENV, str(double_model))
@@ -107,8 +108,10 @@ def test_batch_size_does_not_change_the_result(double_model: Path) -> None:
 def test_cpu_threads_set_the_session_and_not_the_result(double_model: Path) -> None:
     """A Ray worker's share of the cores (cpu_threads) reaches ONNX Runtime; pixels do not depend on it."""
     photo = photo_lr(48)
-    with Upscaler(double_model, backend="cpu", temperature=0.5, seed=1) as default, \
-            Upscaler(double_model, backend="cpu", temperature=0.5, seed=1, cpu_threads=1) as single:
+    with (
+        Upscaler(double_model, backend="cpu", temperature=0.5, seed=1) as default,
+        Upscaler(double_model, backend="cpu", temperature=0.5, seed=1, cpu_threads=1) as single,
+    ):
         assert single._backend._session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
         assert np.array_equal(default.run(photo), single.run(photo))
     with pytest.raises(ValueError, match="cpu_threads"):
@@ -131,8 +134,10 @@ def test_samples_return_a_std_map_where_noise_matters(double_model: Path) -> Non
 def test_samples_need_temperature_and_fit_the_bank(upscaler: Upscaler, double_model: Path) -> None:
     with pytest.raises(ValueError, match="temperature > 0"):
         upscaler.run(photo_lr(8), samples=2)
-    with Upscaler(double_model, backend="cpu", temperature=0.5, noise_rows=4) as up, \
-            pytest.raises(ValueError, match="samples must be in"):
+    with (
+        Upscaler(double_model, backend="cpu", temperature=0.5, noise_rows=4) as up,
+        pytest.raises(ValueError, match="samples must be in"),
+    ):
         up.run(photo_lr(8), samples=5)
 
 
@@ -167,16 +172,19 @@ def _gpu_backend_missing(backend: str) -> str | None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("backend", "tolerance"), [("onnxruntime-cuda", 1), ("tensorrt", 2)])
-def test_gpu_backend_matches_cpu(double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 backend: str, tolerance: int) -> None:
+def test_gpu_backend_matches_cpu(
+    double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, tolerance: int
+) -> None:
     """Same noise rows bound by pointer on the GPU as sliced on the CPU; 9 tiles make a padded 1-tile batch."""
     missing = _gpu_backend_missing(backend)
     if missing:
         pytest.skip(f"{backend} not testable here: {missing}")
     monkeypatch.setenv(ENGINE_CACHE_ENV, str(tmp_path / "cache"))
     photo = photo_lr(64)
-    with Upscaler(double_model, backend=backend, precision="fp32", temperature=0.5, seed=2) as gpu, \
-            Upscaler(double_model, backend="cpu", temperature=0.5, seed=2) as cpu:
+    with (
+        Upscaler(double_model, backend=backend, precision="fp32", temperature=0.5, seed=2) as gpu,
+        Upscaler(double_model, backend="cpu", temperature=0.5, seed=2) as cpu,
+    ):
         assert gpu.backend == backend
         for _ in range(2):  # the second run replays captured graphs
             diff = np.abs(gpu.run(photo).astype(int) - cpu.run(photo).astype(int))
@@ -219,8 +227,9 @@ def test_an_engine_for_batch_2_up_is_refused_where_1_tile_batches_run(
     assert str(built_for_2.paths(tmp_path)[0]) not in message
 
 
-def test_auto_without_a_gpu_backend_runs_the_cpu_and_says_why(double_model: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_without_a_gpu_backend_runs_the_cpu_and_says_why(
+    double_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import onnxruntime as ort
 
     reason = engine_unavailable_reason()

@@ -82,8 +82,7 @@ def page_service(ray_local: Any, double_model: Path) -> Iterator[int]:
     port = free_port()
     serve.start(http_options={"host": HOST, "port": port})
     try:
-        serve.run(build_app(double_model, "cpu", scaling=Scaling(gpus_per_replica=0)), name="sr-page",
-                  route_prefix="/")
+        serve.run(build_app(double_model, "cpu", scaling=Scaling(gpus_per_replica=0)), name="sr-page", route_prefix="/")
         yield port
     finally:
         serve.shutdown()
@@ -135,8 +134,10 @@ def test_the_page_upscales_samples_and_downloads(page_service: int, double_model
             expect(body).to_have_attribute("data-samples", "3", timeout=BROWSER_TIMEOUT_MS)
             expect(view.locator("#std")).to_be_visible()
             assert view.evaluate("[std.width, std.height]") == [width, height]
-            brightest = view.evaluate("Math.max(...std.getContext('2d').getImageData(0, 0, std.width, std.height)"
-                                      ".data.filter((_, i) => i % 4 === 0))")
+            brightest = view.evaluate(
+                "Math.max(...std.getContext('2d').getImageData(0, 0, std.width, std.height)"
+                ".data.filter((_, i) => i % 4 === 0))"
+            )
             assert brightest == 255  # samples at temperature 0.8 differ; scaled to the largest std
             expect(view.locator("#std-note")).to_contain_text("3 samples (temperature 0.8, seeds 0")
 

@@ -20,7 +20,13 @@ from sr_train.model import VDVAESR, VDVAESRConfig
 from sr_train.train import TrainConfig, train
 
 TINY = VDVAESRConfig(
-    name="tiny-32", hr_size=32, lr_size=8, width=8, zdim=2, num_mixtures=2, lr_skip=True,
+    name="tiny-32",
+    hr_size=32,
+    lr_size=8,
+    width=8,
+    zdim=2,
+    num_mixtures=2,
+    lr_skip=True,
     enc_blocks="32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1",
     dec_blocks="1x1,4m1,8m4,16m8,32m16",
     lr_enc_blocks="8x1,8d2,4x1,4d4,1x1",
@@ -47,8 +53,19 @@ def init(tmp_path_factory):
 
 
 def config(photos, init, run_dir, steps, **kw):
-    return TrainConfig(data=str(photos), run_dir=str(run_dir), init_checkpoint=str(init), steps=steps,
-                       batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, save_every=3, threads=1, **kw)
+    return TrainConfig(
+        data=str(photos),
+        run_dir=str(run_dir),
+        init_checkpoint=str(init),
+        steps=steps,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        save_every=3,
+        threads=1,
+        **kw,
+    )
 
 
 def read_log(run_dir: Path) -> list[dict[str, str]]:
@@ -181,9 +198,32 @@ def test_cuda_training_matches_its_resume(photos, init, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(photos, init, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "sr_train.cli", "train", "--data", str(photos), "--run-dir", str(tmp_path / "ddp"),
-           "--init-checkpoint", str(init), "--steps", "3", "--batch-size", "2", "--log-every", "1", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "sr_train.cli",
+        "train",
+        "--data",
+        str(photos),
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--init-checkpoint",
+        str(init),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_log(tmp_path / "ddp")] == ["1", "2", "3"]
@@ -215,8 +255,9 @@ def test_a_partial_run_is_refused_never_overwritten(photos, init, tmp_path, lost
     assert (run / "ema" / "model.safetensors").read_bytes() == ema_before
 
 
-@pytest.mark.parametrize(("name", "data"), [("train_state.json", b"{not json"),
-                                            ("train_state.safetensors", b"\x08" + bytes(20))])
+@pytest.mark.parametrize(
+    ("name", "data"), [("train_state.json", b"{not json"), ("train_state.safetensors", b"\x08" + bytes(20))]
+)
 def test_a_damaged_train_state_is_an_error_naming_the_file(photos, tmp_path, name, data):
     run = _saved_run(tmp_path / "run")
     (run / "latest" / name).write_bytes(data)
@@ -226,8 +267,11 @@ def test_a_damaged_train_state_is_an_error_naming_the_file(photos, tmp_path, nam
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--steps", "0"], "--steps: must be >= 1"), (["--steps", "-5"], "--steps: must be >= 1"),
-     (["--batch-size", "0"], "--batch-size: must be >= 1")],
+    [
+        (["--steps", "0"], "--steps: must be >= 1"),
+        (["--steps", "-5"], "--steps: must be >= 1"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    ],
 )
 def test_sr_train_refuses_bad_counts(tmp_path, capsys, args, message):
     from sr_train.cli import main
@@ -244,8 +288,22 @@ def test_sr_train_errors_are_one_line_naming_the_problem(photos, tmp_path, capsy
     assert main(["train", "--data", str(photos), "--run-dir", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
     (tmp_path / "x.th").write_text("not a state dict")
-    assert main(["train", "--data", str(photos), "--run-dir", str(tmp_path / "new"), "--init-vdvae",
-                 str(tmp_path / "x.th"), "--steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(photos),
+                "--run-dir",
+                str(tmp_path / "new"),
+                "--init-vdvae",
+                str(tmp_path / "x.th"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "x.th: not a readable PyTorch state dict" in capsys.readouterr().err
     run = _saved_run(tmp_path / "run")
     assert main(["train", "--data", str(photos), "--run-dir", str(run), "--preset", "paper-256"]) == 2

@@ -47,6 +47,7 @@ def _snapshot_before_every_write(monkeypatch: pytest.MonkeyPatch, run: Path, sho
                 finally:
                     busy = False
             return real(*args, **kwargs)
+
         return hooked
 
     for name in MUTATING:
@@ -78,15 +79,36 @@ def test_a_kill_at_any_write_of_a_checkpoint_resumes_at_the_last_good_step(photo
 
 def _sr_train(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "sr_train.cli", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sr_train.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_a_checkpoint_and_exits_cleanly(photos, init, tmp_path, sig, code):  # noqa: F811
     run = tmp_path / "run"
-    proc = _sr_train("--data", str(photos), "--run-dir", str(run), "--init-checkpoint", str(init), "--steps",
-                     "100000", "--save-every", "100000", "--log-every", "1", "--batch-size", "2", "--threads", "1")
+    proc = _sr_train(
+        "--data",
+        str(photos),
+        "--run-dir",
+        str(run),
+        "--init-checkpoint",
+        str(init),
+        "--steps",
+        "100000",
+        "--save-every",
+        "100000",
+        "--log-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+    )
     deadline = time.monotonic() + 120
     while not (run / "log.csv").exists() or len((run / "log.csv").read_text().splitlines()) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -101,29 +123,37 @@ def test_a_signal_saves_a_checkpoint_and_exits_cleanly(photos, init, tmp_path, s
     assert train(config(photos, None, run, steps=step + 1))["step"] == step + 1
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--lr", "inf"], "--lr must be a finite number in (0, 1]"),
-    (["--lr", "nan"], "--lr must be a finite number"),
-    (["--lr", "1e30"], "--lr must be a finite number"),
-    (["--lr", "0"], "--lr must be a finite number"),
-    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
-    (["--grad-clip", "-1"], "--grad-clip must be a finite number in (0, inf)"),
-    (["--ema-rate", "nan"], "--ema-rate must be a finite number in [0, 1)"),
-    (["--ema-rate", "1.5"], "--ema-rate"),
-    (["--ema-rate", "-1"], "--ema-rate"),
-    (["--ema-rate", "1"], "--ema-rate"),
-    (["--val-temperature", "nan"], "--val-temperature must be a finite number in [0, 2]"),
-    (["--skip-threshold=-inf"], "--skip-threshold"),
-    (["--weight-decay", "inf"], "--weight-decay"),
-    (["--max-minutes", "nan"], "--max-minutes"),
-    (["--free-bits", "nan"], "--free-bits must be a finite number in [0, 100]"),
-    (["--free-bits=-1"], "--free-bits"),
-    (["--train-decoder-blocks", "0-10000000000"], "'0-10000000000' is not a range from 0"),
-    (["--train-decoder-blocks", "3-1"], "'3-1' is not a range"),
-    (["--train-decoder-blocks", "a"], "'a' is not N or N-M"),
-])
-def test_bad_training_arguments_are_one_line_and_exit_2_before_anything_runs(photos, tmp_path, capsys, args,  # noqa: F811
-                                                                             message):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "inf"], "--lr must be a finite number in (0, 1]"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "1e30"], "--lr must be a finite number"),
+        (["--lr", "0"], "--lr must be a finite number"),
+        (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+        (["--grad-clip", "-1"], "--grad-clip must be a finite number in (0, inf)"),
+        (["--ema-rate", "nan"], "--ema-rate must be a finite number in [0, 1)"),
+        (["--ema-rate", "1.5"], "--ema-rate"),
+        (["--ema-rate", "-1"], "--ema-rate"),
+        (["--ema-rate", "1"], "--ema-rate"),
+        (["--val-temperature", "nan"], "--val-temperature must be a finite number in [0, 2]"),
+        (["--skip-threshold=-inf"], "--skip-threshold"),
+        (["--weight-decay", "inf"], "--weight-decay"),
+        (["--max-minutes", "nan"], "--max-minutes"),
+        (["--free-bits", "nan"], "--free-bits must be a finite number in [0, 100]"),
+        (["--free-bits=-1"], "--free-bits"),
+        (["--train-decoder-blocks", "0-10000000000"], "'0-10000000000' is not a range from 0"),
+        (["--train-decoder-blocks", "3-1"], "'3-1' is not a range"),
+        (["--train-decoder-blocks", "a"], "'a' is not N or N-M"),
+    ],
+)
+def test_bad_training_arguments_are_one_line_and_exit_2_before_anything_runs(
+    photos,  # noqa: F811 -- the fixture imported from test_train
+    tmp_path,
+    capsys,
+    args,
+    message,
+):
     from sr_train.cli import main
 
     run = tmp_path / "run"
@@ -168,8 +198,28 @@ def test_the_cli_reports_a_stopped_run_in_one_line_with_exit_1(photos, init, tmp
     from sr_train.cli import main
 
     bad = _poisoned(init, tmp_path, float("nan"))
-    assert main(["train", "--data", str(photos), "--run-dir", str(tmp_path / "run"), "--init-checkpoint", str(bad),
-                 "--steps", "5", "--save-every", "2", "--threads", "1", "--batch-size", "2"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(photos),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--init-checkpoint",
+                str(bad),
+                "--steps",
+                "5",
+                "--save-every",
+                "2",
+                "--threads",
+                "1",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("sr-train: error: the weights at step 2 are not finite"), err
     assert "Traceback" not in err
@@ -188,8 +238,10 @@ def test_an_allocation_failure_is_one_line_naming_the_batch_size(photos, tmp_pat
     from sr_train.train import TrainConfig, memory_errors
 
     cfg = TrainConfig(data=str(photos), run_dir=str(tmp_path), batch_size=3000)
-    with pytest.raises(TrainingStopped, match=r"out of memory \(.*\); --batch-size 3000 may be too large"), \
-            memory_errors(cfg):
+    with (
+        pytest.raises(TrainingStopped, match=r"out of memory \(.*\); --batch-size 3000 may be too large"),
+        memory_errors(cfg),
+    ):
         torch.empty(2**62, dtype=torch.uint8)  # what the CPU allocator refuses outright
     with pytest.raises(RuntimeError, match="unrelated"), memory_errors(cfg):  # passed through as it was
         raise RuntimeError("unrelated")

@@ -99,19 +99,26 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
-def _load(name: str, cpu_threads: int | None, spec: ModelSpec, precision: str, bank: NoiseBank,
-          buckets: tuple[int, ...]) -> Backend:
+def _load(
+    name: str, cpu_threads: int | None, spec: ModelSpec, precision: str, bank: NoiseBank, buckets: tuple[int, ...]
+) -> Backend:
     """One backend; ONNX Runtime failing on a file that passed its sha256 check is the model's fault."""
     try:
         return _factory(name, cpu_threads)(spec, precision, bank, buckets)
     except _ort_errors() as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise SRModelError(f"model {spec.name!r} in {spec.directory}: ONNX Runtime cannot load its ONNX file "
-                           f"(broken or not an ONNX model): {reason}") from None
+        raise SRModelError(
+            f"model {spec.name!r} in {spec.directory}: ONNX Runtime cannot load its ONNX file "
+            f"(broken or not an ONNX model): {reason}"
+        ) from None
 
 
 def create_backend(
-    spec: ModelSpec, backend: str, precision: str, bank: NoiseBank, buckets: tuple[int, ...],
+    spec: ModelSpec,
+    backend: str,
+    precision: str,
+    bank: NoiseBank,
+    buckets: tuple[int, ...],
     cpu_threads: int | None = None,
 ) -> Backend:
     """The requested backend, or with "auto" the first of AUTO_ORDER that works here.
@@ -171,8 +178,13 @@ FRAME_AUTO_ORDER = ("onnxruntime-cuda", "onnxruntime-cpu")
 
 
 def create_frame_backend(
-    spec: ModelSpec, backend: str, precision: str, deterministic: bool, cpu_threads: int | None = None,
-    prefer_nhwc: bool = False, cpu_uint8_io: bool = False,
+    spec: ModelSpec,
+    backend: str,
+    precision: str,
+    deterministic: bool,
+    cpu_threads: int | None = None,
+    prefer_nhwc: bool = False,
+    cpu_uint8_io: bool = False,
 ) -> FrameBackend:
     """A frame backend for a fully convolutional model; `auto` logs why it skips one, as `create_backend`.
 
@@ -187,8 +199,10 @@ def create_frame_backend(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if name == "tensorrt":
-        raise BackendUnavailable(f"model {spec.name!r} is fully convolutional: the tensorrt backend runs "
-                                 "fixed-size models only (use onnxruntime-cuda)")
+        raise BackendUnavailable(
+            f"model {spec.name!r} is fully convolutional: the tensorrt backend runs "
+            "fixed-size models only (use onnxruntime-cuda)"
+        )
 
     def make(which: str) -> FrameBackend:
         if which == "onnxruntime-cuda":

@@ -10,7 +10,7 @@ PRECISIONS = ("auto", "fp32", "fp16")
 
 
 def resolve_precision(spec: ModelSpec, precision: str, gpu: bool) -> str:
-    """"auto" means fp16 on GPUs when the model ships an fp16 ONNX, fp32 otherwise."""
+    """ "auto" means fp16 on GPUs when the model ships an fp16 ONNX, fp32 otherwise."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":

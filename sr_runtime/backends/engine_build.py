@@ -96,8 +96,10 @@ def config_for(
             # [N, C, h, w] with h, w = the LR frame x the input's scale (1 for lr, the level's for noise_<res>)
             scale = frame_scales.get(tensor.name, 1.0) if frame_scales is not None else 1.0
             channels = tensor.shape[1]
-            dims = [trt.Dims([b, channels, round(h * scale), round(w * scale)])
-                    for b, (h, w) in zip(batch, frame, strict=True)]
+            dims = [
+                trt.Dims([b, channels, round(h * scale), round(w * scale)])
+                for b, (h, w) in zip(batch, frame, strict=True)
+            ]
             profile.set_shape(tensor.name, *dims)
             continue
         rest = [tensor.shape[d] for d in range(1, len(tensor.shape))]
@@ -108,9 +110,7 @@ def config_for(
     return config
 
 
-def build_serialized_engine(
-    builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig
-) -> bytes:
+def build_serialized_engine(builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> bytes:
     """builder.build_serialized_network, with a clear error instead of a None."""
     blob = builder.build_serialized_network(network, config)
     if blob is None:
@@ -155,8 +155,9 @@ def build_engine(
     onnx_file = Path(onnx_path)
     cache = Path(cache_dir) if cache_dir is not None else engine_cache_dir()
     trt = import_tensorrt()
-    identity = EngineIdentity(sha256_file(onnx_file), precision, check_batch(tuple(batch)), query_gpu(),
-                              str(trt.__version__), frame)
+    identity = EngineIdentity(
+        sha256_file(onnx_file), precision, check_batch(tuple(batch)), query_gpu(), str(trt.__version__), frame
+    )
     found, why = identity.cached_engine(cache)
     if found is not None:
         log(f"engine: reusing {found}")
@@ -170,8 +171,9 @@ def build_engine(
     timing_bytes, timing_skipped = read_timing_cache(cache, timing)
     if timing_skipped:
         log(f"engine: {timing_skipped}")
-    config = config_for(builder, network, precision, identity.batch, identity.strongly_typed, timing_bytes,
-                        frame, frame_scales)
+    config = config_for(
+        builder, network, precision, identity.batch, identity.strongly_typed, timing_bytes, frame, frame_scales
+    )
     blob = build_serialized_engine(builder, network, config)
     seconds = time.perf_counter() - started
     save_timing_cache(cache, timing, config)
@@ -217,6 +219,7 @@ def frame_profile(res: int, multiple: int, frame: tuple[int, int] | None = None)
     video engine whose frames all have one shape; otherwise min is one stride, opt the LR side of the HR
     tile `res` (res / 4, square) and max DEFAULT_MAX_FRAME_LR (so one profile covers tiles to 4K frames).
     """
+
     def up(n: int) -> int:
         return -(-n // multiple) * multiple
 

@@ -125,8 +125,11 @@ class EngineIdentity:
             "tensorrt_version": self.tensorrt_version,
             "strongly_typed": self.strongly_typed,
             # Only frame engines carry the key, so every fixed-size engine keeps its key.
-            **({} if self.frame is None else {"frame": {k: list(v) for k, v in zip(("min", "opt", "max"),
-                                                                                   self.frame, strict=True)}}),
+            **(
+                {}
+                if self.frame is None
+                else {"frame": {k: list(v) for k, v in zip(("min", "opt", "max"), self.frame, strict=True)}}
+            ),
         }
 
     def key(self) -> str:

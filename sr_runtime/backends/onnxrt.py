@@ -66,14 +66,20 @@ def _check_io(session: ort.InferenceSession, spec: ModelSpec) -> None:
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
     if set(inputs) != {"lr", "noise"} or "hr" not in outputs:
-        raise SRModelError(f"ONNX graph of {spec.name} has inputs {sorted(inputs)} / outputs {sorted(outputs)}, "
-                           "expected lr, noise -> hr")
+        raise SRModelError(
+            f"ONNX graph of {spec.name} has inputs {sorted(inputs)} / outputs {sorted(outputs)}, "
+            "expected lr, noise -> hr"
+        )
     if list(inputs["lr"][1:]) != [3, *spec.lr_size] or inputs["noise"][1:] != [spec.noise_dim]:
-        raise SRModelError(f"ONNX input shapes {inputs} do not match the manifest "
-                           f"(lr [N, 3, {spec.lr_size[0]}, {spec.lr_size[1]}], noise [N, {spec.noise_dim}])")
+        raise SRModelError(
+            f"ONNX input shapes {inputs} do not match the manifest "
+            f"(lr [N, 3, {spec.lr_size[0]}, {spec.lr_size[1]}], noise [N, {spec.noise_dim}])"
+        )
     if list(outputs["hr"][1:]) != [3, *spec.hr_size]:
-        raise SRModelError(f"ONNX output shape {outputs['hr']} does not match the manifest's scale {spec.scale} "
-                           f"(hr [N, 3, {spec.hr_size[0]}, {spec.hr_size[1]}])")
+        raise SRModelError(
+            f"ONNX output shape {outputs['hr']} does not match the manifest's scale {spec.scale} "
+            f"(hr [N, 3, {spec.hr_size[0]}, {spec.hr_size[1]}])"
+        )
 
 
 class OrtCpuBackend:
@@ -86,12 +92,12 @@ class OrtCpuBackend:
     name = "onnxruntime-cpu"
     batch_sizes = None
 
-    def __init__(self, spec: ModelSpec, precision: str, bank: NoiseBank, buckets: tuple[int, ...],
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, precision: str, bank: NoiseBank, buckets: tuple[int, ...], threads: int | None = None
+    ) -> None:
         self.precision = resolve_precision(spec, precision, gpu=False)
         path = spec.verify(self.precision)
-        self._session = ort.InferenceSession(str(path), session_options(threads),
-                                             providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         _check_io(self._session, spec)
         self._bank = bank
 
@@ -129,10 +135,12 @@ class BucketBindings:
         self._bank = ort.OrtValue.ortvalue_from_numpy(bank.data, device, 0)
         self._noise_dim = spec.noise_dim
         self._row_bytes = spec.noise_dim * np.dtype(np.float32).itemsize
-        self._lr = {b: ort.OrtValue.ortvalue_from_shape_and_type([b, 3, *spec.lr_size], np.float32, device, 0)
-                    for b in buckets}
-        self._hr = {b: ort.OrtValue.ortvalue_from_shape_and_type([b, 3, *spec.hr_size], np.float32, device, 0)
-                    for b in buckets}
+        self._lr = {
+            b: ort.OrtValue.ortvalue_from_shape_and_type([b, 3, *spec.lr_size], np.float32, device, 0) for b in buckets
+        }
+        self._hr = {
+            b: ort.OrtValue.ortvalue_from_shape_and_type([b, 3, *spec.hr_size], np.float32, device, 0) for b in buckets
+        }
         self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, ort.RunOptions]] = {}
 
     def _binding(self, bucket: int, noise_start: int) -> tuple[ort.IOBinding, ort.RunOptions]:
@@ -140,8 +148,14 @@ class BucketBindings:
         if key not in self._bindings:
             binding = self._session.io_binding()
             binding.bind_ortvalue_input("lr", self._lr[bucket])
-            binding.bind_input("noise", self._device, 0, np.float32, [bucket, self._noise_dim],
-                               self._bank.data_ptr() + noise_start * self._row_bytes)
+            binding.bind_input(
+                "noise",
+                self._device,
+                0,
+                np.float32,
+                [bucket, self._noise_dim],
+                self._bank.data_ptr() + noise_start * self._row_bytes,
+            )
             binding.bind_ortvalue_output("hr", self._hr[bucket])
             options = ort.RunOptions()
             if self._cuda_graphs:  # ORT reserves graph id 0 and reads -1 as "no graph"
@@ -189,8 +203,10 @@ class OrtCudaBackend:
         path = spec.verify(self.precision)
         attempts = (True, False) if version_tuple(ort.__version__) >= MULTI_GRAPH_SINCE else (False,)
         if attempts == (False,):
-            log.warning("sr_runtime: onnxruntime %s keeps one CUDA graph per session; running fixed shapes "
-                        "without graphs", ort.__version__)
+            log.warning(
+                "sr_runtime: onnxruntime %s keeps one CUDA graph per session; running fixed shapes without graphs",
+                ort.__version__,
+            )
         failure = ""
         for cuda_graphs in attempts:
             try:
@@ -206,8 +222,9 @@ class OrtCudaBackend:
 
     def _load(self, path: Path, spec: ModelSpec, bank: NoiseBank, cuda_graphs: bool) -> BucketBindings:
         cuda = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": str(int(cuda_graphs))}
-        session = ort.InferenceSession(str(path), session_options(),
-                                       providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(path), session_options(), providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        )
         if session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendUnavailable("CUDAExecutionProvider did not load (CUDA/cuDNN libraries missing?)")
         _check_io(session, spec)
@@ -233,8 +250,10 @@ def _check_frame_io(session: ort.InferenceSession, spec: ModelSpec, deterministi
     outputs = {o.name for o in session.get_outputs()}
     expected = {"lr"} if deterministic else {"lr", *(lv.name for lv in spec.noise_levels)}
     if set(inputs) != expected or "hr" not in outputs:
-        raise SRModelError(f"ONNX graph of {spec.name} has inputs {sorted(inputs)} / outputs {sorted(outputs)}, "
-                           f"expected {sorted(expected)} -> hr")
+        raise SRModelError(
+            f"ONNX graph of {spec.name} has inputs {sorted(inputs)} / outputs {sorted(outputs)}, "
+            f"expected {sorted(expected)} -> hr"
+        )
     if inputs["lr"][1] != 3 or any(isinstance(d, int) for d in inputs["lr"][2:]):
         raise SRModelError(f"ONNX input lr {inputs['lr']} is not [N, 3, H, W] with symbolic H and W")
 
@@ -245,15 +264,20 @@ def _io_sessions(spec: ModelSpec, providers: list[Any]) -> tuple[ort.InferenceSe
     if pre is None or post is None:
         return None
     opts = session_options(1)
-    return (ort.InferenceSession(str(pre), opts, providers=providers),
-            ort.InferenceSession(str(post), opts, providers=providers))
+    return (
+        ort.InferenceSession(str(pre), opts, providers=providers),
+        ort.InferenceSession(str(post), opts, providers=providers),
+    )
 
 
 def _u8_feeds(image: tuple[int, int], padded: tuple[int, int], scale: int) -> dict[str, np.ndarray]:
     """The shape-constant inputs of the conversion graphs: edge pads (bottom, right) and the HR crop."""
     (h, w), (ph, pw) = image, padded
-    return {"pads": np.array([0, 0, 0, 0, 0, 0, ph - h, pw - w], np.int64),
-            "starts": np.zeros(2, np.int64), "ends": np.array([h * scale, w * scale], np.int64)}
+    return {
+        "pads": np.array([0, 0, 0, 0, 0, 0, ph - h, pw - w], np.int64),
+        "starts": np.zeros(2, np.int64),
+        "ends": np.array([h * scale, w * scale], np.int64),
+    }
 
 
 class OrtCpuFrameBackend:
@@ -266,13 +290,13 @@ class OrtCpuFrameBackend:
     name = "onnxruntime-cpu"
     device = "cpu"
 
-    def __init__(self, spec: ModelSpec, precision: str, deterministic: bool, threads: int | None = None,
-                 uint8_io: bool = False) -> None:
+    def __init__(
+        self, spec: ModelSpec, precision: str, deterministic: bool, threads: int | None = None, uint8_io: bool = False
+    ) -> None:
         self.precision = resolve_precision(spec, precision, gpu=False)
         self.deterministic = deterministic
         path = spec.verify(self.precision, deterministic)
-        self._session = ort.InferenceSession(str(path), session_options(threads),
-                                             providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         _check_frame_io(self._session, spec, deterministic)
         self._io = _io_sessions(spec, ["CPUExecutionProvider"]) if uint8_io else None
         self._scale = spec.scale
@@ -308,8 +332,14 @@ class _FrameSlot:
     pre: ort.IOBinding | None = None
     post: ort.IOBinding | None = None
 
-    def __init__(self, session: ort.InferenceSession, lr_shape: tuple[int, ...], hr_shape: tuple[int, ...],
-                 noise: dict[str, np.ndarray], graph_id: int | None) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        lr_shape: tuple[int, ...],
+        hr_shape: tuple[int, ...],
+        noise: dict[str, np.ndarray],
+        graph_id: int | None,
+    ) -> None:
         self.lr = ort.OrtValue.ortvalue_from_shape_and_type(list(lr_shape), np.float32, "cuda", 0)
         self.hr = ort.OrtValue.ortvalue_from_shape_and_type(list(hr_shape), np.float32, "cuda", 0)
         # The noise of this shape is uploaded once and stays on the device: frames of one shape share it.
@@ -338,8 +368,9 @@ class _FrameSlot:
             self.noise[name].update_inplace(np.ascontiguousarray(value))
         self.noise_src = dict(noise)
 
-    def bind_uint8(self, io: tuple[ort.InferenceSession, ort.InferenceSession], image: tuple[int, int],
-                   scale: int) -> None:
+    def bind_uint8(
+        self, io: tuple[ort.InferenceSession, ort.InferenceSession], image: tuple[int, int], scale: int
+    ) -> None:
         """uint8 frame in and out on the device: pre (x/255, edge pad) -> model -> post (crop, rint, uint8).
 
         The pads and crop bounds are host tensors constant for the shape (ONNX
@@ -381,19 +412,31 @@ class OrtCudaFrameBackend:
     name = "onnxruntime-cuda"
     device = "cuda"
 
-    def __init__(self, spec: ModelSpec, precision: str, deterministic: bool, prefer_nhwc: bool = False,
-                 cuda_graphs: bool = True, max_shapes: int = 4) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        precision: str,
+        deterministic: bool,
+        prefer_nhwc: bool = False,
+        cuda_graphs: bool = True,
+        max_shapes: int = 4,
+    ) -> None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         self.precision = resolve_precision(spec, precision, gpu=True)
         self.deterministic = deterministic
         self.cuda_graphs = cuda_graphs and version_tuple(ort.__version__) >= MULTI_GRAPH_SINCE
         path = spec.verify(self.precision, deterministic)
-        cuda = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE",
-                "enable_cuda_graph": str(int(self.cuda_graphs)), "prefer_nhwc": str(int(prefer_nhwc))}
+        cuda = {
+            "device_id": "0",
+            "cudnn_conv_algo_search": "EXHAUSTIVE",
+            "enable_cuda_graph": str(int(self.cuda_graphs)),
+            "prefer_nhwc": str(int(prefer_nhwc)),
+        }
         try:
-            self._session = ort.InferenceSession(str(path), session_options(),
-                                                 providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
+            self._session = ort.InferenceSession(
+                str(path), session_options(), providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+            )
         except ORT_ERRORS as exc:
             raise BackendUnavailable(f"CUDA session failed: {str(exc).splitlines()[0]}") from exc
         if self._session.get_providers()[0] != "CUDAExecutionProvider":
@@ -409,8 +452,9 @@ class OrtCudaFrameBackend:
     def uint8_io(self) -> bool:
         return self._io is not None
 
-    def _slot(self, lr_shape: tuple[int, ...], noise: dict[str, np.ndarray], image: tuple[int, int] | None
-              ) -> _FrameSlot:
+    def _slot(
+        self, lr_shape: tuple[int, ...], noise: dict[str, np.ndarray], image: tuple[int, int] | None
+    ) -> _FrameSlot:
         """The slot of this frame shape (and uint8 image size), made on first use, holding `noise` on the device."""
         key = (lr_shape, image)
         slot = self._slots.get(key)
@@ -421,8 +465,9 @@ class OrtCudaFrameBackend:
             graph_id = None
             if self.cuda_graphs:
                 graph_id, self._next_graph = self._next_graph, self._next_graph + 1
-            slot = self._slots[key] = _FrameSlot(self._session, lr_shape, (n, c, h * self._scale, w * self._scale),
-                                                 noise, graph_id)
+            slot = self._slots[key] = _FrameSlot(
+                self._session, lr_shape, (n, c, h * self._scale, w * self._scale), noise, graph_id
+            )
             if image is not None and self._io is not None:
                 slot.bind_uint8(self._io, image, self._scale)
         slot.use_noise(noise)

@@ -59,14 +59,24 @@ def locate_engine(spec: ModelSpec, identity: EngineIdentity) -> bytes:
             return blob
         rejected += why
     onnx_path = spec.onnx_path(identity.precision)
-    log.warning("sr_runtime: building a TensorRT engine for %s (%s); this can take minutes: %s",
-                onnx_path.name, identity.key(), "; ".join(rejected))
+    log.warning(
+        "sr_runtime: building a TensorRT engine for %s (%s); this can take minutes: %s",
+        onnx_path.name,
+        identity.key(),
+        "; ".join(rejected),
+    )
     try:
-        build_engine(onnx_path, cache, precision=identity.precision, batch=identity.batch,
-                     log=lambda msg: log.warning("sr_runtime: %s", msg))
+        build_engine(
+            onnx_path,
+            cache,
+            precision=identity.precision,
+            batch=identity.batch,
+            log=lambda msg: log.warning("sr_runtime: %s", msg),
+        )
     except (EngineUnavailable, EngineBuildFailed) as exc:
-        raise BackendUnavailable(f"no current TensorRT engine ({'; '.join(rejected)}) and building one "
-                                 f"failed: {exc}") from exc
+        raise BackendUnavailable(
+            f"no current TensorRT engine ({'; '.join(rejected)}) and building one failed: {exc}"
+        ) from exc
     blob, why = identity.load_engine(cache)
     if blob is None:
         raise BackendUnavailable(f"the TensorRT engine just built cannot be loaded: {'; '.join(why)}")
@@ -144,8 +154,11 @@ class TensorRTBackend:
         self._d_scratch = self._alloc("device", max(self._scratch_bytes, 1))
         self._h_lr = self._pinned(lr_bytes, (n, *self._lr_shape))
         self._h_hr = self._pinned(hr_bytes, (n, *self._hr_shape))
-        cuda(rt.cudaMemcpy(self._d_noise, bank.data.ctypes.data, bank.data.nbytes,
-                           rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        cuda(
+            rt.cudaMemcpy(
+                self._d_noise, bank.data.ctypes.data, bank.data.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+            )
+        )
 
     def _create_contexts(self, trt_module: Any) -> None:
         """One context per bucket with its shapes and lr/hr addresses set once, all on the shared scratch."""
@@ -204,12 +217,18 @@ class TensorRTBackend:
             raise ValueError(f"batch of {n} is not one of the prepared sizes {self.batch_sizes}")
         executable = self._graph(n, noise_start)
         self._h_lr[:n] = lr
-        cuda(rt.cudaMemcpyAsync(self._d_lr, self._h_lr.ctypes.data, lr.nbytes,
-                                rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        cuda(
+            rt.cudaMemcpyAsync(
+                self._d_lr, self._h_lr.ctypes.data, lr.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream
+            )
+        )
         cuda(rt.cudaGraphLaunch(executable, stream))
         out_bytes = n * self._h_hr[0].nbytes
-        cuda(rt.cudaMemcpyAsync(self._h_hr.ctypes.data, self._d_hr, out_bytes,
-                                rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+        cuda(
+            rt.cudaMemcpyAsync(
+                self._h_hr.ctypes.data, self._d_hr, out_bytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream
+            )
+        )
         cuda(rt.cudaStreamSynchronize(stream))
         return self._h_hr[:n].copy()  # the pinned buffer is reused by the next call
 
