@@ -56,18 +56,26 @@ def export_fp32(model: VDVAESR, path: str | Path, opset: int = OPSET, example_ba
     lr = torch.rand(example_batch, 3, cfg.lr_size, cfg.lr_size, generator=gen)
     noise = torch.randn(example_batch, model.noise_dim, generator=gen)
     batch = torch.export.Dim("batch", min=1)
+    return dynamo_export(graph, (lr, noise), list(INPUT_NAMES), {"lr": {0: batch}, "noise": {0: batch}}, path, opset)
+
+
+def dynamo_export(
+    graph: nn.Module, args: tuple[Tensor, ...], names: list[str], shapes: dict[str, Any], path: str | Path, opset: int
+) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) of ``graph`` to ``path``: metadata stripped, no random op, written atomically."""
     with torch.no_grad(), warnings.catch_warnings():
         # torch.export's own deprecation chatter, not about this model.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", "# The axis name", UserWarning)  # 4*h named once per input
         program = torch.onnx.export(
-            graph,
-            (lr, noise),
+            graph.eval(),
+            args,
             dynamo=True,
             opset_version=opset,
-            input_names=list(INPUT_NAMES),
+            input_names=names,
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={"lr": {0: batch}, "noise": {0: batch}},
+            dynamic_shapes=shapes,
             external_data=False,
             verbose=False,
         )
@@ -266,28 +274,7 @@ def export_fc(
             names.append(level["name"])
         args = (lr, *[n.contiguous() for n in levels])
         shapes["noise"] = tuple(per_level)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", "# The axis name", UserWarning)  # 4*h named once per input
-        program = torch.onnx.export(
-            graph.eval(),
-            args,
-            dynamo=True,
-            opset_version=opset,
-            input_names=names,
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=shapes,
-            external_data=False,
-            verbose=False,
-        )
-    if program is None:
-        raise RuntimeError("torch.onnx.export returned no program")
-    proto = program.model_proto
-    strip_metadata(proto)
-    assert_no_random_ops(proto)
-    atomic_write_bytes(path, proto.SerializeToString())
-    return proto
+    return dynamo_export(graph, args, names, shapes, path, opset)
 
 
 # ---------------------------------------------------------------------------

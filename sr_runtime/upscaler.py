@@ -94,6 +94,17 @@ def checked_int(name: str, value: object, low: int, high: int | None = None) -> 
     return int(value)
 
 
+def checked_max_pixels(max_pixels: int | float | None, scale: int) -> int:
+    """The output pixel limit: the memory-derived default when None, else a finite number >= 1."""
+    if max_pixels is None:
+        return default_max_pixels(scale)
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)):
+        raise TypeError(f"max_pixels must be a number, got {max_pixels!r}")
+    if not math.isfinite(max_pixels) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a finite number >= 1, got {max_pixels!r}")
+    return int(max_pixels)
+
+
 class Upscaler:
     """x4 super-resolution of any image with an exported VDVAE-SR model.
 
@@ -156,18 +167,13 @@ class Upscaler:
         batch = (
             self._batch_limit() if batch_size is None else checked_int("batch_size", batch_size, 1, self._batch_limit())
         )
-        if max_pixels is None:
-            max_pixels = default_max_pixels(self.spec.scale)
-        elif isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)):
-            raise TypeError(f"max_pixels must be a number, got {max_pixels!r}")
-        elif not math.isfinite(max_pixels) or max_pixels < 1:
-            raise ValueError(f"max_pixels must be a finite number >= 1, got {max_pixels!r}")
+        max_pixels = checked_max_pixels(max_pixels, self.spec.scale)
         if cpu_threads is not None:
             cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
         self.temperature = float(temperature)
         self.tile_overlap = tile_overlap
         self.batch_size = batch
-        self.max_pixels = int(max_pixels)
+        self.max_pixels = max_pixels
         self._bank = NoiseBank.create(
             self.spec.noise_dim, temperature=self.temperature, seed=seed, max_batch=batch, rows=noise_rows
         )
@@ -191,12 +197,7 @@ class Upscaler:
         uint8_io: bool | None,
     ) -> None:
         """Whole-frame set-up: a frame backend (the deterministic graph at temperature 0) and the frame noise."""
-        if max_pixels is None:
-            max_pixels = default_max_pixels(self.spec.scale)
-        elif isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float, np.number)):
-            raise TypeError(f"max_pixels must be a number, got {max_pixels!r}")
-        elif not math.isfinite(max_pixels) or max_pixels < 1:
-            raise ValueError(f"max_pixels must be a finite number >= 1, got {max_pixels!r}")
+        max_pixels = checked_max_pixels(max_pixels, self.spec.scale)
         if cpu_threads is not None:
             cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
         if frame_pixels is not None:
@@ -204,7 +205,7 @@ class Upscaler:
         self.temperature = float(temperature)
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-        self.max_pixels = int(max_pixels)
+        self.max_pixels = max_pixels
         self.tile_overlap = 2 * self.spec.receptive_radius
         self.batch_size = 1
         self._frames = None if self.temperature == 0 else FrameNoise(self.spec.noise_levels, self.temperature, seed)
