@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="nats per latent channel and position that cost nothing (default 0: the plain ELBO)",
     )
     tr.add_argument(
+        "--rate-weight",
+        type=float,
+        help="beta, the rate's weight in the loss: below 1 the latents may carry more (default 1: the ELBO)",
+    )
+    tr.add_argument(
         "--prior-l1-weight", type=float, help="add this x the L1 of the temperature-0 output to the ELBO (default 0)"
     )
     tr.add_argument(

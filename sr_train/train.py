@@ -69,6 +69,7 @@ class TrainConfig:
     objective: str = "elbo"  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
     kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)
     free_bits: float = 0.0  # nats per latent channel and position that cost nothing (against posterior collapse)
+    rate_weight: float = 1.0  # beta: the rate's weight in the loss (< 1 buys latents that carry more; 1 = the ELBO)
     prior_l1_weight: float = 0.0  # + this x L1 of the temperature-0 (prior mean) output: keeps t = 0 the best guess
     max_log_scale: float | None = None  # cap on the DMoL log-scales in the loss: residual texture must go through z
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
@@ -120,6 +121,7 @@ def check_config(cfg: TrainConfig) -> None:
     bounded("weight_decay", cfg.weight_decay, 0, 1)
     bounded("val_temperature", cfg.val_temperature, 0, 2)
     bounded("free_bits", cfg.free_bits, 0, 100)
+    bounded("rate_weight", cfg.rate_weight, 0, 10, lo_open=True)
     bounded("prior_l1_weight", cfg.prior_l1_weight, 0, 1e6)
     bounded("max_log_scale", cfg.max_log_scale, -7, 0)
     bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
@@ -313,8 +315,10 @@ def pick_device(requested: str) -> torch.device:
 
 
 def kl_weight(step: int, cfg: TrainConfig) -> float:
-    """KL warm-up: the optimised loss is distortion + w * rate, w rising linearly to 1 (the logged ELBO keeps w = 1)."""
-    return min(1.0, (step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps > 0 else 1.0
+    """The optimised loss is distortion + w * rate: w is --rate-weight, ramped up from 0 over the KL
+    warm-up steps (the logged ELBO keeps w = 1)."""
+    ramp = min(1.0, (step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps > 0 else 1.0
+    return cfg.rate_weight * ramp
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -500,7 +504,7 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
         scaler.update()
         step += 1
         last = {name: value.mean().item() for name, value in out.items()} | {"grad_norm": grad_norm}
-        if cfg.objective == "elbo" and cfg.kl_warmup_steps:
+        if cfg.objective == "elbo" and (cfg.kl_warmup_steps or cfg.rate_weight != 1.0):
             last["kl_weight"] = beta
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()} | {"skips": skips})

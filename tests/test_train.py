@@ -175,6 +175,15 @@ def test_kl_warmup_weights_the_rate_and_logs_the_true_elbo(photos, init, tmp_pat
     assert all(float(r["elbo"]) == pytest.approx(float(r["distortion"]) + float(r["rate"]), rel=1e-5) for r in rows)
 
 
+def test_rate_weight_scales_the_rate_and_the_warm_up_ramps_to_it(photos, init, tmp_path):
+    from sr_train.train import kl_weight
+
+    cfg = config(photos, init, tmp_path / "run", steps=2, kl_warmup_steps=2, rate_weight=0.1)
+    assert [kl_weight(s, cfg) for s in range(3)] == pytest.approx([0.05, 0.1, 0.1])
+    train(cfg)
+    assert [float(r["kl_weight"]) for r in read_log(tmp_path / "run")] == pytest.approx([0.05, 0.1])
+
+
 def test_bad_device_and_precision_are_value_errors(photos, init, tmp_path):
     with pytest.raises(ValueError, match="precision"):
         train(config(photos, init, tmp_path / "a", steps=1, precision="fp8"))

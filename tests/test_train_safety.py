@@ -142,6 +142,8 @@ def test_a_signal_saves_a_checkpoint_and_exits_cleanly(photos, init, tmp_path, s
         (["--max-minutes", "nan"], "--max-minutes"),
         (["--free-bits", "nan"], "--free-bits must be a finite number in [0, 100]"),
         (["--free-bits=-1"], "--free-bits"),
+        (["--rate-weight", "0"], "--rate-weight must be a finite number in (0, 10]"),
+        (["--rate-weight", "nan"], "--rate-weight"),
         (["--train-decoder-blocks", "0-10000000000"], "'0-10000000000' is not a range from 0"),
         (["--train-decoder-blocks", "3-1"], "'3-1' is not a range"),
         (["--train-decoder-blocks", "a"], "'a' is not N or N-M"),
