@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap the likelihood's logistic log-scales in the loss (e.g. -4.5): residual texture "
         "then has to be carried by the latents (default: no cap, VDVAE's loss)",
     )
+    tr.add_argument(
+        "--posterior-init-log-std",
+        type=float,
+        help="start a new decoder's posteriors at this log-std (e.g. -2): the latents carry the HR image "
+        "from the first step instead of noise the decoder learns to ignore (default: VDVAE's init)",
+    )
     tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
     tr.add_argument(
         "--crop-size",

@@ -73,6 +73,7 @@ class TrainConfig:
     prior_l1_weight: float = 0.0  # + this x L1 of the temperature-0 (prior mean) output: keeps t = 0 the best guess
     max_log_scale: float | None = None  # cap on the DMoL log-scales in the loss: residual texture must go through z
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
+    posterior_init_log_std: float | None = None  # a new decoder's posteriors start this sure: z starts as a signal
     crop_size: int | None = None  # HR training crop (fully convolutional models; default: the preset's hr_size)
     scale_aug: tuple[float, float] | None = None  # HR photo downscaled by a random factor in [lo, hi] before cropping
     steps: int = 1000
@@ -124,6 +125,9 @@ def check_config(cfg: TrainConfig) -> None:
     bounded("rate_weight", cfg.rate_weight, 0, 10, lo_open=True)
     bounded("prior_l1_weight", cfg.prior_l1_weight, 0, 1e6)
     bounded("max_log_scale", cfg.max_log_scale, -7, 0)
+    bounded("posterior_init_log_std", cfg.posterior_init_log_std, -7, 0)
+    if cfg.posterior_init_log_std is not None and cfg.init_checkpoint:
+        raise ValueError("--posterior-init-log-std initialises a new decoder; --init-checkpoint brings a trained one")
     bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
     for beta in cfg.adam_betas:
         bounded("adam_betas", beta, 0, 1, hi_open=True)
@@ -239,8 +243,29 @@ def build_model(cfg: TrainConfig) -> VDVAESR:
         import_vdvae_weights(model, cfg.init_vdvae)
     if cfg.init_transfer:
         transfer_weights(model, cfg.init_transfer)
+    if cfg.posterior_init_log_std is not None:
+        init_posterior_log_std(model, cfg.posterior_init_log_std)
     apply_freezing(model, cfg)
     return model
+
+
+def init_posterior_log_std(model: VDVAESR, log_std: float) -> None:
+    """Start every posterior at log-std ``log_std`` (its last conv's log-std half: zero weights, that bias).
+
+    A fresh posterior has std ~1: its z is mostly noise, and the decoder learns to
+    ignore the latents (fastest at the HR levels, where nothing averages the noise
+    out) before the posterior learns to say anything. Started sure, z is a signal
+    of the HR image from the first step and the KL term widens it where it is not
+    worth its cost.
+    """
+    with torch.no_grad():
+        for block in model.decoder.blocks():
+            last = block.posterior.c4
+            zdim = block.zdim
+            last.weight[zdim:].zero_()
+            if last.bias is None:
+                raise ValueError(f"--posterior-init-log-std: the posterior at {block.res} has no bias to set")
+            last.bias[zdim:].fill_(log_std)
 
 
 TRANSFERABLE = ("lr_encoder.", "hr_encoder.", "skip_upsampler.")

@@ -317,3 +317,23 @@ def test_sr_train_errors_are_one_line_naming_the_problem(photos, tmp_path, capsy
     run = _saved_run(tmp_path / "run")
     assert main(["train", "--data", str(photos), "--run-dir", str(run), "--preset", "paper-256"]) == 2
     assert "tiny-32 run" in capsys.readouterr().err
+
+
+def test_posterior_init_log_std_starts_every_posterior_sure(photos, tmp_path):
+    from sr_train.train import build_model
+
+    cfg = TrainConfig(data=str(photos), run_dir=str(tmp_path / "run"), preset="fc-256", posterior_init_log_std=-2.0)
+    model = build_model(cfg)
+    hr = torch.rand(1, 3, 64, 64)
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    stats = model.posterior_pass(hr, lr)[1]
+    for block, s in zip(model.decoder.blocks(), stats, strict=True):
+        # KL of N(qm, e^-2) against the fresh prior N(0, 1): 1.5 + e^-4 / 2 + qm^2 / 2 per element
+        assert s["kl"].min().item() >= 1.5, block.res
+    plain = build_model(TrainConfig(data=str(photos), run_dir=str(tmp_path / "r2"), preset="fc-256"))
+    assert min(s["kl"].mean().item() for s in plain.posterior_pass(hr, lr)[1]) < 1.5
+
+
+def test_posterior_init_log_std_refuses_a_trained_decoder(photos, init, tmp_path):
+    with pytest.raises(ValueError, match="initialises a new decoder"):
+        train(config(photos, init, tmp_path / "run", steps=1, posterior_init_log_std=-2.0))
