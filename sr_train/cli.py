@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a new decoder's posteriors at this log-std (e.g. -2): the latents carry the HR image "
         "from the first step instead of noise the decoder learns to ignore (default: VDVAE's init)",
     )
+    tr.add_argument(
+        "--head-init-std",
+        type=float,
+        help="start a new decoder's output conv at this std (e.g. 0.05) instead of the LR-skip models' 1e-3, "
+        "so the latents reach the output from the first step (default: the preset's init)",
+    )
     tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
     tr.add_argument(
         "--crop-size",

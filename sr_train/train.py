@@ -74,6 +74,7 @@ class TrainConfig:
     max_log_scale: float | None = None  # cap on the DMoL log-scales in the loss: residual texture must go through z
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
     posterior_init_log_std: float | None = None  # a new decoder's posteriors start this sure: z starts as a signal
+    head_init_std: float | None = None  # a new decoder's output conv ~ N(0, this): z reaches the output from step 0
     crop_size: int | None = None  # HR training crop (fully convolutional models; default: the preset's hr_size)
     scale_aug: tuple[float, float] | None = None  # HR photo downscaled by a random factor in [lo, hi] before cropping
     steps: int = 1000
@@ -126,8 +127,11 @@ def check_config(cfg: TrainConfig) -> None:
     bounded("prior_l1_weight", cfg.prior_l1_weight, 0, 1e6)
     bounded("max_log_scale", cfg.max_log_scale, -7, 0)
     bounded("posterior_init_log_std", cfg.posterior_init_log_std, -7, 0)
-    if cfg.posterior_init_log_std is not None and cfg.init_checkpoint:
-        raise ValueError("--posterior-init-log-std initialises a new decoder; --init-checkpoint brings a trained one")
+    bounded("head_init_std", cfg.head_init_std, 0, 1)
+    for name in ("posterior_init_log_std", "head_init_std"):
+        if getattr(cfg, name) is not None and cfg.init_checkpoint:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} initialises a new decoder; --init-checkpoint brings a trained one")
     bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
     for beta in cfg.adam_betas:
         bounded("adam_betas", beta, 0, 1, hi_open=True)
@@ -245,6 +249,12 @@ def build_model(cfg: TrainConfig) -> VDVAESR:
         transfer_weights(model, cfg.init_transfer)
     if cfg.posterior_init_log_std is not None:
         init_posterior_log_std(model, cfg.posterior_init_log_std)
+    if cfg.head_init_std is not None:
+        with torch.no_grad():
+            # An LR-skip model's head starts at std 1e-3 so that it outputs the skip alone; then
+            # z reaches the output only through a product of two near-zero weights (z_proj and
+            # this), and the decoder learns to ignore z before that product can grow.
+            model.decoder.out_conv.weight.normal_(0.0, cfg.head_init_std)
     apply_freezing(model, cfg)
     return model
 

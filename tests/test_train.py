@@ -334,6 +334,18 @@ def test_posterior_init_log_std_starts_every_posterior_sure(photos, tmp_path):
     assert min(s["kl"].mean().item() for s in plain.posterior_pass(hr, lr)[1]) < 1.5
 
 
-def test_posterior_init_log_std_refuses_a_trained_decoder(photos, init, tmp_path):
+@pytest.mark.parametrize("option", [{"posterior_init_log_std": -2.0}, {"head_init_std": 0.05}])
+def test_decoder_init_options_refuse_a_trained_decoder(photos, init, tmp_path, option):
     with pytest.raises(ValueError, match="initialises a new decoder"):
-        train(config(photos, init, tmp_path / "run", steps=1, posterior_init_log_std=-2.0))
+        train(config(photos, init, tmp_path / "run", steps=1, **option))
+
+
+def test_head_init_std_sets_the_output_convs_scale(photos, tmp_path):
+    from sr_train.train import build_model
+
+    def head_std(**kw):
+        cfg = TrainConfig(data=str(photos), run_dir=str(tmp_path / "run"), preset="fc-256", **kw)
+        return build_model(cfg).decoder.out_conv.weight.std().item()
+
+    assert head_std() < 0.002
+    assert head_std(head_init_std=0.05) == pytest.approx(0.05, rel=0.2)
