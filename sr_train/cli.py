@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "from the first step instead of noise the decoder learns to ignore (default: VDVAE's init)",
     )
     tr.add_argument(
+        "--posterior-input",
+        choices=["hr", "residual"],
+        help="what a new model's HR encoder reads: the HR image (VDVAE) or its residual over the LR skip, "
+        "what the latents should carry (default: the preset's, hr)",
+    )
+    tr.add_argument(
         "--head-init-std",
         type=float,
         help="start a new decoder's output conv at this std (e.g. 0.05) instead of the LR-skip models' 1e-3, "

@@ -74,6 +74,10 @@ class VDVAESRConfig:
     # component's mean (VDVAE's choice), "mean" = the mixture's expected value (what
     # PSNR rewards).
     head_statistic: str = "mode"
+    # What the HR encoder (the posterior's eyes, training only) reads: "hr", VDVAE's choice,
+    # or "residual", the HR image minus the LR skip's prediction, i.e. exactly what the
+    # latents are there to carry (needs lr_skip).
+    posterior_input: str = "hr"
     input_shift: float = IMAGENET64_STATS[0]
     input_scale: float = IMAGENET64_STATS[1]
     scale_factor: int = field(default=4)
@@ -81,6 +85,8 @@ class VDVAESRConfig:
     def __post_init__(self) -> None:
         if self.head_statistic not in HEAD_STATISTICS:
             raise ValueError(f"head_statistic must be one of {HEAD_STATISTICS}, got {self.head_statistic!r}")
+        if self.posterior_input not in ("hr", "residual") or (self.posterior_input == "residual" and not self.lr_skip):
+            raise ValueError(f"posterior_input must be 'hr' or 'residual' (with lr_skip), got {self.posterior_input!r}")
         if self.skip_upsampler_width < 0 or (self.skip_upsampler_width and not self.lr_skip):
             raise ValueError("skip_upsampler_width needs lr_skip and must be >= 0")
         if self.hr_size != self.lr_size * self.scale_factor:
@@ -548,6 +554,9 @@ class SkipUpsampler(nn.Module):
 
 LR_SKIP_INIT_LOG_SCALES = (-5.0, -3.0)
 LR_SKIP_INIT_WEIGHT_STD = 1e-3
+# The residual over the LR skip has a std of ~0.05 in [-1, 1] units; x8 brings it
+# near the HR encoder's usual input scale.
+RESIDUAL_INPUT_GAIN = 8.0
 
 
 class VDVAESR(nn.Module):
@@ -720,9 +729,9 @@ class VDVAESR(nn.Module):
         eps: list[Tensor | None] | None = None,
         lr_acts: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, list[dict[str, Tensor]]]:
-        hr_acts = self.hr_encoder(self.encoder_input(hr))
         if lr_acts is None and lr is not None:
             lr_acts = self.lr_encoder(self.encoder_input(lr))
+        hr_acts = self.hr_encoder(self.posterior_input(hr, lr, lr_acts))
         hr_hw = (hr.shape[2], hr.shape[3])
         if eps is None:
             eps = [
@@ -730,6 +739,15 @@ class VDVAESR(nn.Module):
                 for c, h, w in self.latent_shapes_for(hr_hw)
             ]
         return self.decoder(hr.shape[0], hr, lr_acts=lr_acts, hr_acts=hr_acts, eps=eps, hr_hw=hr_hw)
+
+    def posterior_input(self, hr: Tensor, lr: Tensor | None, lr_acts: dict[int, Tensor] | None) -> Tensor:
+        """The HR encoder's input: the HR image, or its residual over the (detached) LR skip, amplified."""
+        if self.config.posterior_input == "hr":
+            return self.encoder_input(hr)
+        base = self.mean_base(lr, lr_acts)
+        if base is None:
+            raise ValueError("a posterior that reads the residual needs the LR image")
+        return (hr * 2.0 - 1.0 - base.detach()) * RESIDUAL_INPUT_GAIN
 
     def mean_base(self, lr: Tensor | None, lr_acts: dict[int, Tensor] | None = None) -> Tensor | None:
         """The LR skip in [-1, 1]: bicubic x4 of the LR image, plus the learned upsampler's

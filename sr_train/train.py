@@ -74,6 +74,7 @@ class TrainConfig:
     max_log_scale: float | None = None  # cap on the DMoL log-scales in the loss: residual texture must go through z
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
     posterior_init_log_std: float | None = None  # a new decoder's posteriors start this sure: z starts as a signal
+    posterior_input: str | None = None  # a new model's HR encoder reads "hr" or "residual" (default: the preset's)
     head_init_std: float | None = None  # a new decoder's output conv ~ N(0, this): z reaches the output from step 0
     crop_size: int | None = None  # HR training crop (fully convolutional models; default: the preset's hr_size)
     scale_aug: tuple[float, float] | None = None  # HR photo downscaled by a random factor in [lo, hi] before cropping
@@ -128,10 +129,10 @@ def check_config(cfg: TrainConfig) -> None:
     bounded("max_log_scale", cfg.max_log_scale, -7, 0)
     bounded("posterior_init_log_std", cfg.posterior_init_log_std, -7, 0)
     bounded("head_init_std", cfg.head_init_std, 0, 1)
-    for name in ("posterior_init_log_std", "head_init_std"):
+    for name in ("posterior_init_log_std", "head_init_std", "posterior_input"):
         if getattr(cfg, name) is not None and cfg.init_checkpoint:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} initialises a new decoder; --init-checkpoint brings a trained one")
+            raise ValueError(f"{flag} sets up a new model; --init-checkpoint brings a trained one")
     bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
     for beta in cfg.adam_betas:
         bounded("adam_betas", beta, 0, 1, hi_open=True)
@@ -242,7 +243,8 @@ def build_model(cfg: TrainConfig) -> VDVAESR:
         model.train()
     else:
         torch.manual_seed(cfg.seed)
-        model = VDVAESR(preset(cfg.preset))
+        overrides = {} if cfg.posterior_input is None else {"posterior_input": cfg.posterior_input}
+        model = VDVAESR(preset(cfg.preset, **overrides))
     if cfg.init_vdvae:
         import_vdvae_weights(model, cfg.init_vdvae)
     if cfg.init_transfer:

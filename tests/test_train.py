@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sr_train.checkpoint import save_checkpoint
-from sr_train.model import VDVAESR, VDVAESRConfig
+from sr_train.model import VDVAESR, VDVAESRConfig, preset
 from sr_train.train import TrainConfig, train
 
 TINY = VDVAESRConfig(
@@ -334,9 +334,11 @@ def test_posterior_init_log_std_starts_every_posterior_sure(photos, tmp_path):
     assert min(s["kl"].mean().item() for s in plain.posterior_pass(hr, lr)[1]) < 1.5
 
 
-@pytest.mark.parametrize("option", [{"posterior_init_log_std": -2.0}, {"head_init_std": 0.05}])
+@pytest.mark.parametrize(
+    "option", [{"posterior_init_log_std": -2.0}, {"head_init_std": 0.05}, {"posterior_input": "residual"}]
+)
 def test_decoder_init_options_refuse_a_trained_decoder(photos, init, tmp_path, option):
-    with pytest.raises(ValueError, match="initialises a new decoder"):
+    with pytest.raises(ValueError, match="sets up a new model"):
         train(config(photos, init, tmp_path / "run", steps=1, **option))
 
 
@@ -349,3 +351,19 @@ def test_head_init_std_sets_the_output_convs_scale(photos, tmp_path):
 
     assert head_std() < 0.002
     assert head_std(head_init_std=0.05) == pytest.approx(0.05, rel=0.2)
+
+
+def test_a_residual_posterior_reads_the_hr_image_minus_the_skip(photos, tmp_path):
+    from sr_train.model import RESIDUAL_INPUT_GAIN
+    from sr_train.train import build_model
+
+    cfg = TrainConfig(data=str(photos), run_dir=str(tmp_path / "run"), preset="fc-256", posterior_input="residual")
+    model = build_model(cfg)
+    assert model.config.posterior_input == "residual"
+    hr = torch.rand(2, 3, 64, 64)
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    got = model.posterior_input(hr, lr, None)
+    assert torch.allclose(got, (hr * 2 - 1 - model.mean_base(lr)) * RESIDUAL_INPUT_GAIN)
+    assert model(hr, lr)["rate"].isfinite().all()
+    with pytest.raises(ValueError, match="posterior_input"):
+        preset("small-256", lr_skip=False, skip_upsampler_width=0, posterior_input="residual")
