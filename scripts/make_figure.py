@@ -7,7 +7,7 @@ Rows are the validation photos with the most detail (lowest bicubic PSNR-Y),
 cropped and degraded exactly as the evaluation protocol does (docs/design.md), and
 upscaled by the runtime (ONNX Runtime on this machine), so the picture shows
 what users get. The std map is the per-pixel standard deviation of 8 samples
-at t = T, scaled so that 8 grey levels are white.
+at t = T, scaled so that 16 grey levels are white.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sr_train.metrics import psnr_y
 
 HR = 256
 LABELS = ("LR (nearest)", "bicubic", "VDVAE-SR t=0", "VDVAE-SR t={t:g}", "std, 8 samples", "HR")
-STD_WHITE = 8.0  # grey levels shown as white in the std map
+STD_WHITE = 16.0  # grey levels shown as white in the std map
 
 
 def hardest(images: dict[str, np.ndarray], rows: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -42,8 +42,8 @@ def panels(cold: Upscaler, hot: Upscaler, hr: np.ndarray, lr: np.ndarray) -> lis
     """The six panels of one row; `cold` runs at t = 0, `hot` at t = T."""
     det = cold.run(lr)
     sample = hot.run(lr)
-    _, std = hot.run(lr, samples=8)
-    std_img = np.clip(std * 255.0 / STD_WHITE, 0, 255).astype(np.uint8)
+    _, std = hot.run(lr, samples=8)  # in [0, 1] units
+    std_img = np.clip(std * 255.0 * 255.0 / STD_WHITE, 0, 255).astype(np.uint8)
     return [
         np.asarray(Image.fromarray(lr).resize((HR, HR), Image.Resampling.NEAREST)),
         np.asarray(Image.fromarray(lr).resize((HR, HR), Image.Resampling.BICUBIC)),

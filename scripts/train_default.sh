@@ -11,16 +11,10 @@
 #      MAX_MINUTES (stage 2 stops and saves after this wall time; unset = no limit),
 #      DATA (data/photos/train), VAL (data/photos/val; empty = no periodic validation),
 #      SR_TRAIN (.venv/bin/sr-train).
-set -euo pipefail
-cd "$(dirname "$0")/.."
 ROOT=${1:-runs/small256}
 shift || true
-read -r -a SR_TRAIN <<< "${SR_TRAIN:-.venv/bin/sr-train}"
-DATA=${DATA:-data/photos/train}
-VAL=${VAL-data/photos/val}
-[ -d "$DATA" ] || "${SR_TRAIN[@]}" fetch-data
-VAL_FLAGS=()
-[ -z "$VAL" ] || VAL_FLAGS=(--val-images "$VAL" --val-every 250 --val-temperature 0)
+# shellcheck source=scripts/train_common.sh
+source "$(dirname "$0")/train_common.sh"
 "${SR_TRAIN[@]}" train --preset small-256 --objective skip --data "$DATA" "${VAL_FLAGS[@]}" \
     --run-dir "$ROOT/stage1" --steps "${STAGE1_STEPS:-5500}" --batch-size "${STAGE1_BATCH:-16}" --lr 1e-3 \
     --warmup-steps 100 --ema-rate 0.998 --save-every 100 "$@"
