@@ -386,7 +386,8 @@ class Upscaler:
                     if in_flight is not None:  # the frame before the bad one comes out first
                         yield self._finish_uint8(in_flight, stats)
                     raise
-                if started is not None:
+                if isinstance(prepared, _Uint8Frame):
+                    assert started is not None
                     if in_flight is not None:
                         yield self._finish_uint8(in_flight, stats)
                     in_flight = started
