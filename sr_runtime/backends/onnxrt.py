@@ -518,7 +518,9 @@ class OrtBoundFrameBackend:
         self._threads = threads
         self._provider: list[Any] = ["CPUExecutionProvider"]
         if gpu:
-            cuda = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": str(int(prefer_nhwc))}
+            cuda = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+            if prefer_nhwc:  # only when asked: a build without NHWC kernels may not know the option
+                cuda["prefer_nhwc"] = "1"
             self._provider = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         # Names and shapes of the inputs, read once without optimising (the per-shape sessions optimise).
         plain = ort.SessionOptions()
