@@ -370,7 +370,7 @@ def markdown(r: dict[str, Any]) -> str:
     peak = r["peak"]["gflops"]
 
     def rate(seconds: float) -> str:
-        return f"{gflop / seconds:,.0f} GFLOP/s, {100 * gflop / seconds / peak:.1f}%"
+        return f"{gflop / seconds:,.4g} GFLOP/s, {100 * gflop / seconds / peak:.3g}%"
 
     mode = "uint8 in/out on the device" if r.get("uint8_io") else "host conversions"
     lines = [
@@ -381,7 +381,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"load average at start {r['host']['load_average_at_start']}, {r['when']}; {r['rounds']} interleaved "
         f"rounds after a warm-up. Command: `{r['command']}`.",
         "",
-        f"{r['gmac_per_frame']:.1f} GMAC per padded frame (torch FLOP counter); peak: {peak:,.0f} GFLOP/s "
+        f"{r['gmac_per_frame']:.4g} GMAC per padded frame (torch FLOP counter); peak: {peak:,.4g} GFLOP/s "
         f"({r['peak']['method']}). CUDA graphs per shape: {r.get('cuda_graphs') or 'none'}.",
         "",
         "| path | p50 | calls per image | vs model | GFLOP/s, % of peak |",

@@ -47,9 +47,10 @@ mkdir -p "$RESULTS"
 : > "$OUT/steps.tsv"
 
 if [ "$DRY" = 1 ]; then  # the CPU backends at tiny sizes: proves every stage, measures nothing
-    DEVICE=cpu DEVICE_NAME=dry-run-cpu IMAGE=64x48 ITERS=2 STREAM=2 TILED_ITERS=1 PEAK=512,3
+    DEVICE=cpu DEVICE_NAME=dry-run-cpu IMAGE=64x48 ITERS=1 STREAM=2 TILED_ITERS=1 PEAK=512,3
     SERVE_ARGS=(--clients 1 --requests 2 --sizes 32,48 --batching on --direct 1 --cpus 2)
     BATCH_ARGS=(--images 2 --size 32 --workers 1)
+    LIMIT_ENV=${GPU_CHECK_STAGE_S:-60} LIMIT_PYTEST=${GPU_CHECK_STAGE_S:-180}
     LIMIT_FRAMES=${GPU_CHECK_STAGE_S:-240} LIMIT_RAY=${GPU_CHECK_STAGE_S:-180}
 else
     DEVICE=cuda IMAGE=960x540 ITERS=20 STREAM=30 TILED_ITERS=3 PEAK=8192,10
@@ -57,7 +58,7 @@ else
     DEVICE_NAME=${DEVICE_NAME:-cuda}
     SERVE_ARGS=(--clients 1,4,16 --requests 24 --sizes 128,256 --batching on --direct 8 --cpus 8)
     BATCH_ARGS=(--images 16 --size 512 --workers 1)
-    LIMIT_FRAMES=110 LIMIT_RAY=75
+    LIMIT_ENV=30 LIMIT_PYTEST=120 LIMIT_FRAMES=110 LIMIT_RAY=75
 fi
 SLUG=$(echo "$DEVICE_NAME" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
 
@@ -117,8 +118,8 @@ export -f environment install_missing
 export SR_TEST_FC_MODEL=$FC_MODEL
 
 [ "$PACK_MODE" = 1 ] && step install 120 - bash -c install_missing
-step environment 30 - bash -c environment
-step pytest_gpu 120 pytest_gpu.xml "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+step environment "$LIMIT_ENV" - bash -c environment
+step pytest_gpu "$LIMIT_PYTEST" pytest_gpu.xml "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
 FC_CONFIG=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['model_config']['name'])" \
     "$FC_MODEL/manifest.json" 2>/dev/null || echo unknown)
 frames() {  # frames NAME PRECISION [EXTRA ARGS...]: one benchmarks.frames page under $RESULTS
