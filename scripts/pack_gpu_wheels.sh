@@ -26,12 +26,15 @@ rm -rf "$dir" && mkdir -p "$dir/dl"
 "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$dir/dl" "${reqs[@]}"
-norm() { echo "$1" | tr 'A-Z_.' 'a-z--'; }
-for name in "${present[@]}"; do
-    for wheel in "$dir"/dl/*.whl; do
-        [ "$(norm "$(basename "$wheel" | cut -d- -f1)")" = "$(norm "$name")" ] && rm -f "$wheel"
-    done
-done
+"$PY" - "$dir/dl" "${present[@]}" <<'EOF'
+import pathlib, re, sys
+def norm(name: str) -> str:  # distribution names compare case-insensitively, with -, _ and . alike
+    return re.sub(r"[-_.]+", "-", name).lower()
+folder, present = pathlib.Path(sys.argv[1]), {norm(n) for n in sys.argv[2:]}
+for wheel in folder.glob("*.whl"):
+    if norm(wheel.name.split("-")[0]) in present:
+        wheel.unlink()
+EOF
 ls "$dir"/dl/*.whl > /dev/null 2>&1 || { echo "pack_gpu_wheels: nothing left to pack" >&2; exit 1; }
 tar cf "$dir/wheels.tar" -C "$dir/dl" .
 sum=$(sha256sum "$dir/wheels.tar" | cut -d' ' -f1)
