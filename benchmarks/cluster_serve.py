@@ -183,13 +183,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         (
             f"- service: model `{service['model']}`, backend {service['backend']} {service['precision']}, one "
-            f"replica (num_cpus=1 in Ray's accounting; ONNX Runtime uses every core), local Ray "
-            f"{result['versions']['ray']}"
+            + (
+                "replica holding one GPU"
+                if host["gpus"]
+                else "replica (num_cpus=1 in Ray's accounting; ONNX Runtime uses every core)"
+            )
+            + f", local Ray {result['versions']['ray']}"
         ),
         (
-            f"- host: {host['cpu']}, {host['usable_cpus']} usable cores; load average {host['load_average_at_start']} "
-            f"at start, {host['load_average_at_end']} at end. Shared with a training job at higher priority and "
-            "another engineer's work, and the clients run on the same 2 cores: noisy, compare rows within this page"
+            f"- host: {host['cpu']}, {host['usable_cpus']} usable cores, GPUs: {', '.join(host['gpus']) or 'none'}; "
+            f"load average {host['load_average_at_start']} at start, {host['load_average_at_end']} at end; "
+            f"{result.get('note') or 'the clients run on the same machine'}: compare rows within this page"
         ),
         (
             f"- requests: {s['requests']} per level, PNG crops {s['sizes'][0]}..{s['sizes'][1]} px a side of "
@@ -255,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="what else was running, for the page")
     p.add_argument(
         "--out",
         type=Path,
@@ -303,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "direct": floor,
         "modes": results,
+        "note": args.note,
     }
     out = args.out or RESULTS_DIR / f"cluster-serve-cpu-{started.strftime('%Y%m%d')}.json"
     page = write_result(out, result, markdown(result))

@@ -1,74 +1,106 @@
 #!/usr/bin/env bash
-# GPU check: `pytest -m gpu`, the whole-frame benchmark of the fully convolutional
-# cost model (benchmarks/frames.py: 960x540 -> 3840x2160 whole vs tiled, a 4K
-# stream's frames/s, PyTorch + CUDA graph), the latency harness' GPU rows and the
-# whole-image rows, all within GPU_CHECK_BUDGET_S (default 570 s), results into $OUT.
+# GPU check in one call: `pytest -m gpu`, then whole frames of the fully convolutional model in
+# engines/vdvae-sr-fc-256 (960x540 -> 3840x2160 through Upscaler, steady state; a 4K stream's frames/s;
+# ONNX Runtime CUDA fp16, fp16 + prefer_nhwc and fp32; beside them the fixed-size default model's tiled
+# path and the same fc-256 in PyTorch + CUDA graph from its checkpoint; GFLOP/s against a matmul peak
+# measured in the same run; peak GPU memory), then first GPU figures of sr-serve and sr-upscale --ray.
+# Every stage has its own time limit inside GPU_CHECK_BUDGET_S (default 480 s), so a stage that hangs
+# still leaves the others' results.
 #
-#   OUT=out/gpu_check bash scripts/gpu_check.sh
+#   OUT=out/gpu_check bash scripts/gpu_check.sh          # on a GPU machine
+#   GPU_CHECK_DRY=1 OUT=/tmp/dry bash scripts/gpu_check.sh   # every stage on the CPU at tiny sizes
 #
-# Needs a CUDA GPU and a venv with the dev extras plus the gpu extra
-# (`EXTRAS=dev,gpu bash scripts/setup.sh`; PYTHON picks the interpreter,
-# default .venv/bin/python, else python3).
+# The dry run proves the script before device time is spent on it (tests/test_gpu_check.py runs it):
+# same stages, same result files, CPU backends, a 64x48 frame, a few iterations; GPU_CHECK_STAGE_S
+# raises its per-stage limits on a busy machine.
 #
-# Writes: $OUT/gpu_check.json (each step: command, exit status, seconds, log
-# file), $OUT/gpu_check.md (the steps and every benchmark page), the benchmark
-# JSON and markdown under $OUT/bench/, a log per step and the pytest junit XML.
-# Every step is cut at the time left, so a slow step cannot lose the others'
-# results; a step that fails is recorded and the next one runs.
+# Needs a venv with the dev extras plus the gpu extra (`EXTRAS=dev,gpu bash scripts/setup.sh`; PYTHON
+# picks the interpreter, default .venv/bin/python, else python3). Ray (the cluster extra) for the last
+# two stages; without it they fail alone, with the reason in their log.
 #
-# SR_GPU_PACK=1: for a GPU machine reached by a remote-call tool, without a
-# package index and returning only a few files. Missing packages are installed
-# first from a pack of wheels made beforehand on a machine with an index:
-# GPU_PACK_DIR (default .gpu) holds parts p1..pN, the last with an executable
-# `install` script (it installs into /tmp/site, which goes on PYTHONPATH) and
-# optionally extra/*.whl; earlier parts may be copied to /tmp/parts by earlier
-# calls. The logs, the junit XML and the benchmark markdown are then packed
-# into $OUT/logs.tar.gz.
+# Writes under $OUT: benchmarks/results/*.json + .md (one pair per benchmark stage), a log per stage,
+# pytest_gpu.xml, and gpu_check.json (each stage: command, exit status, seconds, log, result files and
+# whether they were written; the benchmark JSONs inlined) + gpu_check.md (the stage table and every
+# benchmark page).
+#
+# SR_GPU_PACK=1: for a GPU machine reached by a remote-call tool, without a package index and returning
+# only a few files. Missing packages are installed first from packs of wheels made beforehand on a
+# machine with an index: GPU_PACK_DIR (default .gpu; several, space-separated, e.g. ".gpu .gpu-ray")
+# each hold parts p1..pN, the last with an executable `install` script (it installs into /tmp/site,
+# which goes on PYTHONPATH) and optionally extra/*.whl; earlier parts are copied to /tmp/parts by
+# earlier calls. onnxruntime-gpu's pack: the steering repo's tools/gpu-pack; Ray's:
+# `bash scripts/pack_gpu_wheels.sh .gpu-ray "ray[serve]==2.60.0" -- NAMES-THE-IMAGE-HAS`.
+# Everything but gpu_check.json/.md is then packed into $OUT/results.tar.gz (8 files come back at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
+DRY=${GPU_CHECK_DRY:-0}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 PACK=${GPU_PACK_DIR:-.gpu}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 PACK_MODE=${SR_GPU_PACK:-0}
+FC_MODEL=${FC_MODEL:-engines/vdvae-sr-fc-256}
+RESULTS=$OUT/benchmarks/results
+DAY=$(date +%Y%m%d)
 START=$(date +%s)
-mkdir -p "$OUT/bench"
+mkdir -p "$RESULTS"
 : > "$OUT/steps.tsv"
+
+if [ "$DRY" = 1 ]; then  # the CPU backends at tiny sizes: proves every stage, measures nothing
+    DEVICE=cpu DEVICE_NAME=dry-run-cpu IMAGE=64x48 ITERS=1 STREAM=2 TILED_ITERS=1 PEAK=512,3
+    SERVE_ARGS=(--clients 1 --requests 2 --sizes 32,48 --batching on --direct 1 --cpus 2)
+    BATCH_ARGS=(--images 2 --size 32 --workers 1)
+    LIMIT_ENV=${GPU_CHECK_STAGE_S:-60} LIMIT_PYTEST=${GPU_CHECK_STAGE_S:-180}
+    LIMIT_FRAMES=${GPU_CHECK_STAGE_S:-240} LIMIT_RAY=${GPU_CHECK_STAGE_S:-180}
+else
+    DEVICE=cuda IMAGE=960x540 ITERS=20 STREAM=30 TILED_ITERS=3 PEAK=8192,10
+    DEVICE_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+    DEVICE_NAME=${DEVICE_NAME:-cuda}
+    SERVE_ARGS=(--clients 1,4,16 --requests 24 --sizes 128,256 --batching on --direct 8 --cpus 8)
+    BATCH_ARGS=(--images 16 --size 512 --workers 1)
+    LIMIT_ENV=30 LIMIT_PYTEST=120 LIMIT_FRAMES=110 LIMIT_RAY=75
+fi
+SLUG=$(echo "$DEVICE_NAME" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
-# step NAME MAX_SECONDS COMMAND...: runs COMMAND cut at min(MAX_SECONDS, time left - 10 s), logs to $OUT/NAME.log.
+# step NAME MAX_SECONDS RESULT_GLOB COMMAND...: runs COMMAND cut at min(MAX_SECONDS, time left - 10 s),
+# logs to $OUT/NAME.log; RESULT_GLOB (under $OUT, '-' for none) names the files the stage must write.
 step() {
-    local name=$1 max=$2; shift 2
+    local name=$1 max=$2 expect=$3; shift 3
     local limit=$(( $(left) - 10 )); (( limit > max )) && limit=$max
     if (( limit < 5 )); then
-        printf '%s\t%s\t%s\t%s\n' "$name" "skipped: out of time" 0 "$*" >> "$OUT/steps.tsv"; return
+        printf '%s\t%s\t%s\t%s\t%s\n' "$name" "skipped: out of time" 0 "$expect" "$*" >> "$OUT/steps.tsv"; return
     fi
     echo "== $name (up to ${limit}s): $*" >&2
     local t0=$(date +%s)
-    timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    PYTHONUNBUFFERED=1 timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $(( $(date +%s) - t0 )) "$*" >> "$OUT/steps.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" $(( $(date +%s) - t0 )) "$expect" "$*" >> "$OUT/steps.tsv"
     tail -n 3 "$OUT/$name.log" >&2
 }
 
-install_missing() {
-    if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-        echo "onnxruntime-gpu already importable"; return 0
-    fi
-    local last
-    last=$(ls -d "$PACK"/p* 2>/dev/null | sort -V | tail -n 1)
-    [[ -n "$last" && -x "$last/install" ]] || { echo "no $PACK/pN/install: make the wheel pack first"; return 1; }
-    bash "$last/install" || return 1
-    if compgen -G "$last/extra/*.whl" > /dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$last"/extra/*.whl
-    fi
+install_missing() {  # every pack named in $PACK (space-separated), each through its last part's `install`
+    local dir last status=0
+    for dir in $PACK; do
+        last=$(ls -d "$dir"/p* 2>/dev/null | sort -V | tail -n 1)
+        if [[ -z "$last" || ! -x "$last/install" ]]; then
+            echo "no $dir/pN/install: make that pack first"; status=1; continue
+        fi
+        bash "$last/install" || status=1
+        if compgen -G "$last/extra/*.whl" > /dev/null; then
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$last"/extra/*.whl || status=1
+        fi
+    done
+    PYTHONPATH=/tmp/site:$PYTHONPATH "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+    PYTHONPATH=/tmp/site:$PYTHONPATH "$PY" -c "import ray; print('ray', ray.__version__)" || echo "no ray: serve and ray_batch will fail"
+    return $status
 }
 
 environment() {
-    nvidia-smi
-    "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-    for module in onnxruntime onnx pytest PIL skimage safetensors tqdm; do
+    if [ "$DRY" = 1 ]; then echo "dry run: no GPU used"; else nvidia-smi; fi
+    "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    for module in onnxruntime onnx pytest PIL safetensors tqdm ray; do
         "$PY" -c "import $module" 2>/dev/null && echo "have $module" || echo "MISSING $module"
     done
     "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
@@ -76,63 +108,67 @@ environment() {
 print('TensorRT engines:', why() or 'can be built here')"
 }
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PACK PY
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PACK PY DRY
 export SR_ENGINE_CACHE=${SR_ENGINE_CACHE:-$OUT/engines}
 if [ "$PACK_MODE" = 1 ]; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH" SR_ENGINE_CACHE=/tmp/sr_engines
 fi
 export -f environment install_missing
-DEVICE_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-DEVICE_NAME=${DEVICE_NAME:-cuda}
-
-[ "$PACK_MODE" = 1 ] && step install 120 bash -c install_missing
-step environment 30 bash -c environment
-# The fully convolutional cost model (fc-256, random weights), exported once for the GPU test and the frame bench.
-FC_MODEL=${FC_MODEL:-/tmp/sr_bench_cache/fc-256-random}
-step export_fc 120 "$PY" -c "import sys; from sr_export.cli import main; sys.exit(main(sys.argv[1:]))" \
-    --preset fc-256 --random-weights --out "$FC_MODEL" --engine off
+# The GPU tests of whole frames run on the shipped fc-256 (no export needed).
 export SR_TEST_FC_MODEL=$FC_MODEL
-step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
-# Whole frames: 960x540 -> 3840x2160 through Upscaler, steady state (p50 of 20), frames/s of a 30-frame 4K
-# stream, whole vs tiled (512x512 LR pixels per call), ORT CUDA fp16, and PyTorch fp16 + CUDA graph; then
-# the same with prefer_nhwc and at fp32.
-step bench_frames 120 "$PY" -m benchmarks.frames --model "$FC_MODEL" --device cuda --image 960x540 \
-    --precision fp16 --iters 20 --tiled-iters 3 --stream 30 --torch --device-name "$DEVICE_NAME" --out "$OUT/bench"
-step bench_frames_nhwc 60 "$PY" -m benchmarks.frames --model "$FC_MODEL" --device cuda --image 960x540 \
-    --precision fp16 --nhwc --iters 20 --tiled-iters 1 --stream 30 --device-name "$DEVICE_NAME-nhwc" \
-    --out "$OUT/bench"
-step bench_frames_fp32 60 "$PY" -m benchmarks.frames --model "$FC_MODEL" --device cuda --image 960x540 \
-    --precision fp32 --iters 10 --tiled-iters 1 --stream 10 --device-name "$DEVICE_NAME-fp32" --out "$OUT/bench"
-# Per tile (default model at batch 1/4/16) and whole images, 960x540 -> 3840x2160 among them, at batch 16.
-step bench_default 150 "$PY" -m benchmarks.latency --models default --devices cuda \
-    --backends pytorch-eager,pytorch-cudagraph,onnxruntime-cuda,tensorrt --batches 1,4,16 \
-    --image 256x256,640x480,960x540 --image-batches 16 --iters 30 --budget-s 15 --out "$OUT/bench"
-# paper-256 (random weights, heavy): batch 1 and 16 per tile, no whole image.
-step bench_paper 90 "$PY" -m benchmarks.latency --models paper-256 --devices cuda \
-    --backends pytorch-eager,pytorch-cudagraph,onnxruntime-cuda,tensorrt --heavy-batches 1,16 --heavy-iters 10 \
-    --no-image --budget-s 15 --cache /tmp/sr_bench_cache --out "$OUT/bench"
 
-"$PY" - "$OUT" "$START" <<'EOF'
+[ "$PACK_MODE" = 1 ] && step install 120 - bash -c install_missing
+step environment "$LIMIT_ENV" - bash -c environment
+step pytest_gpu "$LIMIT_PYTEST" pytest_gpu.xml "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+FC_CONFIG=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['model_config']['name'])" \
+    "$FC_MODEL/manifest.json" 2>/dev/null || echo unknown)
+frames() {  # frames NAME PRECISION [EXTRA ARGS...]: one benchmarks.frames page under $RESULTS
+    local name=$1 precision=$2; shift 2
+    local tag=${name//_/-}
+    step "$name" "$LIMIT_FRAMES" "benchmarks/results/frames-$SLUG-$tag-$FC_CONFIG-$DAY.json" \
+        "$PY" -m benchmarks.frames --model "$FC_MODEL" --device "$DEVICE" --image "$IMAGE" --precision "$precision" \
+        --iters "$ITERS" --tiled-iters "$TILED_ITERS" --stream "$STREAM" --peak-size "$PEAK" \
+        --device-name "$SLUG-$tag" --out "$RESULTS" "$@"
+}
+frames frames_fp16 fp16 --torch --fixed-model default
+frames frames_fp16_nhwc fp16 --nhwc --iters "$(( (ITERS + 1) / 2 ))" --stream "$(( (STREAM + 1) / 2 ))"
+frames frames_fp32 fp32 --torch --fixed-model default
+# The service and the batch job on Ray, small and bounded: their first GPU figures.
+step serve "$LIMIT_RAY" "benchmarks/results/cluster-serve-$SLUG-$DAY.json" "$PY" -m benchmarks.cluster_serve \
+    "${SERVE_ARGS[@]}" --out "$RESULTS/cluster-serve-$SLUG-$DAY.json"
+step ray_batch "$LIMIT_RAY" "benchmarks/results/cluster-batch-$SLUG-$DAY.json" "$PY" -m benchmarks.cluster_batch \
+    "${BATCH_ARGS[@]}" --out "$RESULTS/cluster-batch-$SLUG-$DAY.json"
+
+"$PY" - "$OUT" "$START" "$DRY" <<'EOF'
 import json, pathlib, sys, time
-out, start = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-steps = []
+out, start, dry = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+steps, pages = [], []
 for line in (out / "steps.tsv").read_text().splitlines():
-    name, status, seconds, command = line.split("\t", 3)
+    name, status, seconds, expect, command = line.split("\t", 4)
+    files = [] if expect == "-" else sorted(str(p.relative_to(out)) for p in out.glob(expect))
     steps.append({"step": name, "exit_status": status, "seconds": int(seconds), "command": command,
-                  "log": f"{name}.log"})
-pages = sorted((out / "bench").glob("*.md"))
-summary = {"schema": "vdvae-sr-gpu-check/1", "total_seconds": int(time.time()) - start, "steps": steps,
-           "benchmarks": [str(p.relative_to(out)) for p in sorted((out / "bench").glob("*.json"))]}
+                  "log": f"{name}.log", "expects": None if expect == "-" else expect, "results": files,
+                  "ok": status == "0" and (expect == "-" or bool(files))})
+results = {}
+for page in sorted((out / "benchmarks" / "results").glob("*.json")):
+    results[str(page.relative_to(out))] = json.loads(page.read_text())
+    md = page.with_suffix(".md")
+    if md.is_file():
+        pages.append(md.read_text())
+summary = {"schema": "vdvae-sr-gpu-check/2", "dry_run": dry, "total_seconds": int(time.time()) - start,
+           "steps": steps, "results": results}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
-lines = ["# GPU check", "", "| step | exit status | seconds |", "|---|---|---|"]
-lines += [f"| {s['step']} | {s['exit_status']} | {s['seconds']} |" for s in steps]
+title = "# GPU check (dry run on the CPU: proves the script, measures nothing)" if dry else "# GPU check"
+lines = [title, "", "| stage | exit status | seconds | result files |", "|---|---|---|---|"]
+lines += [f"| {s['step']} | {s['exit_status']} | {s['seconds']} | {', '.join(s['results']) or '-'} |" for s in steps]
 for page in pages:
-    lines += ["", page.read_text()]
+    lines += ["", page]
 (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines[:4 + len(steps)]))
+print("\n".join(lines[: 4 + len(steps)]))
 EOF
 if [ "$PACK_MODE" = 1 ]; then  # the remote call returns few files: pack the rest
-    (cd "$OUT" && tar czf logs.tar.gz ./*.log steps.tsv pytest_gpu.xml bench/*.md 2>/dev/null; \
-        rm -f ./*.log steps.tsv pytest_gpu.xml bench/*.md)
+    (cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz --exclude=gpu_check.json --exclude=gpu_check.md \
+        --exclude=engines . && find . -mindepth 1 -maxdepth 1 ! -name results.tar.gz ! -name gpu_check.json \
+        ! -name gpu_check.md -exec rm -rf {} +)
 fi
-find "$OUT" -type f | sort
+find "$OUT" -type f -not -path "*/engines/*" | sort

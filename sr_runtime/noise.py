@@ -178,6 +178,10 @@ class FrameNoise:
     does not flicker in video). Sample k (for `samples=K`) uses streams offset
     by k x SAMPLE_STREAM_STRIDE; sample 0 is what `VDVAESR.make_level_noise`
     draws. Only the most recent `keep` frame shapes stay cached.
+
+    The maps are read-only and a whole-frame window returns the cached arrays
+    themselves, so a device backend can tell by identity that it already holds
+    them and upload a frame shape's noise once, not once per frame.
     """
 
     def __init__(self, levels: Sequence[NoiseLevel], temperature: float, seed: int, keep: int = 2) -> None:
@@ -187,30 +191,38 @@ class FrameNoise:
         self.temperature = float(temperature)
         self.seed = int(seed)
         self._keep = keep
-        self._cache: dict[tuple[int, int, int], list[np.ndarray]] = {}
+        self._cache: dict[tuple[int, int, int], dict[str, np.ndarray]] = {}
 
-    def maps(self, frame: tuple[int, int], sample: int = 0) -> list[np.ndarray]:
-        """[C, h * scale, w * scale] float32 per level for an LR frame of (h, w) at the origin."""
+    def maps(self, frame: tuple[int, int], sample: int = 0) -> dict[str, np.ndarray]:
+        """Read-only [1, C, h * scale, w * scale] float32 per level input name, for an LR frame of (h, w)."""
         key = (frame[0], frame[1], sample)
         cached = self._cache.pop(key, None)
         if cached is None:
-            cached = []
+            cached = {}
             for level in self.levels:
                 h, w = level.size(*frame)
                 noise = position_noise(
                     self.seed, level.stream + sample * SAMPLE_STREAM_STRIDE, level.channels, 0, 0, h, w
                 )
                 noise *= np.float32(self.temperature)
-                cached.append(noise)
+                noise = noise[None]
+                noise.setflags(write=False)
+                cached[level.name] = noise
             while len(self._cache) >= self._keep:
                 self._cache.pop(next(iter(self._cache)))
         self._cache[key] = cached  # most recent last
         return cached
 
     def window(self, frame: tuple[int, int], sample: int, y0: int, x0: int, h: int, w: int) -> dict[str, np.ndarray]:
-        """The noise inputs `{noise_<res>: [1, C, h*s, w*s]}` of a tile at LR (y0, x0) of size (h, w)."""
+        """The noise inputs `{noise_<res>: [1, C, h*s, w*s]}` of a tile at LR (y0, x0) of size (h, w).
+
+        The whole frame's window is the cached maps themselves (the same objects every call).
+        """
+        full = self.maps(frame, sample)
+        if (y0, x0, h, w) == (0, 0, *frame):
+            return dict(full)
         out = {}
-        for level, full in zip(self.levels, self.maps(frame, sample), strict=True):
+        for level in self.levels:
             (ty, tx), (th, tw) = level.size(y0, x0), level.size(h, w)
-            out[level.name] = np.ascontiguousarray(full[None, :, ty : ty + th, tx : tx + tw])
+            out[level.name] = np.ascontiguousarray(full[level.name][:, :, ty : ty + th, tx : tx + tw])
         return out

@@ -365,23 +365,40 @@ class Upscaler:
         current one. Frames of one shape share everything prepared per shape:
         the noise maps (so a static region stays identical from frame to frame
         at any temperature), and on a GPU the device buffers and CUDA graph.
-        An error is raised at the frame that caused it.
+        On the uint8 path a frame's result is copied to the host while the
+        next frame runs on the device. An error is raised at the frame that
+        caused it.
         """
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-decode") as pool:
             it = iter(frames)
             pending: Future[Decoded | _Uint8Frame] | None = None
+            in_flight: _InFlight | None = None  # a uint8 frame whose result is still on its way to the host
             first = next(it, _END)
             if first is not _END:
                 pending = pool.submit(self._prepare, first)
             while pending is not None:
-                prepared = pending.result()
-                nxt = next(it, _END)
-                pending = None if nxt is _END else pool.submit(self._prepare, nxt)
+                try:
+                    prepared = pending.result()
+                    nxt = next(it, _END)
+                    pending = None if nxt is _END else pool.submit(self._prepare, nxt)
+                    started = self._submit_uint8(prepared) if isinstance(prepared, _Uint8Frame) else None
+                except Exception:
+                    if in_flight is not None:  # the frame before the bad one comes out first
+                        yield self._finish_uint8(in_flight, stats)
+                    raise
                 if isinstance(prepared, _Uint8Frame):
-                    yield self._run_uint8(prepared, stats)
+                    assert started is not None
+                    if in_flight is not None:
+                        yield self._finish_uint8(in_flight, stats)
+                    in_flight = started
                     continue
+                if in_flight is not None:
+                    yield self._finish_uint8(in_flight, stats)
+                    in_flight = None
                 mean, _ = self._upscale(prepared, 1, None, stats)
                 yield self._encode(prepared, mean)
+            if in_flight is not None:
+                yield self._finish_uint8(in_flight, stats)
 
     def _prepare(self, img: object) -> Decoded | _Uint8Frame:
         """A frame ready for the backend: a file opened, then the uint8 path where it applies, else decoded."""
@@ -416,22 +433,30 @@ class Upscaler:
 
     def _run_uint8(self, frame: _Uint8Frame, stats: RunStats | None) -> Image.Image | np.ndarray:
         """One call from uint8 in to uint8 out: conversion, padding, model and cropping in the backend's graphs."""
+        return self._finish_uint8(self._submit_uint8(frame), stats)
+
+    def _submit_uint8(self, frame: _Uint8Frame) -> _InFlight:
+        """Start a uint8 frame on the backend; its result may still be on its way to the host."""
         assert self._frame_backend is not None
         noise = self._frame_noise(frame.plan, 0, 0, 0)
         t0 = time.perf_counter()
         with self._lock:
-            out, finite = self._frame_backend.run_u8(frame.u8, frame.plan.padded_size, noise)
+            result = self._frame_backend.submit_u8(frame.u8, frame.plan.padded_size, noise)
+        return _InFlight(result, frame.pil, t0)
+
+    def _finish_uint8(self, frame: _InFlight, stats: RunStats | None) -> Image.Image | np.ndarray:
+        """The uint8 result once on the host; refuses a non-finite one."""
+        out, finite = frame.result.result()
         if not finite:
             raise SRInputError(
                 f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
                 "a lower temperature may help"
             )
-        out = out[0]
         if stats is not None:
-            stats.backend_seconds += time.perf_counter() - t0
+            stats.backend_seconds += time.perf_counter() - frame.started
             stats.tiles += 1
             stats.batches += 1
-        return Image.fromarray(out) if frame.pil else out
+        return Image.fromarray(out[0]) if frame.pil else out[0]
 
     def _encode(self, decoded: Decoded, rgb: np.ndarray) -> Image.Image | np.ndarray:
         """The HR planes back in the input's layout, with its alpha upscaled beside them."""
@@ -601,6 +626,15 @@ class _Uint8Frame:
     u8: np.ndarray
     plan: FramePlan
     pil: bool
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A uint8 frame submitted to the backend: its result's future, whether it came as PIL, when it started."""
+
+    result: Future[tuple[np.ndarray, bool]]
+    pil: bool
+    started: float
 
 
 def _runs_by_image(batch: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 import numpy as np
@@ -169,11 +170,16 @@ class FrameBackend(Protocol):
     def run_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
         """uint8 [1, h, w, 3] -> (uint8 [1, 4h, 4w, 3], all finite), padded and cropped back inside the graphs."""
 
+    def submit_u8(
+        self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]
+    ) -> Future[tuple[np.ndarray, bool]]:
+        """`run_u8` whose result may still be on its way to the host: a stream's next frame can start meanwhile."""
+
     def close(self) -> None: ...
 
 
-#: Backends that run fully convolutional models, tried by `auto` in this order. The TensorRT runtime
-#: backend runs fixed-size models only; `sr-export --frame` builds frame engines for other runtimes.
+#: Backends that run fully convolutional models, tried by `auto` in this order. TensorRT runs them only
+#: when named (`backend="tensorrt"`): its engine is built for a range of frame sizes, minutes per profile.
 FRAME_AUTO_ORDER = ("onnxruntime-cuda", "onnxruntime-cpu")
 
 
@@ -198,13 +204,12 @@ def create_frame_backend(
         raise ValueError(f"backend must be one of {sorted(ALIASES)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if name == "tensorrt":
-        raise BackendUnavailable(
-            f"model {spec.name!r} is fully convolutional: the tensorrt backend runs "
-            "fixed-size models only (use onnxruntime-cuda)"
-        )
 
     def make(which: str) -> FrameBackend:
+        if which == "tensorrt":
+            from sr_runtime.backends.trt_engine import TensorRTFrameBackend
+
+            return TensorRTFrameBackend(spec, precision, deterministic)
         if which == "onnxruntime-cuda":
             return OrtCudaFrameBackend(spec, precision, deterministic, prefer_nhwc=prefer_nhwc)
         return OrtCpuFrameBackend(spec, precision, deterministic, threads=cpu_threads, uint8_io=cpu_uint8_io)

@@ -1,11 +1,15 @@
-"""ONNX Runtime backends: CUDA (fixed shapes, IO binding, CUDA graphs, device-resident noise) and CPU."""
+"""ONNX Runtime backends: CUDA (fixed shapes, IO binding, CUDA graphs, device-resident noise) and CPU, for
+fixed-size models (batches of tiles) and fully convolutional ones (whole frames)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +26,7 @@ from sr_runtime.model import ModelSpec
 from sr_runtime.noise import NoiseBank
 
 log = logging.getLogger("sr_runtime")
+T = TypeVar("T")
 #: What ONNX Runtime raises for a session it cannot create or run (its errors share no base class).
 ORT_ERRORS = (EPFail, Fail, InvalidArgument, RuntimeException)
 #: Regular runs ONNX Runtime makes before it captures a graph (for its allocations), plus the capture.
@@ -280,6 +285,13 @@ def _u8_feeds(image: tuple[int, int], padded: tuple[int, int], scale: int) -> di
     }
 
 
+def _done(value: tuple[np.ndarray, bool]) -> Future[tuple[np.ndarray, bool]]:
+    """An already finished future: what `submit_u8` returns where nothing runs in the background."""
+    future: Future[tuple[np.ndarray, bool]] = Future()
+    future.set_result(value)
+    return future
+
+
 class OrtCpuFrameBackend:
     """ONNX Runtime on the CPU for a fully convolutional model: any frame size per call.
 
@@ -320,97 +332,359 @@ class OrtCpuFrameBackend:
         out, nonfinite = post.run(["u8", "nonfinite"], {"hr": hr, "starts": feeds["starts"], "ends": feeds["ends"]})
         return out, not int(nonfinite)
 
+    def submit_u8(
+        self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]
+    ) -> Future[tuple[np.ndarray, bool]]:
+        """`run_u8`, returned as a finished future (nothing to overlap on the CPU)."""
+        return _done(self.run_u8(u8, padded, noise))
+
     def close(self) -> None:
         """Nothing to free by hand: the session goes with the object."""
 
 
-class _FrameSlot:
-    """Device buffers, IO binding and CUDA graph id of one frame shape (a captured graph replays fixed addresses)."""
+def frame_dimension_overrides(
+    inputs: dict[str, list[Any]], spec: ModelSpec, lr_shape: tuple[int, int, int, int]
+) -> dict[str, int]:
+    """Values for the graph's symbolic input dimensions (ONNX Runtime's free dimensions) at one frame shape.
 
-    u8_in: ort.OrtValue | None = None
-    u8_out: ort.OrtValue | None = None
-    pre: ort.IOBinding | None = None
-    post: ort.IOBinding | None = None
+    `inputs` maps input names to their shapes as ONNX Runtime reports them
+    (ints and dimension names such as '4*h'); `lr` is [N, 3, H, W] and each
+    noise level [N, C, H * scale, W * scale], as the export contract says.
+    A session with every free dimension fixed sees only static shapes, so its
+    optimiser folds the shape arithmetic away and every node can run on the
+    GPU, which ONNX Runtime requires before it captures a CUDA graph.
+    """
+    n, _, h, w = lr_shape
+    sizes = {"lr": (h, w), **{lv.name: lv.size(h, w) for lv in spec.noise_levels}}
+    values: dict[str, int] = {}
+    for name, shape in inputs.items():
+        if name not in sizes or len(shape) != 4:
+            raise SRModelError(f"ONNX input {name} {shape} is not one of the frame contract's [N, C, H, W] inputs")
+        for dim, value in zip((shape[0], shape[2], shape[3]), (n, *sizes[name]), strict=True):
+            if isinstance(dim, int):
+                if dim != value:
+                    raise SRModelError(f"ONNX input {name} has a fixed size {dim} where the frame needs {value}")
+                continue
+            if not isinstance(dim, str) or values.setdefault(dim, value) != value:
+                raise SRModelError(
+                    f"ONNX input {name}: dimension {dim!r} would need both {values.get(dim)} and {value}"
+                )
+    return values
+
+
+class _ShapeSession:
+    """One frame shape: its own session with every dimension fixed, device buffers bound once, a CUDA graph.
+
+    `lr`, `hr` and the noise maps live on the device at fixed addresses, which
+    a captured graph replays. The uint8 path adds the uint8 frame's device
+    buffer and two result buffers used in turn, so the result of one frame
+    can be copied to the host while the next frame runs.
+    """
 
     def __init__(
         self,
         session: ort.InferenceSession,
-        lr_shape: tuple[int, ...],
-        hr_shape: tuple[int, ...],
+        device: str,
+        lr_shape: tuple[int, int, int, int],
+        scale: int,
         noise: dict[str, np.ndarray],
-        graph_id: int | None,
+        cuda_graph: bool,
     ) -> None:
-        self.lr = ort.OrtValue.ortvalue_from_shape_and_type(list(lr_shape), np.float32, "cuda", 0)
-        self.hr = ort.OrtValue.ortvalue_from_shape_and_type(list(hr_shape), np.float32, "cuda", 0)
-        # The noise of this shape is uploaded once and stays on the device: frames of one shape share it.
-        self.noise = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0) for k, v in noise.items()}
-        self.noise_src = dict(noise)  # the host maps on the device now (kept alive, compared by identity)
+        n, c, h, w = lr_shape
+        self.session = session
+        self.device = device
+        self.cuda_graph = cuda_graph
+        self.lr = ort.OrtValue.ortvalue_from_shape_and_type(list(lr_shape), np.float32, device, 0)
+        self.hr = ort.OrtValue.ortvalue_from_shape_and_type([n, c, h * scale, w * scale], np.float32, device, 0)
+        # Own buffers, filled by copy: tiles overwrite them with their windows, never the cached host maps.
+        self.noise = {
+            k: ort.OrtValue.ortvalue_from_shape_and_type(list(v.shape), np.float32, device, 0) for k, v in noise.items()
+        }
+        self.noise_src: dict[str, np.ndarray] = {}
+        self.use_noise(noise)
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input("lr", self.lr)
         for name, value in self.noise.items():
             self.binding.bind_ortvalue_input(name, value)
         self.binding.bind_ortvalue_output("hr", self.hr)
-        self.options = ort.RunOptions()
-        if graph_id is not None:
-            self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self.runs = 0
+        self.uint8: dict[tuple[int, int], _Uint8Buffers] = {}
 
     def use_noise(self, noise: dict[str, np.ndarray]) -> None:
         """Copy `noise` into the bound device maps unless they already hold it (the same cached host arrays).
 
-        A stream of whole frames passes the same cached maps every call: no
-        copy. Tiles pass a window each: copied into the same addresses, so the
-        shape's CUDA graph still replays.
+        A stream of whole frames passes the same read-only cached maps every
+        call: no copy. Tiles pass a window each: copied into the same
+        addresses, so the shape's CUDA graph still replays.
         """
-        if all(noise[k] is self.noise_src.get(k) for k in noise):
+        if noise.keys() == self.noise_src.keys() and all(noise[k] is self.noise_src[k] for k in noise):
             return
         for name, value in noise.items():
-            self.noise[name].update_inplace(np.ascontiguousarray(value))
+            self.noise[name].update_inplace(np.ascontiguousarray(value, np.float32))
         self.noise_src = dict(noise)
 
-    def bind_uint8(
-        self, io: tuple[ort.InferenceSession, ort.InferenceSession], image: tuple[int, int], scale: int
-    ) -> None:
-        """uint8 frame in and out on the device: pre (x/255, edge pad) -> model -> post (crop, rint, uint8).
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
 
-        The pads and crop bounds are host tensors constant for the shape (ONNX
-        Runtime reads them on the host); only the uint8 frame and result move.
-        """
+
+class _Uint8Buffers:
+    """The uint8 frame's device buffer and bindings of the conversion graphs for one image size in one shape."""
+
+    #: Result buffers used in turn: one is copied to the host while the next frame fills the other.
+    RING = 2
+
+    def __init__(
+        self, io: tuple[ort.InferenceSession, ort.InferenceSession], shape: _ShapeSession, image: tuple[int, int]
+    ) -> None:
         pre, post = io
         h, w = image
-        _, _, ph, pw = self.lr.shape()
-        feeds = _u8_feeds(image, (ph, pw), scale)
-        self._host = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}  # kept alive with the slot
-        self.u8_in = ort.OrtValue.ortvalue_from_shape_and_type([1, h, w, 3], np.uint8, "cuda", 0)
-        self.u8_out = ort.OrtValue.ortvalue_from_shape_and_type([1, h * scale, w * scale, 3], np.uint8, "cuda", 0)
-        self.nonfinite = ort.OrtValue.ortvalue_from_shape_and_type([], np.uint8, "cuda", 0)
+        _, _, ph, pw = shape.lr.shape()
+        scale = shape.hr.shape()[2] // ph
+        self.host = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in _u8_feeds(image, (ph, pw), scale).items()}
+        self.u8_in = ort.OrtValue.ortvalue_from_shape_and_type([1, h, w, 3], np.uint8, shape.device, 0)
         self.pre = pre.io_binding()
         self.pre.bind_ortvalue_input("u8", self.u8_in)
-        self.pre.bind_ortvalue_input("pads", self._host["pads"])
-        self.pre.bind_ortvalue_output("lr", self.lr)
-        self.post = post.io_binding()
-        self.post.bind_ortvalue_input("hr", self.hr)
-        self.post.bind_ortvalue_input("starts", self._host["starts"])
-        self.post.bind_ortvalue_input("ends", self._host["ends"])
-        self.post.bind_ortvalue_output("u8", self.u8_out)
-        self.post.bind_ortvalue_output("nonfinite", self.nonfinite)
+        self.pre.bind_ortvalue_input("pads", self.host["pads"])
+        self.pre.bind_ortvalue_output("lr", shape.lr)
+        self.out = [
+            ort.OrtValue.ortvalue_from_shape_and_type([1, h * scale, w * scale, 3], np.uint8, shape.device, 0)
+            for _ in range(self.RING)
+        ]
+        self.nonfinite = [ort.OrtValue.ortvalue_from_shape_and_type([], np.uint8, shape.device, 0) for _ in self.out]
+        self.post = []
+        for out, flag in zip(self.out, self.nonfinite, strict=True):
+            binding = post.io_binding()
+            binding.bind_ortvalue_input("hr", shape.hr)
+            binding.bind_ortvalue_input("starts", self.host["starts"])
+            binding.bind_ortvalue_input("ends", self.host["ends"])
+            binding.bind_ortvalue_output("u8", out)
+            binding.bind_ortvalue_output("nonfinite", flag)
+            self.post.append(binding)
+        self.pending: list[Future[tuple[np.ndarray, bool]] | None] = [None] * self.RING
+        self.turn = 0
 
 
-class OrtCudaFrameBackend:
-    """ONNX Runtime CUDA for a fully convolutional model: one frame shape, one set of device buffers.
+def _to_host(value: ort.OrtValue) -> np.ndarray:
+    """A host array the caller owns: `OrtValue.numpy()` copies from a device but may view CPU memory."""
+    out: np.ndarray = value.numpy()
+    return out.copy() if out.size and out.ctypes.data == value.data_ptr() else out
 
-    Per frame shape (at most `max_shapes` kept): device buffers for `lr` and
-    `hr` and the shape's noise maps, bound once; with `cuda_graphs` the shape
-    is its own CUDA graph (`gpu_graph_id`), captured after ORT's warm-up runs.
-    `prefer_nhwc` asks the CUDA provider for channels-last convolutions (faster
-    in fp16 on tensor cores where measured). A call copies the frame in and
-    the result out and nothing else (tiles also copy their noise window).
-    Beyond `max_shapes` the oldest slot's buffers go; ONNX Runtime keeps its
-    captured graph, never replayed again (a new shape gets a new graph id).
+
+class OrtBoundFrameBackend:
+    """ONNX Runtime with IO binding for a fully convolutional model: one session and buffer set per frame shape.
+
+    Per padded frame shape (at most `max_shapes` kept, the least recently
+    used dropped first): a session whose free dimensions are fixed to that
+    shape (`frame_dimension_overrides`), device buffers for `lr`, `hr` and the
+    shape's noise maps bound once, and with `cuda_graphs` the model call
+    captured as a CUDA graph on its first run (ONNX Runtime captures only
+    sessions whose every node runs on the GPU, hence the fixed shapes; where
+    it refuses, the shape runs without a graph and a WARNING says why).
+    `prefer_nhwc` asks the CUDA provider for channels-last convolutions.
+
+    A call copies the frame in and the result out; noise only when it is not
+    the maps the shape already holds (whole frames of one shape: never again).
+    With the uint8 graphs, `submit_u8` runs conversion, model and crop on the
+    device and returns a future whose device-to-host copy runs on a helper
+    thread, so a stream's next frame computes meanwhile.
+
+    `device="cpu"` runs the very same bindings on ONNX Runtime's CPU provider,
+    which is how the code is tested on machines without a GPU.
     """
 
-    name = "onnxruntime-cuda"
-    device = "cuda"
+    def __init__(
+        self,
+        spec: ModelSpec,
+        precision: str,
+        deterministic: bool,
+        *,
+        device: str,
+        prefer_nhwc: bool = False,
+        cuda_graphs: bool = True,
+        max_shapes: int = 4,
+        threads: int | None = None,
+    ) -> None:
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be cuda or cpu, got {device!r}")
+        gpu = device == "cuda"
+        if gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        self.device = device
+        self.name = "onnxruntime-cuda" if gpu else "onnxruntime-cpu"
+        self.precision = resolve_precision(spec, precision, gpu=gpu)
+        self.deterministic = deterministic
+        self.cuda_graphs = cuda_graphs and gpu
+        self._path = spec.verify(self.precision, deterministic)
+        self._spec = spec
+        self._threads = threads
+        self._provider: list[Any] = ["CPUExecutionProvider"]
+        if gpu:
+            cuda = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+            if prefer_nhwc:  # only when asked: a build without NHWC kernels may not know the option
+                cuda["prefer_nhwc"] = "1"
+            self._provider = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        # Names and shapes of the inputs, read once without optimising (the per-shape sessions optimise).
+        plain = ort.SessionOptions()
+        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            meta = ort.InferenceSession(str(self._path), plain, providers=["CPUExecutionProvider"])
+        except ORT_ERRORS as exc:
+            raise SRModelError(f"{self._path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+        _check_frame_io(meta, spec, deterministic)
+        self._inputs = {i.name: list(i.shape) for i in meta.get_inputs()}
+        io_providers: list[Any] = [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
+        self._io = _io_sessions(spec, io_providers if gpu else ["CPUExecutionProvider"])
+        self._shapes: OrderedDict[tuple[int, int, int, int], _ShapeSession] = OrderedDict()
+        self._graphless: set[tuple[int, int, int, int]] = set()  # shapes whose graph failed at its first run
+        self._max_shapes = max_shapes
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-d2h")
+        if gpu:  # fail now, not at the first frame, where the CUDA provider does not load
+            if self._io is not None:
+                if self._io[0].get_providers()[0] != "CUDAExecutionProvider":
+                    raise BackendUnavailable("CUDAExecutionProvider did not load (CUDA/cuDNN libraries missing?)")
+            else:
+                probe = (1, 3, spec.lr_multiple, spec.lr_multiple)
+                self._shape(probe, {})
+                self._drop(probe)
+
+    @property
+    def uint8_io(self) -> bool:
+        return self._io is not None
+
+    @property
+    def graphs_captured(self) -> dict[str, bool]:
+        """Per frame shape ('HxW') whether it runs as a CUDA graph: for benchmarks and logs."""
+        return {f"{k[2]}x{k[3]}": s.cuda_graph for k, s in self._shapes.items()}
+
+    def _session(self, lr_shape: tuple[int, int, int, int], cuda_graph: bool) -> ort.InferenceSession:
+        opts = session_options(self._threads)
+        for dim, value in frame_dimension_overrides(self._inputs, self._spec, lr_shape).items():
+            opts.add_free_dimension_override_by_name(dim, value)
+        providers = self._provider
+        if cuda_graph:
+            name, cuda = self._provider[0]
+            providers = [(name, {**cuda, "enable_cuda_graph": "1"}), *self._provider[1:]]
+        session = ort.InferenceSession(str(self._path), opts, providers=providers)
+        if session.get_providers()[0] != ("CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider"):
+            raise BackendUnavailable("CUDAExecutionProvider did not load (CUDA/cuDNN libraries missing?)")
+        return session
+
+    def _shape(self, lr_shape: tuple[int, int, int, int], noise: dict[str, np.ndarray]) -> _ShapeSession:
+        """The session of this frame shape, made on first use, holding `noise` on the device."""
+        found = self._shapes.get(lr_shape)
+        if found is not None:
+            self._shapes.move_to_end(lr_shape)
+            found.use_noise(noise)
+            return found
+        if len(self._shapes) >= self._max_shapes:
+            self._drop(next(iter(self._shapes)))
+        if not noise and not self.deterministic:  # the start-up probe: zero maps of the right sizes
+            n, _, h, w = lr_shape
+            noise = {lv.name: np.zeros((n, lv.channels, *lv.size(h, w)), np.float32) for lv in self._spec.noise_levels}
+        graph = self.cuda_graphs and lr_shape not in self._graphless
+        try:
+            session = self._session(lr_shape, graph)
+        except ORT_ERRORS as exc:
+            if not graph:
+                raise BackendUnavailable(f"CUDA session failed: {str(exc).splitlines()[0]}") from exc
+            log.warning(
+                "sr_runtime: onnxruntime-cuda runs frames of %dx%d without a CUDA graph: %s",
+                lr_shape[2],
+                lr_shape[3],
+                str(exc).splitlines()[0],
+            )
+            graph = False
+            try:
+                session = self._session(lr_shape, graph)
+            except ORT_ERRORS as again:
+                raise BackendUnavailable(f"CUDA session failed: {str(again).splitlines()[0]}") from again
+        shape = self._shapes[lr_shape] = _ShapeSession(session, self.device, lr_shape, self._spec.scale, noise, graph)
+        return shape
+
+    def _drop(self, key: tuple[int, int, int, int]) -> None:
+        """Forget a frame shape once its results in flight are on the host."""
+        shape = self._shapes.pop(key)
+        for buffers in shape.uint8.values():
+            for pending in buffers.pending:
+                if pending is not None:
+                    pending.exception()  # waits; the caller of that frame sees its error, not us
+
+    def _on_shape(
+        self, lr_shape: tuple[int, int, int, int], noise: dict[str, np.ndarray], work: Callable[[_ShapeSession], T]
+    ) -> T:
+        """`work` on the shape's session; a CUDA graph that fails at its capture costs that shape its graph, once."""
+        shape = self._shape(lr_shape, noise)
+        try:
+            return work(shape)
+        except ORT_ERRORS as exc:
+            if not shape.cuda_graph:
+                raise
+            log.warning(
+                "sr_runtime: onnxruntime-cuda could not capture a CUDA graph for %dx%d frames, running without: %s",
+                lr_shape[2],
+                lr_shape[3],
+                str(exc).splitlines()[0],
+            )
+            self._drop(lr_shape)
+            self._graphless.add(lr_shape)
+            return work(self._shape(lr_shape, noise))
+
+    def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
+        """One call on float32 [N, 3, H, W]; noise is copied to the device only when it is not the shape's maps."""
+        n, c, h, w = lr.shape
+
+        def work(shape: _ShapeSession) -> np.ndarray:
+            shape.lr.update_inplace(np.ascontiguousarray(lr, np.float32))
+            shape.run()
+            return _to_host(shape.hr)
+
+        return self._on_shape((n, c, h, w), noise, work)
+
+    def submit_u8(
+        self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]
+    ) -> Future[tuple[np.ndarray, bool]]:
+        """uint8 [1, h, w, 3] in; conversion, padding, model and crop on the device; the copy out in the background.
+
+        Returns a future of (uint8 [1, 4h, 4w, 3], all finite). The device work
+        is done when this returns, so the next frame may start at once; only
+        the result's device-to-host copy is still running.
+        """
+        io = self._io
+        if io is None:
+            raise RuntimeError("this model has no uint8 I/O graphs")
+        image = (u8.shape[1], u8.shape[2])
+
+        def work(shape: _ShapeSession) -> Future[tuple[np.ndarray, bool]]:
+            buffers = shape.uint8.get(image)
+            if buffers is None:
+                buffers = shape.uint8[image] = _Uint8Buffers(io, shape, image)
+            turn = buffers.turn
+            previous = buffers.pending[turn]
+            if previous is not None:
+                previous.exception()  # its copy out of this result buffer has finished (or failed)
+            buffers.u8_in.update_inplace(np.ascontiguousarray(u8, np.uint8))
+            io[0].run_with_iobinding(buffers.pre)
+            shape.run()
+            io[1].run_with_iobinding(buffers.post[turn])
+            out, flag = buffers.out[turn], buffers.nonfinite[turn]
+            future = self._copier.submit(lambda: (_to_host(out), not int(flag.numpy())))
+            buffers.pending[turn] = future
+            buffers.turn = (turn + 1) % buffers.RING
+            return future
+
+        return self._on_shape((1, 3, *padded), noise, work)
+
+    def run_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
+        """uint8 [1, h, w, 3] -> (uint8 [1, 4h, 4w, 3], all finite): `submit_u8` and wait."""
+        return self.submit_u8(u8, padded, noise).result()
+
+    def close(self) -> None:
+        """Wait for copies in flight, then drop the sessions, their graphs and device buffers."""
+        self._copier.shutdown(wait=True)
+        self._shapes.clear()
+
+
+class OrtCudaFrameBackend(OrtBoundFrameBackend):
+    """`OrtBoundFrameBackend` on the GPU (ONNX Runtime's CUDA provider)."""
 
     def __init__(
         self,
@@ -421,81 +695,12 @@ class OrtCudaFrameBackend:
         cuda_graphs: bool = True,
         max_shapes: int = 4,
     ) -> None:
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-        self.precision = resolve_precision(spec, precision, gpu=True)
-        self.deterministic = deterministic
-        self.cuda_graphs = cuda_graphs and version_tuple(ort.__version__) >= MULTI_GRAPH_SINCE
-        path = spec.verify(self.precision, deterministic)
-        cuda = {
-            "device_id": "0",
-            "cudnn_conv_algo_search": "EXHAUSTIVE",
-            "enable_cuda_graph": str(int(self.cuda_graphs)),
-            "prefer_nhwc": str(int(prefer_nhwc)),
-        }
-        try:
-            self._session = ort.InferenceSession(
-                str(path), session_options(), providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-            )
-        except ORT_ERRORS as exc:
-            raise BackendUnavailable(f"CUDA session failed: {str(exc).splitlines()[0]}") from exc
-        if self._session.get_providers()[0] != "CUDAExecutionProvider":
-            raise BackendUnavailable("CUDAExecutionProvider did not load (CUDA/cuDNN libraries missing?)")
-        _check_frame_io(self._session, spec, deterministic)
-        self._scale = spec.scale
-        self._io = _io_sessions(spec, [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"])
-        self._slots: dict[tuple[tuple[int, ...], tuple[int, int] | None], _FrameSlot] = {}
-        self._max_shapes = max_shapes
-        self._next_graph = 1  # ORT reserves graph id 0 and reads -1 as "no graph"
-
-    @property
-    def uint8_io(self) -> bool:
-        return self._io is not None
-
-    def _slot(
-        self, lr_shape: tuple[int, ...], noise: dict[str, np.ndarray], image: tuple[int, int] | None
-    ) -> _FrameSlot:
-        """The slot of this frame shape (and uint8 image size), made on first use, holding `noise` on the device."""
-        key = (lr_shape, image)
-        slot = self._slots.get(key)
-        if slot is None:
-            if len(self._slots) >= self._max_shapes:
-                self._slots.pop(next(iter(self._slots)))
-            n, c, h, w = lr_shape
-            graph_id = None
-            if self.cuda_graphs:
-                graph_id, self._next_graph = self._next_graph, self._next_graph + 1
-            slot = self._slots[key] = _FrameSlot(
-                self._session, lr_shape, (n, c, h * self._scale, w * self._scale), noise, graph_id
-            )
-            if image is not None and self._io is not None:
-                slot.bind_uint8(self._io, image, self._scale)
-        slot.use_noise(noise)
-        return slot
-
-    def run_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
-        """uint8 [1, h, w, 3] -> (uint8 [1, 4h, 4w, 3], all finite); conversion, padding, model, crop on the device."""
-        slot = self._slot((1, 3, *padded), noise, (u8.shape[1], u8.shape[2]))
-        if slot.pre is None or slot.post is None or slot.u8_in is None or slot.u8_out is None:
-            raise RuntimeError("this model has no uint8 I/O graphs")
-        assert self._io is not None
-        slot.u8_in.update_inplace(np.ascontiguousarray(u8))
-        self._io[0].run_with_iobinding(slot.pre)
-        self._session.run_with_iobinding(slot.binding, slot.options)
-        self._io[1].run_with_iobinding(slot.post)
-        slot.runs += 1
-        out: np.ndarray = slot.u8_out.numpy()
-        return out, not int(slot.nonfinite.numpy())
-
-    def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
-        """One call; `noise` is copied to the device only when it is not the maps the shape's slot holds."""
-        slot = self._slot(lr.shape, noise, None)
-        slot.lr.update_inplace(np.ascontiguousarray(lr, np.float32))
-        self._session.run_with_iobinding(slot.binding, slot.options)
-        slot.runs += 1
-        out: np.ndarray = slot.hr.numpy()
-        return out
-
-    def close(self) -> None:
-        """Drop the per-shape buffers; the session and its graphs go with the object."""
-        self._slots.clear()
+        super().__init__(
+            spec,
+            precision,
+            deterministic,
+            device="cuda",
+            prefer_nhwc=prefer_nhwc,
+            cuda_graphs=cuda_graphs,
+            max_shapes=max_shapes,
+        )
