@@ -76,8 +76,9 @@ def model_call(up: Any, lr_hw: tuple[int, int]) -> Callable[[], object]:
     m = up.spec.lr_multiple
     h, w = (-(-lr_hw[0] // m) * m, -(-lr_hw[1] // m) * m)
     lr = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-    noise = {} if up._frames is None else up._frames.window((h, w), 0, 0, 0, h, w)
-    backend = up._frame_backend
+    t = up.temperature
+    noise = {} if t == 0 else up._noise_maps.window((h, w), up.seed, t, 0, 0, 0, h, w)
+    backend = up._frame_backend(t == 0)
     return lambda: backend.run(lr, noise)
 
 
