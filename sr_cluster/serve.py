@@ -163,9 +163,14 @@ class Counters:
     stopped_runs: int = 0  # runs cut short because their client left
     refused_busy: int = 0  # 503s: the replica held all the requests it may
     slow_uploads: int = 0  # 408s
+    memory_releases: int = 0  # times an idle replica handed a frame's memory back (fully convolutional models)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # `upscaling` changes in worker threads
+
+    def released_memory(self) -> None:
+        with self._lock:  # counted in worker threads
+            self.memory_releases += 1
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -398,6 +403,7 @@ class UpscaleService:
             "stopped_runs": c.stopped_runs,
             "refused_busy": c.refused_busy,
             "slow_uploads": c.slow_uploads,
+            "memory_releases": c.memory_releases,
             "upscalers": 1 + samplers,  # Upscalers this replica holds, each with its own sessions
             "graphs_loaded": list(up.loaded_graphs),  # of the first one: "sampling" once t > 0 was asked
             "samplers": samplers,
@@ -447,7 +453,7 @@ class UpscaleService:
     async def _upscale(self, image: Image.Image, params: UpscaleParams) -> Image.Image:
         try:
             if self._samplers is None:  # fully convolutional: one whole-frame call, any temperature and seed
-                return await self._run_alone(self._upscaler, image, params)
+                return await self._run_alone(self._upscaler, image, params, release_when_idle=True)
             if params.temperature > 0:
                 sampler = await self._samplers.get(params.temperature, params.seed)
                 return await self._run_alone(sampler, image)
@@ -461,14 +467,21 @@ class UpscaleService:
             raise HTTPError(422, str(exc)) from None
 
     async def _run_alone(
-        self, upscaler: Upscaler, image: Image.Image, overrides: UpscaleParams | None = None
+        self,
+        upscaler: Upscaler,
+        image: Image.Image,
+        overrides: UpscaleParams | None = None,
+        release_when_idle: bool = False,
     ) -> Image.Image:
         """`upscaler.run(image)` in a worker thread under a run slot, held until the thread has returned.
 
         `overrides` gives the run its temperature and seed (a fully convolutional
-        model's Upscaler serves them all). If the request is cancelled (its
-        client left), the run stops at its next backend call; the cancellation
-        is re-raised once the thread is out.
+        model's Upscaler serves them all). With `release_when_idle`, a run after
+        which the replica holds no other request hands the memory its frame
+        needed back (`Upscaler.release_memory`: gigabytes for a large photo on
+        the CPU); a busy replica keeps it for the next request. If the request
+        is cancelled (its client left), the run stops at its next backend call;
+        the cancellation is re-raised once the thread is out.
         """
         stop = threading.Event()
         temperature, seed = (None, None) if overrides is None else (overrides.temperature, overrides.seed)
@@ -478,8 +491,13 @@ class UpscaleService:
                 raise ClientGone
 
         def run() -> Image.Image:
-            with self._counters.running():
-                return cast(Image.Image, upscaler.run(image, progress=progress, temperature=temperature, seed=seed))
+            try:
+                with self._counters.running():
+                    return cast(Image.Image, upscaler.run(image, progress=progress, temperature=temperature, seed=seed))
+            finally:
+                if release_when_idle and self._counters.in_flight <= 1:  # counts this request too
+                    upscaler.release_memory()
+                    self._counters.released_memory()
 
         async with self._runs:
             future = asyncio.get_running_loop().run_in_executor(None, run)

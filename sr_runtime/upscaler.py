@@ -309,6 +309,19 @@ class Upscaler:
         """The most `samples` one run may average: each needs its own rows of the noise bank (or noise streams)."""
         return MAX_FRAME_SAMPLES if self.spec.fully_convolutional else self._bank.rows
 
+    def release_memory(self) -> None:
+        """Hand back the memory the backend keeps for reuse after a call: on the CPU, a fully convolutional
+        model's arena keeps what its largest frame needed (gigabytes for a large photo) until this.
+
+        The next call allocates it again (measured in benchmarks/frame_memory.py), so a stream of frames
+        should not call it between frames; an idle service should. Nothing to do for fixed-size models.
+        """
+        if not self.spec.fully_convolutional:
+            return
+        with self._lock:
+            for backend in list(self._frame_backends.values()):
+                backend.release_memory()
+
     def close(self) -> None:
         """Release the backend's session and device memory."""
         if self.spec.fully_convolutional:

@@ -546,6 +546,10 @@ def test_one_upscaler_serves_every_temperature_and_seed_of_a_frame_model(
         after = health(service, "/fc")
         assert (after["upscalers"], after["samplers"]) == (1, 0)
         assert after["graphs_loaded"] == ["deterministic", "sampling"]  # the sampling graph, loaded once
+        data = encoded(photo(16, 12, 99), "PNG")  # alone: the replica is idle after it, and hands its memory back
+        reply = post_image(service, data, "?temperature=0.6&seed=1", prefix="/fc")
+        assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(fc_dir, data, 0.6, 1)))
+        assert health(service, "/fc")["memory_releases"] > after["memory_releases"]
     finally:
         serve.delete("sr-fc")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -326,6 +327,31 @@ def test_a_fixed_size_model_refuses_per_call_overrides(upscaler: Upscaler) -> No
         with pytest.raises(ValueError, match="fixed-size"):
             upscaler.run_many([img], **override)
     assert upscaler.run(img).shape == (32, 32, 3)  # no override: as before
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc (Linux)")
+def test_release_memory_hands_a_frame_back_and_keeps_the_results(fc_dir: Any, upscaler: Upscaler) -> None:
+    img = photo_strip(128, 128)
+    with Upscaler(fc_dir, backend="cpu") as up:
+        before = rss_mb()
+        first = up.run(img)
+        grown = rss_mb() - before
+        up.release_memory()
+        kept = rss_mb() - before
+        assert grown > 64, f"a 128x128 LR frame grew RSS by only {grown:.0f} MB"
+        assert kept < grown / 2, f"release_memory kept {kept:.0f} of {grown:.0f} MB"
+        np.testing.assert_array_equal(up.run(img), first)
+        sampled = up.run(img[:32, :32], temperature=0.5, seed=1)
+        up.release_memory()  # both graphs' arenas
+        np.testing.assert_array_equal(up.run(img[:32, :32], temperature=0.5, seed=1), sampled)
+    upscaler.release_memory()  # a fixed-size model: nothing to hand back, and no error
 
 
 # -- the frame noise cache, no model needed -------------------------------------

@@ -169,6 +169,9 @@ class FrameBackend(Protocol):
     def run_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
         """uint8 [1, h, w, 3] -> (uint8 [1, 4h, 4w, 3], all finite), padded and cropped back inside the graphs."""
 
+    def release_memory(self) -> None:
+        """Hand memory kept for reuse between calls back to the system, where the backend can."""
+
     def close(self) -> None: ...
 
 
