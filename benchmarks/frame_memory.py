@@ -139,7 +139,8 @@ def child(model: Path, variant: str, lr_hw: tuple[int, int], runs: int) -> dict[
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
         def release() -> None:  # what Upscaler.release_memory does: a one-stride frame that shrinks the arena
-            session.run(["hr"], smallest, shrink)
+            if settings["arena"]:  # without an arena there is nothing to shrink (ORT refuses the option)
+                session.run(["hr"], smallest, shrink)
 
     out["rss_ready_mb"] = _status_mb("VmRSS")
     out["runs"] = []
