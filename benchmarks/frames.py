@@ -93,8 +93,9 @@ def model_call(up: Any, lr_hw: tuple[int, int]) -> tuple[Callable[[], object], s
     m = up.spec.lr_multiple
     h, w = (-(-lr_hw[0] // m) * m, -(-lr_hw[1] // m) * m)
     lr = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-    noise = {} if up._frames is None else up._frames.window((h, w), 0, 0, 0, h, w)
-    backend = up._frame_backend
+    t = up.temperature
+    noise = {} if t == 0 else up._noise_maps.window((h, w), up.seed, t, 0, 0, 0, h, w)
+    backend = up._frame_backend(t == 0)
     backend.run(lr, noise)  # the shape's session and buffers
     bound = getattr(backend, "_shapes", {}).get((1, 3, h, w))
     if bound is not None:
@@ -132,7 +133,7 @@ def whole_frame_rounds(
         rounds = measure_interleaved(
             [(model, host_timer), (whole, host_timer), (stream, host_timer)], args.iters, budget_s=1e9
         )
-        result["cuda_graphs"] = getattr(up._frame_backend, "graphs_captured", None)
+        result["cuda_graphs"] = getattr(up._frame_backend(up.temperature == 0), "graphs_captured", None)
         return rounds
 
 

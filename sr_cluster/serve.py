@@ -6,14 +6,20 @@ precision as JSON; `GET /` is a page to try it in a browser (`page.py`). Every
 error is one JSON line `{"error": "..."}` with a 4xx status for the client's
 mistakes and 500 only for faults of the server.
 
-Each replica holds one deterministic (temperature 0) `Upscaler`, used by every
-temperature-0 request, and a small LRU of `Upscaler`s at temperature > 0, one
-per (temperature, seed): an Upscaler's noise bank is drawn once at
-construction. Small temperature-0 images of concurrent requests are batched
-(`QueueBatcher`) into shared backend calls with `Upscaler.run_many`; requests
-at temperature > 0 are never batched across requests, because every backend
-call reads one contiguous slice of the noise bank keyed by one image's tile
-grid.
+For a fully convolutional model each replica holds one `Upscaler`, which
+serves every (temperature, seed): its noise is a function of seed and position
+drawn per call, and its sampling graph loads with the first temperature > 0
+request. Each image is one whole-frame call, so nothing is batched across
+requests.
+
+For a fixed-size model each replica holds one deterministic (temperature 0)
+`Upscaler`, used by every temperature-0 request, and a small LRU of
+`Upscaler`s at temperature > 0, one per (temperature, seed): an Upscaler's
+noise bank is drawn once at construction. Small temperature-0 images of
+concurrent requests are batched (`QueueBatcher`) into shared backend calls with
+`Upscaler.run_many`; requests at temperature > 0 are never batched across
+requests, because every backend call reads one contiguous slice of the noise
+bank keyed by one image's tile grid.
 
 Layout: `protocol` (HTTP parsing and limits), `batching` (QueueBatcher, the
 sampler LRU), this module (the replica, admission, the app builders, the CLI).
@@ -157,9 +163,14 @@ class Counters:
     stopped_runs: int = 0  # runs cut short because their client left
     refused_busy: int = 0  # 503s: the replica held all the requests it may
     slow_uploads: int = 0  # 408s
+    memory_releases: int = 0  # times an idle replica handed a frame's memory back (fully convolutional models)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # `upscaling` changes in worker threads
+
+    def released_memory(self) -> None:
+        with self._lock:  # counted in worker threads
+            self.memory_releases += 1
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -287,7 +298,8 @@ class DrainControl:
 
 
 class UpscaleService:
-    """One replica: a deterministic Upscaler for batched temperature-0 work plus an LRU of samplers.
+    """One replica: one Upscaler for a fully convolutional model; for a fixed-size one a deterministic
+    Upscaler for batched temperature-0 work plus an LRU of samplers.
 
     Admission is the replica's own, not Serve's: Serve gives it `max_ongoing`
     + `max_queued_requests` + HEALTH_HEADROOM slots. The replica holds at most
@@ -314,9 +326,12 @@ class UpscaleService:
         self._draining = False
         make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels)
         self._options = options
-        self._deterministic = make()
-        self._samplers = SamplerCache(
-            lambda temperature, seed: make(temperature=temperature, seed=seed), options.sampler_cache
+        # Temperature 0, and for a fully convolutional model every (temperature, seed) through per-call overrides.
+        self._upscaler = make()
+        self._samplers = (
+            None
+            if self._upscaler.spec.fully_convolutional
+            else SamplerCache(lambda temperature, seed: make(temperature=temperature, seed=seed), options.sampler_cache)
         )
         self._requests = asyncio.Semaphore(max_ongoing)  # requests with their body in: queued or running
         # Runs at once per replica: bounds peak memory (about 31 bytes per output pixel each).
@@ -373,7 +388,8 @@ class UpscaleService:
             return error_response(500, "internal error (logged by the replica)")
 
     def health(self) -> dict[str, Any]:
-        up, c = self._deterministic, self._counters
+        up, c = self._upscaler, self._counters
+        samplers = 0 if self._samplers is None else len(self._samplers)
         return {
             "status": "draining" if self._draining else "ok",
             "model": up.spec.name,
@@ -387,7 +403,10 @@ class UpscaleService:
             "stopped_runs": c.stopped_runs,
             "refused_busy": c.refused_busy,
             "slow_uploads": c.slow_uploads,
-            "samplers": len(self._samplers),
+            "memory_releases": c.memory_releases,
+            "upscalers": 1 + samplers,  # Upscalers this replica holds, each with its own sessions
+            "graphs_loaded": list(up.loaded_graphs),  # of the first one: "sampling" once t > 0 was asked
+            "samplers": samplers,
             "batches": self._batcher.batches,
             "batched_images": self._batcher.items,
         }
@@ -433,11 +452,13 @@ class UpscaleService:
 
     async def _upscale(self, image: Image.Image, params: UpscaleParams) -> Image.Image:
         try:
+            if self._samplers is None:  # fully convolutional: one whole-frame call, any temperature and seed
+                return await self._run_alone(self._upscaler, image, params, release_when_idle=True)
             if params.temperature > 0:
                 sampler = await self._samplers.get(params.temperature, params.seed)
                 return await self._run_alone(sampler, image)
             if self._fills_a_batch(image):
-                return await self._run_alone(self._deterministic, image)
+                return await self._run_alone(self._upscaler, image)
             batched = await self._batcher.submit(image)
             if isinstance(batched, SRInputError):
                 raise batched
@@ -445,21 +466,38 @@ class UpscaleService:
         except SRInputError as exc:
             raise HTTPError(422, str(exc)) from None
 
-    async def _run_alone(self, upscaler: Upscaler, image: Image.Image) -> Image.Image:
+    async def _run_alone(
+        self,
+        upscaler: Upscaler,
+        image: Image.Image,
+        overrides: UpscaleParams | None = None,
+        release_when_idle: bool = False,
+    ) -> Image.Image:
         """`upscaler.run(image)` in a worker thread under a run slot, held until the thread has returned.
 
-        If the request is cancelled (its client left), the run stops at its
-        next backend call; the cancellation is re-raised once the thread is out.
+        `overrides` gives the run its temperature and seed (a fully convolutional
+        model's Upscaler serves them all). With `release_when_idle`, a run after
+        which the replica holds no other request hands the memory its frame
+        needed back (`Upscaler.release_memory`: gigabytes for a large photo on
+        the CPU); a busy replica keeps it for the next request. If the request
+        is cancelled (its client left), the run stops at its next backend call;
+        the cancellation is re-raised once the thread is out.
         """
         stop = threading.Event()
+        temperature, seed = (None, None) if overrides is None else (overrides.temperature, overrides.seed)
 
         def progress(done: int, total: int) -> None:
             if stop.is_set():
                 raise ClientGone
 
         def run() -> Image.Image:
-            with self._counters.running():
-                return cast(Image.Image, upscaler.run(image, progress=progress))
+            try:
+                with self._counters.running():
+                    return cast(Image.Image, upscaler.run(image, progress=progress, temperature=temperature, seed=seed))
+            finally:
+                if release_when_idle and self._counters.in_flight <= 1:  # counts this request too
+                    upscaler.release_memory()
+                    self._counters.released_memory()
 
         async with self._runs:
             future = asyncio.get_running_loop().run_in_executor(None, run)
@@ -473,13 +511,8 @@ class UpscaleService:
                 raise
 
     def _fills_a_batch(self, image: Image.Image) -> bool:
-        """True if the image's own tiles fill a backend batch: sharing one with other requests gains nothing.
-
-        A fully convolutional model runs each image as one whole frame, so there is nothing to share.
-        """
-        up = self._deterministic
-        if up.spec.fully_convolutional:
-            return True
+        """True if the image's own tiles fill a backend batch: sharing one with other requests gains nothing."""
+        up = self._upscaler
         width, height = image.size
         return plan_tiles(height, width, up.spec.lr_size, up.tile_overlap).count >= up.batch_size
 
@@ -488,7 +521,7 @@ class UpscaleService:
 
         def run() -> list[Image.Image | SRInputError]:
             with self._counters.running():
-                return run_each_or_together(self._deterministic, images)
+                return run_each_or_together(self._upscaler, images)
 
         async with self._runs:
             return await asyncio.to_thread(run)
@@ -703,8 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler-cache",
         type=_number(int, 1),
         default=DEFAULT_SAMPLER_CACHE,
-        help="Upscalers kept for (temperature > 0, seed) pairs; each holds a session and a noise bank "
-        f"(~125 MB for the shipped model) (default {DEFAULT_SAMPLER_CACHE})",
+        help="fixed-size models: Upscalers kept for (temperature > 0, seed) pairs; each holds a session "
+        "and a noise bank (~125 MB for the shipped model); a fully convolutional model needs none "
+        f"(default {DEFAULT_SAMPLER_CACHE})",
     )
     lim.add_argument(
         "--concurrent-runs",

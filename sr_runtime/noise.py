@@ -14,6 +14,7 @@ its position, so that
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -169,60 +170,84 @@ def position_noise(seed: int, stream: int, channels: int, y0: int, x0: int, heig
 SAMPLE_STREAM_STRIDE = 1 << 8
 
 
+#: Frame noise maps kept at most: entries (frame shape, sample, seed, temperature) and bytes (a 640x480 LR
+#: frame's maps of fc-256 take ~150 MB). The most recent entry is kept whatever its size.
+FRAME_NOISE_ENTRIES = 4
+FRAME_NOISE_BYTES = 512 * 2**20
+
+
 class FrameNoise:
-    """Per-level noise maps of whole frames, generated once per (frame shape, sample) and kept.
+    """Per-level noise maps of whole frames, generated once per (frame shape, sample, seed, temperature) and kept.
 
     Values come from `position_noise` keyed by (seed, level stream, absolute
     LR-frame position) times the temperature, so a tile reads a window of the
     same maps, and every frame of one shape gets the same noise (texture that
     does not flicker in video). Sample k (for `samples=K`) uses streams offset
     by k x SAMPLE_STREAM_STRIDE; sample 0 is what `VDVAESR.make_level_noise`
-    draws. Only the most recent `keep` frame shapes stay cached.
+    draws. Seed and temperature are arguments, not state, so one model serves
+    any of them; the most recent maps stay cached, at most `keep` entries and
+    `max_bytes` (the newest always). Safe to share between threads.
 
     The maps are read-only and a whole-frame window returns the cached arrays
     themselves, so a device backend can tell by identity that it already holds
     them and upload a frame shape's noise once, not once per frame.
     """
 
-    def __init__(self, levels: Sequence[NoiseLevel], temperature: float, seed: int, keep: int = 2) -> None:
+    def __init__(
+        self, levels: Sequence[NoiseLevel], keep: int = FRAME_NOISE_ENTRIES, max_bytes: int = FRAME_NOISE_BYTES
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"the frame noise cache needs at least one entry, got {keep}")
+        self.levels = tuple(levels)
+        self._keep = keep
+        self._max_bytes = max_bytes
+        self._cache: dict[tuple[int, int, int, int, float], list[np.ndarray]] = {}  # oldest first
+        self._lock = threading.Lock()  # guards the cache only; maps are drawn outside it
+
+    def maps(self, frame: tuple[int, int], seed: int, temperature: float, sample: int = 0) -> list[np.ndarray]:
+        """Read-only [1, C, h * scale, w * scale] float32 per level for an LR frame of (h, w) at the origin."""
         if temperature < 0 or not np.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-        self.levels = tuple(levels)
-        self.temperature = float(temperature)
-        self.seed = int(seed)
-        self._keep = keep
-        self._cache: dict[tuple[int, int, int], dict[str, np.ndarray]] = {}
-
-    def maps(self, frame: tuple[int, int], sample: int = 0) -> dict[str, np.ndarray]:
-        """Read-only [1, C, h * scale, w * scale] float32 per level input name, for an LR frame of (h, w)."""
-        key = (frame[0], frame[1], sample)
-        cached = self._cache.pop(key, None)
-        if cached is None:
-            cached = {}
-            for level in self.levels:
-                h, w = level.size(*frame)
-                noise = position_noise(
-                    self.seed, level.stream + sample * SAMPLE_STREAM_STRIDE, level.channels, 0, 0, h, w
-                )
-                noise *= np.float32(self.temperature)
-                noise = noise[None]
-                noise.setflags(write=False)
-                cached[level.name] = noise
-            while len(self._cache) >= self._keep:
+        key = (frame[0], frame[1], sample, seed, float(temperature))
+        with self._lock:
+            cached = self._cache.pop(key, None)
+            if cached is not None:
+                self._cache[key] = cached  # most recent last
+                return cached
+        drawn = []
+        for level in self.levels:
+            h, w = level.size(*frame)
+            noise = position_noise(seed, level.stream + sample * SAMPLE_STREAM_STRIDE, level.channels, 0, 0, h, w)
+            noise *= np.float32(temperature)
+            noise = noise[None]
+            noise.setflags(write=False)  # shared by every frame of the shape, and recognised by identity
+            drawn.append(noise)
+        with self._lock:
+            self._cache[key] = drawn
+            while len(self._cache) > 1 and (len(self._cache) > self._keep or self.cached_bytes > self._max_bytes):
                 self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = cached  # most recent last
-        return cached
+        return drawn
 
-    def window(self, frame: tuple[int, int], sample: int, y0: int, x0: int, h: int, w: int) -> dict[str, np.ndarray]:
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the cached maps take."""
+        return sum(m.nbytes for maps in list(self._cache.values()) for m in maps)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def window(
+        self, frame: tuple[int, int], seed: int, temperature: float, sample: int, y0: int, x0: int, h: int, w: int
+    ) -> dict[str, np.ndarray]:
         """The noise inputs `{noise_<res>: [1, C, h*s, w*s]}` of a tile at LR (y0, x0) of size (h, w).
 
-        The whole frame's window is the cached maps themselves (the same objects every call).
+        A window covering the whole frame is the cached array itself, so the
+        frames of a stream pass the same objects and a GPU backend, which
+        compares them by identity, uploads the maps once per shape.
         """
-        full = self.maps(frame, sample)
-        if (y0, x0, h, w) == (0, 0, *frame):
-            return dict(full)
         out = {}
-        for level in self.levels:
+        for level, full in zip(self.levels, self.maps(frame, seed, temperature, sample), strict=True):
             (ty, tx), (th, tw) = level.size(y0, x0), level.size(h, w)
-            out[level.name] = np.ascontiguousarray(full[level.name][:, :, ty : ty + th, tx : tx + tw])
+            whole = (ty, tx) == (0, 0) and (th, tw) == full.shape[2:]
+            out[level.name] = full if whole else np.ascontiguousarray(full[:, :, ty : ty + th, tx : tx + tw])
         return out

@@ -94,6 +94,24 @@ def checked_int(name: str, value: object, low: int, high: int | None = None) -> 
     return int(value)
 
 
+def checked_temperature(value: object) -> float:
+    """`value` as a float if it is a finite number >= 0; TypeError/ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"temperature must be a number, got {value!r}")
+    temperature = float(value)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")
+    return temperature
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """The noise of one call: temperature (0 = deterministic) and seed."""
+
+    temperature: float
+    seed: int
+
+
 def checked_max_pixels(max_pixels: int | float | None, scale: int) -> int:
     """The output pixel limit: the memory-derived default when None, else a finite number >= 1."""
     if max_pixels is None:
@@ -112,7 +130,14 @@ class Upscaler:
     tiling and blending run concurrently; the backend call itself is
     serialised by a per-instance lock (its session, device buffers and noise
     bank are shared). For parallel inference create one `Upscaler` per thread.
+
+    A fully convolutional model serves any temperature and seed per call
+    (`run(..., temperature=, seed=)`), so one instance is enough for all of them.
     """
+
+    #: The graphs whose sessions are loaded: ("sampling",) for a fixed-size model; a fully convolutional
+    #: one loads "deterministic" (temperature 0) and "sampling" each on first use.
+    loaded_graphs: tuple[str, ...]
 
     def __init__(
         self,
@@ -147,6 +172,9 @@ class Upscaler:
         whole frames: `frame_pixels` caps the LR pixels of one backend call
         (default: the memory budget over the manifest's measured bytes per
         pixel); larger images run as large tiles that keep their valid centres.
+        `temperature` and `seed` are then only defaults that each call may
+        override, and the graph of the other kind (deterministic at
+        temperature 0, sampling above) loads on its first call;
         `tile_overlap`, `batch_size` and `noise_rows` do not apply to them;
         `prefer_nhwc` asks ONNX Runtime CUDA for channels-last convolutions;
         `uint8_io` sends uint8 RGB frames (arrays, RGB PIL images) through the
@@ -158,8 +186,6 @@ class Upscaler:
                 backend, precision, temperature, seed, max_pixels, cpu_threads, frame_pixels, prefer_nhwc, uint8_io
             )
             return
-        self._frame_backend: FrameBackend | None = None
-        self._frames: FrameNoise | None = None
         self._uint8_io = False
         tile = self.spec.lr_size
         tile_overlap = checked_int("tile_overlap", tile_overlap, 0)
@@ -171,6 +197,8 @@ class Upscaler:
         if cpu_threads is not None:
             cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
         self.temperature = float(temperature)
+        self.seed = seed
+        self._default_sampling = _Sampling(self.temperature, seed)
         self.tile_overlap = tile_overlap
         self.batch_size = batch
         self.max_pixels = max_pixels
@@ -182,6 +210,7 @@ class Upscaler:
         )
         self.backend: str = self._backend.name
         self.precision: str = self._backend.precision
+        self.loaded_graphs: tuple[str, ...] = ("sampling",)
         self._lock = threading.Lock()
 
     def _init_frames(
@@ -196,27 +225,73 @@ class Upscaler:
         prefer_nhwc: bool,
         uint8_io: bool | None,
     ) -> None:
-        """Whole-frame set-up: a frame backend (the deterministic graph at temperature 0) and the frame noise."""
+        """Whole-frame set-up: the graph of `temperature` (the deterministic one at 0) and the frame noise.
+
+        The other graph is loaded on the first call that needs it (`run(..., temperature=...)`).
+        """
         max_pixels = checked_max_pixels(max_pixels, self.spec.scale)
         if cpu_threads is not None:
             cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
         if frame_pixels is not None:
             frame_pixels = checked_int("frame_pixels", frame_pixels, 1)
-        self.temperature = float(temperature)
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        self.temperature = checked_temperature(temperature)
+        self.seed = checked_int("seed", seed, 0)
+        self._default_sampling = _Sampling(self.temperature, self.seed)
         self.max_pixels = max_pixels
         self.tile_overlap = 2 * self.spec.receptive_radius
         self.batch_size = 1
-        self._frames = None if self.temperature == 0 else FrameNoise(self.spec.noise_levels, self.temperature, seed)
-        self._frame_backend = create_frame_backend(
-            self.spec, backend, precision, self.temperature == 0, cpu_threads, prefer_nhwc, cpu_uint8_io=bool(uint8_io)
-        )
-        self._uint8_io = self._frame_backend.uint8_io and uint8_io is not False
-        self.backend = self._frame_backend.name
-        self.precision = self._frame_backend.precision
-        self.frame_pixels = frame_pixels or default_frame_pixels(self.spec, self._frame_backend.device)
+        self._noise_maps = FrameNoise(self.spec.noise_levels)
+        self._frame_options = (cpu_threads, prefer_nhwc, bool(uint8_io))
+        self._frame_backends: dict[bool, FrameBackend] = {}  # by deterministic
+        self.loaded_graphs = ()
+        self._load_lock = threading.Lock()
+        first = self._frame_backend(self.temperature == 0, backend, precision)
+        self._uint8_io = first.uint8_io and uint8_io is not False
+        self.backend = first.name
+        self.precision = first.precision
+        self.frame_pixels = frame_pixels or default_frame_pixels(self.spec, first.device)
         self._lock = threading.Lock()
+
+    def _frame_backend(
+        self, deterministic: bool, backend: str | None = None, precision: str | None = None
+    ) -> FrameBackend:
+        """The frame backend of the deterministic or the sampling graph, loaded once, on first use.
+
+        Later loads take the backend and precision the first one resolved, so both graphs run alike.
+        """
+        loaded = self._frame_backends.get(deterministic)
+        if loaded is not None:
+            return loaded
+        cpu_threads, prefer_nhwc, uint8_io = self._frame_options
+        with self._load_lock:
+            loaded = self._frame_backends.get(deterministic)
+            if loaded is None:
+                loaded = create_frame_backend(
+                    self.spec,
+                    backend or self.backend,
+                    precision or self.precision,
+                    deterministic,
+                    cpu_threads,
+                    prefer_nhwc,
+                    cpu_uint8_io=uint8_io,
+                )
+                self._frame_backends[deterministic] = loaded
+                self.loaded_graphs = (*self.loaded_graphs, "deterministic" if deterministic else "sampling")
+        return loaded
+
+    def _sampling(self, temperature: float | None, seed: int | None) -> _Sampling:
+        """The noise of one call: the Upscaler's own, or the per-call overrides of a fully convolutional model."""
+        if temperature is None and seed is None:
+            return self._default_sampling
+        if not self.spec.fully_convolutional:
+            raise ValueError(
+                f"model {self.spec.name!r} is fixed-size: its noise bank is drawn once per Upscaler, so "
+                "temperature and seed cannot change per call; create Upscaler(temperature=..., seed=...) instead"
+            )
+        return _Sampling(
+            self.temperature if temperature is None else checked_temperature(temperature),
+            self.seed if seed is None else checked_int("seed", seed, 0),
+        )
 
     def _batch_limit(self) -> int:
         """The manifest's batch max, lowered so the noise bank (MIN_ROWS + batch - 1 rows) fits its budget."""
@@ -232,12 +307,26 @@ class Upscaler:
     @property
     def max_samples(self) -> int:
         """The most `samples` one run may average: each needs its own rows of the noise bank (or noise streams)."""
-        return MAX_FRAME_SAMPLES if self._frame_backend is not None else self._bank.rows
+        return MAX_FRAME_SAMPLES if self.spec.fully_convolutional else self._bank.rows
+
+    def release_memory(self) -> None:
+        """Hand back the memory the backend keeps for reuse after a call: on the CPU, a fully convolutional
+        model's arena keeps what its largest frame needed (gigabytes for a large photo) until this.
+
+        The next call allocates it again (measured in benchmarks/frame_memory.py), so a stream of frames
+        should not call it between frames; an idle service should. Nothing to do for fixed-size models.
+        """
+        if not self.spec.fully_convolutional:
+            return
+        with self._lock:
+            for backend in list(self._frame_backends.values()):
+                backend.release_memory()
 
     def close(self) -> None:
         """Release the backend's session and device memory."""
-        if self._frame_backend is not None:
-            self._frame_backend.close()
+        if self.spec.fully_convolutional:
+            for backend in self._frame_backends.values():
+                backend.close()
         else:
             self._backend.close()
 
@@ -255,6 +344,8 @@ class Upscaler:
         *,
         progress: Progress | None = None,
         stats: RunStats | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> Image.Image: ...
 
     @overload
@@ -265,6 +356,8 @@ class Upscaler:
         *,
         progress: Progress | None = None,
         stats: RunStats | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> ImageLike: ...
 
     @overload
@@ -275,11 +368,20 @@ class Upscaler:
         *,
         progress: Progress | None = None,
         stats: RunStats | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> tuple[Image.Image, np.ndarray]: ...
 
     @overload
     def run(
-        self, img: ImageLike, samples: int, *, progress: Progress | None = None, stats: RunStats | None = None
+        self,
+        img: ImageLike,
+        samples: int,
+        *,
+        progress: Progress | None = None,
+        stats: RunStats | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> tuple[ImageLike, np.ndarray]: ...
 
     def run(
@@ -289,6 +391,8 @@ class Upscaler:
         *,
         progress: Progress | None = None,
         stats: RunStats | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> Image.Image | np.ndarray | tuple[Image.Image | np.ndarray, np.ndarray]:
         """Upscale `img` 4x; returns the same kind (a path gives a PIL image).
 
@@ -298,21 +402,30 @@ class Upscaler:
         [0, 1] units) -- where the model is unsure. K > 1 needs temperature > 0.
         `progress(done, total)` is called after each batch of tiles; `stats`,
         if given, is filled with the time spent in the backend.
+
+        `temperature` and `seed` override the Upscaler's for this call, on a
+        fully convolutional model only (its noise is a function of seed and
+        position, drawn per call; a fixed-size model's noise bank is drawn once
+        per Upscaler, so there they are a ValueError). The result equals a
+        fresh `Upscaler(temperature=..., seed=...)`'s bit for bit; the first
+        call at temperature > 0 (or 0, if the Upscaler was made at > 0) loads
+        that graph's session.
         """
+        sampling = self._sampling(temperature, seed)
         n = 1 if samples is None else checked_int("samples", samples, 1)
-        if n > 1 and self.temperature == 0:
+        if n > 1 and sampling.temperature == 0:
             raise ValueError("samples > 1 needs temperature > 0: at temperature 0 every sample is the same")
         if not 1 <= n <= self.max_samples:
             raise ValueError(f"samples must be in [1, {self.max_samples}] (the noise bank rows), got {samples}")
         if samples is None:
             u8 = self._uint8_frame(img)
             if u8 is not None:
-                out = self._run_uint8(u8, stats)
+                out = self._run_uint8(u8, sampling, stats)
                 if progress is not None:
                     progress(1, 1)
                 return out
         decoded = self._decode(img)
-        mean, std = self._upscale(decoded, n, progress, stats)
+        mean, std = self._upscale(decoded, n, progress, stats, sampling)
         out = self._encode(decoded, mean)
         if samples is None:
             return out
@@ -320,7 +433,12 @@ class Upscaler:
         return out, np.broadcast_to(np.float32(0.0), mean.shape[1:]) if std is None else std
 
     def run_many(
-        self, images: Sequence[str | os.PathLike[str] | Image.Image | np.ndarray], *, stats: RunStats | None = None
+        self,
+        images: Sequence[str | os.PathLike[str] | Image.Image | np.ndarray],
+        *,
+        stats: RunStats | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> list[Image.Image | np.ndarray]:
         """Upscale several images 4x, each returned as `run` returns it.
 
@@ -330,10 +448,11 @@ class Upscaler:
         each image runs alone, because its noise rows are keyed by its own tile
         grid and one backend call reads one contiguous slice of the noise bank.
         Pixels equal `run`'s up to float rounding where a backend's arithmetic
-        depends on the batch a tile shares.
+        depends on the batch a tile shares. `temperature` and `seed` as in `run`.
         """
-        if self.temperature > 0 or self._frame_backend is not None:  # frames: one call per image already
-            return [self.run(img, stats=stats) for img in images]
+        sampling = self._sampling(temperature, seed)
+        if sampling.temperature > 0 or self.spec.fully_convolutional:  # frames: one call per image already
+            return [self.run(img, stats=stats, temperature=temperature, seed=seed) for img in images]
         decoded = [self._decode(img) for img in images]
         plans = [plan_tiles(*d.size, self.spec.lr_size, self.tile_overlap) for d in decoded]
         padded = [pad_image(d.rgb, plan) for d, plan in zip(decoded, plans, strict=True)]
@@ -357,7 +476,12 @@ class Upscaler:
         return [self._encode(d, b.result()) for d, b in zip(decoded, blenders, strict=True)]
 
     def run_frames(
-        self, frames: Iterable[str | os.PathLike[str] | Image.Image | np.ndarray], *, stats: RunStats | None = None
+        self,
+        frames: Iterable[str | os.PathLike[str] | Image.Image | np.ndarray],
+        *,
+        stats: RunStats | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> Generator[Image.Image | np.ndarray, None, None]:
         """Upscale a sequence of frames, yielding each result as `run` returns it, in order.
 
@@ -367,8 +491,17 @@ class Upscaler:
         at any temperature), and on a GPU the device buffers and CUDA graph.
         On the uint8 path a frame's result is copied to the host while the
         next frame runs on the device. An error is raised at the frame that
-        caused it.
+        caused it; bad `temperature` or `seed` overrides (as in `run`) at once.
         """
+        return self._frame_stream(frames, stats, self._sampling(temperature, seed))
+
+    def _frame_stream(
+        self,
+        frames: Iterable[str | os.PathLike[str] | Image.Image | np.ndarray],
+        stats: RunStats | None,
+        sampling: _Sampling,
+    ) -> Generator[Image.Image | np.ndarray, None, None]:
+        """`run_frames`' generator: the next frame decoded on a helper thread while the backend runs this one."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-decode") as pool:
             it = iter(frames)
             pending: Future[Decoded | _Uint8Frame] | None = None
@@ -381,7 +514,7 @@ class Upscaler:
                     prepared = pending.result()
                     nxt = next(it, _END)
                     pending = None if nxt is _END else pool.submit(self._prepare, nxt)
-                    started = self._submit_uint8(prepared) if isinstance(prepared, _Uint8Frame) else None
+                    started = self._submit_uint8(prepared, sampling) if isinstance(prepared, _Uint8Frame) else None
                 except Exception:
                     if in_flight is not None:  # the frame before the bad one comes out first
                         yield self._finish_uint8(in_flight, stats)
@@ -395,7 +528,7 @@ class Upscaler:
                 if in_flight is not None:
                     yield self._finish_uint8(in_flight, stats)
                     in_flight = None
-                mean, _ = self._upscale(prepared, 1, None, stats)
+                mean, _ = self._upscale(prepared, 1, None, stats, sampling)
                 yield self._encode(prepared, mean)
             if in_flight is not None:
                 yield self._finish_uint8(in_flight, stats)
@@ -431,27 +564,24 @@ class Upscaler:
         plan = plan_frame(h, w, self.spec.lr_multiple, self.spec.receptive_radius, self.frame_pixels)
         return _Uint8Frame(np.ascontiguousarray(arr)[None], plan, pil) if plan.whole else None
 
-    def _run_uint8(self, frame: _Uint8Frame, stats: RunStats | None) -> Image.Image | np.ndarray:
+    def _run_uint8(self, frame: _Uint8Frame, sampling: _Sampling, stats: RunStats | None) -> Image.Image | np.ndarray:
         """One call from uint8 in to uint8 out: conversion, padding, model and cropping in the backend's graphs."""
-        return self._finish_uint8(self._submit_uint8(frame), stats)
+        return self._finish_uint8(self._submit_uint8(frame, sampling), stats)
 
-    def _submit_uint8(self, frame: _Uint8Frame) -> _InFlight:
-        """Start a uint8 frame on the backend; its result may still be on its way to the host."""
-        assert self._frame_backend is not None
-        noise = self._frame_noise(frame.plan, 0, 0, 0)
+    def _submit_uint8(self, frame: _Uint8Frame, sampling: _Sampling) -> _InFlight:
+        """Start a uint8 frame on the backend of `sampling`'s graph; its result may still be on its way to the host."""
+        backend = self._frame_backend(sampling.temperature == 0)
+        noise = self._frame_noise(frame.plan, sampling, 0, 0, 0)
         t0 = time.perf_counter()
         with self._lock:
-            result = self._frame_backend.submit_u8(frame.u8, frame.plan.padded_size, noise)
-        return _InFlight(result, frame.pil, t0)
+            result = backend.submit_u8(frame.u8, frame.plan.padded_size, noise)
+        return _InFlight(result, frame.pil, t0, sampling.temperature)
 
     def _finish_uint8(self, frame: _InFlight, stats: RunStats | None) -> Image.Image | np.ndarray:
         """The uint8 result once on the host; refuses a non-finite one."""
         out, finite = frame.result.result()
         if not finite:
-            raise SRInputError(
-                f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
-                "a lower temperature may help"
-            )
+            raise _not_finite(frame.temperature)
         if stats is not None:
             stats.backend_seconds += time.perf_counter() - frame.started
             stats.tiles += 1
@@ -469,10 +599,7 @@ class Upscaler:
         with self._lock:
             hr = self._backend.run(lr, start)[:count]
         if not np.isfinite(hr).all():
-            raise SRInputError(
-                f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
-                "a lower temperature may help"
-            )
+            raise _not_finite(self.temperature)
         if stats is not None:
             stats.backend_seconds += time.perf_counter() - t0
             stats.tiles += count
@@ -493,11 +620,19 @@ class Upscaler:
         raise SRInputError(f"expected a path, PIL image or numpy array, got {type(img).__name__}")
 
     def _upscale(
-        self, decoded: Decoded, samples: int, progress: Progress | None, stats: RunStats | None
+        self,
+        decoded: Decoded,
+        samples: int,
+        progress: Progress | None,
+        stats: RunStats | None,
+        sampling: _Sampling,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Mean and per-pixel std (mean over RGB) across samples of the blended HR planes; one sample: no std."""
-        if self._frame_backend is not None:
-            return self._upscale_frame(decoded, samples, progress, stats)
+        """Mean and per-pixel std (mean over RGB) across samples of the blended HR planes; one sample: no std.
+
+        `sampling` applies to fully convolutional models; a fixed-size model's is its Upscaler's own.
+        """
+        if self.spec.fully_convolutional:
+            return self._upscale_frame(decoded, samples, progress, stats, sampling)
         h, w = decoded.size
         plan = plan_tiles(h, w, self.spec.lr_size, self.tile_overlap)
         padded = pad_image(decoded.rgb, plan)
@@ -525,7 +660,12 @@ class Upscaler:
         return mean, None if m2 is None else np.sqrt(m2 / samples).mean(axis=0)
 
     def _upscale_frame(
-        self, decoded: Decoded, samples: int, progress: Progress | None, stats: RunStats | None
+        self,
+        decoded: Decoded,
+        samples: int,
+        progress: Progress | None,
+        stats: RunStats | None,
+        sampling: _Sampling,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """A fully convolutional model: the whole padded frame in one call, or tiles keeping their valid centres.
 
@@ -533,7 +673,6 @@ class Upscaler:
         (keyed by its absolute position) either way, so the two agree to float
         rounding; the result is cropped back to exactly 4x the image.
         """
-        assert self._frame_backend is not None
         h, w = decoded.size
         s = self.spec.scale
         plan = plan_frame(h, w, self.spec.lr_multiple, self.spec.receptive_radius, self.frame_pixels)
@@ -544,8 +683,8 @@ class Upscaler:
         mean = m2 = None
         for sample in range(samples):
             if plan.whole:
-                noise = self._frame_noise(plan, sample, 0, 0)
-                hr = self._run_frame_backend(padded[None], noise, stats)
+                noise = self._frame_noise(plan, sampling, sample, 0, 0)
+                hr = self._run_frame_backend(padded[None], noise, sampling, stats)
                 result = hr[0, :, : h * s, : w * s]
                 done += 1
                 if progress is not None:
@@ -554,7 +693,8 @@ class Upscaler:
                 result = np.empty((3, plan.padded_size[0] * s, plan.padded_size[1] * s), np.float32)
                 for y0, x0, (ky0, ky1), (kx0, kx1) in plan.tiles():
                     tile = np.ascontiguousarray(padded[None, :, y0 : y0 + th, x0 : x0 + tw])
-                    hr = self._run_frame_backend(tile, self._frame_noise(plan, sample, y0, x0), stats)
+                    noise = self._frame_noise(plan, sampling, sample, y0, x0)
+                    hr = self._run_frame_backend(tile, noise, sampling, stats)
                     result[:, ky0 * s : ky1 * s, kx0 * s : kx1 * s] = hr[
                         0, :, (ky0 - y0) * s : (ky1 - y0) * s, (kx0 - x0) * s : (kx1 - x0) * s
                     ]
@@ -574,23 +714,26 @@ class Upscaler:
         assert mean is not None and m2 is not None
         return mean, np.sqrt(m2 / samples).mean(axis=0)
 
-    def _frame_noise(self, plan: FramePlan, sample: int, y0: int, x0: int) -> dict[str, np.ndarray]:
+    def _frame_noise(
+        self, plan: FramePlan, sampling: _Sampling, sample: int, y0: int, x0: int
+    ) -> dict[str, np.ndarray]:
         """The noise inputs of the tile at LR (y0, x0): a window of the frame's cached maps; none at temperature 0."""
-        if self._frames is None:
+        if sampling.temperature == 0:
             return {}
-        return self._frames.window(plan.padded_size, sample, y0, x0, *plan.tile)
+        return self._noise_maps.window(
+            plan.padded_size, sampling.seed, sampling.temperature, sample, y0, x0, *plan.tile
+        )
 
-    def _run_frame_backend(self, lr: np.ndarray, noise: dict[str, np.ndarray], stats: RunStats | None) -> np.ndarray:
-        """One frame backend call; refuses a non-finite result."""
-        assert self._frame_backend is not None
+    def _run_frame_backend(
+        self, lr: np.ndarray, noise: dict[str, np.ndarray], sampling: _Sampling, stats: RunStats | None
+    ) -> np.ndarray:
+        """One frame backend call (the deterministic graph at temperature 0); refuses a non-finite result."""
+        backend = self._frame_backend(sampling.temperature == 0)
         t0 = time.perf_counter()
         with self._lock:
-            hr = self._frame_backend.run(lr, noise)
+            hr = backend.run(lr, noise)
         if not np.isfinite(hr).all():
-            raise SRInputError(
-                f"the model's output is not finite (NaN/Inf) at temperature {self.temperature:g}; "
-                "a lower temperature may help"
-            )
+            raise _not_finite(sampling.temperature)
         if stats is not None:
             stats.backend_seconds += time.perf_counter() - t0
             stats.tiles += 1
@@ -619,6 +762,13 @@ def default_frame_pixels(spec: ModelSpec, device: str) -> int:
 _END = object()
 
 
+def _not_finite(temperature: float) -> SRInputError:
+    """The error of a non-finite model output (noise scaled too far)."""
+    return SRInputError(
+        f"the model's output is not finite (NaN/Inf) at temperature {temperature:g}; a lower temperature may help"
+    )
+
+
 @dataclass(frozen=True)
 class _Uint8Frame:
     """An 8-bit RGB frame bound for the backend's uint8 graphs: [1, h, w, 3], its plan, whether it came as PIL."""
@@ -630,11 +780,13 @@ class _Uint8Frame:
 
 @dataclass(frozen=True)
 class _InFlight:
-    """A uint8 frame submitted to the backend: its result's future, whether it came as PIL, when it started."""
+    """A uint8 frame submitted to the backend: its result's future, whether it came as PIL, when it started,
+    and its temperature (for the error of a non-finite result)."""
 
     result: Future[tuple[np.ndarray, bool]]
     pil: bool
     started: float
+    temperature: float
 
 
 def _runs_by_image(batch: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

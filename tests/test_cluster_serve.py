@@ -516,6 +516,44 @@ def test_the_app_builder_serves(service: int, double_model: Path) -> None:
         serve.delete("sr-built")
 
 
+@pytest.mark.slow
+def test_one_upscaler_serves_every_temperature_and_seed_of_a_frame_model(
+    service: int, exported_fc: dict[str, Any]
+) -> None:
+    """A fully convolutional model: requests at t = 0 and at two (temperature, seed) pairs, concurrently, each
+    equal to a fresh local Upscaler at its own temperature and seed, all served by the replica's one Upscaler."""
+    from ray import serve
+
+    fc_dir = exported_fc["out"]
+    options = ServiceOptions(max_pixels=MAX_PIXELS, sampler_cache=2)
+    scaling = Scaling(gpus_per_replica=0, cpus_per_replica=0)
+    serve.run(build_app(fc_dir, "cpu", options=options, scaling=scaling), name="sr-fc", route_prefix="/fc")
+    try:
+        before = health(service, "/fc")
+        assert (before["upscalers"], before["samplers"], before["graphs_loaded"]) == (1, 0, ["deterministic"])
+        keys = [(0.0, 0), (0.6, 1), (0.3, 2), (0.6, 1), (0.3, 2), (0.0, 0)]
+        cases = [(encoded(photo(20 + 4 * (i % 2), 16, i), "PNG"), t, seed) for i, (t, seed) in enumerate(keys)]
+
+        def send(case: tuple[bytes, float, int]) -> Reply:
+            data, t, seed = case
+            return post_image(service, data, f"?temperature={t}&seed={seed}", prefix="/fc")
+
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(send, cases, timeout=TIMEOUT_S * 4))
+        for (data, t, seed), reply in zip(cases, replies, strict=True):
+            assert reply.status == 200, reply.body[:200]
+            assert np.array_equal(pixels(reply.body), np.asarray(expected(fc_dir, data, t, seed))), (t, seed)
+        after = health(service, "/fc")
+        assert (after["upscalers"], after["samplers"]) == (1, 0)
+        assert after["graphs_loaded"] == ["deterministic", "sampling"]  # the sampling graph, loaded once
+        data = encoded(photo(16, 12, 99), "PNG")  # alone: the replica is idle after it, and hands its memory back
+        reply = post_image(service, data, "?temperature=0.6&seed=1", prefix="/fc")
+        assert reply.status == 200 and np.array_equal(pixels(reply.body), np.asarray(expected(fc_dir, data, 0.6, 1)))
+        assert health(service, "/fc")["memory_releases"] > after["memory_releases"]
+    finally:
+        serve.delete("sr-fc")
+
+
 def test_encode_keeps_what_the_format_can_hold() -> None:
     rgba = photo(8, 8, 0, "RGBA")
     with Image.open(io.BytesIO(encode_image(rgba, "jpeg"))) as img:
@@ -571,6 +609,7 @@ def test_concurrent_requests_match_a_local_upscaler(service: int, double_model: 
     health = json.loads(request(service, "GET", f"{PREFIX}/healthz").body)
     assert health["batched_images"] > health["batches"], "no two concurrent requests shared a batch"
     assert health["samplers"] <= 2  # the LRU's bound (sampler_cache=2)
+    assert health["upscalers"] == 1 + health["samplers"]  # a fixed-size model: one Upscaler per (t > 0, seed)
 
 
 @pytest.mark.slow

@@ -44,10 +44,10 @@ def test_dimension_overrides_fix_every_input_and_refuse_a_contradiction() -> Non
 def test_whole_frame_noise_window_is_the_cached_read_only_maps() -> None:
     """What lets a device backend upload a shape's noise once: the same objects every call, immutable."""
     spec = load_model_spec(FC_MODEL)
-    noise = FrameNoise(spec.noise_levels, 0.5, seed=3)
-    first, second = noise.window((20, 28), 0, 0, 0, 20, 28), noise.window((20, 28), 0, 0, 0, 20, 28)
+    noise = FrameNoise(spec.noise_levels)
+    first, second = noise.window((20, 28), 3, 0.5, 0, 0, 0, 20, 28), noise.window((20, 28), 3, 0.5, 0, 0, 0, 20, 28)
     assert all(first[k] is second[k] and not first[k].flags.writeable for k in first)
-    tile = noise.window((20, 28), 0, 0, 4, 20, 16)
+    tile = noise.window((20, 28), 3, 0.5, 0, 0, 4, 20, 16)
     np.testing.assert_array_equal(tile["noise_64"], first["noise_64"][:, :, :, 4:20])
 
 
@@ -55,14 +55,14 @@ def test_whole_frame_noise_window_is_the_cached_read_only_maps() -> None:
 def test_bound_backend_equals_the_plain_cpu_backend(temperature: float) -> None:
     spec = load_model_spec(FC_MODEL)
     deterministic = temperature == 0
-    noise = FrameNoise(spec.noise_levels, temperature, seed=1) if temperature else None
+    noise = FrameNoise(spec.noise_levels) if temperature else None
     plain = OrtCpuFrameBackend(spec, "fp32", deterministic, threads=1, uint8_io=True)
     bound = OrtBoundFrameBackend(spec, "fp32", deterministic, device="cpu", threads=1, max_shapes=1)
     try:
         assert bound.uint8_io and bound.graphs_captured == {}
         img = frame(18, 27)
         plan = plan_frame(18, 27, spec.lr_multiple, spec.receptive_radius, 10**6)
-        maps = noise.window(plan.padded_size, 0, 0, 0, *plan.padded_size) if noise else {}
+        maps = noise.window(plan.padded_size, 1, temperature, 0, 0, 0, *plan.padded_size) if noise is not None else {}
         expected, finite = plain.run_u8(img[None], plan.padded_size, maps)
         assert finite
         for seed in range(3):  # the same shape again and again: bound buffers reused, results stay correct
@@ -80,14 +80,16 @@ def test_bound_backend_equals_the_plain_cpu_backend(temperature: float) -> None:
         lr = np.random.default_rng(5).random((1, 3, 20, 28), dtype=np.float32)
         np.testing.assert_allclose(bound.run(lr, maps), plain.run(lr, maps), atol=1e-6)
         if noise is not None:
-            window = noise.window((20, 40), 0, 0, 12, 20, 28)
+            window = noise.window((20, 40), 1, temperature, 0, 0, 12, 20, 28)
             np.testing.assert_allclose(bound.run(lr, window), plain.run(lr, window), atol=1e-6)
             np.testing.assert_allclose(bound.run(lr, maps), plain.run(lr, maps), atol=1e-6)  # and back
         # A second shape evicts the first (max_shapes=1) and still runs right.
         lr2 = np.random.default_rng(6).random((1, 3, 12, 16), dtype=np.float32)
-        maps2 = noise.window((12, 16), 0, 0, 0, 12, 16) if noise else {}
+        maps2 = noise.window((12, 16), 1, temperature, 0, 0, 0, 12, 16) if noise is not None else {}
         np.testing.assert_allclose(bound.run(lr2, maps2), plain.run(lr2, maps2), atol=1e-6)
         assert list(bound.graphs_captured) == ["12x16"]
+        bound.release_memory()  # nothing to hand back: the shape's buffers stay bound
+        np.testing.assert_allclose(bound.run(lr2, maps2), plain.run(lr2, maps2), atol=1e-6)
     finally:
         bound.close()
 
@@ -100,7 +102,7 @@ def test_upscaler_stream_through_the_bound_backend_keeps_order_and_errors() -> N
         expected = [up.run(f) for f in frames]
         spec = up.spec
         bound = OrtBoundFrameBackend(spec, "fp32", False, device="cpu", threads=1)
-        up._frame_backend = bound
+        up._frame_backends[False] = bound
         try:
             got = list(up.run_frames(frames))
             assert len(got) == 4
@@ -111,6 +113,11 @@ def test_upscaler_stream_through_the_bound_backend_keeps_order_and_errors() -> N
             np.testing.assert_array_equal(next(it), expected[0])
             with pytest.raises(SRInputError):
                 next(it)
+            # Per-call seed and temperature through the overlapped uint8 path, as `run` gives them.
+            override = {"temperature": 0.25, "seed": 7}
+            streamed = list(up.run_frames(frames[:2], **override))
+            for f, g in zip(frames[:2], streamed, strict=True):
+                np.testing.assert_array_equal(up.run(f, **override), g)
             # Two threads sharing one Upscaler: the per-instance lock serialises the device work.
             results: dict[int, np.ndarray] = {}
 
@@ -148,7 +155,7 @@ def test_cuda_frame_backend_streams_like_the_cpu(precision: str, nhwc: bool) -> 
         for k, out in enumerate(streamed):
             assert np.abs(out.astype(int) - expected[k % 3].astype(int)).max() <= tolerance
         np.testing.assert_array_equal(streamed[:3], streamed[3:])  # replayed graph, same noise: identical
-        assert gpu._frame_backend is not None
+        assert gpu.loaded_graphs == ("sampling",)
 
 
 @pytest.mark.gpu

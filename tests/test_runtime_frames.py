@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 from PIL import Image
 
 from sr_runtime import RunStats, Upscaler
+from sr_runtime.model import NoiseLevel
+from sr_runtime.noise import FrameNoise, position_noise
 from sr_runtime.tiling import min_frame_tile, plan_frame
 
 RADIUS, STRIDE = 143, 4
@@ -120,8 +124,8 @@ def test_alpha_and_grey_survive_the_frame_path(fc_dir: Any) -> None:
 
 def test_frame_model_uses_the_deterministic_graph_at_temperature_zero(fc_dir: Any) -> None:
     with Upscaler(fc_dir, backend="cpu") as t0, Upscaler(fc_dir, backend="cpu", temperature=0.3) as t:
-        assert t0._frame_backend is not None and t0._frame_backend.deterministic
-        assert t._frame_backend is not None and not t._frame_backend.deterministic
+        assert t0.loaded_graphs == ("deterministic",) and t0._frame_backend(True).deterministic
+        assert t.loaded_graphs == ("sampling",) and not t._frame_backend(False).deterministic
         assert t0.frame_pixels >= min_frame_tile(STRIDE, RADIUS) ** 2
 
 
@@ -235,3 +239,155 @@ def test_uint8_path_equals_the_host_path(fc_dir: Any, temperature: float) -> Non
         assert isinstance(pil, Image.Image)
         np.testing.assert_array_equal(np.asarray(pil), a)
         np.testing.assert_array_equal(next(dev.run_frames([img])), a)
+
+
+# -- one Upscaler, any temperature and seed (fully convolutional models) ---------
+
+
+@pytest.mark.parametrize(("temperature", "seed"), [(0.7, 3), (0.35, 11)])
+def test_per_call_overrides_equal_a_fresh_upscaler(fc_dir: Any, temperature: float, seed: int) -> None:
+    img = photo_strip(20, 28)
+    strip = photo_strip(37, 330)
+    frames = [photo_strip(16, 20, seed=k) for k in range(2)]
+    with (
+        Upscaler(fc_dir, backend="cpu") as shared,
+        Upscaler(fc_dir, backend="cpu", frame_pixels=STRIP_TILE_PIXELS) as shared_tiled,
+        Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=seed) as fresh,
+        Upscaler(fc_dir, backend="cpu", temperature=temperature, seed=seed, frame_pixels=STRIP_TILE_PIXELS) as tiled,
+    ):
+        override = {"temperature": temperature, "seed": seed}
+        np.testing.assert_array_equal(shared.run(img, **override), fresh.run(img))
+        mean, std = shared.run(img, samples=2, **override)
+        fresh_mean, fresh_std = fresh.run(img, samples=2)
+        np.testing.assert_array_equal(mean, fresh_mean)
+        np.testing.assert_array_equal(std, fresh_std)
+        for a, b in zip(shared.run_many(frames, **override), fresh.run_many(frames), strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(shared.run_frames(frames, **override), fresh.run_frames(frames), strict=True):
+            np.testing.assert_array_equal(a, b)
+        stats = RunStats()
+        np.testing.assert_array_equal(shared_tiled.run(strip, stats=stats, **override), tiled.run(strip))
+        assert stats.batches >= 2  # the tiled path took the override too
+        with Upscaler(fc_dir, backend="cpu") as plain:  # no state leaks from the overrides into the defaults
+            np.testing.assert_array_equal(shared.run(img), plain.run(img))
+
+
+def test_a_sampler_serves_temperature_zero_as_a_fresh_deterministic_upscaler(fc_dir: Any) -> None:
+    img = photo_strip(20, 28)
+    with Upscaler(fc_dir, backend="cpu", temperature=0.5, seed=2) as sampler, Upscaler(fc_dir, backend="cpu") as t0:
+        np.testing.assert_array_equal(sampler.run(img, temperature=0), t0.run(img))
+        assert sampler.loaded_graphs == ("sampling", "deterministic")
+        assert not np.array_equal(sampler.run(img), t0.run(img))  # its own default is still t = 0.5
+
+
+def test_the_sampling_graph_loads_once_on_the_first_call_that_needs_it(fc_dir: Any) -> None:
+    img = photo_strip(16, 20)
+    with Upscaler(fc_dir, backend="cpu") as up:
+        up.run(img)
+        assert up.loaded_graphs == ("deterministic",)  # a temperature-0 user pays for one session
+        with ThreadPoolExecutor(max_workers=4) as pool:  # several first calls at once still load it once
+            outs = list(pool.map(lambda k: up.run(img, temperature=0.6, seed=k % 2), range(4)))
+        assert up.loaded_graphs == ("deterministic", "sampling")
+        sampling = up._frame_backend(False)
+        up.run(img, temperature=0.9, seed=5)
+        assert up.loaded_graphs == ("deterministic", "sampling") and up._frame_backend(False) is sampling
+    np.testing.assert_array_equal(outs[0], outs[2])
+    assert not np.array_equal(outs[0], outs[1])  # the seed reaches the noise
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        ({"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
+        ({"temperature": -0.1}, ValueError, "temperature must be a finite number >= 0"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be a finite number >= 0"),
+        ({"temperature": "0.5"}, TypeError, "temperature must be a number"),
+        ({"temperature": True}, TypeError, "temperature must be a number"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+    ],
+)
+def test_bad_overrides_are_one_clear_error(fc_dir: Any, override: dict[str, Any], error: type, match: str) -> None:
+    img = photo_strip(8, 8)
+    with Upscaler(fc_dir, backend="cpu") as up:
+        with pytest.raises(error, match=match):
+            up.run(img, **override)
+        with pytest.raises(error, match=match):
+            up.run_many([img], **override)
+        with pytest.raises(error, match=match):
+            up.run_frames([img], **override)  # at the call, not at the first frame
+        assert up.loaded_graphs == ("deterministic",)
+
+
+def test_a_fixed_size_model_refuses_per_call_overrides(upscaler: Upscaler) -> None:
+    img = photo_strip(8, 8)
+    for override in ({"temperature": 0.5}, {"seed": 1}, {"temperature": 0.0}):
+        with pytest.raises(ValueError, match="fixed-size: its noise bank is drawn once per Upscaler"):
+            upscaler.run(img, **override)
+        with pytest.raises(ValueError, match="fixed-size"):
+            upscaler.run_many([img], **override)
+    assert upscaler.run(img).shape == (32, 32, 3)  # no override: as before
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc (Linux)")
+def test_release_memory_hands_a_frame_back_and_keeps_the_results(fc_dir: Any, upscaler: Upscaler) -> None:
+    img = photo_strip(128, 128)
+    with Upscaler(fc_dir, backend="cpu") as up:
+        before = rss_mb()
+        first = up.run(img)
+        grown = rss_mb() - before
+        up.release_memory()
+        kept = rss_mb() - before
+        assert grown > 64, f"a 128x128 LR frame grew RSS by only {grown:.0f} MB"
+        assert kept < grown / 2, f"release_memory kept {kept:.0f} of {grown:.0f} MB"
+        np.testing.assert_array_equal(up.run(img), first)
+        sampled = up.run(img[:32, :32], temperature=0.5, seed=1)
+        up.release_memory()  # both graphs' arenas
+        np.testing.assert_array_equal(up.run(img[:32, :32], temperature=0.5, seed=1), sampled)
+    upscaler.release_memory()  # a fixed-size model: nothing to hand back, and no error
+
+
+# -- the frame noise cache, no model needed -------------------------------------
+
+
+def noise_levels() -> list[NoiseLevel]:
+    return [NoiseLevel("noise_16", 2, 0.25, 0), NoiseLevel("noise_64", 3, 1.0, 1)]
+
+
+def test_frame_noise_is_cached_per_shape_seed_and_temperature_within_its_bounds() -> None:
+    noise = FrameNoise(noise_levels(), keep=2)
+    first = noise.maps((8, 12), seed=1, temperature=0.5)
+    assert noise.maps((8, 12), seed=1, temperature=0.5) is first  # a hit
+    assert noise.maps((8, 12), seed=2, temperature=0.5)[1] is not first[1]
+    assert noise.maps((8, 12), seed=1, temperature=0.5) is first  # still kept (most recent two)
+    noise.maps((8, 12), seed=1, temperature=0.25)  # a third entry: the least recent one (seed 2) goes
+    noise.maps((8, 12), seed=2, temperature=0.5)  # drawn again, and now seed 1 at 0.5 goes
+    assert len(noise) == 2 and noise.maps((8, 12), seed=1, temperature=0.5) is not first
+    np.testing.assert_array_equal(noise.maps((8, 12), 1, 0.25)[1] * 2, noise.maps((8, 12), 1, 0.5)[1])
+    expected = position_noise(1, 1, 3, 0, 0, 8, 12) * np.float32(0.5)
+    np.testing.assert_array_equal(noise.maps((8, 12), 1, 0.5)[1][0], expected)
+
+
+def test_frame_noise_keeps_only_the_newest_entry_beyond_its_byte_bound() -> None:
+    noise = FrameNoise(noise_levels(), keep=8, max_bytes=1)
+    noise.maps((8, 12), seed=1, temperature=0.5)
+    latest = noise.maps((16, 12), seed=1, temperature=0.5)
+    assert len(noise) == 1 and noise.cached_bytes == sum(m.nbytes for m in latest)
+
+
+def test_a_whole_frame_window_is_the_cached_maps_themselves() -> None:
+    """Frames of a stream pass the same arrays, which a GPU backend uploads once (it compares by identity)."""
+    noise = FrameNoise(noise_levels())
+    whole = noise.window((8, 12), 1, 0.5, 0, 0, 0, 8, 12)
+    again = noise.window((8, 12), 1, 0.5, 0, 0, 0, 8, 12)
+    assert all(whole[k] is again[k] for k in whole)
+    tile = noise.window((8, 12), 1, 0.5, 0, 4, 4, 4, 8)
+    np.testing.assert_array_equal(tile["noise_64"], whole["noise_64"][:, :, 4:8, 4:12])
+    assert tile["noise_16"].shape == (1, 2, 1, 2)

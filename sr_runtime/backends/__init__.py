@@ -175,6 +175,9 @@ class FrameBackend(Protocol):
     ) -> Future[tuple[np.ndarray, bool]]:
         """`run_u8` whose result may still be on its way to the host: a stream's next frame can start meanwhile."""
 
+    def release_memory(self) -> None:
+        """Hand memory kept for reuse between calls back to the system, where the backend can."""
+
     def close(self) -> None: ...
 
 

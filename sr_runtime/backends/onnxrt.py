@@ -66,6 +66,19 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
+def frame_session_options(threads: int | None = None) -> ort.SessionOptions:
+    """`session_options` without ONNX Runtime's memory pattern, for frames of any size on the CPU.
+
+    The pattern is planned per input shape on the first run and then
+    allocated as one block beside what the arena already holds, so from the
+    second frame of a shape on the peak is about twice the first run's; the
+    arena alone reuses its blocks (benchmarks/frame_memory.py measures both).
+    """
+    opts = session_options(threads)
+    opts.enable_mem_pattern = False
+    return opts
+
+
 def _check_io(session: ort.InferenceSession, spec: ModelSpec) -> None:
     """Fail at load time, not mid-image, if the graph does not follow the export contract."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
@@ -308,10 +321,20 @@ class OrtCpuFrameBackend:
         self.precision = resolve_precision(spec, precision, gpu=False)
         self.deterministic = deterministic
         path = spec.verify(self.precision, deterministic)
-        self._session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(
+            str(path), frame_session_options(threads), providers=["CPUExecutionProvider"]
+        )
         _check_frame_io(self._session, spec, deterministic)
         self._io = _io_sessions(spec, ["CPUExecutionProvider"]) if uint8_io else None
         self._scale = spec.scale
+        m = spec.lr_multiple  # the smallest frame: one stride
+        self._smallest = {"lr": np.zeros((1, 3, m, m), np.float32)}
+        if not deterministic:
+            self._smallest.update(
+                {lv.name: np.zeros((1, lv.channels, *lv.size(m, m)), np.float32) for lv in spec.noise_levels}
+            )
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     @property
     def uint8_io(self) -> bool:
@@ -337,6 +360,14 @@ class OrtCpuFrameBackend:
     ) -> Future[tuple[np.ndarray, bool]]:
         """`run_u8`, returned as a finished future (nothing to overlap on the CPU)."""
         return _done(self.run_u8(u8, padded, noise))
+
+    def release_memory(self) -> None:
+        """Hand the memory arena's free blocks back to the system (after a large frame it keeps them all).
+
+        ONNX Runtime shrinks an arena only at the end of a run, so this is a
+        run on the smallest frame (one stride) with arena shrinkage asked for.
+        """
+        self._session.run(["hr"], self._smallest, self._shrink)
 
     def close(self) -> None:
         """Nothing to free by hand: the session goes with the object."""
@@ -676,6 +707,9 @@ class OrtBoundFrameBackend:
     def run_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
         """uint8 [1, h, w, 3] -> (uint8 [1, 4h, 4w, 3], all finite): `submit_u8` and wait."""
         return self.submit_u8(u8, padded, noise).result()
+
+    def release_memory(self) -> None:
+        """Nothing: memory stays bound to each frame shape's session, buffers and CUDA graph until `close`."""
 
     def close(self) -> None:
         """Wait for copies in flight, then drop the sessions, their graphs and device buffers."""

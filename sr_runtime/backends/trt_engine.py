@@ -428,6 +428,9 @@ class TensorRTFrameBackend:
     def submit_u8(self, u8: np.ndarray, padded: tuple[int, int], noise: dict[str, np.ndarray]) -> Any:
         raise RuntimeError("the TensorRT frame backend has no uint8 I/O graphs")
 
+    def release_memory(self) -> None:
+        """Nothing: device and pinned memory stay bound to each frame shape's context and CUDA graph until `close`."""
+
     def close(self) -> None:
         """Free graphs, contexts, device and pinned memory and the stream (idempotent)."""
         rt = self._cuda.rt
