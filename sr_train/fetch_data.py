@@ -514,8 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summary:
         try:
             print("\n".join(summarize(args.out)))
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
     start = time.perf_counter()
