@@ -65,11 +65,27 @@ def test_manifest_is_consistent() -> None:
     assert len(debs) == 71 and len(wheels) == 7
     for p in debs:
         assert p.split == fd.split_for(p.path), p.name  # the split is the documented rule
-        is_jpeg = p.file.endswith(".jpg") or p.file.endswith(".edj")  # .edj entries are JPEGs
-        assert p.downscale == (2 if is_jpeg else 1), p.name
+    for p in photos:
+        is_jpeg = p.file.endswith((".jpg", ".edj"))  # .edj entries are JPEGs
+        assert (p.quality is not None) == is_jpeg, p.name
+        assert p.blockiness is not None and 0.5 < p.blockiness < 10, p.name
+        # the downscale is the documented rule on the measured columns, never a hand choice
+        assert p.downscale == fd.rule_downscale(p.source, p.split, p.quality, p.blockiness), p.name
+        if p.split == "val" and p.source == "deb":
+            assert p.downscale == (2 if is_jpeg else 1), p.name  # what every score was measured on
     assert all(p.split == "val" for p in wheels)
     assert all(len(p.sha256) == 64 for p in photos)
     assert sum(p.split == "train" for p in photos) == 61
+
+
+def test_training_megapixels_at_least_doubled() -> None:
+    """Issue 17 item 5: at least twice the original set's 94.5 training MP (after downscales)."""
+    photos = fd.read_manifest()
+    mp = {s: sum(p.out_size[0] * p.out_size[1] for p in photos if p.split == s) / 1e6 for s in ("train", "val")}
+    assert mp["train"] >= 2 * 94.5, mp
+    native = [p for p in photos if p.split == "train" and p.downscale == 1]
+    assert all(p.blockiness is not None and p.blockiness <= fd.MAX_NATIVE_BLOCKINESS for p in native)
+    assert all(p.quality is None or p.quality >= fd.MIN_NATIVE_QUALITY for p in native)
 
 
 # The 16 validation photos every reported score is on: adding training photos must not move one.
@@ -125,10 +141,112 @@ def test_a_manifest_without_the_licence_column_is_rejected(tmp_path: Path) -> No
         fd.read_manifest(old)
 
 
+def test_a_manifest_without_the_measured_columns_is_rejected(tmp_path: Path) -> None:
+    old = tmp_path / "old.tsv"
+    cols = [c for c in fd._COLUMNS if c not in ("quality", "blockiness")]
+    old.write_text("\t".join(cols) + "\n")
+    with pytest.raises(ValueError, match="quality"):
+        fd.read_manifest(old)
+
+
+def test_manifest_rows_parse_the_measured_columns(tmp_path: Path) -> None:
+    m = tmp_path / "m.tsv"
+    rows = [
+        ["deb", "p", "a.jpg", "100", "80", "93", "1.012", "1", "train", "a", "ab" * 32, "CC0-1.0"],
+        ["deb", "p", "b.png", "60", "40", "", "1.300", "2", "train", "b", "cd" * 32, "GPL-2+"],
+    ]
+    m.write_text("\n".join("\t".join(r) for r in [list(fd._COLUMNS), *rows]) + "\n")
+    a, b = fd.read_manifest(m)
+    assert (a.quality, a.blockiness, a.downscale, a.out_size) == (93, 1.012, 1, (100, 80))
+    assert (b.quality, b.blockiness, b.downscale, b.out_size) == (None, 1.3, 2, (30, 20))
+
+
 def test_split_is_deterministic_and_roughly_the_fraction() -> None:
     splits = [fd.split_for(f"some/path/{i}.jpg") for i in range(2000)]
     assert splits == [fd.split_for(f"some/path/{i}.jpg") for i in range(2000)]
     assert 0.12 < splits.count("val") / 2000 < 0.18
+
+
+# --- the native-resolution rule -----------------------------------------------------------
+
+
+def _photo_like(seed: int = 0, size: tuple[int, int] = (256, 192)) -> Image.Image:
+    """A clean photo stand-in: smooth shading, soft edges and fine grain, no 8x8 grid."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = 90 + 60 * np.sin(xx / 23.0) * np.cos(yy / 17.0) + 40 * (xx + yy > 200)
+    img = img[..., None] + np.array([0.0, 15.0, -20.0]) + rng.normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _jpeg(im: Image.Image, quality: int, **kw: object) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality, **kw)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_ijg_tables_are_libjpegs() -> None:
+    assert fd.ijg_luma_table(50) == fd._IJG_LUMA
+    assert fd.ijg_luma_table(100) == (1,) * 64
+    assert max(fd.ijg_luma_table(1)) == 255  # baseline tables are capped
+    ref = _jpeg(_photo_like(), 75)
+    assert tuple(ref.quantization[0]) == fd.ijg_luma_table(75)  # Pillow writes the same tables
+
+
+@pytest.mark.parametrize("quality", [10, 30, 50, 75, 85, 90, 95, 98, 100])
+@pytest.mark.parametrize("subsampling", [0, 2])
+def test_jpeg_quality_reads_the_quality_a_real_jpeg_was_saved_at(quality: int, subsampling: int) -> None:
+    assert fd.jpeg_quality(_jpeg(_photo_like(), quality, subsampling=subsampling)) == quality
+
+
+def test_jpeg_quality_is_none_for_other_formats_and_close_for_foreign_tables() -> None:
+    buf = io.BytesIO()
+    _photo_like().save(buf, format="PNG")
+    assert fd.jpeg_quality(Image.open(buf)) is None
+    # Another encoder's table (each step of q=80's +1): the nearest IJG quality is close to 80.
+    table = [v + 1 for v in fd.ijg_luma_table(80)]
+    buf = io.BytesIO()
+    _photo_like().save(buf, format="JPEG", qtables=[table, table])  # no quality: the tables as given
+    foreign = Image.open(buf)
+    assert 75 <= (fd.jpeg_quality(foreign) or 0) <= 80
+
+
+def test_blockiness_sees_the_grid_of_low_quality_and_recompressed_jpegs() -> None:
+    clean = _photo_like()
+    assert abs(fd.blockiness(clean) - 1.0) < 0.05
+    assert fd.blockiness(_jpeg(clean, 98)) <= fd.MAX_NATIVE_BLOCKINESS
+    assert fd.blockiness(_jpeg(clean, 30)) > 1.5
+    # saved at quality 30, then again at 98: the tables say 98, the pixels keep the grid
+    twice = _jpeg(_jpeg(clean, 30).convert("RGB"), 98)
+    assert fd.jpeg_quality(twice) == 98
+    assert fd.blockiness(twice) > fd.MAX_NATIVE_BLOCKINESS
+    # a grid shifted off the 8x8 phase (a cropped JPEG) is not counted as a JPEG grid
+    assert fd.blockiness(_jpeg(clean, 30).crop((3, 3, 250, 190))) < 1.2
+    assert fd.blockiness(Image.new("RGB", (8, 8))) == 1.0  # too small to tell: no grid
+
+
+def test_measure_reads_format_size_quality_blockiness_and_hash() -> None:
+    buf = io.BytesIO()
+    _photo_like(size=(120, 90)).save(buf, format="JPEG", quality=92)
+    data = buf.getvalue()
+    m = fd.measure(data)
+    assert (m.fmt, m.w, m.h, m.quality) == ("JPEG", 120, 90, 92)
+    assert m.sha256 == hashlib.sha256(data).hexdigest() and m.blockiness == round(m.blockiness, 3)
+
+
+def test_the_rule_keeps_clean_training_photos_native_and_validation_as_scored() -> None:
+    rule, lim = fd.rule_downscale, fd.MAX_NATIVE_BLOCKINESS
+    assert rule("deb", "train", 99, 0.98) == 1  # clean high-quality JPEG: every pixel kept
+    assert rule("deb", "train", 90, lim) == 1
+    assert rule("deb", "train", 89, 1.0) == 2  # coarse tables
+    assert rule("deb", "train", 100, lim + 0.01) == 2  # fine tables over an older JPEG's grid
+    assert rule("deb", "train", None, 1.02) == 1  # PNG without a grid
+    assert rule("deb", "train", None, 2.8) == 2  # PNG converted from a blocky JPEG
+    assert rule("deb", "train", 99, None) == 2  # not measured: not trusted
+    assert rule("deb", "val", 99, 0.98) == 2  # validation keeps the treatment it was scored with
+    assert rule("deb", "val", None, 2.8) == 1
+    assert rule("wheel", "val", 75, 1.9) == 1
 
 
 # --- fetch ------------------------------------------------------------------------------
@@ -197,6 +315,58 @@ def _eet(entries: dict[str, tuple[bytes, bool]]) -> bytes:
         name_off += len(name) + 1
         data_off += len(blob)
     return struct.pack(">III", 0x1EE70F42, len(entries), 0) + table + names + b"".join(blobs)
+
+
+def _deb_with(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    """A cache folder holding fake-photos_1.0_all.deb with the given files."""
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: fake-photos\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\nDescription: test\n"
+    )
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["dpkg-deb", "--build", str(root), str(cache / "fake-photos_1.0_all.deb")],
+                   check=True, capture_output=True)  # fmt: skip
+    return cache
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_applies_the_rule_and_refuses_a_row_that_breaks_it(tmp_path: Path) -> None:
+    clean, blocky = io.BytesIO(), io.BytesIO()
+    _photo_like(size=(96, 64)).save(clean, format="JPEG", quality=97, subsampling=0)
+    _photo_like(size=(96, 64)).save(blocky, format="JPEG", quality=60)
+    cache = _deb_with(
+        tmp_path, {"usr/share/p/clean.jpg": clean.getvalue(), "usr/share/p/blocky.jpg": blocky.getvalue()}
+    )
+    mc, mb = fd.measure(clean.getvalue()), fd.measure(blocky.getvalue())
+    row = {"source": "deb", "package": "fake-photos", "split": "train", "w": 96, "h": 64}
+    good = [
+        fd.Photo(**row, path="usr/share/p/clean.jpg", name="clean", sha256=mc.sha256, quality=mc.quality,
+                 blockiness=mc.blockiness, downscale=1),
+        fd.Photo(**row, path="usr/share/p/blocky.jpg", name="blocky", sha256=mb.sha256, quality=mb.quality,
+                 blockiness=mb.blockiness, downscale=2),
+    ]  # fmt: skip
+    out, log = tmp_path / "out", io.StringIO()
+    assert fd.fetch(good, out, cache, log) == [] and "warning" not in log.getvalue()
+    assert Image.open(out / "train" / "clean.png").size == (96, 64)  # native
+    assert Image.open(out / "train" / "blocky.png").size == (48, 32)  # x2
+
+    # A folder made under the old rule (every JPEG x2) is redone at the size the manifest asks.
+    Image.new("RGB", (48, 32)).save(out / "train" / "clean.png")
+    log = io.StringIO()
+    assert fd.fetch(good, out, cache, log) == []
+    assert "1 of 2 photos already" in log.getvalue()
+    assert Image.open(out / "train" / "clean.png").size == (96, 64)
+
+    # A row whose downscale is not the rule's for the file is refused, not silently used.
+    hand = fd.Photo(**{**good[1].__dict__, "downscale": 1, "name": "hand"})
+    errors = fd.fetch([hand], out, cache, io.StringIO())
+    assert len(errors) == 1 and "hand:" in errors[0] and "give downscale 2" in errors[0]
+    assert not (out / "train" / "hand.png").exists()
 
 
 def test_eet_entries_are_found_inflated_and_checked() -> None:
@@ -268,6 +438,36 @@ def test_main_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert rows[0].split("\t") == list(fd._OUT_COLUMNS)
     assert [r.split("\t")[1] for r in rows[1:]] == ["sklearn_china", "sklearn_flower"]
     assert all(r.endswith("\tCC-BY-2.0") for r in rows[1:])
+    capsys.readouterr()
+    assert fd.main(["--summary", "--out", str(tmp_path / "o")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "val    sklearn" in lines[-2] and lines[-2].split()[-3:] == ["2", "2", "0.5"]  # 2 x 640x427, as they are
+    assert lines[-1].split() == ["val", "total", "2", "2", "0.5"]
+    assert fd.main(["--summary", "--out", str(tmp_path / "nothing")]) == 1
+
+
+def test_summary_counts_photos_and_megapixels_per_split_and_source(tmp_path: Path) -> None:
+    rows = [
+        ("train", "a", 2000, 1000, "pkg-a", "1"),
+        ("train", "b", 1000, 500, "pkg-a", "2"),
+        ("train", "c", 3000, 1000, "pkg-b", "1"),
+        ("val", "d", 1000, 1000, "pkg-b", "2"),
+    ]
+    text = "\t".join(fd._OUT_COLUMNS) + "\n"
+    for split, name, w, h, package, ds in rows:
+        vals = {"split": split, "name": name, "w": w, "h": h, "source": "deb", "package": package,
+                "path": f"{name}.jpg", "quality": 95, "blockiness": "1.000", "downscale": ds,
+                "sha256": "", "licence": "CC0-1.0"}  # fmt: skip
+        text += "\t".join(str(vals[c]) for c in fd._OUT_COLUMNS) + "\n"
+    (tmp_path / fd.OUT_MANIFEST).write_text(text)
+    got = [ln.split() for ln in fd.summarize(tmp_path)[1:]]
+    assert got == [
+        ["train", "pkg-a", "2", "1", "2.5"],
+        ["train", "pkg-b", "1", "1", "3.0"],
+        ["train", "total", "3", "2", "5.5"],
+        ["val", "pkg-b", "1", "0", "1.0"],
+        ["val", "total", "1", "0", "1.0"],
+    ]
 
 
 def test_out_manifest_lists_the_pngs_present_and_is_idempotent(tmp_path: Path) -> None:
@@ -280,7 +480,7 @@ def test_out_manifest_lists_the_pngs_present_and_is_idempotent(tmp_path: Path) -
     Image.new("RGB", (33, 24)).save(tmp_path / "train" / "a.png")  # b.png is missing
     dest = fd.write_out_manifest(photos, tmp_path)
     lines = dest.read_text().splitlines()
-    assert lines[1:] == ["train\ta\t33\t24\tdeb\tp\ta.jpg\t2\t" + "ab" * 32 + "\tCC0-1.0"]
+    assert lines[1:] == ["train\ta\t33\t24\tdeb\tp\ta.jpg\t\t\t2\t" + "ab" * 32 + "\tCC0-1.0"]
     mtime = dest.stat().st_mtime_ns
     fd.write_out_manifest(photos, tmp_path)
     assert dest.stat().st_mtime_ns == mtime  # unchanged content: not rewritten
