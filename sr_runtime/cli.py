@@ -31,23 +31,19 @@ from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRModelError, UsageError
 from sr_runtime.files import atomic_write_json, printable, resolved
 from sr_runtime.jobs import (
-    FILE_ERRORS,
     FORMATS,
     STDIO,
     FileNotes,
+    FileOutcome,
     UpscaleOptions,
-    check_targets,
-    failure_line,
     final_status,
     output_is_file,
-    output_path,
-    output_targets,
-    upscale_file,
+    run_files,
 )
 from sr_runtime.noise import DEFAULT_ROWS
 from sr_runtime.runners import BatchJob, load_runner
 from sr_runtime.signals import sigterm_as_exit
-from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, Upscaler, default_max_pixels
+from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, default_max_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
 #: `--ray` ADDRESS: auto, host:port (the GCS) or ray://host:port (Ray Client).
@@ -318,22 +314,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})", file=sys.stderr)
     failures = [f"{name}: {why}" for name, why in unmatched]
-    inputs = {resolved(p) for p in sources}
-    written: set[Path] = set()
     report = RunReport(version_line(), upscaler.spec.name, upscaler.backend, upscaler.precision)
     report.files += [{"input": name, "status": "failed", "reason": why} for name, why in unmatched]
     status = 0
     try:
-        with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
-            for src in files:
-                dest = output_path(src, options)
-                try:
-                    notes = _process(upscaler, src, dest, inputs, written, options)
-                except FILE_ERRORS as exc:
-                    failures.append(failure_line(src, exc))
-                    report.add(src, dest, "failed", reason=failures[-1])
-                else:
-                    report.add(src, dest, "skipped" if notes is None else "done", notes)
+        with (
+            sigterm_as_exit(),
+            upscaler,
+            tqdm(total=len(sources), desc="files", unit="file", disable=args.quiet or None) as files,
+        ):
+
+            def record(outcome: FileOutcome) -> None:
+                files.update(1)
+                if outcome.failure is not None:
+                    failures.append(outcome.failure)
+                elif outcome.status == "skipped":
+                    logging.getLogger("sr_runtime").warning(
+                        "%s: skipped, %s exists (--no-clobber)",
+                        printable(str(outcome.src)),
+                        printable(str(outcome.dest)),
+                    )
+                elif outcome.notes is not None:
+                    outcome.notes.report()
+                report.add(outcome.src, outcome.dest, outcome.status, outcome.notes, outcome.failure or "")
+
+            run_files(upscaler, sources, options, record)
     except KeyboardInterrupt:
         status = 130
     except SystemExit as exc:  # SIGTERM
@@ -370,6 +375,8 @@ class RunReport:
                 "backend_seconds": round(notes.backend_seconds, 3),
                 "tiles": notes.tiles,
             }
+            if notes.stages is not None:
+                entry["stage_seconds"] = {name: round(s, 3) for name, s in notes.stages.seconds().items()}
         self.files.append(entry)
 
     def count(self, status: str) -> int:
@@ -431,24 +438,6 @@ def _run_on_ray(job: BatchJob) -> int:
         print(f"sr-upscale: error: {RAY_EXTRA_MISSING}", file=sys.stderr)
         return 2
     return runner(job)
-
-
-def _process(
-    upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], options: UpscaleOptions
-) -> FileNotes | None:
-    """Upscale one file (None: skipped); `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
-    targets = output_targets(dest, options)
-    if options.no_clobber and dest != STDIO and any(t.exists() for t in targets):
-        logging.getLogger("sr_runtime").warning(
-            "%s: skipped, %s exists (--no-clobber)", printable(str(src)), printable(str(dest))
-        )
-        return None
-    if dest != STDIO:
-        check_targets(src, targets, inputs, written)
-    notes = upscale_file(upscaler, src, targets, options)
-    notes.report()
-    written.update(resolved(t) for t in targets if t != STDIO)
-    return notes
 
 
 if __name__ == "__main__":
