@@ -40,10 +40,12 @@ from sr_runtime.jobs import (
     output_is_file,
     run_files,
 )
+from sr_runtime.model import load_model_spec
 from sr_runtime.noise import DEFAULT_ROWS
 from sr_runtime.runners import BatchJob, load_runner
 from sr_runtime.signals import sigterm_as_exit
-from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, default_max_pixels
+from sr_runtime.tiling import min_frame_tile
+from sr_runtime.upscaler import CPU_DEFAULT_BATCH, DEFAULT_TILE_OVERLAP, default_max_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
 #: `--ray` ADDRESS: auto, host:port (the GCS) or ray://host:port (Ray Client).
@@ -130,7 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise bank (default 0)")
     p.add_argument("--model", help="model directory (default: the shipped one, or $SR_MODEL_DIR)")
-    p.add_argument("--batch-size", type=int, help="tiles per backend call (default: the model's maximum)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"fixed-size models: tiles per backend call, their memory control (default: {CPU_DEFAULT_BATCH} on "
+        "the CPU, measured as fast as larger batches and leaner; the model's maximum on GPUs)",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fully convolutional models: at most N x N LR pixels per backend call, larger images run as "
+        "tiles about N wide overlapped by the receptive field (less memory, some time); 0 = the whole image "
+        "in one call when memory allows (default 0). Fixed-size models have fixed tiles: --batch-size is "
+        "their memory control",
+    )
     p.add_argument(
         "--samples",
         type=int,
@@ -244,6 +261,8 @@ def _validate(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1")
     if args.tile_overlap < 0:
         raise UsageError("--tile-overlap must be >= 0")
+    if args.tile < 0:
+        raise UsageError("--tile must be >= 0 (0: the whole image in one call when memory allows)")
     if any(sep and sep in args.suffix for sep in (os.sep, os.altsep, "/")) or args.suffix in (".", ".."):
         raise UsageError("--suffix must not contain a path separator (outputs stay in the output folder)")
     if args.ray is not None and not RAY_ADDRESS.fullmatch(args.ray):
@@ -281,6 +300,25 @@ def _check_output_file(args: argparse.Namespace, sources: list[Path]) -> None:
             raise UsageError(f"-o {args.output}: unknown output format (use .png, .jpg or .webp)")
 
 
+def _check_tile(tile: int, model: str | None) -> None:
+    """--tile needs a fully convolutional model, and a tile wide enough to keep a valid centre."""
+    if not tile:
+        return
+    spec = load_model_spec(model)
+    if not spec.fully_convolutional:
+        h, w = spec.lr_size
+        raise UsageError(
+            f"--tile: model {spec.name} runs fixed {w}x{h} LR tiles; --batch-size (tiles per backend call) "
+            "is its memory control"
+        )
+    least = min_frame_tile(spec.lr_multiple, spec.receptive_radius)
+    if tile < least:
+        raise UsageError(
+            f"--tile {tile} is below model {spec.name}'s smallest tile, {least} LR pixels (twice its receptive "
+            f"radius {spec.receptive_radius} plus one stride): give 0 or at least {least}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -294,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = _validate(args)
         sources, unmatched = expand_inputs(args.inputs, args.suffix)
         _check_output_file(args, sources)
-    except UsageError as exc:
+        _check_tile(args.tile, args.model)
+    except (UsageError, SRModelError) as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
     options = options_from(args, samples)
@@ -415,6 +454,7 @@ def options_from(args: argparse.Namespace, samples: int) -> UpscaleOptions:
         tile_overlap=args.tile_overlap,
         batch_size=args.batch_size,
         max_pixels=None if args.max_pixels is None else int(args.max_pixels),
+        tile=args.tile,
         samples=samples,
         output=args.output,
         suffix=args.suffix,

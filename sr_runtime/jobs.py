@@ -65,6 +65,7 @@ class UpscaleOptions:
     tile_overlap: int = DEFAULT_TILE_OVERLAP
     batch_size: int | None = None
     max_pixels: int | None = None
+    tile: int = 0  # fully convolutional models: at most tile x tile LR pixels per call; 0 = the default budget
     # Each file.
     samples: int = 1
     output: str | None = None  # `-o`: a file, a folder, `-`, or None (next to each input)
@@ -88,6 +89,7 @@ class UpscaleOptions:
             precision=self.precision,
             max_pixels=self.max_pixels,
             cpu_threads=cpu_threads,
+            frame_pixels=self.tile * self.tile if self.tile else None,
         )
 
 
