@@ -346,10 +346,22 @@ class _Slot:
     targets: tuple[Path, ...]
     outcome: FileOutcome | None = None
     decoding: Future[DecodedInput] | None = None
-    writing: Future[FileNotes] | None = None
+    writing: Future[None] | None = None
+    write_result: FileNotes | BaseException | None = None
 
     def fail(self, exc: BaseException) -> None:
         self.outcome = FileOutcome(self.src, self.dest, "failed", failure=failure_line(self.src, exc))
+
+    def write(self, options: UpscaleOptions, done: UpscaledInput) -> None:
+        """The write stage (on the writer thread); its notes or error stay with the slot.
+
+        So the driver finds them even when an interrupt stopped it between
+        handing the write over and keeping the future.
+        """
+        try:
+            self.write_result = write_outputs(self.src, self.targets, options, done)
+        except BaseException as exc:  # noqa: BLE001 -- kept for the driver's thread, which reports or raises it
+            self.write_result = exc
 
 
 class _RunNow:
@@ -416,11 +428,15 @@ class _FileRun:
             decoder = ThreadPoolExecutor(1, thread_name_prefix="sr-read")
             writer = ThreadPoolExecutor(1, thread_name_prefix="sr-write")
         try:
+            # The writer's thread exists before any write is handed to it: a hand-over that an interrupt
+            # cuts short then never leaves a thread the executor does not know, so `shutdown` waits for it.
+            writer.submit(int).result()
             with self.warned.installed():
                 self._loop(decoder, writer)
         except BaseException:
             decoder.shutdown(wait=False, cancel_futures=True)  # a decode ahead is dropped: it writes nothing
-            self._settle_writes()  # the file being written finishes (atomically) and is reported
+            writer.shutdown(wait=True)  # a write handed over finishes (atomically) ...
+            self._settle_writes()  # ... and is reported
             self._report_finished()
             raise
         finally:
@@ -442,9 +458,7 @@ class _FileRun:
     def _next_decoding(self, decoder: ThreadPoolExecutor | _RunNow) -> _Slot | None:
         """The first admitted slot still to upscale, admitting (and if needed waiting for a clash) until one is."""
         while True:
-            waiting = next(
-                (s for s in self.slots if s.decoding is not None and s.outcome is None and s.writing is None), None
-            )
+            waiting = next((s for s in self.slots if s.decoding is not None), None)
             if waiting is not None:
                 return waiting
             if not self.upcoming:
@@ -455,9 +469,7 @@ class _FileRun:
 
     def _admit_one_ahead(self, decoder: ThreadPoolExecutor | _RunNow, current: _Slot) -> None:
         """Admit files until one besides `current` is decoding (or the next must wait for a file in flight)."""
-        while self.upcoming and not any(
-            s is not current and s.decoding is not None and s.outcome is None and s.writing is None for s in self.slots
-        ):
+        while self.upcoming and not any(s is not current and s.decoding is not None for s in self.slots):
             if not self._admit(decoder):
                 return
 
@@ -500,21 +512,23 @@ class _FileRun:
             slot.fail(exc)
             return
         self._settle_writes()  # one file being written at a time
-        slot.writing = writer.submit(write_outputs, slot.src, slot.targets, self.options, done)
+        slot.writing = writer.submit(slot.write, self.options, done)
 
     def _settle_writes(self) -> None:
-        """Wait for the write in flight, if any, and give its slot an outcome."""
+        """Wait for the write handed over, if any, and give its slot its outcome (or raise its interrupt)."""
         for slot in self.slots:
-            if slot.writing is None or slot.outcome is not None:
+            if slot.outcome is not None or (slot.writing is None and slot.write_result is None):
                 continue
-            try:
-                notes = slot.writing.result()
-            except FILE_ERRORS as exc:
-                slot.fail(exc)
-            else:
-                slot.outcome = FileOutcome(slot.src, slot.dest, "done", notes=notes)
+            if slot.writing is not None:
+                slot.writing.result()  # never raises: the write keeps its error on the slot
+            result, slot.writing, slot.write_result = slot.write_result, None, None
+            if isinstance(result, FileNotes):
+                slot.outcome = FileOutcome(slot.src, slot.dest, "done", notes=result)
                 self.written.update(resolved(t) for t in slot.targets if t != STDIO)
-            slot.writing = None
+            elif isinstance(result, FILE_ERRORS):
+                slot.fail(result)
+            elif result is not None:
+                raise result
 
     def _report_finished(self) -> None:
         """Hand the leading slots that have ended to `on_outcome`, in input order."""
