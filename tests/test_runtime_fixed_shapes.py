@@ -199,4 +199,3 @@ def test_the_cpu_backend_defaults_to_the_measured_batch_and_other_backends_to_th
     up, _ = recording_upscaler(shipped_shape_model, monkeypatch)  # any other backend: the model's batch max
     with up:
         assert up.batch_size == 16
-
