@@ -60,9 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run} is a {run_preset} run: resuming keeps its model, --preset {args.preset} "
                 "cannot apply (use a new --run-dir)"
             )
-        if args.init_checkpoint or args.init_vdvae:
+        if args.init_checkpoint or args.init_vdvae or args.init_grow:
             raise ValueError(
-                f"{run} is resumed from its own weights: --init-checkpoint/--init-vdvae apply to a new run only"
+                f"{run} is resumed from its own weights: --init-checkpoint/--init-vdvae/--init-grow apply to a new "
+                "run only"
             )
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     result = train(TrainConfig(**values))
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         "so the latents reach the output from the first step (default: the preset's init)",
     )
     tr.add_argument("--init-transfer", help="a new run's encoders and skip upsampler from this checkpoint")
+    tr.add_argument(
+        "--init-grow",
+        help="a new run of a preset that extends this checkpoint's model (e.g. fc-256-deep from fc-256): every "
+        "weight is taken, the added blocks start as identities",
+    )
     tr.add_argument(
         "--crop-size",
         type=positive_int,

@@ -70,6 +70,11 @@ class VDVAESRConfig:
     # conv3x3 (this width) -> GELU -> conv3x3 -> pixel shuffle over the LR encoder's
     # top activation, added to the bicubic image. Its last conv starts at zero.
     skip_upsampler_width: int = 0
+    # Residual blocks (conv3x3 -> GELU -> conv3x3, full width, EDSR-style) between the
+    # upsampler's two convs: the deterministic capacity at the LR resolution, where a
+    # 3x3 conv costs 1/16 of one at the output's. Each block's last conv starts at zero,
+    # so blocks added to a trained model leave its output unchanged.
+    skip_upsampler_blocks: int = 0
     # Deterministic output (temperature-0 image): "mode" = the most likely mixture
     # component's mean (VDVAE's choice), "mean" = the mixture's expected value (what
     # PSNR rewards).
@@ -89,6 +94,8 @@ class VDVAESRConfig:
             raise ValueError(f"posterior_input must be 'hr' or 'residual' (with lr_skip), got {self.posterior_input!r}")
         if self.skip_upsampler_width < 0 or (self.skip_upsampler_width and not self.lr_skip):
             raise ValueError("skip_upsampler_width needs lr_skip and must be >= 0")
+        if self.skip_upsampler_blocks < 0 or (self.skip_upsampler_blocks and not self.skip_upsampler_width):
+            raise ValueError("skip_upsampler_blocks needs skip_upsampler_width and must be >= 0")
         if self.hr_size != self.lr_size * self.scale_factor:
             raise ValueError(
                 f"hr_size {self.hr_size} must be scale_factor {self.scale_factor} x lr_size {self.lr_size}"
@@ -534,22 +541,43 @@ def dmol_autoregress(x: Tensor, coeffs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
+class SkipResBlock(nn.Module):
+    """conv3x3 -> GELU -> conv3x3 plus the input; the second conv starts at zero (an identity)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.c1 = conv(width, width, 3)
+        self.c2 = conv(width, width, 3, zero_weights=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.c2(F.gelu(self.c1(x)))
+
+
 class SkipUpsampler(nn.Module):
     """Learned x``scale`` residual over the bicubic skip, from LR features (ESPCN-style).
 
-    Capacity at the LR resolution is where SR networks spend theirs: a 3x3 conv
-    per LR pixel predicts all ``scale**2`` sub-pixels, rearranged by pixel shuffle.
-    The last conv starts at zero, so an untrained model still outputs bicubic.
+    Capacity at the LR resolution is where SR networks spend theirs: 3x3 convs per LR
+    pixel (optionally ``blocks`` residual blocks between the two) predict all
+    ``scale**2`` sub-pixels, rearranged by pixel shuffle. The last conv starts at
+    zero, so an untrained model still outputs bicubic.
     """
 
-    def __init__(self, in_width: int, width: int, scale: int) -> None:
+    def __init__(self, in_width: int, width: int, scale: int, blocks: int = 0) -> None:
         super().__init__()
         self.scale = scale
         self.c1 = conv(in_width, width, 3)
+        self.body = nn.ModuleList(SkipResBlock(width) for _ in range(blocks))
         self.c2 = conv(width, 3 * scale * scale, 3, zero_weights=True)
 
     def forward(self, feats: Tensor) -> Tensor:
-        return F.pixel_shuffle(self.c2(F.gelu(self.c1(feats))), self.scale)
+        h = F.gelu(self.c1(feats))
+        for block in self.body:
+            h = block(h)
+        return F.pixel_shuffle(self.c2(h), self.scale)
+
+    def reach(self) -> int:
+        """LR pixels each side that one output pixel sees through these convs."""
+        return 2 + 2 * len(self.body)
 
 
 LR_SKIP_INIT_LOG_SCALES = (-5.0, -3.0)
@@ -571,7 +599,9 @@ class VDVAESR(nn.Module):
         self.lr_resolutions = encoder_resolutions(config.lr_enc_blocks, config.lr_size)
         self.decoder = Decoder(config, self.lr_resolutions)
         self.skip_upsampler = (
-            SkipUpsampler(widths[config.lr_size], config.skip_upsampler_width, config.scale_factor)
+            SkipUpsampler(
+                widths[config.lr_size], config.skip_upsampler_width, config.scale_factor, config.skip_upsampler_blocks
+            )
             if config.skip_upsampler_width
             else None
         )
@@ -674,7 +704,7 @@ class VDVAESR(nn.Module):
             states[res] = reach + (4 * s if res > 2 else 0)  # prior's and resnet's two 3x3 convs each
         reach = states[max(states)]
         if cfg.lr_skip:
-            skip = lr_reach[cfg.lr_size] + (2 if self.skip_upsampler is not None else 0)
+            skip = lr_reach[cfg.lr_size] + (self.skip_upsampler.reach() if self.skip_upsampler is not None else 0)
             reach = max(reach, skip, 2.0)  # 2: bicubic's support
         return math.ceil(reach)
 
@@ -979,6 +1009,15 @@ def _fc_256(**overrides: Any) -> VDVAESRConfig:
     return VDVAESRConfig(**{**base, **overrides})
 
 
+def _fc_256_deep(**overrides: Any) -> VDVAESRConfig:
+    """fc-256 with 8 full-width residual blocks in the skip upsampler (capacity at the LR resolution).
+
+    Grown from a trained fc-256 (``sr-train train --init-grow``): every fc-256 tensor
+    keeps its name and shape, and the blocks start as identities.
+    """
+    return _fc_256(**{"name": "fc-256-deep", "skip_upsampler_blocks": 8, "posterior_input": "residual", **overrides})
+
+
 PRESETS = {
     "paper-64": _paper_64,
     "paper-256": _paper_256,
@@ -987,6 +1026,7 @@ PRESETS = {
     "paper-256-thesis": lambda **o: _paper_256(name="paper-256-thesis", lr_inject_max_res=16, **o),
     "small-256": _small_256,
     "fc-256": _fc_256,
+    "fc-256-deep": _fc_256_deep,
 }
 
 

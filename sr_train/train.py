@@ -73,6 +73,7 @@ class TrainConfig:
     prior_l1_weight: float = 0.0  # + this x L1 of the temperature-0 (prior mean) output: keeps t = 0 the best guess
     max_log_scale: float | None = None  # cap on the DMoL log-scales in the loss: residual texture must go through z
     init_transfer: str | None = None  # copy the encoders and skip upsampler of this checkpoint where shapes match
+    init_grow: str | None = None  # every tensor of this checkpoint; the preset's added blocks start as identities
     posterior_init_log_std: float | None = None  # a new decoder's posteriors start this sure: z starts as a signal
     posterior_input: str | None = None  # a new model's HR encoder reads "hr" or "residual" (default: the preset's)
     head_init_std: float | None = None  # a new decoder's output conv ~ N(0, this): z reaches the output from step 0
@@ -130,9 +131,12 @@ def check_config(cfg: TrainConfig) -> None:
     bounded("posterior_init_log_std", cfg.posterior_init_log_std, -7, 0)
     bounded("head_init_std", cfg.head_init_std, 0, 1)
     for name in ("posterior_init_log_std", "head_init_std", "posterior_input"):
-        if getattr(cfg, name) is not None and cfg.init_checkpoint:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} sets up a new model; --init-checkpoint brings a trained one")
+        for trained in ("init_checkpoint", "init_grow"):
+            if getattr(cfg, name) is not None and getattr(cfg, trained):
+                flag, source = ("--" + n.replace("_", "-") for n in (name, trained))
+                raise ValueError(f"{flag} sets up a new model; {source} brings a trained one")
+    if cfg.init_grow and (cfg.init_checkpoint or cfg.init_transfer or cfg.init_vdvae):
+        raise ValueError("--init-grow brings every weight; it does not combine with the other --init-* flags")
     bounded("max_minutes", cfg.max_minutes, 0, math.inf, hi_open=True)
     for beta in cfg.adam_betas:
         bounded("adam_betas", beta, 0, 1, hi_open=True)
@@ -249,6 +253,8 @@ def build_model(cfg: TrainConfig) -> VDVAESR:
         import_vdvae_weights(model, cfg.init_vdvae)
     if cfg.init_transfer:
         transfer_weights(model, cfg.init_transfer)
+    if cfg.init_grow:
+        grow_from(model, cfg.init_grow)
     if cfg.posterior_init_log_std is not None:
         init_posterior_log_std(model, cfg.posterior_init_log_std)
     if cfg.head_init_std is not None:
@@ -299,6 +305,31 @@ def transfer_weights(model: VDVAESR, checkpoint: str) -> None:
     model.load_state_dict(taken, strict=False)
     left = [k for k in own if k.startswith(TRANSFERABLE) and k not in taken]
     print(f"init-transfer: {len(taken)} tensors from {checkpoint}; {len(left)} encoder/upsampler tensors kept fresh")
+
+
+GROWABLE = frozenset({"name", "skip_upsampler_blocks"})
+
+
+def grow_from(model: VDVAESR, checkpoint: str) -> None:
+    """Start a grown model (e.g. fc-256-deep) from a trained smaller one (fc-256) it extends.
+
+    Every tensor of the checkpoint must exist in the new model with its shape, and the
+    configs may differ only in what adds blocks that start as identities; so the grown
+    model computes exactly what the checkpoint did, and training goes on from there.
+    """
+    source, _ = load_checkpoint(checkpoint)
+    old, new = asdict(source.config), asdict(model.config)
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in GROWABLE)
+    if differ:
+        detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise ValueError(f"--init-grow {checkpoint}: configs differ beyond added blocks ({detail})")
+    own = model.state_dict()
+    bad = [k for k, v in source.state_dict().items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"--init-grow {checkpoint}: {len(bad)} tensors have no place in this preset, e.g. {bad[0]}")
+    model.load_state_dict(source.state_dict(), strict=False)
+    added = len(own) - len(source.state_dict())
+    print(f"init-grow: every tensor of {checkpoint}; {added} added tensors start as identities")
 
 
 def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:

@@ -9,8 +9,8 @@ import torch
 
 from sr_runtime.noise import position_noise
 from sr_train.checkpoint import save_checkpoint
-from sr_train.model import VDVAESR, preset
-from sr_train.train import transfer_weights
+from sr_train.model import VDVAESR, SkipUpsampler, preset
+from sr_train.train import grow_from, transfer_weights
 
 
 def shallow_fc(**overrides: object) -> VDVAESR:
@@ -102,6 +102,20 @@ def test_a_crop_equals_the_whole_image_away_from_its_borders():
     assert edge.abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("blocks", [0, 3])
+def test_the_skip_upsampler_reaches_as_far_as_it_says(blocks):
+    torch.manual_seed(0)
+    up = SkipUpsampler(4, 8, 4, blocks).double()
+    with torch.no_grad():
+        for p in up.parameters():
+            p.normal_(0.0, 0.3)
+    feats = torch.rand(1, 4, 31, 31, dtype=torch.float64, requires_grad=True)
+    up(feats)[0, :, 4 * 15 : 4 * 16, 4 * 15 : 4 * 16].sum().backward()
+    assert feats.grad is not None
+    rows = feats.grad[0].abs().sum(dim=(0, 2)).nonzero().flatten()
+    assert (15 - int(rows.min()), int(rows.max()) - 15) == (up.reach(), up.reach())
+
+
 def test_level_noise_is_a_function_of_absolute_position():
     model = shallow_fc()
     whole = model.make_level_noise(2, (32, 48), 0.7, seed=3)
@@ -161,6 +175,34 @@ def test_transfer_takes_the_encoders_of_a_fixed_size_checkpoint(tmp_path):
     for key, value in target.lr_encoder.state_dict().items():
         assert torch.equal(value, source.lr_encoder.state_dict()[key]), key
     assert torch.equal(target.skip_upsampler.c1.weight, source.skip_upsampler.c1.weight)
+
+
+SMALL = {"width": 16, "custom_width_str": "", "num_mixtures": 2, "skip_upsampler_width": 8}
+
+
+def test_a_grown_model_starts_as_the_checkpoint_it_grew_from(tmp_path):
+    torch.manual_seed(0)
+    source = VDVAESR(preset("fc-256", posterior_input="residual", **SMALL)).eval()
+    with torch.no_grad():
+        source.skip_upsampler.c2.weight.normal_(0.0, 0.1)  # a trained upsampler is not zero
+    save_checkpoint(tmp_path / "src", source)
+    grown = VDVAESR(preset("fc-256-deep", skip_upsampler_blocks=3, **SMALL)).eval()
+    grow_from(grown, str(tmp_path / "src"))
+    lr = torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        assert torch.equal(grown.sample(lr, None), source.sample(lr, None))
+        for block in grown.skip_upsampler.body:  # the added blocks train from here
+            block.c2.weight.normal_(0.0, 0.1)
+        assert not torch.equal(grown.sample(lr, None), source.sample(lr, None))
+
+
+def test_growing_refuses_a_checkpoint_it_does_not_extend(tmp_path):
+    save_checkpoint(tmp_path / "hr", VDVAESR(preset("fc-256", **SMALL)))
+    with pytest.raises(ValueError, match="posterior_input 'hr' -> 'residual'"):
+        grow_from(VDVAESR(preset("fc-256-deep", **SMALL)), str(tmp_path / "hr"))
+    save_checkpoint(tmp_path / "wide", VDVAESR(preset("fc-256-deep", **{**SMALL, "skip_upsampler_blocks": 4})))
+    with pytest.raises(ValueError, match="no place in this preset"):
+        grow_from(VDVAESR(preset("fc-256-deep", **{**SMALL, "skip_upsampler_blocks": 2})), str(tmp_path / "wide"))
 
 
 def test_prior_l1_scores_the_temperature_0_output():

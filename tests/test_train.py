@@ -342,6 +342,18 @@ def test_decoder_init_options_refuse_a_trained_decoder(photos, init, tmp_path, o
         train(config(photos, init, tmp_path / "run", steps=1, **option))
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"head_init_std": 0.05}, "--init-grow brings a trained one"), ({"init_transfer": "x"}, "does not combine")],
+)
+def test_init_grow_refuses_options_that_would_replace_its_weights(tmp_path, option, message):
+    from sr_train.train import check_config
+
+    cfg = TrainConfig(data="d", run_dir=str(tmp_path / "run"), preset="fc-256-deep", init_grow="ckpt", **option)
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg)
+
+
 def test_head_init_std_sets_the_output_convs_scale(photos, tmp_path):
     from sr_train.train import build_model
 
