@@ -3,10 +3,11 @@ gradient clipping, and the skip threshold (an update whose gradient norm is
 above it, or whose loss is NaN, is skipped and counted).
 
 A run directory holds ``latest/`` (raw weights + optimizer/RNG state, to
-resume exactly), ``ema/`` (the weights to ship), ``log.csv`` and
-``val.csv``. Resuming continues step for step: the data is a pure function of
-the global sample number (sr_train.data), and the torch RNG that draws the
-posterior noise is saved with the optimizer.
+resume exactly), ``ema/`` (the weights to ship), ``best-ema/`` (the EMA weights
+that scored the best validation PSNR-Y so far), ``log.csv`` and ``val.csv``.
+Resuming continues step for step: the data is a pure function of the global
+sample number (sr_train.data), and the torch RNG that draws the posterior
+noise is saved with the optimizer.
 
 Multi-GPU/CPU data parallelism: launch with ``torchrun --nproc_per_node K``;
 each rank takes every K-th sample and DDP averages the gradients.
@@ -19,6 +20,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -592,6 +594,7 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
         if val_images and (step % cfg.val_every == 0 or step == cfg.steps):
             scores = validate(ema, val_images, cfg.val_temperature, cfg.seed)
             append_csv(run / "val.csv", {"step": step, "temperature": cfg.val_temperature, **scores})
+            keep_if_best(run / BEST_EMA, ema, step, scores["psnr_y"], cfg.val_temperature)
             bar.write(
                 f"step {step}: EMA PSNR-Y {scores['psnr_y']:.2f} dB (bicubic {scores['bicubic_psnr_y']:.2f}),"
                 f" SSIM-Y {scores['ssim_y']:.4f}"
@@ -600,6 +603,33 @@ def _train(cfg: TrainConfig, signals: StopSignals, cleanup: ExitStack) -> dict[s
     if world > 1:
         dist.barrier()
     return {"step": step, "skips": skips, **last, "signal": stopped_by}
+
+
+BEST_EMA = "best-ema"
+
+
+def keep_if_best(path: Path, ema: VDVAESR, step: int, psnr_y: float, temperature: float) -> bool:
+    """Save the EMA to ``path`` when its validation PSNR-Y beats the one saved there (at this temperature).
+
+    A longer run can lose t = 0 quality that an earlier step had (e.g. as the rate
+    weight rises); this keeps that step's weights. Written beside and swapped in, so
+    a kill leaves the previous best or the new one.
+    """
+    if not math.isfinite(psnr_y):
+        return False
+    if (path / CONFIG).is_file():
+        meta = read_checkpoint_meta(path)
+        if meta.get("val_temperature") == temperature and meta.get("val_psnr_y", -math.inf) >= psnr_y:
+            return False
+    staging, old = path.with_name(path.name + ".staging"), path.with_name(path.name + ".old")
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    save_checkpoint(staging, ema, step=step, ema=True, extra={"val_psnr_y": psnr_y, "val_temperature": temperature})
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def weights_finite(params: Sequence[Tensor]) -> bool:

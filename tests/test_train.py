@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sr_train.checkpoint import save_checkpoint
+from sr_train.checkpoint import load_checkpoint, save_checkpoint
 from sr_train.model import VDVAESR, VDVAESRConfig, preset
 from sr_train.train import TrainConfig, train
 
@@ -102,6 +102,26 @@ def test_periodic_validation_writes_psnr_of_the_ema_model(photos, init, tmp_path
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["2"]
     assert 10 < float(rows[0]["psnr_y"]) < 60 and 0 < float(rows[0]["ssim_y"]) <= 1
+
+
+def test_best_ema_keeps_the_step_that_validated_best(photos, init, tmp_path):
+    from sr_train.checkpoint import read_checkpoint_meta
+    from sr_train.train import keep_if_best
+
+    run = tmp_path / "run"
+    train(config(photos, init, run, steps=3, val_images=str(photos), val_every=1))
+    with open(run / "val.csv") as f:
+        rows = list(csv.DictReader(f))
+    best = max(rows, key=lambda r: float(r["psnr_y"]))
+    meta = read_checkpoint_meta(run / "best-ema")
+    assert (meta["step"], meta["val_psnr_y"]) == (int(best["step"]), pytest.approx(float(best["psnr_y"])))
+    model, _ = load_checkpoint(run / "best-ema")
+    t = float(best["temperature"])
+    assert not keep_if_best(run / "best-ema", model, 9, float(best["psnr_y"]) - 1.0, t)  # worse: kept
+    assert read_checkpoint_meta(run / "best-ema")["step"] == int(best["step"])
+    assert keep_if_best(run / "best-ema", model, 9, float(best["psnr_y"]) + 1.0, t)  # better: replaced
+    assert read_checkpoint_meta(run / "best-ema")["step"] == 9
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("best-ema")) == ["best-ema"]
 
 
 def test_resume_matches_uninterrupted_run_step_for_step(photos, init, tmp_path):
