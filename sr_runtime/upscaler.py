@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar, overload
 
 import numpy as np
@@ -63,11 +63,21 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class RunStats:
-    """Filled by `Upscaler.run` when passed: how long the backend itself ran, and on how many tiles."""
+    """Filled by `Upscaler.run` when passed: how long the backend itself ran, and on how many tiles.
+
+    `backend_seconds` is wall time with at least one backend call in flight: frames
+    that overlap in `run_frames` (one copied out while the next runs) count once.
+    """
 
     backend_seconds: float = 0.0
     tiles: int = 0
     batches: int = 0
+    busy_until: float = field(default=0.0, repr=False)  # perf_counter at which the last counted call ended
+
+    def add_call(self, started: float, ended: float) -> None:
+        """Count one backend call; the part that overlaps the previous counted call is not counted twice."""
+        self.backend_seconds += max(0.0, ended - max(started, self.busy_until))
+        self.busy_until = max(self.busy_until, ended)
 
 
 def default_max_pixels(scale: int = 4, samples: int = 1) -> int:
@@ -572,8 +582,8 @@ class Upscaler:
         """Start a uint8 frame on the backend of `sampling`'s graph; its result may still be on its way to the host."""
         backend = self._frame_backend(sampling.temperature == 0)
         noise = self._frame_noise(frame.plan, sampling, 0, 0, 0)
-        t0 = time.perf_counter()
         with self._lock:
+            t0 = time.perf_counter()
             result = backend.submit_u8(frame.u8, frame.plan.padded_size, noise)
         return _InFlight(result, frame.pil, t0, sampling.temperature)
 
@@ -583,7 +593,7 @@ class Upscaler:
         if not finite:
             raise _not_finite(frame.temperature)
         if stats is not None:
-            stats.backend_seconds += time.perf_counter() - frame.started
+            stats.add_call(frame.started, time.perf_counter())
             stats.tiles += 1
             stats.batches += 1
         return Image.fromarray(out[0]) if frame.pil else out[0]
@@ -595,13 +605,14 @@ class Upscaler:
 
     def _run_backend(self, lr: np.ndarray, start: int, count: int, stats: RunStats | None) -> np.ndarray:
         """The first `count` HR tiles of one backend call; refuses a non-finite result."""
-        t0 = time.perf_counter()
         with self._lock:
+            t0 = time.perf_counter()
             hr = self._backend.run(lr, start)[:count]
+            t1 = time.perf_counter()
         if not np.isfinite(hr).all():
             raise _not_finite(self.temperature)
         if stats is not None:
-            stats.backend_seconds += time.perf_counter() - t0
+            stats.add_call(t0, t1)
             stats.tiles += count
             stats.batches += 1
         return hr
@@ -729,13 +740,14 @@ class Upscaler:
     ) -> np.ndarray:
         """One frame backend call (the deterministic graph at temperature 0); refuses a non-finite result."""
         backend = self._frame_backend(sampling.temperature == 0)
-        t0 = time.perf_counter()
         with self._lock:
+            t0 = time.perf_counter()
             hr = backend.run(lr, noise)
+            t1 = time.perf_counter()
         if not np.isfinite(hr).all():
             raise _not_finite(sampling.temperature)
         if stats is not None:
-            stats.backend_seconds += time.perf_counter() - t0
+            stats.add_call(t0, t1)
             stats.tiles += 1
             stats.batches += 1
         return hr

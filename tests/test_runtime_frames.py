@@ -391,3 +391,13 @@ def test_a_whole_frame_window_is_the_cached_maps_themselves() -> None:
     tile = noise.window((8, 12), 1, 0.5, 0, 4, 4, 4, 8)
     np.testing.assert_array_equal(tile["noise_64"], whole["noise_64"][:, :, 4:8, 4:12])
     assert tile["noise_16"].shape == (1, 2, 1, 2)
+
+
+def test_overlapping_backend_calls_count_once() -> None:
+    from sr_runtime.upscaler import RunStats
+
+    stats = RunStats()
+    stats.add_call(0.0, 2.0)
+    stats.add_call(1.0, 3.0)  # submitted while the first was in flight
+    stats.add_call(5.0, 6.0)  # after an idle second
+    assert stats.backend_seconds == 4.0
