@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at ru
 
 #: LR pixels shared by neighbouring tiles (an eighth of a 64-pixel tile).
 DEFAULT_TILE_OVERLAP = 8
+#: Tiles per backend call on the CPU when `batch_size` is not given: the leanest batch within ~5% of the
+#: fastest (benchmarks/results/cpu-batch-*.md); larger batches hold more activations and are not faster.
+#: GPU backends default to the model's batch max.
+CPU_DEFAULT_BATCH = 4
 
 #: Peak memory of one run per output pixel (uint8 input, measured): the blend accumulator,
 #: the encode buffers and the output image. Several samples add the running mean and variance.
@@ -159,7 +163,8 @@ class Upscaler:
 
         `temperature` scales the prior's sampling noise (0 = deterministic);
         `seed` fixes the noise bank; `tile_overlap` is in LR pixels;
-        `batch_size` caps tiles per backend call (default: the model's batch max);
+        `batch_size` caps tiles per backend call (default: CPU_DEFAULT_BATCH on the
+        CPU, measured as fast as larger batches and leaner; the model's batch max on GPUs);
         GPU backends are prepared at load for that size and the profile's
         smaller min/opt, and every call is padded to one of them;
         `precision` is "auto", "fp32" or "fp16"; `max_pixels` bounds input size
@@ -208,6 +213,8 @@ class Upscaler:
         self._backend: Backend = create_backend(
             self.spec, backend, precision, self._bank, batch_buckets(self.spec, batch), cpu_threads
         )
+        if batch_size is None and self._backend.name == "onnxruntime-cpu":
+            self.batch_size = min(batch, CPU_DEFAULT_BATCH)
         self.backend: str = self._backend.name
         self.precision: str = self._backend.precision
         self.loaded_graphs: tuple[str, ...] = ("sampling",)
