@@ -116,6 +116,19 @@ class _Sampling:
     seed: int
 
 
+def max_batch_size(spec: ModelSpec) -> int:
+    """The most tiles one backend call of fixed-size model `spec` may take: the manifest's batch max, lowered
+    so the noise bank (MIN_ROWS + batch - 1 rows) fits its budget. `Upscaler(batch_size=...)` accepts up to this.
+    """
+    row_bytes = spec.noise_dim * np.dtype(np.float32).itemsize
+    fits = MAX_BANK_BYTES // row_bytes - MIN_ROWS + 1
+    if fits < 1:
+        raise SRModelError(
+            f"model {spec.name!r}: noise_dim {spec.noise_dim} would need a noise bank over {MAX_BANK_BYTES >> 20} MiB"
+        )
+    return min(spec.batch_max, fits)
+
+
 def checked_max_pixels(max_pixels: int | float | None, scale: int) -> int:
     """The output pixel limit: the memory-derived default when None, else a finite number >= 1."""
     if max_pixels is None:
@@ -195,9 +208,8 @@ class Upscaler:
         tile = self.spec.lr_size
         tile_overlap = checked_int("tile_overlap", tile_overlap, 0)
         plan_tiles(tile[0], tile[1], tile, tile_overlap)  # validates the overlap early
-        batch = (
-            self._batch_limit() if batch_size is None else checked_int("batch_size", batch_size, 1, self._batch_limit())
-        )
+        limit = max_batch_size(self.spec)
+        batch = limit if batch_size is None else checked_int("batch_size", batch_size, 1, limit)
         max_pixels = checked_max_pixels(max_pixels, self.spec.scale)
         if cpu_threads is not None:
             cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
@@ -299,17 +311,6 @@ class Upscaler:
             self.temperature if temperature is None else checked_temperature(temperature),
             self.seed if seed is None else checked_int("seed", seed, 0),
         )
-
-    def _batch_limit(self) -> int:
-        """The manifest's batch max, lowered so the noise bank (MIN_ROWS + batch - 1 rows) fits its budget."""
-        row_bytes = self.spec.noise_dim * np.dtype(np.float32).itemsize
-        fits = MAX_BANK_BYTES // row_bytes - MIN_ROWS + 1
-        if fits < 1:
-            raise SRModelError(
-                f"model {self.spec.name!r}: noise_dim {self.spec.noise_dim} would need a noise bank "
-                f"over {MAX_BANK_BYTES >> 20} MiB"
-            )
-        return min(self.spec.batch_max, fits)
 
     @property
     def max_samples(self) -> int:
