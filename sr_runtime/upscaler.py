@@ -43,9 +43,10 @@ if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at ru
 
 #: LR pixels shared by neighbouring tiles (an eighth of a 64-pixel tile).
 DEFAULT_TILE_OVERLAP = 8
-#: Tiles per backend call on the CPU when `batch_size` is not given: the leanest batch within ~5% of the
-#: fastest (benchmarks/results/cpu-batch-*.md); larger batches hold more activations and are not faster.
-#: GPU backends default to the model's batch max.
+#: Tiles per backend call on the CPU when `batch_size` is not given. Measured on 2 loaded cores
+#: (benchmarks/results/cpu-batch-*.md): batches of 8 and 16 were ~20-25% slower than the fastest and held
+#: 0.9 and 1.7 GiB against 0.5 at 4; 1, 2 and 4 were within ~10% of one another, too close for that run to
+#: rank. GPU backends default to the model's batch max.
 CPU_DEFAULT_BATCH = 4
 
 #: Peak memory of one run per output pixel (uint8 input, measured): the blend accumulator,
