@@ -16,10 +16,11 @@ For a fixed-size model each replica holds one deterministic (temperature 0)
 `Upscaler`, used by every temperature-0 request, and a small LRU of
 `Upscaler`s at temperature > 0, one per (temperature, seed): an Upscaler's
 noise bank is drawn once at construction. Small temperature-0 images of
-concurrent requests are batched (`QueueBatcher`) into shared backend calls with
-`Upscaler.run_many`; requests at temperature > 0 are never batched across
-requests, because every backend call reads one contiguous slice of the noise
-bank keyed by one image's tile grid.
+concurrent requests are batched (`QueueBatcher`) into shared backend calls of
+up to the model's batch max (on every backend) with `Upscaler.run_many`;
+requests at temperature > 0 are never batched across requests, because every
+backend call reads one contiguous slice of the noise bank keyed by one image's
+tile grid.
 
 Layout: `protocol` (HTTP parsing and limits), `batching` (QueueBatcher, the
 sampler LRU), this module (the replica, admission, the app builders, the CLI).
@@ -57,6 +58,7 @@ from sr_runtime import SRInputError, SRModelError, Upscaler
 from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.model import load_model_spec
 from sr_runtime.tiling import plan_tiles
+from sr_runtime.upscaler import max_batch_size
 
 try:  # the `cluster` extra; without it `sr-serve --help` still works and the rest says what is missing
     from ray import serve
@@ -324,7 +326,11 @@ class UpscaleService:
     ) -> None:
         self._max_held = max_ongoing + options.max_queued_requests
         self._draining = False
-        make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels)
+        spec = load_model_spec(model)
+        # The model's whole batch, explicitly: with Upscaler's CPU default (CPU_DEFAULT_BATCH, chosen for one
+        # image at a time) any request of that many tiles would count as a full call and never share one.
+        batch = None if spec.fully_convolutional else max_batch_size(spec)
+        make = partial(Upscaler, model, backend, precision=precision, max_pixels=options.max_pixels, batch_size=batch)
         self._options = options
         # Temperature 0, and for a fully convolutional model every (temperature, seed) through per-call overrides.
         self._upscaler = make()
@@ -396,6 +402,7 @@ class UpscaleService:
             "backend": up.backend,
             "precision": up.precision,
             "max_pixels": up.max_pixels,
+            "batch_size": up.batch_size,  # tiles per backend call, shared by small temperature-0 requests
             "in_flight": c.in_flight,
             "uploading": c.uploading,
             "upscaling": c.upscaling,

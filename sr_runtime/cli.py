@@ -31,23 +31,21 @@ from sr_runtime.backends import ALIASES, PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRModelError, UsageError
 from sr_runtime.files import atomic_write_json, printable, resolved
 from sr_runtime.jobs import (
-    FILE_ERRORS,
     FORMATS,
     STDIO,
     FileNotes,
+    FileOutcome,
     UpscaleOptions,
-    check_targets,
-    failure_line,
     final_status,
     output_is_file,
-    output_path,
-    output_targets,
-    upscale_file,
+    run_files,
 )
+from sr_runtime.model import load_model_spec
 from sr_runtime.noise import DEFAULT_ROWS
 from sr_runtime.runners import BatchJob, load_runner
 from sr_runtime.signals import sigterm_as_exit
-from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, Upscaler, default_max_pixels
+from sr_runtime.tiling import min_frame_tile
+from sr_runtime.upscaler import CPU_DEFAULT_BATCH, DEFAULT_TILE_OVERLAP, default_max_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
 #: `--ray` ADDRESS: auto, host:port (the GCS) or ray://host:port (Ray Client).
@@ -134,7 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise bank (default 0)")
     p.add_argument("--model", help="model directory (default: the shipped one, or $SR_MODEL_DIR)")
-    p.add_argument("--batch-size", type=int, help="tiles per backend call (default: the model's maximum)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"fixed-size models: tiles per backend call, their memory control (default: {CPU_DEFAULT_BATCH} on "
+        "the CPU, measured as fast as larger batches and leaner; the model's maximum on GPUs)",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fully convolutional models: at most N x N LR pixels per backend call, larger images run as "
+        "tiles about N wide overlapped by the receptive field (less memory, some time); 0 = the whole image "
+        "in one call when memory allows (default 0). Fixed-size models have fixed tiles: --batch-size is "
+        "their memory control",
+    )
     p.add_argument(
         "--samples",
         type=int,
@@ -248,6 +261,8 @@ def _validate(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1")
     if args.tile_overlap < 0:
         raise UsageError("--tile-overlap must be >= 0")
+    if args.tile < 0:
+        raise UsageError("--tile must be >= 0 (0: the whole image in one call when memory allows)")
     if any(sep and sep in args.suffix for sep in (os.sep, os.altsep, "/")) or args.suffix in (".", ".."):
         raise UsageError("--suffix must not contain a path separator (outputs stay in the output folder)")
     if args.ray is not None and not RAY_ADDRESS.fullmatch(args.ray):
@@ -285,6 +300,25 @@ def _check_output_file(args: argparse.Namespace, sources: list[Path]) -> None:
             raise UsageError(f"-o {args.output}: unknown output format (use .png, .jpg or .webp)")
 
 
+def _check_tile(tile: int, model: str | None) -> None:
+    """--tile needs a fully convolutional model, and a tile wide enough to keep a valid centre."""
+    if not tile:
+        return
+    spec = load_model_spec(model)
+    if not spec.fully_convolutional:
+        h, w = spec.lr_size
+        raise UsageError(
+            f"--tile: model {spec.name} runs fixed {w}x{h} LR tiles; --batch-size (tiles per backend call) "
+            "is its memory control"
+        )
+    least = min_frame_tile(spec.lr_multiple, spec.receptive_radius)
+    if tile < least:
+        raise UsageError(
+            f"--tile {tile} is below model {spec.name}'s smallest tile, {least} LR pixels (twice its receptive "
+            f"radius {spec.receptive_radius} plus one stride): give 0 or at least {least}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -298,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = _validate(args)
         sources, unmatched = expand_inputs(args.inputs, args.suffix)
         _check_output_file(args, sources)
-    except UsageError as exc:
+        _check_tile(args.tile, args.model)
+    except (UsageError, SRModelError) as exc:
         print(f"sr-upscale: error: {exc}", file=sys.stderr)
         return 2
     options = options_from(args, samples)
@@ -318,22 +353,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"sr-upscale: model {upscaler.spec.name}, backend {upscaler.backend} ({upscaler.precision})", file=sys.stderr)
     failures = [f"{name}: {why}" for name, why in unmatched]
-    inputs = {resolved(p) for p in sources}
-    written: set[Path] = set()
     report = RunReport(version_line(), upscaler.spec.name, upscaler.backend, upscaler.precision)
     report.files += [{"input": name, "status": "failed", "reason": why} for name, why in unmatched]
     status = 0
     try:
-        with sigterm_as_exit(), upscaler, tqdm(sources, desc="files", unit="file", disable=args.quiet or None) as files:
-            for src in files:
-                dest = output_path(src, options)
-                try:
-                    notes = _process(upscaler, src, dest, inputs, written, options)
-                except FILE_ERRORS as exc:
-                    failures.append(failure_line(src, exc))
-                    report.add(src, dest, "failed", reason=failures[-1])
-                else:
-                    report.add(src, dest, "skipped" if notes is None else "done", notes)
+        with (
+            sigterm_as_exit(),
+            upscaler,
+            tqdm(total=len(sources), desc="files", unit="file", disable=args.quiet or None) as files,
+        ):
+
+            def record(outcome: FileOutcome) -> None:
+                files.update(1)
+                if outcome.failure is not None:
+                    failures.append(outcome.failure)
+                elif outcome.status == "skipped":
+                    logging.getLogger("sr_runtime").warning(
+                        "%s: skipped, %s exists (--no-clobber)",
+                        printable(str(outcome.src)),
+                        printable(str(outcome.dest)),
+                    )
+                elif outcome.notes is not None:
+                    outcome.notes.report()
+                report.add(outcome.src, outcome.dest, outcome.status, outcome.notes, outcome.failure or "")
+
+            run_files(upscaler, sources, options, record)
     except KeyboardInterrupt:
         status = 130
     except SystemExit as exc:  # SIGTERM
@@ -370,6 +414,8 @@ class RunReport:
                 "backend_seconds": round(notes.backend_seconds, 3),
                 "tiles": notes.tiles,
             }
+            if notes.stages is not None:
+                entry["stage_seconds"] = {name: round(s, 3) for name, s in notes.stages.seconds().items()}
         self.files.append(entry)
 
     def count(self, status: str) -> int:
@@ -408,6 +454,7 @@ def options_from(args: argparse.Namespace, samples: int) -> UpscaleOptions:
         tile_overlap=args.tile_overlap,
         batch_size=args.batch_size,
         max_pixels=None if args.max_pixels is None else int(args.max_pixels),
+        tile=args.tile,
         samples=samples,
         output=args.output,
         suffix=args.suffix,
@@ -431,24 +478,6 @@ def _run_on_ray(job: BatchJob) -> int:
         print(f"sr-upscale: error: {RAY_EXTRA_MISSING}", file=sys.stderr)
         return 2
     return runner(job)
-
-
-def _process(
-    upscaler: Upscaler, src: Path, dest: Path, inputs: set[Path], written: set[Path], options: UpscaleOptions
-) -> FileNotes | None:
-    """Upscale one file (None: skipped); `written` collects outputs so two inputs (a.png, a.jpg) never share one."""
-    targets = output_targets(dest, options)
-    if options.no_clobber and dest != STDIO and any(t.exists() for t in targets):
-        logging.getLogger("sr_runtime").warning(
-            "%s: skipped, %s exists (--no-clobber)", printable(str(src)), printable(str(dest))
-        )
-        return None
-    if dest != STDIO:
-        check_targets(src, targets, inputs, written)
-    notes = upscale_file(upscaler, src, targets, options)
-    notes.report()
-    written.update(resolved(t) for t in targets if t != STDIO)
-    return notes
 
 
 if __name__ == "__main__":

@@ -40,10 +40,18 @@ TEMP_NAME_EXTRA = 1 + 1 + 2 * TEMP_TOKEN_BYTES + 4
 
 
 def name_too_long(path: str | os.PathLike[str]) -> str | None:
-    """Why `path` cannot be written through `atomic_write` (its temporary name would not fit), or None."""
+    """Why `path` cannot be written through `atomic_write` (its temporary name would not fit), or None.
+
+    The limit is that of the filesystem the name will be on: its folder's, or
+    while the folder is not made yet its nearest existing parent's, so the
+    answer does not depend on whether an earlier file's write made the folder.
+    """
     target = Path(path)
+    folder = target.parent.absolute()
+    while not folder.is_dir() and folder != folder.parent:  # the folder is made at the first write
+        folder = folder.parent
     try:
-        limit = os.pathconf(target.parent if target.parent.is_dir() else ".", "PC_NAME_MAX")
+        limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     length = len(os.fsencode(target.name))

@@ -43,6 +43,11 @@ if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at ru
 
 #: LR pixels shared by neighbouring tiles (an eighth of a 64-pixel tile).
 DEFAULT_TILE_OVERLAP = 8
+#: Tiles per backend call on the CPU when `batch_size` is not given. Measured on 2 loaded cores
+#: (benchmarks/results/cpu-batch-*.md): batches of 8 and 16 were ~20-25% slower than the fastest and held
+#: 0.9 and 1.7 GiB against 0.5 at 4; 1, 2 and 4 were within ~10% of one another, too close for that run to
+#: rank. GPU backends default to the model's batch max.
+CPU_DEFAULT_BATCH = 4
 
 #: Peak memory of one run per output pixel (uint8 input, measured): the blend accumulator,
 #: the encode buffers and the output image. Several samples add the running mean and variance.
@@ -122,6 +127,19 @@ class _Sampling:
     seed: int
 
 
+def max_batch_size(spec: ModelSpec) -> int:
+    """The most tiles one backend call of fixed-size model `spec` may take: the manifest's batch max, lowered
+    so the noise bank (MIN_ROWS + batch - 1 rows) fits its budget. `Upscaler(batch_size=...)` accepts up to this.
+    """
+    row_bytes = spec.noise_dim * np.dtype(np.float32).itemsize
+    fits = MAX_BANK_BYTES // row_bytes - MIN_ROWS + 1
+    if fits < 1:
+        raise SRModelError(
+            f"model {spec.name!r}: noise_dim {spec.noise_dim} would need a noise bank over {MAX_BANK_BYTES >> 20} MiB"
+        )
+    return min(spec.batch_max, fits)
+
+
 def checked_max_pixels(max_pixels: int | float | None, scale: int) -> int:
     """The output pixel limit: the memory-derived default when None, else a finite number >= 1."""
     if max_pixels is None:
@@ -169,7 +187,8 @@ class Upscaler:
 
         `temperature` scales the prior's sampling noise (0 = deterministic);
         `seed` fixes the noise bank; `tile_overlap` is in LR pixels;
-        `batch_size` caps tiles per backend call (default: the model's batch max);
+        `batch_size` caps tiles per backend call (default: CPU_DEFAULT_BATCH on the
+        CPU, measured as fast as larger batches and leaner; the model's batch max on GPUs);
         GPU backends are prepared at load for that size and the profile's
         smaller min/opt, and every call is padded to one of them;
         `precision` is "auto", "fp32" or "fp16"; `max_pixels` bounds input size
@@ -200,9 +219,8 @@ class Upscaler:
         tile = self.spec.lr_size
         tile_overlap = checked_int("tile_overlap", tile_overlap, 0)
         plan_tiles(tile[0], tile[1], tile, tile_overlap)  # validates the overlap early
-        batch = (
-            self._batch_limit() if batch_size is None else checked_int("batch_size", batch_size, 1, self._batch_limit())
-        )
+        limit = max_batch_size(self.spec)
+        batch = limit if batch_size is None else checked_int("batch_size", batch_size, 1, limit)
         max_pixels = checked_max_pixels(max_pixels, self.spec.scale)
         if cpu_threads is not None:
             cpu_threads = checked_int("cpu_threads", cpu_threads, 1)
@@ -218,6 +236,8 @@ class Upscaler:
         self._backend: Backend = create_backend(
             self.spec, backend, precision, self._bank, batch_buckets(self.spec, batch), cpu_threads
         )
+        if batch_size is None and self._backend.name == "onnxruntime-cpu":
+            self.batch_size = min(batch, CPU_DEFAULT_BATCH)
         self.backend: str = self._backend.name
         self.precision: str = self._backend.precision
         self.loaded_graphs: tuple[str, ...] = ("sampling",)
@@ -302,17 +322,6 @@ class Upscaler:
             self.temperature if temperature is None else checked_temperature(temperature),
             self.seed if seed is None else checked_int("seed", seed, 0),
         )
-
-    def _batch_limit(self) -> int:
-        """The manifest's batch max, lowered so the noise bank (MIN_ROWS + batch - 1 rows) fits its budget."""
-        row_bytes = self.spec.noise_dim * np.dtype(np.float32).itemsize
-        fits = MAX_BANK_BYTES // row_bytes - MIN_ROWS + 1
-        if fits < 1:
-            raise SRModelError(
-                f"model {self.spec.name!r}: noise_dim {self.spec.noise_dim} would need a noise bank "
-                f"over {MAX_BANK_BYTES >> 20} MiB"
-            )
-        return min(self.spec.batch_max, fits)
 
     @property
     def max_samples(self) -> int:

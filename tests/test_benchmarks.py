@@ -245,3 +245,24 @@ def test_cnn_baseline_trains_scores_and_writes_json_and_markdown(tmp_path: Path)
     result = json.loads(out.read_text())
     assert result["steps"] >= 1 and abs(result["delta_psnr_y"]) < 1.0  # zero-init head: starts at bicubic
     assert f"{result['psnr_y']:.2f}" in out.with_suffix(".md").read_text()
+
+
+def test_cpu_batch_picks_the_leanest_batch_within_five_percent_of_the_fastest_round_by_round() -> None:
+    from benchmarks.cpu_batch import leanest_as_fast, paired_ratios
+
+    def row(batch: int, wall: list[float], peak: float) -> dict[str, Any]:
+        return {"batch": batch, "wall_s": wall, "wall_p50_s": float(np.median(wall)), "memory": {"peak_rss_mb": peak}}
+
+    # Round 2 was slow for everyone (a load spike): paired by round, batch 1 is 3% behind batch 16.
+    rows = [row(1, [10.3, 30.9, 10.3], 200), row(4, [10.5, 31.5, 10.6], 500), row(16, [10.0, 30.0, 10.0], 1900)]
+    paired_ratios(rows)
+    assert [round(r["vs_fastest"], 3) for r in rows] == [1.03, 1.05, 1.0]
+    assert leanest_as_fast(rows) == 1
+    rows[0] = row(1, [10.6, 31.8, 10.7], 200)  # 6% behind in every round: out
+    paired_ratios(rows)
+    assert leanest_as_fast(rows) == 4
+    # The lowest median is not the fastest round by round: batch 8 wins every round but the spiked one.
+    rows = [row(4, [10.0, 10.0, 10.0], 500), row(8, [9.4, 30.0, 9.4], 900)]
+    paired_ratios(rows)
+    assert [round(r["vs_fastest"], 3) for r in rows] == [1.064, 1.0]
+    assert leanest_as_fast(rows) == 8

@@ -225,3 +225,41 @@ def test_outscale_keeps_16_bit_grey(double_model: Path, tmp_path: Path) -> None:
     assert main(["--model", str(double_model), "-q", str(src), "-o", str(tmp_path / "out"), "--outscale", "2"]) == 0
     with Image.open(tmp_path / "out" / "g16_x4.png") as out:
         assert out.mode == "I;16" and out.size == (24, 24) and np.asarray(out).max() > 255
+
+
+FC_256 = REPO / "engines" / "vdvae-sr-fc-256"
+
+
+@pytest.mark.parametrize(
+    ("model", "tile", "message"),
+    [
+        (None, "64", "runs fixed 32x32 LR tiles; --batch-size (tiles per backend call) is its memory control"),
+        (None, "-1", "--tile must be >= 0"),
+        (FC_256, "100", "--tile 100 is below model vdvae-sr-fc-256's smallest tile, 292 LR pixels"),
+    ],
+)
+def test_tile_misuse_is_one_usage_line(
+    double_model: Path, tmp_path: Path, model: Path | None, tile: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "a.png"
+    Image.fromarray(photo_lr(12)).save(src)
+    assert main(["--model", str(model or double_model), "-q", str(src), "--tile", tile]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "a_x4.png").exists()
+
+
+def test_tile_caps_the_lr_pixels_of_one_call_of_a_fully_convolutional_model() -> None:
+    from sr_runtime.cli import build_parser, options_from
+    from sr_runtime.tiling import plan_frame
+    from sr_runtime.upscaler import default_frame_pixels
+
+    args = build_parser().parse_args(["a.png", "--model", str(FC_256), "--backend", "cpu", "--tile", "300"])
+    options = options_from(args, samples=1)
+    with options.build_upscaler() as up:
+        assert up.frame_pixels == 300 * 300
+        plan = plan_frame(480, 640, up.spec.lr_multiple, up.spec.receptive_radius, up.frame_pixels)
+        assert not plan.whole and plan.tile[0] * plan.tile[1] <= 300 * 300 and max(plan.tile) <= 300
+    default = options_from(build_parser().parse_args(["a.png", "--model", str(FC_256), "--backend", "cpu"]), 1)
+    with default.build_upscaler() as up:
+        assert up.frame_pixels == default_frame_pixels(up.spec, "cpu")  # 0: the memory budget, the whole frame

@@ -33,7 +33,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sr_runtime import Upscaler
+from sr_runtime import RunStats, Upscaler
+from sr_runtime.upscaler import CPU_DEFAULT_BATCH
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the `cluster` extra)")
 
@@ -43,6 +44,7 @@ from sr_cluster.serve import (  # after the skip: needs ray
     QueueBatcher,
     Scaling,
     ServiceOptions,
+    UpscaleService,
     app_builder,
     build_app,
     build_parser,
@@ -338,6 +340,23 @@ def test_a_failed_batch_call_reaches_every_request_in_it() -> None:
     assert all(isinstance(r, RuntimeError) and str(r) == "backend lost" for r in results)
 
 
+def test_a_replica_packs_small_requests_into_calls_of_the_models_batch_max_on_the_cpu(double_model: Path) -> None:
+    """Not the CPU's per-image default batch (4): with it any request of 4 tiles or more (a 20x24 image is
+    4 tiles of the double's 32, padded by the overlap) would count as filling a call and run alone."""
+    assert CPU_DEFAULT_BATCH < 8, "the double's batch max (8) must differ from the CPU default to tell them apart"
+    replica = UpscaleService(str(double_model), "cpu", "auto", ServiceOptions(max_pixels=MAX_PIXELS, sampler_cache=1))
+    health = replica.health()
+    assert (health["backend"], health["batch_size"]) == ("onnxruntime-cpu", 8)
+    four_tiles = [photo(40, 40, 1), photo(40, 40, 2)]
+    assert not any(replica._fills_a_batch(img) for img in four_tiles)
+    assert replica._fills_a_batch(photo(90, 70, 3))  # 20 tiles
+    stats = RunStats()
+    replica._upscaler.run_many(four_tiles, stats=stats)
+    assert (stats.tiles, stats.batches) == (8, 1)  # two requests, one backend call
+    assert replica._samplers is not None
+    assert asyncio.run(replica._samplers.get(0.5, 1)).batch_size == 8  # samplers alike
+
+
 def test_query_parameters_are_checked() -> None:
     assert parse_params([("temperature", "0.5"), ("seed", "7"), ("format", "webp")]).seed == 7
     assert parse_params([("seed", "7")]).seed == 0  # temperature 0: the seed changes nothing
@@ -572,6 +591,7 @@ def test_health_route(service: int, double_model: Path) -> None:
     health = json.loads(reply.body)
     assert health["model"] == "test-double" and health["backend"] == "onnxruntime-cpu"
     assert health["precision"] == "fp32" and health["max_pixels"] == MAX_PIXELS
+    assert health["batch_size"] == 8  # the double's batch max, not the CPU default
     assert request(service, "POST", f"{PREFIX}/healthz", b"x").status == 405
 
 
@@ -579,7 +599,7 @@ def test_health_route(service: int, double_model: Path) -> None:
 def test_concurrent_requests_match_a_local_upscaler(service: int, double_model: Path) -> None:
     """24 requests from 8 threads: mixed sizes, formats, temperatures; each equals a local run exactly."""
     formats = [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
-    sizes = [(20, 24), (31, 17), (40, 40), (90, 70)]  # 1, 1, 4 and 12 tiles of 32 (batch max 8)
+    sizes = [(20, 24), (31, 17), (40, 40), (90, 70)]  # 4, 4, 4 and 20 tiles of 32 (padded by the overlap; batch max 8)
     cases = []
     for i in range(24):
         width, height = sizes[i % len(sizes)]

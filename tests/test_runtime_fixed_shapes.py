@@ -180,3 +180,22 @@ def test_run_many_packs_small_images_into_bucket_batches(
         expected = img.repeat(4, axis=0).repeat(4, axis=1)
         assert out.shape == expected.shape
         assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_the_cpu_backend_defaults_to_the_measured_batch_and_other_backends_to_the_model_max(
+    shipped_shape_model: Path, double_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sr_runtime.model import default_model_dir
+    from sr_runtime.upscaler import CPU_DEFAULT_BATCH
+
+    with Upscaler(default_model_dir(), backend="cpu") as up:  # the shipped model, batch max 16
+        assert (up.backend, up.batch_size) == ("onnxruntime-cpu", CPU_DEFAULT_BATCH)
+    with Upscaler(default_model_dir(), backend="cpu", batch_size=16) as up:  # asked for: kept
+        assert up.batch_size == 16
+    with Upscaler(double_model, backend="cpu") as up:  # batch max 8: the default is what runs
+        stats = RunStats()
+        up.run(photo_lr(56), stats=stats)  # 9 tiles
+        assert (up.batch_size, stats.batches) == (min(8, CPU_DEFAULT_BATCH), -(-9 // min(8, CPU_DEFAULT_BATCH)))
+    up, _ = recording_upscaler(shipped_shape_model, monkeypatch)  # any other backend: the model's batch max
+    with up:
+        assert up.batch_size == 16
