@@ -67,15 +67,18 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def frame_session_options(threads: int | None = None) -> ort.SessionOptions:
-    """`session_options` without ONNX Runtime's memory pattern, for frames of any size on the CPU.
+    """`session_options` for frames of any size on the CPU: no memory pattern, no NCHWc layout.
 
-    The pattern is planned per input shape on the first run and then
-    allocated as one block beside what the arena already holds, so from the
-    second frame of a shape on the peak is about twice the first run's; the
-    arena alone reuses its blocks (benchmarks/frame_memory.py measures both).
+    The memory pattern is planned per input shape on the first run and then
+    allocated beside what the arena already holds, so from the second frame
+    of a shape on the peak was about twice the first run's; the arena alone
+    reuses its blocks. The NCHWc layout (level `all` over `extended`) pads
+    channels and adds reorders: fc-256 took 1.8x the memory at 640x480 LR and
+    was not faster. Measured in benchmarks/frame_memory.py.
     """
     opts = session_options(threads)
     opts.enable_mem_pattern = False
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return opts
 
 
