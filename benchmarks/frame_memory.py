@@ -209,7 +209,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "schema": "vdvae-sr-frame-memory/1",
-        "model": str(args.model),
+        "model": str(
+            args.model.resolve().relative_to(REPO) if args.model.resolve().is_relative_to(REPO) else args.model
+        ),
         "manifest_bytes_per_lr_pixel": json.loads((args.model / "manifest.json").read_text())["memory"][
             "bytes_per_lr_pixel"
         ],
