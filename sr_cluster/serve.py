@@ -56,6 +56,7 @@ from sr_cluster.batching import (
 )
 from sr_runtime import SRInputError, SRModelError, Upscaler
 from sr_runtime.backends import ALIASES, PRECISIONS
+from sr_runtime.memory import LARGE_OUTPUT_PIXELS, release_free_memory
 from sr_runtime.model import load_model_spec
 from sr_runtime.tiling import plan_tiles
 from sr_runtime.upscaler import max_batch_size
@@ -434,6 +435,10 @@ class UpscaleService:
             self._requests.release()
         fmt = params.format or source_format
         data = await asyncio.to_thread(encode_image, result, fmt)
+        large = result.width * result.height >= LARGE_OUTPUT_PIXELS
+        del image, result  # from here on only the encoded reply is held
+        if large:  # a replica lives on: hand the image's freed pages back instead of keeping its peak
+            await asyncio.to_thread(release_free_memory)
         return Response(data, media_type=OUTPUT_FORMATS[fmt][1])
 
     async def _receive(self, request: Request) -> tuple[Image.Image, str]:

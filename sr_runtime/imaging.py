@@ -248,27 +248,84 @@ def _decode_array(arr: np.ndarray, what: str) -> Decoded:
     return Decoded(rgb, alpha, Layout(True, arr.dtype, gray, alpha is not None, squeeze=squeeze))
 
 
-def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
-    """Bicubic upscale of an alpha plane: transparency is not what the SR model was trained on."""
-    h, w = alpha.shape
-    img = Image.fromarray(alpha.astype(np.float32), mode="F")
-    up = np.asarray(img.resize((w * scale, h * scale), Image.Resampling.BICUBIC), np.float32)
-    return np.clip(up, 0.0, 1.0)
+#: Output rows converted at a time: the float temporaries of a conversion stay a few MB at any image size.
+STRIP_ROWS = 64
 
 
-def encode(rgb: np.ndarray, alpha: np.ndarray | None, layout: Layout) -> Image.Image | np.ndarray:
-    """Rebuild the caller's kind of image from float [3, H, W] planes (and alpha) in [0, 1]."""
-    color = rgb.mean(axis=0, keepdims=True) if layout.gray else rgb
-    planes = color if alpha is None else np.concatenate([color, alpha[None]], axis=0)
-    if layout.dtype in (np.uint8, np.uint16):
-        # Scale and round channel-first (contiguous), transpose only the small integer result.
-        scaled = planes * np.float32(255 if layout.dtype == np.uint8 else 65535)
-        np.rint(scaled, out=scaled)
-        chw = scaled.astype(layout.dtype)
-    else:
-        chw = planes.astype(layout.dtype)
-    out = np.ascontiguousarray(chw.transpose(1, 2, 0))
-    if layout.as_array:
-        return out[:, :, 0] if layout.squeeze else out
-    img = Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out)
-    return img.convert(layout.pil_mode) if layout.pil_mode not in (None, img.mode) else img
+class ImageBuilder:
+    """The caller's kind of image, filled band by band from float RGB rows in [0, 1].
+
+    Only the result is image-sized, in its own type (a PIL image, or an array
+    of the layout's dtype); the float temporaries of the conversion, and the
+    bicubic upscale of the alpha plane, are made STRIP_ROWS rows at a time.
+    """
+
+    def __init__(self, layout: Layout, size: tuple[int, int], alpha: np.ndarray | None = None, scale: int = 1) -> None:
+        """`size` is the output's (height, width); `alpha` the input's alpha plane, `scale` times smaller."""
+        self.layout = layout
+        self.size = size
+        self._scale = scale
+        self._alpha = None if alpha is None else Image.fromarray(alpha.astype(np.float32), mode="F")
+        channels = (1 if layout.gray else 3) + (alpha is not None)
+        self._pixels = np.empty((*size, channels), layout.dtype) if layout.as_array else None
+        self._image: Image.Image | None = None
+
+    def write(self, y0: int, rgb: np.ndarray) -> None:
+        """Rows `y0 .. y0 + n - 1` of the output from float planes `[3, n, W]` (read, never kept)."""
+        for start in range(0, rgb.shape[1], STRIP_ROWS):
+            strip = rgb[:, start : start + STRIP_ROWS]
+            self._put(y0 + start, self._convert(y0 + start, strip))
+
+    def _convert(self, y0: int, rgb: np.ndarray) -> np.ndarray:
+        """One strip as [n, W, C] in the layout's dtype: grey averaged, alpha beside it, integers rounded."""
+        layout = self.layout
+        color = rgb.mean(axis=0, keepdims=True) if layout.gray else rgb
+        planes = color if self._alpha is None else np.concatenate([color, self._alpha_rows(y0, rgb.shape[1])])
+        if layout.dtype in (np.uint8, np.uint16):
+            # Scale and round channel-first (contiguous), transpose only the small integer result.
+            scaled = planes * np.float32(255 if layout.dtype == np.uint8 else 65535)
+            np.rint(scaled, out=scaled)
+            chw = scaled.astype(layout.dtype)
+        else:
+            chw = planes.astype(layout.dtype)
+        return np.ascontiguousarray(chw.transpose(1, 2, 0))
+
+    def _alpha_rows(self, y0: int, rows: int) -> np.ndarray:
+        """Output rows of the alpha plane, bicubic: transparency is not what the SR model was trained on.
+
+        Resizing a box of the plane reads the filter's support beyond the box,
+        so strips equal the same rows of one whole-plane resize.
+        """
+        assert self._alpha is not None
+        s, width = self._scale, self.size[1]
+        box = (0.0, y0 / s, self._alpha.width, (y0 + rows) / s)
+        up = self._alpha.resize((width, rows), Image.Resampling.BICUBIC, box=box)
+        return np.clip(np.asarray(up, np.float32), 0.0, 1.0)[None]
+
+    def _put(self, y0: int, hwc: np.ndarray) -> None:
+        if self._pixels is not None:
+            self._pixels[y0 : y0 + hwc.shape[0]] = hwc
+            return
+        strip = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
+        if self._image is None:  # the strip's mode is the image's: allocated once, at its final size
+            self._image = Image.new(strip.mode, (self.size[1], self.size[0]))
+        self._image.paste(strip, (0, y0))
+
+    def image(self) -> Image.Image | np.ndarray:
+        """The finished image: an array shaped like the input's, or a PIL image in the input's mode."""
+        layout = self.layout
+        if self._pixels is not None:
+            return self._pixels[:, :, 0] if layout.squeeze else self._pixels
+        if self._image is None:
+            raise ValueError("no rows were written")
+        img = self._image
+        return img.convert(layout.pil_mode) if layout.pil_mode not in (None, img.mode) else img
+
+
+def encode(
+    rgb: np.ndarray, layout: Layout, alpha: np.ndarray | None = None, scale: int = 1
+) -> Image.Image | np.ndarray:
+    """The caller's kind of image from float [3, H, W] planes in [0, 1] (and its alpha plane, `scale` x smaller)."""
+    builder = ImageBuilder(layout, (rgb.shape[1], rgb.shape[2]), alpha, scale)
+    builder.write(0, rgb)
+    return builder.image()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from sr_runtime.errors import SRInputError
 from sr_runtime.files import atomic_write, is_symlink_loop, name_too_long, printable, resolved
 from sr_runtime.imaging import open_image, open_image_bytes
+from sr_runtime.memory import LARGE_OUTPUT_PIXELS, release_free_memory
 from sr_runtime.upscaler import DEFAULT_TILE_OVERLAP, RunStats, Upscaler
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -277,6 +278,11 @@ def upscale_input(upscaler: Upscaler, src: Path, decoded: DecodedInput, options:
     return UpscaledInput(decoded, out, std, stats, (t0, time.perf_counter()))
 
 
+def is_large(done: UpscaledInput) -> bool:
+    """Whether the x4 image is large enough that its freed memory should go back to the OS once it is gone."""
+    return done.image.width * done.image.height >= LARGE_OUTPUT_PIXELS
+
+
 def write_outputs(src: Path, targets: tuple[Path, ...], options: UpscaleOptions, done: UpscaledInput) -> FileNotes:
     """Std map, --outscale, encode, write each target atomically (or to standard output); the file's notes."""
     t0 = time.perf_counter()
@@ -315,7 +321,14 @@ def upscale_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], optio
     warned = DecoderWarnings()
     with warned.installed():
         decoded = read_input(upscaler, src, warned)
-    return write_outputs(src, targets, options, upscale_input(upscaler, src, decoded, options))
+    done = upscale_input(upscaler, src, decoded, options)
+    del decoded
+    large = is_large(done)
+    notes = write_outputs(src, targets, options, done)
+    del done  # the file's last reference: its images are freed here
+    if large:  # a worker lives on: give the image's pages back
+        release_free_memory()
+    return notes
 
 
 def run_file(upscaler: Upscaler, src: Path, targets: tuple[Path, ...], options: UpscaleOptions) -> FileResult:
@@ -346,22 +359,31 @@ class _Slot:
     targets: tuple[Path, ...]
     outcome: FileOutcome | None = None
     decoding: Future[DecodedInput] | None = None
+    upscaled: UpscaledInput | None = None  # from its upscale until its write takes it
     writing: Future[None] | None = None
     write_result: FileNotes | BaseException | None = None
 
     def fail(self, exc: BaseException) -> None:
         self.outcome = FileOutcome(self.src, self.dest, "failed", failure=failure_line(self.src, exc))
 
-    def write(self, options: UpscaleOptions, done: UpscaledInput) -> None:
+    def write(self, options: UpscaleOptions) -> None:
         """The write stage (on the writer thread); its notes or error stay with the slot.
 
         So the driver finds them even when an interrupt stopped it between
-        handing the write over and keeping the future.
+        handing the write over and keeping the future. The upscaled images are
+        taken off the slot, so once written nothing else holds them and a large
+        one's memory goes back to the OS here.
         """
+        done, self.upscaled = self.upscaled, None
+        assert done is not None
+        large = is_large(done)
         try:
             self.write_result = write_outputs(self.src, self.targets, options, done)
         except BaseException as exc:  # noqa: BLE001 -- kept for the driver's thread, which reports or raises it
             self.write_result = exc
+        del done
+        if large and isinstance(self.write_result, FileNotes):
+            release_free_memory()
 
 
 class _RunNow:
@@ -506,13 +528,14 @@ class _FileRun:
         try:
             decoded = slot.decoding.result()
             slot.decoding = None  # the decoded image is not kept past its upscale
-            done = upscale_input(self.upscaler, slot.src, decoded, self.options)
+            slot.upscaled = upscale_input(self.upscaler, slot.src, decoded, self.options)
         except FILE_ERRORS as exc:
             slot.decoding = None
             slot.fail(exc)
             return
+        del decoded  # the slot's upscaled input holds it until the write
         self._settle_writes()  # one file being written at a time
-        slot.writing = writer.submit(slot.write, self.options, done)
+        slot.writing = writer.submit(slot.write, self.options)
 
     def _settle_writes(self) -> None:
         """Wait for the write handed over, if any, and give its slot its outcome (or raise its interrupt)."""

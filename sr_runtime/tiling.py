@@ -12,6 +12,7 @@ weight, which leaves no step at tile borders.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,49 +98,84 @@ def ramp(length: int, overlap: int) -> np.ndarray:
     return w
 
 
-class Blender:
-    """Accumulates weighted HR tiles of one image; `result()` normalises and crops to 4x the input.
+#: Where a `Blender` hands finished rows: (first image row, float32 [C, n, W] in [0, 1]), a view valid during the call.
+RowSink = Callable[[int, np.ndarray], None]
 
-    The window is separable and the tiles form a grid, so the total weight is
-    the outer product of two 1-D sums: computed once, never accumulated per tile.
+
+class Blender:
+    """Blends one image's weighted HR tiles, added in raster order, into finished rows handed to `sink`.
+
+    A row is final once the last tile row touching it is in, so only a band one
+    tile high (and the padded image wide) is kept in float32, never the whole
+    image: the caller turns each band into the output type and memory peaks at
+    about the output itself. The window is separable and the tiles form a grid,
+    so the total weight is the outer product of two 1-D sums, computed once.
     """
 
-    def __init__(self, plan: TilePlan, channels: int, scale: int) -> None:
+    def __init__(self, plan: TilePlan, channels: int, scale: int, sink: RowSink) -> None:
         self.plan = plan
         self.scale = scale
+        self._sink = sink
         th, tw = plan.tile
         ph, pw = plan.padded_size
+        (by, bx), (h, w) = plan.pad_before, plan.image_size
         wy = ramp(th * scale, plan.overlap * scale)
         wx = ramp(tw * scale, plan.overlap * scale)
         self._window = wy[:, None] * wx[None, :]
-        self._sum_y = np.zeros(ph * scale, np.float32)
-        self._sum_x = np.zeros(pw * scale, np.float32)
+        sum_y = np.zeros(ph * scale, np.float32)
+        sum_x = np.zeros(pw * scale, np.float32)
         for y in plan.ys:
-            self._sum_y[y * scale : (y + th) * scale] += wy
+            sum_y[y * scale : (y + th) * scale] += wy
         for x in plan.xs:
-            self._sum_x[x * scale : (x + tw) * scale] += wx
-        self._acc = np.zeros((channels, ph * scale, pw * scale), np.float32)
+            sum_x[x * scale : (x + tw) * scale] += wx
+        self._image_rows = (by * scale, (by + h) * scale)
+        self._image_cols = slice(bx * scale, (bx + w) * scale)
+        self._inv_y = 1.0 / sum_y
+        self._inv_x = 1.0 / sum_x[self._image_cols]
+        self._band = np.zeros((channels, th * scale, pw * scale), np.float32)
+        self._top = 0  # padded HR row held by the band's first row
+        self._row = 0  # tile row being added
+        self._next = 0  # index of the next tile expected
         self._weighted = np.empty((channels, th * scale, tw * scale), np.float32)
 
     def add(self, hr: np.ndarray, first: int) -> None:
         """Add a batch `[N, C, th*s, tw*s]` of HR tiles starting at tile `first`; `hr` is left as it was."""
+        if first != self._next:
+            raise ValueError(f"tiles must be added in raster order: expected tile {self._next}, got {first}")
+        if first + hr.shape[0] > self.plan.count:
+            raise ValueError(f"tiles {first}..{first + hr.shape[0] - 1} exceed the plan's {self.plan.count}")
         s = self.scale
         hh, hw = hr.shape[2], hr.shape[3]
         for k in range(hr.shape[0]):
-            y, x = self.plan.origin(first + k)
+            row, col = divmod(first + k, len(self.plan.xs))
+            if row != self._row:
+                self._flush(int(self.plan.ys[row]) * s)
+                self._row = row
+            y = int(self.plan.ys[row]) * s - self._top
+            x = int(self.plan.xs[col]) * s
             np.multiply(hr[k], self._window, out=self._weighted)
-            self._acc[:, y * s : y * s + hh, x * s : x * s + hw] += self._weighted
+            self._band[:, y : y + hh, x : x + hw] += self._weighted
+        self._next = first + hr.shape[0]
 
-    def result(self) -> np.ndarray:
-        """Blended [C, H*s, W*s] image clipped to [0, 1] (a view of the accumulator: call once)."""
-        s = self.scale
-        (by, bx), (h, w) = self.plan.pad_before, self.plan.image_size
-        rows = slice(by * s, (by + h) * s)
-        cols = slice(bx * s, (bx + w) * s)
-        out = self._acc[:, rows, cols]
-        out *= (1.0 / self._sum_y[rows])[:, None]
-        out *= (1.0 / self._sum_x[cols])[None, :]
-        return np.clip(out, 0.0, 1.0, out=out)
+    def finish(self) -> None:
+        """Hand over the rows still held; every tile of the plan must have been added."""
+        if self._next != self.plan.count:
+            raise ValueError(f"{self.plan.count - self._next} of {self.plan.count} tiles were never added")
+        self._flush(self.plan.padded_size[0] * self.scale)
+
+    def _flush(self, until: int) -> None:
+        """Rows [top, until) are final: normalise and clip those inside the image, hand them over, slide up."""
+        first, last = max(self._top, self._image_rows[0]), min(until, self._image_rows[1])
+        if first < last:
+            rows = self._band[:, first - self._top : last - self._top, self._image_cols]
+            rows *= self._inv_y[first:last][:, None]
+            rows *= self._inv_x[None, :]
+            self._sink(first - self._image_rows[0], np.clip(rows, 0.0, 1.0, out=rows))
+        done = until - self._top
+        kept = self._band.shape[1] - done  # the overlap with the next tile row, never negative
+        self._band[:, :kept] = self._band[:, done:]
+        self._band[:, kept:] = 0.0
+        self._top = until
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar, overload
 
 import numpy as np
@@ -18,13 +19,15 @@ from sr_runtime.backends import Backend, FrameBackend, batch_buckets, bucket_for
 from sr_runtime.errors import SRInputError, SRModelError
 from sr_runtime.imaging import (
     DEFAULT_MAX_PIXELS,
+    STRIP_ROWS,
     Decoded,
+    ImageBuilder,
     decode_array,
     decode_pil,
     encode,
     open_image,
-    upscale_alpha,
 )
+from sr_runtime.memory import LARGE_OUTPUT_PIXELS
 from sr_runtime.model import ModelSpec, load_model_spec
 from sr_runtime.noise import DEFAULT_ROWS, MAX_BANK_BYTES, MIN_ROWS, FrameNoise, NoiseBank
 from sr_runtime.tiling import (
@@ -444,12 +447,13 @@ class Upscaler:
                     progress(1, 1)
                 return out
         decoded = self._decode(img)
-        mean, std = self._upscale(decoded, n, progress, stats, sampling)
-        out = self._encode(decoded, mean)
+        out, std = self._upscale(decoded, n, progress, stats, sampling)
         if samples is None:
             return out
-        # one sample has no spread: a read-only zero view instead of a full-size allocation
-        return out, np.broadcast_to(np.float32(0.0), mean.shape[1:]) if std is None else std
+        if std is None:  # one sample has no spread: a read-only zero view instead of a full-size allocation
+            h, w = decoded.size
+            std = np.broadcast_to(np.float32(0.0), (h * self.spec.scale, w * self.spec.scale))
+        return out, std
 
     def run_many(
         self,
@@ -475,7 +479,8 @@ class Upscaler:
         decoded = [self._decode(img) for img in images]
         plans = [plan_tiles(*d.size, self.spec.lr_size, self.tile_overlap) for d in decoded]
         padded = [pad_image(d.rgb, plan) for d, plan in zip(decoded, plans, strict=True)]
-        blenders = [Blender(plan, 3, self.spec.scale) for plan in plans]
+        builders = [self._builder(d) for d in decoded]
+        blenders = [Blender(plan, 3, self.spec.scale, b.write) for plan, b in zip(plans, builders, strict=True)]
         queue = [(image, tile) for image, plan in enumerate(plans) for tile in range(plan.count)]
         fixed = self._backend.batch_sizes
         for begin in range(0, len(queue), self.batch_size):
@@ -492,7 +497,9 @@ class Upscaler:
             for image, first, n in runs:
                 blenders[image].add(hr[offset : offset + n], first)
                 offset += n
-        return [self._encode(d, b.result()) for d, b in zip(decoded, blenders, strict=True)]
+        for blender in blenders:
+            blender.finish()
+        return [b.image() for b in builders]
 
     def run_frames(
         self,
@@ -547,8 +554,8 @@ class Upscaler:
                 if in_flight is not None:
                     yield self._finish_uint8(in_flight, stats)
                     in_flight = None
-                mean, _ = self._upscale(prepared, 1, None, stats, sampling)
-                yield self._encode(prepared, mean)
+                out, _ = self._upscale(prepared, 1, None, stats, sampling)
+                yield out
             if in_flight is not None:
                 yield self._finish_uint8(in_flight, stats)
 
@@ -607,16 +614,19 @@ class Upscaler:
             stats.batches += 1
         return Image.fromarray(out[0]) if frame.pil else out[0]
 
-    def _encode(self, decoded: Decoded, rgb: np.ndarray) -> Image.Image | np.ndarray:
-        """The HR planes back in the input's layout, with its alpha upscaled beside them."""
-        alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, self.spec.scale)
-        return encode(rgb, alpha, decoded.layout)
+    def _builder(self, decoded: Decoded) -> ImageBuilder:
+        """Where the blended rows of `decoded` go: its output, in its layout, with its alpha upscaled beside."""
+        h, w = decoded.size
+        s = self.spec.scale
+        return ImageBuilder(decoded.layout, (h * s, w * s), decoded.alpha, s)
 
-    def _run_backend(self, lr: np.ndarray, start: int, count: int, stats: RunStats | None) -> np.ndarray:
+    def _run_backend(
+        self, lr: np.ndarray, start: int, count: int, stats: RunStats | None, release_memory: bool = False
+    ) -> np.ndarray:
         """The first `count` HR tiles of one backend call; refuses a non-finite result."""
         with self._lock:
             t0 = time.perf_counter()
-            hr = self._backend.run(lr, start)[:count]
+            hr = self._backend.run(lr, start, release_memory)[:count]
             t1 = time.perf_counter()
         if not np.isfinite(hr).all():
             raise _not_finite(self.temperature)
@@ -646,38 +656,40 @@ class Upscaler:
         progress: Progress | None,
         stats: RunStats | None,
         sampling: _Sampling,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Mean and per-pixel std (mean over RGB) across samples of the blended HR planes; one sample: no std.
+    ) -> tuple[Image.Image | np.ndarray, np.ndarray | None]:
+        """The output in the input's layout (the mean over samples) and the per-pixel std map; one sample: no std.
 
         `sampling` applies to fully convolutional models; a fixed-size model's is its Upscaler's own.
         """
         if self.spec.fully_convolutional:
-            return self._upscale_frame(decoded, samples, progress, stats, sampling)
+            mean, std = self._upscale_frame(decoded, samples, progress, stats, sampling)
+            return encode(mean, decoded.layout, decoded.alpha, self.spec.scale), std
         h, w = decoded.size
+        s = self.spec.scale
         plan = plan_tiles(h, w, self.spec.lr_size, self.tile_overlap)
         padded = pad_image(decoded.rgb, plan)
+        builder = self._builder(decoded)
+        moments = None if samples == 1 else SampleMoments((3, h * s, w * s))
+        large = h * w * s * s >= LARGE_OUTPUT_PIXELS
         total = plan.count * samples
         done = 0
-        # Welford's running mean / sum of squares: one pass, no stack of K full-size images.
-        mean = np.zeros((3, h * self.spec.scale, w * self.spec.scale), np.float32)
-        m2 = np.zeros_like(mean) if samples > 1 else None
         fixed = self._backend.batch_sizes
         for sample in range(samples):
-            blender = Blender(plan, 3, self.spec.scale)
+            sink = builder.write if moments is None else partial(moments.add, sample)
+            blender = Blender(plan, 3, s, sink)
             rows = self._bank.tile_rows(plan.grid, sample)
             for first, count, start in self._bank.batches(rows, self.batch_size):
                 lr = extract(padded, plan, first, count, count if fixed is None else bucket_for(count, fixed))
-                blender.add(self._run_backend(lr, start, count, stats), first)
+                release = large and done + count == total  # the image's last batch: the backend may give memory back
+                blender.add(self._run_backend(lr, start, count, stats, release), first)
                 done += count
                 if progress is not None:
                     progress(done, total)
-            result = blender.result()
-            if m2 is None:
-                return result, None
-            delta = result - mean
-            mean += delta / (sample + 1)
-            m2 += delta * (result - mean)
-        return mean, None if m2 is None else np.sqrt(m2 / samples).mean(axis=0)
+            blender.finish()
+        if moments is None:
+            return builder.image(), None
+        builder.write(0, moments.mean)
+        return builder.image(), moments.std()
 
     def _upscale_frame(
         self,
@@ -700,7 +712,7 @@ class Upscaler:
         th, tw = plan.tile
         total = plan.count * samples
         done = 0
-        mean = m2 = None
+        moments = None if samples == 1 else SampleMoments((3, h * s, w * s))
         for sample in range(samples):
             if plan.whole:
                 noise = self._frame_noise(plan, sampling, sample, 0, 0)
@@ -723,16 +735,11 @@ class Upscaler:
                         progress(done, total)
                 result = result[:, : h * s, : w * s]
             result = np.clip(result, 0.0, 1.0)
-            if samples == 1:
+            if moments is None:
                 return result, None
-            if mean is None or m2 is None:
-                mean, m2 = result.copy(), np.zeros_like(result)
-                continue
-            delta = result - mean
-            mean += delta / (sample + 1)
-            m2 += delta * (result - mean)
-        assert mean is not None and m2 is not None
-        return mean, np.sqrt(m2 / samples).mean(axis=0)
+            moments.add(sample, 0, result)
+        assert moments is not None
+        return moments.mean, moments.std()
 
     def _frame_noise(
         self, plan: FramePlan, sampling: _Sampling, sample: int, y0: int, x0: int
@@ -760,6 +767,34 @@ class Upscaler:
             stats.tiles += 1
             stats.batches += 1
         return hr
+
+
+class SampleMoments:
+    """Welford's running mean and sum of squared deviations over samples, updated band by band in place.
+
+    One pass over the samples, with no stack of K full-size images and no
+    image-sized temporaries: each band's arithmetic is the size of the band.
+    """
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.mean = np.zeros(shape, np.float32)
+        self._m2 = np.zeros(shape, np.float32)
+        self._samples = 0
+
+    def add(self, sample: int, y0: int, rows: np.ndarray) -> None:
+        """Rows `y0 ..` of sample number `sample` (0-based; every row of one sample before the next)."""
+        mean = self.mean[:, y0 : y0 + rows.shape[1]]
+        delta = rows - mean
+        mean += delta / (sample + 1)
+        self._m2[:, y0 : y0 + rows.shape[1]] += delta * (rows - mean)
+        self._samples = max(self._samples, sample + 1)
+
+    def std(self) -> np.ndarray:
+        """Per-pixel standard deviation across the samples, averaged over the channels: float32 [H, W]."""
+        out = np.empty(self.mean.shape[1:], np.float32)
+        for y in range(0, out.shape[0], STRIP_ROWS):
+            out[y : y + STRIP_ROWS] = np.sqrt(self._m2[:, y : y + STRIP_ROWS] / self._samples).mean(axis=0)
+        return out
 
 
 def default_frame_pixels(spec: ModelSpec, device: str) -> int:

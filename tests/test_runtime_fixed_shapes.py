@@ -37,7 +37,7 @@ class RecordingBackend:
         self.bank_rows = bank.data.shape[0]
         self.calls: list[tuple[tuple[int, ...], int]] = []
 
-    def run(self, lr: np.ndarray, noise_start: int) -> np.ndarray:
+    def run(self, lr: np.ndarray, noise_start: int, release_memory: bool = False) -> np.ndarray:
         self.calls.append((lr.shape, noise_start))
         return lr.repeat(4, axis=2).repeat(4, axis=3)
 
@@ -113,14 +113,37 @@ def test_the_cpu_backend_takes_a_remainder_unpadded(double_model: Path, monkeypa
     sizes: list[int] = []
     run = OrtCpuBackend.run
 
-    def recording_run(self: OrtCpuBackend, lr: np.ndarray, noise_start: int) -> np.ndarray:
+    def recording_run(
+        self: OrtCpuBackend, lr: np.ndarray, noise_start: int, release_memory: bool = False
+    ) -> np.ndarray:
         sizes.append(lr.shape[0])
-        return run(self, lr, noise_start)
+        return run(self, lr, noise_start, release_memory)
 
     monkeypatch.setattr(OrtCpuBackend, "run", recording_run)
     with Upscaler(double_model, backend="cpu", batch_size=6) as up:
         up.run(photo_lr(56))
     assert sizes == [6, 3]  # 9 tiles; a GPU backend would get the 3 padded to its bucket 4
+
+
+def test_the_last_batch_of_a_large_image_releases_the_arena(
+    double_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    releases: list[bool] = []
+    run = OrtCpuBackend.run
+
+    def recording_run(
+        self: OrtCpuBackend, lr: np.ndarray, noise_start: int, release_memory: bool = False
+    ) -> np.ndarray:
+        releases.append(release_memory)
+        return run(self, lr, noise_start, release_memory)
+
+    monkeypatch.setattr(OrtCpuBackend, "run", recording_run)
+    with Upscaler(double_model, backend="cpu") as up:
+        up.run(np.zeros((500, 500, 3), np.uint8))  # 4 MP out: large
+        assert len(releases) > 1 and releases[-1] and not any(releases[:-1])
+        releases.clear()
+        up.run(np.zeros((400, 400, 3), np.uint8))  # 2.6 MP out: the arena stays for the next image
+        assert releases and not any(releases)
 
 
 def test_bucket_bindings_match_the_plain_cpu_session(double_model: Path) -> None:

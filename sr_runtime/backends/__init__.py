@@ -2,7 +2,9 @@
 
 A backend owns its session and its copy of the noise bank (device-resident on
 GPUs) and runs one batch: `run(lr [N, 3, h, w] float32, noise_start) -> hr`,
-where the batch's noise is rows `[noise_start, noise_start + N)` of the bank.
+where the batch's noise is rows `[noise_start, noise_start + N)` of the bank;
+`release_memory=True` on the last batch of a large image lets it give back
+what it kept for intermediate tensors (ONNX Runtime CPU's arena).
 
 GPU backends take fixed shapes only (docs/design.md, Runtime contract): they
 are prepared at load for a few batch sizes, the buckets, and list them in `batch_sizes`; the caller pads
@@ -51,7 +53,8 @@ class Backend(Protocol):
     def batch_sizes(self) -> tuple[int, ...] | None:
         """The batch sizes `run` accepts, ascending; None: any."""
 
-    def run(self, lr: np.ndarray, noise_start: int) -> np.ndarray: ...
+    def run(self, lr: np.ndarray, noise_start: int, release_memory: bool = False) -> np.ndarray:
+        """One batch; `release_memory`: the last of a large image, so memory kept for intermediates may go back."""
 
     def close(self) -> None: ...
 

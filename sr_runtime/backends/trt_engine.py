@@ -211,8 +211,11 @@ class TensorRTBackend:
         buf = (ctypes.c_float * (nbytes // 4)).from_address(ptr)
         return np.ctypeslib.as_array(buf).reshape(shape)
 
-    def run(self, lr: np.ndarray, noise_start: int) -> np.ndarray:
-        """One batch whose size is a bucket: pinned copy in, graph replay, pinned copy out, on one stream."""
+    def run(self, lr: np.ndarray, noise_start: int, release_memory: bool = False) -> np.ndarray:
+        """One batch whose size is a bucket: pinned copy in, graph replay, pinned copy out, on one stream.
+
+        Its buffers are allocated once per shape, so `release_memory` has nothing to hand back.
+        """
         rt, cuda, stream = self._cuda.rt, self._cuda, self._stream
         n = lr.shape[0]
         if n not in self._contexts:
