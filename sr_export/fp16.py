@@ -4,8 +4,9 @@ TensorRT 11 has no FP16 builder flag: precision must live in the network
 (strongly typed), so the FP16 graph is made here. Procedure:
 
 1. ``measure_ranges``: run the FP32 graph in ONNX Runtime on calibration
-   inputs (real photos at several temperatures, plus extreme images) with every
-   intermediate tensor exposed, recording max |x| per tensor.
+   inputs (real photos at several temperatures, plus extreme images), with
+   max |x| of every intermediate tensor reduced inside the graph, so a pass
+   keeps no more memory than an inference.
 2. ``fp32_island``: a node stays FP32 when any float tensor it reads or writes
    exceeds ``limit`` (well below FP16's 65504, leaving headroom for images the
    calibration did not see and for the precision lost at large magnitudes), or
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -89,119 +91,91 @@ def _named(proto: onnx.ModelProto) -> onnx.ModelProto:
 def measure_ranges(
     proto: onnx.ModelProto,
     feeds: Sequence[dict[str, np.ndarray]],
-    budget_bytes: int = 1 << 29,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """max |x| of every float tensor (node outputs, graph inputs, initializers) over ``feeds``.
 
-    ORT runs without graph fusions so every tensor of the graph exists. ORT keeps
-    every graph output of a run alive until it returns, fetched or not, so each
-    group of at most ``budget_bytes`` of tensors gets its own session with only
-    that group as outputs: memory stays bounded whatever the model's size, at
-    the cost of one forward pass per group and feed (logged up front).
-    Non-finite values count as infinite.
+    The statistics are computed inside the graph (``range_graph``), so a run
+    returns two scalars per tensor instead of the tensors: ONNX Runtime frees
+    every intermediate as in a plain inference, memory stays one forward pass's
+    whatever the model's size, and each feed costs one pass. Non-finite values
+    count as infinite.
     """
     proto = _named(proto)
     types = float_types(proto)
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {vi.name: vi.type.tensor_type.shape for vi in (*inferred.graph.value_info, *inferred.graph.output)}
     produced = [o for n in proto.graph.node for o in n.output if o and types.get(o) == FLOAT]
     ranges: dict[str, float] = dict.fromkeys(produced, 0.0)
     for init in proto.graph.initializer:
         if init.data_type == FLOAT:
             arr = numpy_helper.to_array(init)
             ranges[init.name] = float(np.abs(arr).max()) if arr.size else 0.0
-    symbols: dict[str, int] = {}
-    for feed in feeds:  # size every group for the largest feed: a fully convolutional graph's tensors follow it
-        for symbol, size in _feed_symbols(proto, feed).items():
-            symbols[symbol] = max(symbols.get(symbol, 0), size)
-    groups = _groups(produced, shapes, symbols, budget_bytes)
-    if log is not None:
-        total = sum(_tensor_bytes(shapes, name, symbols) for name in produced)
-        log(
-            f"      {len(produced)} tensors, {total / 1e9:.2f} GB at the largest feed: {len(groups)} group(s) of "
-            f"<= {budget_bytes / 1e9:.2f} GB, {len(groups) * len(feeds)} forward passes"
-        )
-    for group in groups:
-        single = onnx.ModelProto()
-        single.CopyFrom(proto)
-        del single.graph.output[:]
-        single.graph.output.extend(helper.make_tensor_value_info(name, FLOAT, None) for name in group)
-        session = cpu_session_from_proto(single)
-        for feed in feeds:
-            for name, value in zip(group, session.run(group, feed), strict=True):
-                peak = float(np.abs(value).max()) if np.isfinite(value).all() else math.inf
-                ranges[name] = max(ranges[name], peak)
-        del session
+    stats = range_graph(proto, produced)
+    outputs = [o.name for o in stats.graph.output]
+    session = cpu_session_from_proto(stats)
+    del stats
+    started = time.perf_counter()
+    for k, feed in enumerate(feeds):
+        values = session.run(outputs, feed)
+        for name, peak, poison in zip(produced, values[0::2], values[1::2], strict=True):
+            ranges[name] = max(ranges[name], float(peak) if np.isfinite(poison) else math.inf)
+        if log is not None:
+            log(f"      range pass {k + 1}/{len(feeds)}, {time.perf_counter() - started:.0f} s")
     for feed in feeds:
         for name, value in feed.items():
             ranges[name] = max(ranges.get(name, 0.0), float(np.abs(value).max()))
     return ranges
 
 
+def range_graph(proto: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose outputs are, per tensor in ``tensors``, max |x| and sum(x * 0).
+
+    The sum is NaN exactly when the tensor holds a NaN or an infinity (ReduceMax
+    alone may skip a NaN). Each pair of reductions is placed right after the
+    node that writes its tensor, so a session that runs nodes in graph order
+    (``cpu_session_from_proto``) frees the tensor once its own consumers ran.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = model.graph
+    wanted = set(tensors)
+    zero = "range_stat_zero"
+    g.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero))
+    index = {name: k for k, name in enumerate(tensors)}
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        nodes.append(node)
+        for out in node.output:
+            if out in wanted:
+                stat = f"range_stat_{index[out]}"
+                nodes += [
+                    helper.make_node("Abs", [out], [f"{stat}_abs"], name=f"{stat}_abs"),
+                    helper.make_node("ReduceMax", [f"{stat}_abs"], [f"{stat}_max"], name=f"{stat}_max", keepdims=0),
+                    helper.make_node("Mul", [out, zero], [f"{stat}_zero"], name=f"{stat}_mul"),
+                    helper.make_node("ReduceSum", [f"{stat}_zero"], [f"{stat}_poison"], name=f"{stat}_sum", keepdims=0),
+                ]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.output[:]
+    for k in range(len(tensors)):
+        g.output.extend(helper.make_tensor_value_info(f"range_stat_{k}_{s}", FLOAT, []) for s in ("max", "poison"))
+    return model
+
+
 def cpu_session_from_proto(proto: onnx.ModelProto) -> Any:
-    """An unoptimised ORT CPU session on an in-memory model (serialised to a temp file by ORT's API)."""
+    """An unoptimised ORT CPU session on an in-memory model that runs its nodes in graph order.
+
+    ONNX Runtime's default order would run every node of a chain before the
+    reductions ``range_graph`` puts beside them, keeping all their inputs
+    alive; without a memory arena a run's tensors are freed when it ends.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.enable_cpu_mem_arena = False
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _feed_symbols(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
-    """Values of the graph's symbolic dims for one feed, read off its inputs ('4*h' of 24 -> h = 6)."""
-    symbols: dict[str, int] = {}
-    for vi in proto.graph.input:
-        if vi.name not in feed:
-            continue
-        for dim, size in zip(vi.type.tensor_type.shape.dim, feed[vi.name].shape, strict=False):
-            coef, _, name = dim.dim_param.rpartition("*")
-            if name.isidentifier() and (coef == "" or coef.isdigit()):
-                symbols[name] = size // int(coef or 1)
-    return symbols
-
-
-def _dim_size(dim: Any, symbols: dict[str, int]) -> int:
-    """A dim's size: its value, its expression over ``symbols`` (sums and products of ints), else the largest."""
-    if dim.HasField("dim_value"):
-        return int(dim.dim_value)
-    total = 0
-    for term in dim.dim_param.replace(" ", "").split("+"):
-        product = 1
-        for factor in term.split("*"):
-            if factor.isdigit():
-                product *= int(factor)
-            elif factor in symbols:
-                product *= symbols[factor]
-            else:  # an expression this does not read: bound it by the largest size in play
-                return max([16 * v for v in symbols.values()] or [1])
-        total += product
-    return total
-
-
-def _tensor_bytes(shapes: dict[str, Any], name: str, symbols: dict[str, int]) -> int:
-    """float32 bytes of a tensor, symbolic dimensions sized by ``symbols``."""
-    dims = shapes[name].dim if name in shapes else []
-    return 4 * math.prod(_dim_size(d, symbols) for d in dims)
-
-
-def _groups(names: list[str], shapes: dict[str, Any], symbols: dict[str, int], budget: int) -> list[list[str]]:
-    """Split ``names`` so each group's float32 tensors together stay under ``budget`` bytes.
-
-    Symbolic dims are sized by ``symbols`` (the largest feed's): a fully
-    convolutional graph's tensors follow the frame, not a fixed tile.
-    """
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in names:
-        size = _tensor_bytes(shapes, name, symbols)
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return groups
 
 
 def _data_inputs(node: onnx.NodeProto) -> list[tuple[int, str]]:

@@ -13,7 +13,7 @@ import pytest
 
 from sr_export.calibration import photo_lr_batch
 from sr_export.cli import parse_frame
-from sr_export.fp16 import _dim_size, _feed_symbols, choose_fp16, cpu_session_from_proto, psnr
+from sr_export.fp16 import choose_fp16, cpu_session_from_proto, psnr
 from sr_export.frame_pipeline import frame_calibration, frame_check_cases
 from sr_export.parity import compare_frame, cpu_session
 from sr_runtime.backends.engine_build import frame_profile
@@ -100,20 +100,6 @@ def test_sampling_graph_with_zero_noise_equals_the_deterministic_graph(exported_
     a = ort.InferenceSession(str(out / "model.fp32.onnx")).run(["hr"], {"lr": lr, **zeros})[0]
     b = ort.InferenceSession(str(out / "model.t0.fp32.onnx")).run(["hr"], {"lr": lr})[0]
     np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def test_range_measurement_sizes_symbolic_tensors_from_the_feed() -> None:
-    proto = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            [], "g", [onnx.helper.make_tensor_value_info("lr", onnx.TensorProto.FLOAT, ["batch", 3, "4*h", "4*w"])], []
-        )
-    )
-    symbols = _feed_symbols(proto, {"lr": np.zeros((2, 3, 24, 40), np.float32)})
-    assert symbols == {"batch": 2, "h": 6, "w": 10}
-    dim = onnx.TensorShapeProto.Dimension(dim_param="16*h")
-    assert _dim_size(dim, symbols) == 96
-    assert _dim_size(onnx.TensorShapeProto.Dimension(dim_param="2*h + 1"), symbols) == 13
-    assert _dim_size(onnx.TensorShapeProto.Dimension(dim_param="floor(h/3)"), symbols) == 160  # bounded
 
 
 def test_frame_profile_from_res_and_a_fixed_video_frame() -> None:

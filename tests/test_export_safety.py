@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from exporting import run_cli, tiny_model
+from onnx import TensorProto, helper
 
 from sr_export.pipeline import ExportCheckFailed, ExportOptions, export_model_dir, finite_json
 from sr_runtime import Upscaler
@@ -108,14 +109,14 @@ graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", Te
 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 feeds = [{"x": np.full(shape, v, np.float32)} for v in (1.0, -3.0)]
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-ranges = measure_ranges(model, feeds, budget_bytes=40 << 20)
+ranges = measure_ranges(model, feeds)
 grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
 print(grew * 1024, ranges["t0"], ranges["t23"])
 """
 
 
-def test_range_measurement_memory_stays_near_its_budget() -> None:
-    """24 tensors of 16 MB with a 40 MB budget: ORT would keep all 384 MB alive in one session."""
+def test_range_measurement_memory_stays_one_inference() -> None:
+    """24 tensors of 16 MB: exposing them as outputs, or ORT's default node order, keeps all 384 MB alive."""
     proc = subprocess.run(
         [sys.executable, "-c", _MEASURE],
         check=False,
@@ -127,7 +128,26 @@ def test_range_measurement_memory_stays_near_its_budget() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     grew, first, last = (float(v) for v in proc.stdout.split())
     assert first == 3.0 and last == 3.0  # max |x| over both feeds, through the chain
-    assert grew < 200e6, f"peak RSS grew by {grew / 1e6:.0f} MB"
+    assert grew < 120e6, f"peak RSS grew by {grew / 1e6:.0f} MB"  # measured: 72 MB; all alive: 460 MB
+
+
+def test_range_measurement_counts_nan_and_inf_as_infinite() -> None:
+    from sr_export.fp16 import measure_ranges
+
+    nodes = [helper.make_node("Log", ["x"], ["log"]), helper.make_node("Sqrt", ["x"], ["root"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("log", "root")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    finite = {"x": np.array([[1.0, 4.0, 9.0, 16.0]], np.float32)}
+    assert measure_ranges(model, [finite]) == {"log": pytest.approx(np.log(16.0)), "root": 4.0, "x": 16.0}
+    with_zero = {"x": np.array([[0.0, 4.0, 9.0, 16.0]], np.float32)}  # log(0) = -inf
+    with_negative = {"x": np.array([[-1.0, 4.0, 9.0, 16.0]], np.float32)}  # sqrt(-1) = nan, log(-1) = nan
+    ranges = measure_ranges(model, [finite, with_zero, with_negative])
+    assert ranges["log"] == math.inf and ranges["root"] == math.inf and ranges["x"] == 16.0
 
 
 IDENTITY = EngineIdentity("ab" * 32, "fp16", (1, 4, 16), GpuInfo("NVIDIA H100 80GB HBM3", "9.0"), "10.13.0.35")
