@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-cache", type=Path, help=f"engine cache directory (default {engine_cache_dir()})")
     p.add_argument("--seed", type=parse_seed, default=0, help="seed for random weights and check noise")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="start even when the up-front estimate says the export needs more memory than is available",
+    )
+    p.add_argument(
         "--frame",
         type=parse_frame,
         help="fully convolutional models: build engines for this one input frame size WxH (LR pixels, "
@@ -239,6 +244,8 @@ def _export(args: argparse.Namespace) -> int:
 
     opts = ExportOptions(out_dir=out, name=name, batch=args.batch, fp16=args.precision != "fp32", seed=args.seed)
     print(f"sr-export: {name} ({model.config.name}, noise_dim {model.noise_dim}) -> {out}")
+    if not model.config.fully_convolutional and not check_cost(model, opts.fp16, args.force):
+        return 1
     try:
         report = export_model_dir(model, info, opts)
     except ExportCheckFailed as exc:
@@ -270,6 +277,38 @@ def _export(args: argparse.Namespace) -> int:
         print(f"engine: build failed: {exc}", file=sys.stderr)
         return 1 if args.engine == "on" else 0
     return 0
+
+
+def check_cost(model: Any, fp16: bool, force: bool) -> bool:
+    """Print the export's estimated time and peak memory; False (with the reason) if it cannot fit here."""
+    from sr_export.cost import LONG_EXPORT_S, estimate_cost
+    from sr_export.pipeline import CALIBRATION_TEMPERATURES, CHECK_TEMPERATURES, PARITY_IMAGES
+
+    print("sr-export: timing one forward pass to estimate the export's time and memory ...", flush=True)
+    cost = estimate_cost(model, fp16, PARITY_IMAGES, len(CALIBRATION_TEMPERATURES), len(CHECK_TEMPERATURES))
+    for line in cost.lines():
+        print(f"sr-export: {line}")
+    if not cost.fits:
+        assert cost.available_bytes is not None
+        message = (
+            f"the export needs about {cost.peak_bytes / 1e9:.1f} GB, more than the "
+            f"{cost.available_bytes / 1e9:.1f} GB available"
+        )
+        if not force:
+            print(
+                f"sr-export: refusing to start: {message}. Free memory, skip the FP16 graph (--precision fp32), "
+                "or pass --force to try anyway",
+                file=sys.stderr,
+            )
+            return False
+        print(f"WARNING: {message}; going on (--force)", file=sys.stderr)
+    if cost.seconds > LONG_EXPORT_S:
+        print(
+            "WARNING: this export will take long on this machine (see the estimate); Ctrl-C stops it and "
+            "leaves any earlier model in place",
+            file=sys.stderr,
+        )
+    return True
 
 
 def frame_engine_options(manifest: dict[str, Any], res: int | None, frame: tuple[int, int] | None) -> dict[str, Any]:

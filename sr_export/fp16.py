@@ -395,37 +395,69 @@ def _with_component_output(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str
     return model, name
 
 
-def verify_fp16(fp32: onnx.ModelProto, fp16: onnx.ModelProto, cases: dict[str, dict[str, np.ndarray]]) -> Fp16Check:
-    """Run the FP32 graph and ``fp16`` (the FP16 file or its rounding simulation) on every case, ORT CPU.
+#: The FP32 graph's outputs per check case: the image and, where the head has one, the chosen mixture component.
+References = dict[str, tuple[np.ndarray, np.ndarray | None]]
 
-    TensorRT's own numbers must still be checked on a GPU (README: polygraphy run --trt --onnxrt).
-    """
-    ref_model, comp = _with_component_output(fp32)
-    test_model, _ = _with_component_output(fp16)
+
+def reference_outputs(
+    fp32: onnx.ModelProto, cases: dict[str, dict[str, np.ndarray]], log: Callable[[str], None] | None = None
+) -> References:
+    """The FP32 graph on every case, once: each FP16 candidate is compared with the same outputs."""
+    model, comp = _with_component_output(fp32)
     names = ["hr", comp] if comp else ["hr"]
-    s32, s16 = cpu_session_from_proto(ref_model), cpu_session_from_proto(test_model)
+    session = cpu_session_from_proto(model)
+    out: References = {}
+    started = time.perf_counter()
+    for k, (label, feed) in enumerate(cases.items()):
+        hr, *chosen = session.run(names, feed)
+        out[label] = (hr, chosen[0] if comp else None)
+        if log is not None:
+            log(f"      FP32 reference {k + 1}/{len(cases)}, {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def verify_fp16(
+    fp32: onnx.ModelProto,
+    fp16: onnx.ModelProto,
+    cases: dict[str, dict[str, np.ndarray]],
+    references: References | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Fp16Check:
+    """Run ``fp16`` (the FP16 file or its rounding simulation) on every case and compare with the FP32 graph.
+
+    ``references``: the FP32 graph's outputs on these cases (``reference_outputs``), computed here when absent.
+    ONNX Runtime CPU. TensorRT's own numbers must still be checked on a GPU (README: polygraphy run --trt --onnxrt).
+    """
+    if references is None:
+        references = reference_outputs(fp32, cases)
+    test_model, comp = _with_component_output(fp16)
+    names = ["hr", comp] if comp else ["hr"]
+    s16 = cpu_session_from_proto(test_model)
     per_case: dict[str, float] = {}
     same_psnr: list[float] = []
     bad: list[str] = []
     flips = pixels = 0
     worst = worst_same = 0.0
-    for label, feed in cases.items():
-        ref, *ref_comp = s32.run(names, feed)
+    started = time.perf_counter()
+    for k, (label, feed) in enumerate(cases.items()):
+        ref, ref_comp = references[label]
         out, *out_comp = s16.run(names, feed)
+        if log is not None:
+            log(f"      FP16 check {k + 1}/{len(cases)}, {time.perf_counter() - started:.0f} s")
         if not np.isfinite(out).all():
             bad.append(label)
             continue
-        flipped = (ref_comp[0] != out_comp[0]) if comp else np.zeros((out.shape[0], *out.shape[2:]), bool)
+        flipped = (ref_comp != out_comp[0]) if comp and ref_comp is not None else np.zeros_like(out[:, 0], bool)
         err = np.abs(out.astype(np.float64) - ref).max(axis=1)
         flips += int(flipped.sum())
         pixels += err.size
         worst = max(worst, float(err.max()))
         if (~flipped).any():
             worst_same = max(worst_same, float(err[~flipped].max()))
-        for k in range(out.shape[0]):
-            per_case[f"{label}[{k}]"] = psnr(out[k], ref[k])
-            keep = ~flipped[k]
-            same_psnr.append(psnr(out[k][:, keep], ref[k][:, keep]) if keep.any() else PSNR_CAP_DB)
+        for i in range(out.shape[0]):
+            per_case[f"{label}[{i}]"] = psnr(out[i], ref[i])
+            keep = ~flipped[i]
+            same_psnr.append(psnr(out[i][:, keep], ref[i][:, keep]) if keep.any() else PSNR_CAP_DB)
     return Fp16Check(
         min_psnr_db=min(per_case.values()) if per_case else -math.inf,
         min_psnr_db_same_component=min(same_psnr) if same_psnr else -math.inf,
@@ -498,17 +530,22 @@ def choose_fp16(
     reach the target over all pixels in ONNX Runtime.
     """
     ranges = measure_ranges(fp32, calibration, log=log)
+    references = reference_outputs(fp32, held_out, log)
     tried: list[dict[str, Any]] = []
     for limit in limits:
         island = fp32_island(fp32, ranges, limit)
-        simulated = verify_fp16(fp32, fp16_rounding_model(fp32, island), held_out)
+        if log is not None:
+            log(f"      FP32 island at |x| > {limit:g}: {len(island)} nodes; FP16 rounding simulation ...")
+        simulated = verify_fp16(fp32, fp16_rounding_model(fp32, island), held_out, references, log)
         entry: dict[str, Any] = {"limit_abs": limit, "fp32_nodes": len(island), "simulated": simulated.as_dict()}
         del entry["simulated"]["cases_psnr_db"]
         tried.append(entry)
         if not simulated.ok(target_psnr_db, exclude_flips=True):
             continue
         model = convert_to_fp16(fp32, island)
-        ort = verify_fp16(fp32, model, held_out)
+        if log is not None:
+            log("      the FP16 file in ONNX Runtime ...")
+        ort = verify_fp16(fp32, model, held_out, references, log)
         entry["ort"] = {k: v for k, v in ort.as_dict().items() if k != "cases_psnr_db"}
         if ort.ok(target_psnr_db):
             model.metadata_props.add(key=ISLAND_METADATA_KEY, value=json.dumps(sorted(island)))

@@ -9,7 +9,8 @@ instead of hiding the effect behind a loose tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -107,15 +108,19 @@ def parity_suite(
     temperatures: Iterable[float] = (0.0, 0.8),
     batches: Iterable[int] = (1, 3),
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> list[ParityCase]:
     """Every (temperature, batch) pair on the first ``batch`` images of ``lr_images`` [M,3,h,w]."""
     session = cpu_session(onnx_path)
+    pairs = [(t, b) for t in temperatures for b in batches]
     cases = []
-    for t in temperatures:
-        for b in batches:
-            if b > lr_images.shape[0]:
-                raise ValueError(f"parity batch {b} needs {b} LR images, got {lr_images.shape[0]}")
-            cases.append(compare(model, session, np.ascontiguousarray(lr_images[:b]), t, seed))
+    started = time.perf_counter()
+    for k, (t, b) in enumerate(pairs):
+        if b > lr_images.shape[0]:
+            raise ValueError(f"parity batch {b} needs {b} LR images, got {lr_images.shape[0]}")
+        cases.append(compare(model, session, np.ascontiguousarray(lr_images[:b]), t, seed))
+        if log is not None:
+            log(f"      parity case {k + 1}/{len(pairs)} (t={t:g}, batch {b}), {time.perf_counter() - started:.0f} s")
     return cases
 
 

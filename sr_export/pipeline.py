@@ -1,18 +1,22 @@
 """The whole export of one model into a model directory: ONNX files, checks, manifest.
 
 Everything is built and checked in a staging directory beside the target
-(``.<name>.export-<hex>.tmp``); only a complete, passing export is moved in,
+(``.<name>.export-<pid>-<hex>.tmp``); only a complete, passing export is moved in,
 ONNX files first and ``manifest.json`` last, each by one rename. So a failed or
 interrupted re-export leaves the working model as it was; a kill between those
 renames leaves files whose sha256 the old manifest refuses, never old and new
-files served together.
+files served together. A staging directory outlives its export only when the
+process is killed outright (SIGKILL, the OOM killer); the next export to the
+same target removes it once that process is gone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -34,6 +38,7 @@ from sr_export.common import (
     ExportReport,
     timed,
 )
+from sr_export.cost import HEAVY_GMAC, calibration_crops, check_crops, is_heavy
 from sr_export.fp16 import Fp16Result, Fp16TargetMissed, choose_fp16
 from sr_export.onnx_export import (
     LintResult,
@@ -45,19 +50,23 @@ from sr_export.onnx_export import (
 from sr_export.parity import ParityCase, parity_suite, parity_summary
 from sr_runtime.files import atomic_write_bytes, atomic_write_json, sha256_file
 from sr_runtime.model import KIND_FIXED, MANIFEST_FORMAT
+from sr_train.info import model_info
 from sr_train.model import VDVAESR
 
 CALIBRATION_TEMPERATURES = (0.0, 1.0)
 CHECK_TEMPERATURES = (0.0, 0.8)
+PARITY_BATCHES = (1, 3)
+#: Images the parity check runs through PyTorch (and as many through ONNX Runtime).
+PARITY_IMAGES = len(CHECK_TEMPERATURES) * sum(PARITY_BATCHES)
 
 
 def _noise_feed(n: int, dim: int, temperature: float, seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((n, dim)) * temperature).astype(np.float32)
 
 
-def calibration_feeds(lr_size: int, noise_dim: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Range-measurement inputs: photo crops one by one at each temperature, plus extreme images."""
-    photos = photo_lr_batch(lr_size, per_photo=2)
+def calibration_feeds(lr_size: int, noise_dim: int, seed: int, crops: int = 2) -> list[dict[str, np.ndarray]]:
+    """Range-measurement inputs: `crops` per photo one by one at each temperature, plus extreme images."""
+    photos = photo_lr_batch(lr_size, per_photo=crops)
     extremes = list(extreme_lr_batch(lr_size, seed).values())
     return [
         {"lr": img[None], "noise": _noise_feed(1, noise_dim, t, seed + k)}
@@ -66,9 +75,9 @@ def calibration_feeds(lr_size: int, noise_dim: int, seed: int) -> list[dict[str,
     ]
 
 
-def check_cases(lr_size: int, noise_dim: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Held-out FP16 checks: other crops of the photos (batches of 3), and the extreme images."""
-    photos = photo_lr_batch(lr_size, per_photo=3)
+def check_cases(lr_size: int, noise_dim: int, seed: int, crops: int = 3) -> dict[str, dict[str, np.ndarray]]:
+    """Held-out FP16 checks: `crops` other crops per photo (batches of 3), and the extreme images."""
+    photos = photo_lr_batch(lr_size, per_photo=crops)
     cases: dict[str, dict[str, np.ndarray]] = {}
     for t in CHECK_TEMPERATURES:
         for start in range(0, len(photos), 3):
@@ -92,7 +101,9 @@ def export_model_dir(
     """
     out = opts.out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.export-{secrets.token_hex(6)}.tmp"
+    for stale in remove_stale_stages(out):
+        log(f"sr-export: removed {stale}, left by an export that was killed")
+    stage = out.parent / f".{out.name}.export-{os.getpid()}-{secrets.token_hex(6)}.tmp"
     stage.mkdir()
     try:
         report = _export_into(stage, model, checkpoint, opts, log)
@@ -105,6 +116,31 @@ def export_model_dir(
         return report
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_stages(out: Path) -> list[Path]:
+    """Staging directories of earlier exports to ``out`` whose process no longer runs: removed, and listed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.export-(\d+)-[0-9a-f]+\.tmp")
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.export-*.tmp"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not process_alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (True where that cannot be asked without side effects: not POSIX)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _export_into(
@@ -138,11 +174,10 @@ def _export_into(
     with timed(seconds, "parity"):
         log(
             f"[3/{steps}] parity: ONNX Runtime CPU vs PyTorch on real photo crops, t in {CHECK_TEMPERATURES}, "
-            "batch 1 and 3 ..."
+            f"batch {' and '.join(map(str, PARITY_BATCHES))} ..."
         )
-        parity = parity_suite(
-            model, files["fp32"], photo_lr_batch(cfg.lr_size, per_photo=1), CHECK_TEMPERATURES, (1, 3), seed=opts.seed
-        )
+        lr = photo_lr_batch(cfg.lr_size, per_photo=1)
+        parity = parity_suite(model, files["fp32"], lr, CHECK_TEMPERATURES, PARITY_BATCHES, opts.seed, log)
     failed = [
         c
         for c in parity
@@ -162,11 +197,19 @@ def _export_into(
     if opts.fp16:
         with timed(seconds, "fp16"):
             log(f"[4/{steps}] FP16: measuring activation ranges on photos + extreme inputs, choosing FP32 islands ...")
+            info = model_info(cfg)
+            heavy = is_heavy(info.gmac_per_tile)
+            if heavy:
+                log(
+                    f"      {info.gmac_per_tile:.0f} GMAC per tile (> {HEAVY_GMAC:g}): ranges from "
+                    f"{calibration_crops(heavy)} crop per photo instead of {calibration_crops(False)}, "
+                    f"checked on {check_crops(heavy)} instead of {check_crops(False)}"
+                )
             try:
                 fp16_result = choose_fp16(
                     fp32,
-                    calibration_feeds(cfg.lr_size, model.noise_dim, opts.seed),
-                    check_cases(cfg.lr_size, model.noise_dim, opts.seed),
+                    calibration_feeds(cfg.lr_size, model.noise_dim, opts.seed, calibration_crops(heavy)),
+                    check_cases(cfg.lr_size, model.noise_dim, opts.seed, check_crops(heavy)),
                     target_psnr_db=opts.fp16_target_psnr_db,
                     log=log,
                 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -195,3 +196,70 @@ def test_the_timing_cache_is_read_under_the_engine_caches_rules(tmp_path: Path) 
     timing.symlink_to(tmp_path / "planted")
     data, why = read_timing_cache(cache, timing)
     assert data == b"" and why is not None and "is a symlink" in why
+
+
+def test_the_next_export_removes_a_killed_exports_staging_directory(
+    double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sr_export import pipeline
+
+    out, before = _working_model(double_model, tmp_path)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    killed = tmp_path / f".model.export-{child.pid}-0a1b2c.tmp"  # what SIGKILL mid-export leaves
+    running = tmp_path / f".model.export-{os.getpid()}-3d4e5f.tmp"  # an export still at work
+    other = tmp_path / f".other.export-{child.pid}-6a7b8c.tmp"  # another target's
+    for stage in (killed, running, other):
+        stage.mkdir()
+        (stage / "model.fp32.onnx").write_bytes(b"half")
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise ExportCheckFailed("a check failed")
+
+    monkeypatch.setattr(pipeline, "_export_into", failing)
+    logged: list[str] = []
+    with pytest.raises(ExportCheckFailed):
+        export_model_dir(tiny_model(), {}, ExportOptions(out_dir=out, name="x"), log=logged.append)
+    assert not killed.exists() and running.is_dir() and other.is_dir()
+    assert any(str(killed) in line for line in logged)
+    shutil.rmtree(running)
+    shutil.rmtree(other)
+    _assert_untouched(out, before)
+
+
+def test_an_export_that_cannot_fit_is_refused_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sr_export import cost, pipeline
+
+    started: list[object] = []
+
+    def export_step(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise ExportCheckFailed("stopped here by the test")
+
+    monkeypatch.setattr(cost, "available_memory", lambda: 10**6)  # 1 MB free: nothing fits
+    monkeypatch.setattr(pipeline, "export_model_dir", export_step)
+    argv = ["--preset", "small-256", "--random-weights", "--out", str(tmp_path / "x")]
+    rc, out, err = run_cli(argv)
+    assert rc == 1 and "refusing to start" in err and "--force" in err and "Traceback" not in err, err
+    assert "estimate:" in out and not started and not (tmp_path / "x").exists()
+    rc, out, err = run_cli([*argv, "--force"])
+    assert rc == 1 and "going on (--force)" in err and started  # it did start
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+def test_the_estimate_counts_the_images_the_export_runs(heavy: bool) -> None:
+    from sr_export.cost import calibration_crops, check_crops, ort_images
+    from sr_export.pipeline import (
+        CALIBRATION_TEMPERATURES,
+        CHECK_TEMPERATURES,
+        PARITY_IMAGES,
+        calibration_feeds,
+        check_cases,
+    )
+
+    calibration = calibration_feeds(64, 4, 0, calibration_crops(heavy))
+    checks = check_cases(64, 4, 0, check_crops(heavy))
+    images = sum(f["lr"].shape[0] for f in calibration) + 3 * sum(c["lr"].shape[0] for c in checks.values())
+    counted = ort_images(heavy, len(CALIBRATION_TEMPERATURES), len(CHECK_TEMPERATURES), PARITY_IMAGES)
+    assert counted == PARITY_IMAGES + images
+    assert counted == (56 if heavy else 98)
