@@ -52,10 +52,11 @@ DEFAULT_TILE_OVERLAP = 8
 #: rank. GPU backends default to the model's batch max.
 CPU_DEFAULT_BATCH = 4
 
-#: Peak memory of one run per output pixel (uint8 input, measured): the blend accumulator,
-#: the encode buffers and the output image. Several samples add the running mean and variance.
-BYTES_PER_OUTPUT_PIXEL = 31
-BYTES_PER_OUTPUT_PIXEL_SAMPLES = 44
+#: Peak memory of one run per output pixel, beyond the session (measured, docs/benchmarks.md, Memory):
+#: the output image itself (4 bytes as a PIL RGB image) and its encoder (PNG, JPEG 6.5, WebP 9.8 in all).
+#: Several samples keep the running mean and sum of squares (24 bytes) and the std map as well.
+BYTES_PER_OUTPUT_PIXEL = 10
+BYTES_PER_OUTPUT_PIXEL_SAMPLES = 32
 #: Share of the machine's RAM one image may take by default.
 MEMORY_SHARE = 0.5
 #: Device memory a whole-frame call may take on a GPU by default (`Upscaler(frame_pixels=...)` overrides).
@@ -93,6 +94,8 @@ def default_max_pixels(scale: int = 4, samples: int = 1) -> int:
 
     Memory grows with the output (scale^2 times the input), so the pixel guard is
     also the memory guard; where the RAM size is unknown only the bomb limit applies.
+    The other half is left to everything else, the model's session among them
+    (1.7 GB for the shipped model at batch 16 on the CPU).
     """
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -688,8 +691,10 @@ class Upscaler:
             blender.finish()
         if moments is None:
             return builder.image(), None
-        builder.write(0, moments.mean)
-        return builder.image(), moments.std()
+        mean, std = moments.finish()
+        del moments  # the mean is the last image-sized float array left
+        builder.write(0, mean)
+        return builder.image(), std
 
     def _upscale_frame(
         self,
@@ -739,7 +744,7 @@ class Upscaler:
                 return result, None
             moments.add(sample, 0, result)
         assert moments is not None
-        return moments.mean, moments.std()
+        return moments.finish()
 
     def _frame_noise(
         self, plan: FramePlan, sampling: _Sampling, sample: int, y0: int, x0: int
@@ -777,24 +782,28 @@ class SampleMoments:
     """
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
-        self.mean = np.zeros(shape, np.float32)
+        self._mean = np.zeros(shape, np.float32)
         self._m2 = np.zeros(shape, np.float32)
         self._samples = 0
 
     def add(self, sample: int, y0: int, rows: np.ndarray) -> None:
         """Rows `y0 ..` of sample number `sample` (0-based; every row of one sample before the next)."""
-        mean = self.mean[:, y0 : y0 + rows.shape[1]]
+        mean = self._mean[:, y0 : y0 + rows.shape[1]]
         delta = rows - mean
         mean += delta / (sample + 1)
         self._m2[:, y0 : y0 + rows.shape[1]] += delta * (rows - mean)
         self._samples = max(self._samples, sample + 1)
 
-    def std(self) -> np.ndarray:
-        """Per-pixel standard deviation across the samples, averaged over the channels: float32 [H, W]."""
-        out = np.empty(self.mean.shape[1:], np.float32)
-        for y in range(0, out.shape[0], STRIP_ROWS):
-            out[y : y + STRIP_ROWS] = np.sqrt(self._m2[:, y : y + STRIP_ROWS] / self._samples).mean(axis=0)
-        return out
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mean image [C, H, W] and the per-pixel std across samples, averaged over channels, [H, W].
+
+        The sums of squares are dropped here, before the caller builds its image from the mean.
+        """
+        std = np.empty(self._mean.shape[1:], np.float32)
+        for y in range(0, std.shape[0], STRIP_ROWS):
+            std[y : y + STRIP_ROWS] = np.sqrt(self._m2[:, y : y + STRIP_ROWS] / self._samples).mean(axis=0)
+        self._m2 = np.empty((0, 0, 0), np.float32)
+        return self._mean, std
 
 
 def default_frame_pixels(spec: ModelSpec, device: str) -> int:

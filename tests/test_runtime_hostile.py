@@ -156,7 +156,7 @@ def test_upscaler_default_limit_is_the_memory_one(double_model: Path, monkeypatc
     with Upscaler(double_model, backend="cpu") as up:
         assert up.max_pixels == default_max_pixels(4) < 2**29 // (16 * BYTES_PER_OUTPUT_PIXEL) + 1
         with pytest.raises(SRInputError, match="pixel limit"):
-            up.run(Image.new("RGB", (1200, 1200)))
+            up.run(Image.new("RGB", (2000, 2000)))  # 4 MP: over the 3.4 MP half of 1 GiB holds
 
 
 # --- 5. manifest values are bounded and checked against the graph --------------------------------------
