@@ -692,7 +692,6 @@ class Upscaler:
         if moments is None:
             return builder.image(), None
         mean, std = moments.finish()
-        del moments  # the mean is the last image-sized float array left
         builder.write(0, mean)
         return builder.image(), std
 

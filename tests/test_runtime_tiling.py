@@ -10,7 +10,7 @@ from doubles import photo_lr, seam_ratio
 
 from sr_runtime import Upscaler
 from sr_runtime.noise import NoiseBank
-from sr_runtime.tiling import plan_tiles, ramp
+from sr_runtime.tiling import Blender, plan_tiles, ramp
 
 
 @pytest.mark.parametrize("name", ["astronaut", "gravel"])
@@ -47,6 +47,47 @@ def test_plan_covers_the_image_with_the_minimum_overlap(size: int) -> None:
 def test_plan_rejects_an_overlap_of_half_a_tile() -> None:
     with pytest.raises(ValueError, match="tile overlap"):
         plan_tiles(100, 100, (32, 32), 16)
+
+
+@pytest.mark.parametrize(("height", "width", "batch"), [(70, 45, 5), (1, 1, 1), (33, 200, 16), (100, 20, 3)])
+def test_band_blending_equals_a_whole_image_weighted_average(height: int, width: int, batch: int) -> None:
+    """Rows handed over band by band, each once and in order, equal normalising one whole-image accumulator."""
+    plan = plan_tiles(height, width, (32, 32), 8)
+    tiles = np.random.default_rng(0).random((plan.count, 3, 128, 128), dtype=np.float32) * 1.2 - 0.1
+    window = np.outer(ramp(128, 32), ramp(128, 32))
+    (ph, pw), (by, bx) = plan.padded_size, plan.pad_before
+    total, weight = np.zeros((3, ph * 4, pw * 4)), np.zeros((ph * 4, pw * 4))
+    for k in range(plan.count):
+        y, x = (v * 4 for v in plan.origin(k))
+        total[:, y : y + 128, x : x + 128] += tiles[k] * window
+        weight[y : y + 128, x : x + 128] += window
+    expected = np.clip(total / weight, 0, 1)[:, by * 4 : (by + height) * 4, bx * 4 : (bx + width) * 4]
+
+    out = np.full((3, height * 4, width * 4), np.nan, np.float32)
+    handed: list[tuple[int, int]] = []
+
+    def sink(y0: int, rows: np.ndarray) -> None:
+        handed.append((y0, rows.shape[1]))
+        out[:, y0 : y0 + rows.shape[1]] = rows
+
+    blender = Blender(plan, 3, 4, sink)
+    for first in range(0, plan.count, batch):  # batches that straddle tile rows included
+        blender.add(tiles[first : first + batch], first)
+    blender.finish()
+    assert [y0 for y0, _ in handed] == list(np.cumsum([0] + [n for _, n in handed[:-1]]))
+    assert sum(n for _, n in handed) == height * 4
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+
+
+def test_blender_takes_tiles_in_raster_order_only() -> None:
+    plan = plan_tiles(70, 70, (32, 32), 8)
+    tiles = np.zeros((plan.count, 3, 128, 128), np.float32)
+    blender = Blender(plan, 3, 4, lambda y0, rows: None)
+    with pytest.raises(ValueError, match="raster order"):
+        blender.add(tiles[1:2], 1)
+    blender.add(tiles[:2], 0)
+    with pytest.raises(ValueError, match="never added"):
+        blender.finish()
 
 
 def test_ramp_is_smooth_positive_and_symmetric() -> None:
