@@ -647,6 +647,15 @@ def test_format_parameter_sets_the_content_type(service: int, double_model: Path
 
 
 @pytest.mark.slow
+def test_a_large_image_takes_the_memory_release_path_and_is_exact(service: int, double_model: Path) -> None:
+    """4 MP out: the arena is emptied after its last batch and the replica trims its heap after the reply."""
+    source = encoded(photo(500, 500, 9), "JPEG")
+    reply = post_image(service, source, "?format=png", content_type="image/jpeg")
+    assert reply.status == 200, reply.body[:200]
+    assert np.array_equal(pixels(reply.body), np.asarray(expected(double_model, source)))
+
+
+@pytest.mark.slow
 def test_a_multi_picture_jpeg_is_answered_as_a_jpeg(service: int, double_model: Path) -> None:
     """MPO (two JPEG pictures in one file, as phones write): its first picture, answered as a JPEG."""
     first, second = photo(32, 24, 41), photo(32, 24, 42)
