@@ -307,8 +307,8 @@ class ImageBuilder:
             self._pixels[y0 : y0 + hwc.shape[0]] = hwc
             return
         strip = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
-        if self._image is None:  # the strip's mode is the image's: allocated once, at its final size
-            self._image = Image.new(strip.mode, (self.size[1], self.size[0]))
+        if self._image is None:  # the strip's mode is the image's: allocated once, uninitialised (all rows come)
+            self._image = Image.new(strip.mode, (self.size[1], self.size[0]), None)
         self._image.paste(strip, (0, y0))
 
     def image(self) -> Image.Image | np.ndarray:
