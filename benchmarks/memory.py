@@ -48,6 +48,7 @@ SCHEMA = "vdvae-sr-bench-memory/1"
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 HOST = "127.0.0.1"
+APP_NAME = "sr-memory"
 #: ONNX Runtime's arena was still growing on the second call of one batch shape, not on the third.
 WARM_UP_RUNS = 3
 
@@ -158,13 +159,27 @@ def post_png(port: int, body: bytes) -> tuple[float, int]:
     return time.perf_counter() - t0, len(data)
 
 
+def replica_pid(app: str) -> int:
+    """The process of the one Serve replica of `app` on this machine (Ray titles it ray::ServeReplica:<app>:...)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            title = (entry / "cmdline").read_bytes()
+        except OSError:  # not a process, or gone
+            continue
+        if f"ServeReplica:{app}:".encode() in title:
+            found.append(int(entry.name))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one replica process of {app}, found {found}")
+    return found[0]
+
+
 def serve_replica(args: argparse.Namespace) -> dict[str, Any]:
     """One sr-serve replica's RSS around one large request (see the module docstring)."""
     import socket
 
     import ray
     from ray import serve
-    from ray.util.state import list_actors
 
     from sr_cluster.serve import Scaling, build_app
 
@@ -176,9 +191,10 @@ def serve_replica(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"size": f"{args.serve[0]}x{args.serve[1]}"}
     try:
         serve.start(http_options={"host": HOST, "port": port})
-        serve.run(build_app(args.model, "cpu", scaling=Scaling()), name="sr-memory", route_prefix="/")
-        (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Replica" in a.class_name]
-        pid = int(replica.pid)
+        serve.run(build_app(args.model, "cpu", scaling=Scaling()), name=APP_NAME, route_prefix="/")
+        pid = replica_pid(APP_NAME)
+        environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        out["replica_pythonpath"] = environ.get("PYTHONPATH")  # whose sr_cluster and sr_runtime it runs
         with tempfile.TemporaryDirectory(prefix="sr-bench-memory-") as tmp:
             small, large = Path(tmp) / "small.png", Path(tmp) / "large.png"
             synthetic_photo(small, 200, 150)
@@ -231,11 +247,15 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def markdown(result: dict[str, Any]) -> str:
     """The result as the markdown page committed beside its JSON."""
     host = result["host"]
+
+    def cell(row: dict[str, Any], key: str, fmt: str = ".0f") -> str:
+        return "-" if row.get(key) is None else format(row[key], fmt)
+
+    keys = ("session_peak_mib", "rss_idle_mib", "run_peak_mib", "rss_holding_result_mib", "rss_after_free_mib")
     rows = "".join(
-        f"| {r['batch']} | {r['size'] or '-'} | {r.get('output_pixels', 0) / 1e6:.1f} | {r['session_peak_mib']:.0f} | "
-        f"{r['rss_idle_mib']:.0f} | {r.get('run_peak_mib', float('nan')):.0f} | "
-        f"{r.get('rss_holding_result_mib', float('nan')):.0f} | {r.get('rss_after_free_mib', float('nan')):.0f} | "
-        f"{r.get('rss_after_trim_mib', float('nan')):.0f} | {r.get('seconds', float('nan')):.1f} |\n"
+        f"| {r['batch']} | {r['size'] or '-'} | {r.get('output_pixels', 0) / 1e6:.1f} | "
+        + " | ".join(cell(r, k) for k in (*keys, "rss_after_trim_mib"))
+        + f" | {cell(r, 'seconds', '.1f')} |\n"
         for r in result["rows"]
     )
     fits = "".join(
