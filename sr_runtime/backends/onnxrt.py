@@ -600,7 +600,8 @@ class OrtBoundFrameBackend:
         return {f"{k[2]}x{k[3]}": s.cuda_graph for k, s in self._shapes.items()}
 
     def _session(self, lr_shape: tuple[int, int, int, int], cuda_graph: bool) -> ort.InferenceSession:
-        opts = session_options(self._threads)
+        # On the CPU provider the same options as the CPU frame backend, so the two compute alike.
+        opts = session_options(self._threads) if self.device == "cuda" else frame_session_options(self._threads)
         for dim, value in frame_dimension_overrides(self._inputs, self._spec, lr_shape).items():
             opts.add_free_dimension_override_by_name(dim, value)
         providers = self._provider
