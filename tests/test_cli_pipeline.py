@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,49 @@ def test_run_files_reports_in_input_order_whatever_fails(double_model: Path, tmp
     assert [o.src for o in seen] == sources
     assert [o.status for o in seen] == ["done", "failed", "done", "failed", "done"]
     assert all(o.failure is not None and "empty file" in o.failure for o in seen if o.status == "failed")
+
+
+@pytest.mark.parametrize("how", ["overlap", "one-at-a-time", "run_file"])
+def test_after_a_large_file_memory_goes_back_once_nothing_holds_its_images(
+    double_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """malloc_trim (`release_free_memory`) runs once per large file, after its write, when its x4
+    image is already freed: in run_files with and without overlap, and in run_file (Ray workers)."""
+    from sr_runtime import jobs
+
+    sources = []
+    for k, side in enumerate((12, 40, 16)):  # 48x48, 160x160 and 64x64 out: only the second is large here
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(photo_lr(side)).save(path)
+        sources.append(path)
+    monkeypatch.setattr(jobs, "LARGE_OUTPUT_PIXELS", 100 * 100)
+    images: list[tuple[str, weakref.ref[Image.Image]]] = []
+    real_upscale = jobs.upscale_input
+
+    def recording(up: Upscaler, path: Path, decoded: jobs.DecodedInput, options: UpscaleOptions) -> object:
+        done = real_upscale(up, path, decoded, options)
+        images.append((path.name, weakref.ref(done.image)))
+        return done
+
+    released: list[list[str]] = []  # per release: the files whose x4 image was still alive
+
+    def release() -> bool:
+        released.append([name for name, ref in images if ref() is not None])
+        return True
+
+    monkeypatch.setattr(jobs, "upscale_input", recording)
+    monkeypatch.setattr(jobs, "release_free_memory", release)
+    options = UpscaleOptions(output=str(tmp_path / "out"), quiet=True)
+    with Upscaler(double_model, backend="cpu") as up:
+        if how == "run_file":
+            for src in sources:
+                dest = jobs.output_path(src, options)
+                assert jobs.run_file(up, src, jobs.output_targets(dest, options), options).notes is not None
+        else:
+            seen: list[FileOutcome] = []
+            run_files(up, sources, options, seen.append, overlap=how == "overlap")
+            assert [o.status for o in seen] == ["done"] * 3
+    assert len(released) == 1 and "1.png" not in released[0]
 
 
 @pytest.mark.slow
