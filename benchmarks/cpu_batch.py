@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import resource
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import log, positive_ints, write_result
+from benchmarks.report import log, positive_ints, save_result, slug
 from benchmarks.system import load_average, rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
@@ -308,11 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         big = load_image(args.image, None if args.memory_crop == "full" else args.memory_crop)
         result["memory_image_lr"] = list(big.size)
     result["load_average_at_end"] = load_average()
-    slug = re.sub(r"[^a-z0-9]+", "-", args.device_name.lower()).strip("-")
-    stem = f"cpu-batch-{slug}-{result['model']}-{dt.date.today():%Y%m%d}"
-    page = write_result(args.out / f"{stem}.json", result, markdown(result))
-    print(page.read_text())
-    log(f"wrote {args.out / stem}.json and {page}")
+    stem = f"cpu-batch-{slug(args.device_name)}-{result['model']}-{dt.date.today():%Y%m%d}"
+    save_result(args.out, stem, result, markdown(result))
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import log
+from benchmarks.report import log, save_result, slug
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "engines" / "vdvae-sr-fc-256"
@@ -324,14 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--runs and --rounds must be >= 1")
     args.case = args.case or [parse_case("320x240=all")]
     result = run(args)
-    slug = re.sub(r"[^a-z0-9]+", "-", args.device_name.lower()).strip("-")
-    tag = re.sub(r"[^a-z0-9]+", "-", args.tag.lower()).strip("-")
-    stem = f"frame-memory-{slug}-{args.model.name}-{dt.date.today():%Y%m%d}" + (f"-{tag}" if tag else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    log(f"wrote {args.out / stem}.json/.md")
+    tag = slug(args.tag)
+    stem = f"frame-memory-{slug(args.device_name)}-{args.model.name}-{dt.date.today():%Y%m%d}" + (
+        f"-{tag}" if tag else ""
+    )
+    save_result(args.out, stem, result, markdown(result))
     return 0
 
 

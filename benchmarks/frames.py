@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import log
+from benchmarks.report import log, save_result, slug
 from benchmarks.system import host_info, matmul_peak, rss_mb, versions
 from benchmarks.timing import host_timer, measure_interleaved
 
@@ -471,13 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.device_name or (
         result["host"]["gpus"][0] if args.device == "cuda" and result["host"]["gpus"] else "cpu"
     )
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    stem = f"frames-{slug}-{result['model_config']}-{dt.date.today():%Y%m%d}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    log(f"wrote {args.out / stem}.json/.md")
+    stem = f"frames-{slug(name)}-{result['model_config']}-{dt.date.today():%Y%m%d}"
+    save_result(args.out, stem, result, markdown(result))
     return 0
 
 

@@ -430,9 +430,8 @@ def merge_skipped(skipped: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def result_stem(device: str, model: BenchModel, date: str, quick: bool) -> str:
     """cpu-small-256-random-20261125 / cuda-nvidia-h100-...: device, model, weights, date."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     weights = "" if model.trained else "-random"
-    return f"{slug}-{model.config.name}{weights}{'-quick' if quick else ''}-{date}"
+    return f"{report.slug(device)}-{model.config.name}{weights}{'-quick' if quick else ''}-{date}"
 
 
 DEVICES = ("cpu", "cuda")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import shutil
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import log, write_result
+from benchmarks.report import log, save_result, slug
 from benchmarks.system import host_info, load_average, rss_mb, versions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": load_average(),
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", args.device_name.lower()).strip("-")
-    stem = f"pipeline-{slug}-{dt.date.today():%Y%m%d}"
-    page = write_result(args.out / f"{stem}.json", result, markdown(result))
-    print(page.read_text())
-    log(f"wrote {args.out / stem}.json and {page}")
+    save_result(args.out, f"pipeline-{slug(args.device_name)}-{dt.date.today():%Y%m%d}", result, markdown(result))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,19 @@ def write_result(json_path: Path, result: dict[str, Any], markdown: str) -> Path
     md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown)
     return md_path
+
+
+def slug(text: str) -> str:
+    """`text` as a file-name part: lower case, each run of other characters one dash."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def save_result(out: Path, stem: str, result: dict[str, Any], markdown: str) -> Path:
+    """`write_result` as `out/stem.json` + `.md`, the page printed and the paths logged; returns the page's path."""
+    page = write_result(out / f"{stem}.json", result, markdown)
+    print(markdown)
+    log(f"wrote {out / stem}.json and {page}")
+    return page
 
 
 def _f(x: float | None, fmt: str = ".1f") -> str:

@@ -325,12 +325,12 @@ def grow_from(model: VDVAESR, checkpoint: str) -> None:
     if differ:
         detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
         raise ValueError(f"--init-grow {checkpoint}: configs differ beyond added blocks ({detail})")
-    own = model.state_dict()
-    bad = [k for k, v in source.state_dict().items() if k not in own or own[k].shape != v.shape]
+    own, theirs = model.state_dict(), source.state_dict()
+    bad = [k for k, v in theirs.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise ValueError(f"--init-grow {checkpoint}: {len(bad)} tensors have no place in this preset, e.g. {bad[0]}")
-    model.load_state_dict(source.state_dict(), strict=False)
-    added = len(own) - len(source.state_dict())
+    model.load_state_dict(theirs, strict=False)
+    added = len(own) - len(theirs)
     print(f"init-grow: every tensor of {checkpoint}; {added} added tensors start as identities")
 
 

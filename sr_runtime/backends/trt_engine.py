@@ -95,6 +95,16 @@ def locate_engine(
     return blob
 
 
+def deserialize(trt_module: Any, engine_bytes: bytes, key: str) -> tuple[trt.ILogger, trt.Runtime, trt.ICudaEngine]:
+    """The engine with the logger and runtime that deserialised it (kept beside it: they must outlive it)."""
+    logger = trt_module.Logger(trt_module.Logger.WARNING)
+    runtime = trt_module.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise BackendUnavailable(f"TensorRT could not deserialize the engine {key}")
+    return logger, runtime, engine
+
+
 class _Cuda:
     """The few cudart calls used here, with errors turned into exceptions."""
 
@@ -129,12 +139,7 @@ class TensorRTBackend:
             raise BackendUnavailable(f"batch sizes {buckets} are outside the engine profile {identity.batch}")
         engine_bytes = locate_engine(spec, identity, onnx_path)
         self._cuda = _Cuda(import_cudart())
-        self._trt_logger = trt_module.Logger(trt_module.Logger.WARNING)
-        self._runtime = trt_module.Runtime(self._trt_logger)
-        engine = self._runtime.deserialize_cuda_engine(engine_bytes)
-        if engine is None:
-            raise BackendUnavailable(f"TensorRT could not deserialize the engine {identity.key()}")
-        self._engine: trt.ICudaEngine = engine
+        self._trt_logger, self._runtime, self._engine = deserialize(trt_module, engine_bytes, identity.key())
         self._lr_shape = (3, *spec.lr_size)
         self._hr_shape = (3, *spec.hr_size)
         self._noise_dim = spec.noise_dim
@@ -321,12 +326,7 @@ class TensorRTFrameBackend:
         self._spec = spec
         self._cuda = _Cuda(import_cudart())
         self._trt = trt_module
-        self._trt_logger = trt_module.Logger(trt_module.Logger.WARNING)
-        self._runtime = trt_module.Runtime(self._trt_logger)
-        engine = self._runtime.deserialize_cuda_engine(engine_bytes)
-        if engine is None:
-            raise BackendUnavailable(f"TensorRT could not deserialize the engine {identity.key()}")
-        self._engine: trt.ICudaEngine = engine
+        self._trt_logger, self._runtime, self._engine = deserialize(trt_module, engine_bytes, identity.key())
         self._allocs: list[tuple[str, int]] = []
         self._shapes: dict[tuple[int, int], _FrameShape] = {}
         self._stream: Any = None
