@@ -345,7 +345,8 @@ def test_release_memory_hands_a_frame_back_and_keeps_the_results(fc_dir: Any, up
         grown = rss_mb() - before
         up.release_memory()
         kept = rss_mb() - before
-        assert grown > 64, f"a 128x128 LR frame grew RSS by only {grown:.0f} MB"
+        # measured: 50 MB after the full suite's earlier tests ran in this process, over 64 after fewer
+        assert grown > 32, f"a 128x128 LR frame grew RSS by only {grown:.0f} MB"
         assert kept < grown / 2, f"release_memory kept {kept:.0f} of {grown:.0f} MB"
         np.testing.assert_array_equal(up.run(img), first)
         sampled = up.run(img[:32, :32], temperature=0.5, seed=1)
