@@ -247,23 +247,38 @@ def min_frame_tile(multiple: int, radius: int) -> int:
     return _round_up(2 * radius + multiple, multiple)
 
 
-def plan_frame(height: int, width: int, multiple: int, radius: int, max_pixels: int) -> FramePlan:
+#: LR (h, w) min and max of one backend call, where the backend has them (a TensorRT profile).
+FrameBounds = tuple[tuple[int, int], tuple[int, int]]
+
+
+def plan_frame(
+    height: int, width: int, multiple: int, radius: int, max_pixels: int, bounds: FrameBounds | None = None
+) -> FramePlan:
     """Plan one image: the whole frame when its padded size has at most `max_pixels` LR pixels, else tiles.
 
     Tiles are as large as `max_pixels` allows (never below `min_frame_tile`,
     which may exceed the budget: a correct result first), so the overlap
-    recomputed around each tile stays a small share.
+    recomputed around each tile stays a small share. `bounds` (multiples of
+    the stride) are the shapes one call accepts: a smaller image is padded up
+    to the minimum, a larger one is tiled in calls no larger than the maximum.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    ph, pw = _round_up(height, multiple), _round_up(width, multiple)
-    if ph * pw <= max_pixels:
+    (lo_h, lo_w), (hi_h, hi_w) = bounds or ((multiple, multiple), (math.inf, math.inf))
+    ph, pw = max(_round_up(height, multiple), lo_h), max(_round_up(width, multiple), lo_w)
+    if ph * pw <= max_pixels and ph <= hi_h and pw <= hi_w:
         th, tw = ph, pw
     else:
         least = min_frame_tile(multiple, radius)
         side = max(least, math.isqrt(max_pixels) // multiple * multiple)
-        th = min(ph, side)
-        tw = min(pw, max(least, max_pixels // th // multiple * multiple))
+        th = int(max(lo_h, min(ph, side, hi_h)))
+        tw = int(max(lo_w, min(pw, max(least, max_pixels // th // multiple * multiple), hi_w)))
+        for axis, tile, length in (("height", th, ph), ("width", tw, pw)):
+            if tile < length and tile < least:
+                raise ValueError(
+                    f"a {width}x{height} image needs tiles whose {axis} is at least {least} LR pixels (twice the "
+                    f"receptive radius {radius} plus one stride), but one call takes at most {tile}"
+                )
     ys, keep_y = _frame_axis(ph, th, multiple, radius)
     xs, keep_x = _frame_axis(pw, tw, multiple, radius)
     return FramePlan((height, width), (ph, pw), (th, tw), ys, xs, keep_y, keep_x)

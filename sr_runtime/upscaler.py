@@ -286,6 +286,7 @@ class Upscaler:
         self.backend = first.name
         self.precision = first.precision
         self.frame_pixels = frame_pixels or default_frame_pixels(self.spec, first.device)
+        self._frame_bounds = first.frame_bounds
         self._lock = threading.Lock()
 
     def _frame_backend(
@@ -590,7 +591,7 @@ class Upscaler:
         h, w = arr.shape[:2]
         if not 0 < h * w <= self.max_pixels:
             return None  # the decoder names the problem
-        plan = plan_frame(h, w, self.spec.lr_multiple, self.spec.receptive_radius, self.frame_pixels)
+        plan = self._plan_frame(h, w)
         return _Uint8Frame(np.ascontiguousarray(arr)[None], plan, pil) if plan.whole else None
 
     def _run_uint8(self, frame: _Uint8Frame, sampling: _Sampling, stats: RunStats | None) -> Image.Image | np.ndarray:
@@ -711,7 +712,7 @@ class Upscaler:
         """
         h, w = decoded.size
         s = self.spec.scale
-        plan = plan_frame(h, w, self.spec.lr_multiple, self.spec.receptive_radius, self.frame_pixels)
+        plan = self._plan_frame(h, w)
         padded = pad_frame(decoded.rgb, plan)
         th, tw = plan.tile
         total = plan.count * samples
@@ -744,6 +745,16 @@ class Upscaler:
             moments.add(sample, 0, result)
         assert moments is not None
         return moments.finish()
+
+    def _plan_frame(self, h: int, w: int) -> FramePlan:
+        """How an h x w image runs: within the memory budget and the shapes the backend takes."""
+        try:
+            return plan_frame(
+                h, w, self.spec.lr_multiple, self.spec.receptive_radius, self.frame_pixels, self._frame_bounds
+            )
+        except ValueError as exc:
+            hint = "build an engine for larger frames (sr-export --frame) or use onnxruntime"
+            raise SRInputError(f"{exc}: {hint}") from exc
 
     def _frame_noise(
         self, plan: FramePlan, sampling: _Sampling, sample: int, y0: int, x0: int

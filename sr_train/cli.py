@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-checkpoint", help="start from this checkpoint's weights")
     tr.add_argument("--init-vdvae", help="official VDVAE *-model(-ema).th for the HR encoder + decoder")
     tr.add_argument("--freeze-hr-encoder", action="store_true", default=None)
+    tr.add_argument(
+        "--freeze-lr-encoder",
+        action="store_true",
+        default=None,
+        help="keep the LR encoder (the prior's conditioning at every level) as it is",
+    )
     tr.add_argument("--train-decoder-blocks", help="decoder blocks that train, e.g. '0-10,40' (default all)")
     tr.add_argument(
         "--objective",

@@ -67,6 +67,7 @@ class TrainConfig:
     init_checkpoint: str | None = None  # start from these weights (ours)
     init_vdvae: str | None = None  # official VDVAE weights for HR encoder + decoder
     freeze_hr_encoder: bool = False
+    freeze_lr_encoder: bool = False  # keep the prior's conditioning features as they are
     train_decoder_blocks: str | None = None  # e.g. "0-10,40" ; None = all
     objective: str = "elbo"  # "elbo" (VDVAE's loss) or "skip" (L1 of the LR skip: conditioning warm-up)
     kl_warmup_steps: int = 0  # the rate's weight ramps 0 -> 1 over these steps (against posterior collapse)
@@ -338,6 +339,8 @@ def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:
     """Which parameters train is part of the recipe, not of the weights: applied on start and on resume."""
     if cfg.freeze_hr_encoder:
         model.hr_encoder.requires_grad_(False)
+    if cfg.freeze_lr_encoder:
+        model.lr_encoder.requires_grad_(False)
     if cfg.train_decoder_blocks is not None:
         chosen = parse_block_ranges(cfg.train_decoder_blocks, len(model.decoder.dec_blocks))
         for i, block in enumerate(model.decoder.dec_blocks):
@@ -349,7 +352,8 @@ def apply_freezing(model: VDVAESR, cfg: TrainConfig) -> None:
         model.decoder.bias_xs["1"].requires_grad_(False)
     if cfg.objective == "skip":  # only the LR encoder and the upsampler feed the skip
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(("lr_encoder.", "skip_upsampler.")))
+            trains = ("skip_upsampler.",) if cfg.freeze_lr_encoder else ("lr_encoder.", "skip_upsampler.")
+            p.requires_grad_(name.startswith(trains))
 
 
 # ---------------------------------------------------------------------------

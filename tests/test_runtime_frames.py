@@ -149,6 +149,59 @@ def test_cuda_frame_backend_matches_cpu(request: pytest.FixtureRequest) -> None:
     np.testing.assert_array_equal(b, c)
 
 
+class BoundedFrameBackend:
+    """The real ONNX Runtime frame backend declaring the shape bounds of a TensorRT profile, recording each call."""
+
+    def __init__(self, inner: Any, bounds: tuple[tuple[int, int], tuple[int, int]]) -> None:
+        self._inner = inner
+        self.frame_bounds = bounds
+        self.shapes: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def run(self, lr: np.ndarray, noise: dict[str, np.ndarray]) -> np.ndarray:
+        self.shapes.append(lr.shape[2:])
+        return self._inner.run(lr, noise)
+
+
+def bounded(up: Upscaler, bounds: tuple[tuple[int, int], tuple[int, int]]) -> BoundedFrameBackend:
+    backend = BoundedFrameBackend(up._frame_backends[True], bounds)
+    up._frame_backends[True] = backend
+    up._frame_bounds = bounds
+    return backend
+
+
+def test_a_frame_larger_than_the_backend_takes_is_tiled_within_its_bounds(fc_dir: Any) -> None:
+    img = photo_strip(37, 330).astype(np.float32) / 255
+    with Upscaler(fc_dir, backend="cpu") as whole, Upscaler(fc_dir, backend="cpu") as limited:
+        backend = bounded(limited, ((4, 4), (40, 300)))
+        a, b = whole.run(img), limited.run(img)
+    assert len(backend.shapes) >= 2 and all(h <= 40 and w <= 300 for h, w in backend.shapes)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_frame_smaller_than_a_fixed_frame_engine_is_padded_up_to_it(fc_dir: Any) -> None:
+    """A video engine takes one shape: a smaller image runs edge-padded to it, cropped back to 4x the image."""
+    img = photo_strip(21, 30)
+    padded = np.pad(img, ((0, 40 - 21), (0, 48 - 30), (0, 0)), mode="edge")
+    with Upscaler(fc_dir, backend="cpu") as free, Upscaler(fc_dir, backend="cpu") as fixed:
+        backend = bounded(fixed, ((40, 48), (40, 48)))
+        expected = free.run(padded.astype(np.float32) / 255)[: 21 * 4, : 30 * 4]
+        got = fixed.run(img.astype(np.float32) / 255)
+    assert backend.shapes == [(40, 48)]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_an_engine_too_small_for_the_receptive_field_is_one_clear_error(fc_dir: Any) -> None:
+    from sr_runtime.errors import SRInputError
+
+    with Upscaler(fc_dir, backend="cpu") as fixed:
+        bounded(fixed, ((40, 48), (40, 48)))
+        with pytest.raises(SRInputError, match=r"height is at least 292 LR pixels .*sr-export --frame"):
+            fixed.run(photo_strip(41, 30).astype(np.float32) / 255)
+
+
 # -- planning, no model needed ---------------------------------------------------
 
 
@@ -172,6 +225,24 @@ def test_frame_plan_keeps_only_valid_centres_and_covers_each_pixel_once(h: int, 
         cover[ky0:ky1, kx0:kx1] += 1
     assert (cover == 1).all()
     assert plan.whole == (ph * pw <= budget)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "bounds"),
+    [(700, 900, ((4, 4), (300, 400))), (299, 1201, ((4, 4), (540, 960))), (5, 7, ((304, 320), (304, 320)))],
+)
+def test_frame_plan_keeps_each_call_within_the_backend_bounds(
+    h: int, w: int, bounds: tuple[tuple[int, int], tuple[int, int]]
+) -> None:
+    plan = plan_frame(h, w, STRIDE, RADIUS, 10**9, bounds)
+    (lo_h, lo_w), (hi_h, hi_w) = bounds
+    th, tw = plan.tile
+    assert lo_h <= th <= hi_h and lo_w <= tw <= hi_w
+    ph, pw = plan.padded_size
+    cover = np.zeros((ph, pw), np.int32)
+    for _, _, (ky0, ky1), (kx0, kx1) in plan.tiles():
+        cover[ky0:ky1, kx0:kx1] += 1
+    assert (cover == 1).all() and ph >= max(h, lo_h) and pw >= max(w, lo_w)
 
 
 def test_cli_runs_a_folder_with_a_fully_convolutional_model(fc_dir: Any, tmp_path: Any) -> None:

@@ -170,6 +170,18 @@ def test_skip_objective_trains_only_the_lr_path(photos, tmp_path):
     assert moved == {"lr_encoder", "skip_upsampler"}
 
 
+def test_skip_objective_with_a_frozen_lr_encoder_trains_only_the_upsampler(photos, tmp_path):
+    """Growing the upsampler must leave the prior's conditioning features where the decoder learnt them."""
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    save_checkpoint(init, VDVAESR(VDVAESRConfig(**{**TINY.to_dict(), "skip_upsampler_width": 8})))
+    train(config(photos, init, tmp_path / "run", steps=3, objective="skip", freeze_lr_encoder=True))
+    before = load_file(init / "model.safetensors")
+    after = load_file(tmp_path / "run" / "latest" / "model.safetensors")
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"skip_upsampler"}
+
+
 def test_bf16_autocast_trains_with_an_fp32_loss(photos, init, tmp_path):
     result = train(config(photos, init, tmp_path / "run", steps=3, precision="bf16", device="cpu"))
     assert result["skips"] == 0 and np.isfinite(result["elbo"])

@@ -28,6 +28,7 @@ from sr_runtime.backends.common import PRECISIONS
 from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_runtime.model import ModelSpec
 from sr_runtime.noise import NoiseBank
+from sr_runtime.tiling import FrameBounds
 
 log = logging.getLogger("sr_runtime")
 
@@ -163,6 +164,10 @@ class FrameBackend(Protocol):
     precision: str
     device: str
     deterministic: bool
+
+    @property
+    def frame_bounds(self) -> FrameBounds | None:
+        """LR (h, w) min and max one call takes (a TensorRT profile); None: any multiple of the stride."""
 
     @property
     def uint8_io(self) -> bool:

@@ -24,6 +24,7 @@ from sr_runtime.backends.common import resolve_precision
 from sr_runtime.errors import BackendUnavailable, SRModelError
 from sr_runtime.model import ModelSpec
 from sr_runtime.noise import NoiseBank
+from sr_runtime.tiling import FrameBounds
 
 log = logging.getLogger("sr_runtime")
 T = TypeVar("T")
@@ -327,6 +328,7 @@ class OrtCpuFrameBackend:
 
     name = "onnxruntime-cpu"
     device = "cpu"
+    frame_bounds: FrameBounds | None = None
 
     def __init__(
         self, spec: ModelSpec, precision: str, deterministic: bool, threads: int | None = None, uint8_io: bool = False
@@ -554,6 +556,7 @@ class OrtBoundFrameBackend:
             raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         self.device = device
         self.name = "onnxruntime-cuda" if gpu else "onnxruntime-cpu"
+        self.frame_bounds: FrameBounds | None = None
         self.precision = resolve_precision(spec, precision, gpu=gpu)
         self.deterministic = deterministic
         self.cuda_graphs = cuda_graphs and gpu

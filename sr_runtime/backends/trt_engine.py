@@ -47,6 +47,7 @@ from sr_runtime.errors import BackendUnavailable, SRInputError
 from sr_runtime.files import sha256_file
 from sr_runtime.model import ModelSpec
 from sr_runtime.noise import NoiseBank
+from sr_runtime.tiling import FrameBounds
 
 if TYPE_CHECKING:  # checked against tensorrt-stubs; imported for real only through import_tensorrt()
     import tensorrt as trt
@@ -298,8 +299,9 @@ class TensorRTFrameBackend:
     once, device buffers, the shape's noise maps uploaded once (a tile's
     window is copied in), pinned host buffers, and a captured CUDA graph.
     A call is a pinned copy in, a graph launch and a pinned copy out on one
-    stream. Frames outside the profile are refused (tiles stay for
-    ONNX Runtime); the uint8 conversion graphs are not used here.
+    stream. `frame_bounds` tells the Upscaler the profile, so it pads smaller
+    images up to it and tiles larger ones; the uint8 conversion graphs are not
+    used here.
     """
 
     name = "tensorrt"
@@ -313,6 +315,7 @@ class TensorRTFrameBackend:
         onnx_path = spec.verify(self.precision, deterministic)
         sums = spec.deterministic_sha256 if deterministic else spec.onnx_sha256
         self.profile = frame or frame_profile(spec.hr_size[0], spec.lr_multiple)
+        self.frame_bounds: FrameBounds | None = (self.profile[0], self.profile[2])
         identity = EngineIdentity(
             onnx_sha256=sums.get(self.precision) or sha256_file(onnx_path),
             precision=self.precision,
