@@ -46,11 +46,11 @@ if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are never evaluated at ru
 
 #: LR pixels shared by neighbouring tiles (an eighth of a 64-pixel tile).
 DEFAULT_TILE_OVERLAP = 8
-#: Tiles per backend call on the CPU when `batch_size` is not given. Measured on 2 loaded cores
-#: (benchmarks/results/cpu-batch-*.md): batches of 8 and 16 were ~20-25% slower than the fastest and held
-#: 0.9 and 1.7 GiB against 0.5 at 4; 1, 2 and 4 were within ~10% of one another, too close for that run to
-#: rank. GPU backends default to the model's batch max.
-CPU_DEFAULT_BATCH = 4
+#: Tiles per backend call on the CPU when `batch_size` is not given. Measured on 2 cores, loaded and
+#: quiet (benchmarks/results/cpu-batch-*.md): 2 was the fastest in both runs; 1 took 1.03-1.09x its
+#: time, 4 1.09x, 8 and 16 1.23-1.26x; peak memory 0.3 GiB at 2, 0.5 at 4, 1.7 at 16.
+#: GPU backends default to the model's batch max.
+CPU_DEFAULT_BATCH = 2
 
 #: Peak memory of one run per output pixel, beyond the session (measured, docs/benchmarks.md, Memory):
 #: the output image itself (4 bytes as a PIL RGB image) and its encoder (PNG, JPEG 6.5, WebP 9.8 in all).
@@ -95,7 +95,7 @@ def default_max_pixels(scale: int = 4, samples: int = 1) -> int:
     Memory grows with the output (scale^2 times the input), so the pixel guard is
     also the memory guard; where the RAM size is unknown only the bomb limit applies.
     The other half is left to everything else, the model's session among them
-    (for the shipped model on the CPU 0.5 GB at the default batch of 4, 1.7 GB at 16).
+    (for the shipped model on the CPU 0.3 GB at the default batch of 2, 1.7 GB at 16).
     """
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
