@@ -274,8 +274,9 @@ def fixed_model_seconds(args: argparse.Namespace, backend: str, img: np.ndarray)
     """A fixed-size model (tiles, host blending) on the same image: its `Upscaler.run` p50."""
     from sr_runtime import RunStats, Upscaler
 
-    model = None if args.fixed_model == "default" else args.fixed_model
-    with Upscaler(model, backend=backend, precision=args.precision) as up:
+    with Upscaler(args.fixed_model, backend=backend, precision=args.precision) as up:
+        if up.spec.fully_convolutional:
+            raise SystemExit(f"--fixed-model {args.fixed_model}: {up.spec.name} is fully convolutional, not fixed-size")
         log(f"fixed-size model {up.spec.name} ({up.backend} {up.precision}), tiled, {args.tiled_iters} iters ...")
         stats = RunStats()
         up.run(img, stats=stats)  # warm-up
@@ -457,9 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "--torch", action="store_true", help="also the model in PyTorch (CUDA graph on a GPU, eager on the CPU)"
     )
     p.add_argument("--checkpoint", type=Path, help="PyTorch weights (default: the model directory's checkpoint/)")
-    p.add_argument(
-        "--fixed-model", help="also this fixed-size model's tiled path on the same image ('default': the shipped one)"
-    )
+    p.add_argument("--fixed-model", help="also this fixed-size model directory's tiled path on the same image")
     p.add_argument(
         "--peak-size", type=lambda t: [int(v) for v in t.split(",")], default=[8192, 10], help="matmul N,REPEATS"
     )

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check in one call: `pytest -m gpu`, then whole frames of the fully convolutional model in
-# engines/vdvae-sr-fc-256 (960x540 -> 3840x2160 through Upscaler, steady state; a 4K stream's frames/s;
-# ONNX Runtime CUDA fp16, fp16 + prefer_nhwc and fp32; beside them the fixed-size default model's tiled
-# path and the same fc-256 in PyTorch + CUDA graph from its checkpoint; GFLOP/s against a matmul peak
+# GPU check in one call: `pytest -m gpu`, then whole frames of the shipped fully convolutional model
+# (FC_MODEL, default sr_runtime/models/vdvae-sr-256; 960x540 -> 3840x2160 through Upscaler, steady state;
+# a 4K stream's frames/s; ONNX Runtime CUDA fp16, fp16 + prefer_nhwc and fp32; beside them its tiled
+# path, a fixed-size model's tiles when FIXED_MODEL names one, and the same model in PyTorch + CUDA
+# graph from its checkpoint; GFLOP/s against a matmul peak
 # measured in the same run; peak GPU memory), then first GPU figures of sr-serve and sr-upscale --ray.
 # Every stage has its own time limit inside GPU_CHECK_BUDGET_S (default 480 s), so a stage that hangs
 # still leaves the others' results.
@@ -39,7 +40,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 PACK=${GPU_PACK_DIR:-.gpu}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 PACK_MODE=${SR_GPU_PACK:-0}
-FC_MODEL=${FC_MODEL:-engines/vdvae-sr-fc-256}
+FC_MODEL=${FC_MODEL:-sr_runtime/models/vdvae-sr-256}
 RESULTS=$OUT/benchmarks/results
 DAY=$(date +%Y%m%d)
 START=$(date +%s)
@@ -114,7 +115,7 @@ if [ "$PACK_MODE" = 1 ]; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH" SR_ENGINE_CACHE=/tmp/sr_engines
 fi
 export -f environment install_missing
-# The GPU tests of whole frames run on the shipped fc-256 (no export needed).
+# The GPU tests of whole frames run on the shipped fully convolutional model (no export needed).
 export SR_TEST_FC_MODEL=$FC_MODEL
 
 [ "$PACK_MODE" = 1 ] && step install 120 - bash -c install_missing
@@ -130,9 +131,11 @@ frames() {  # frames NAME PRECISION [EXTRA ARGS...]: one benchmarks.frames page 
         --iters "$ITERS" --tiled-iters "$TILED_ITERS" --stream "$STREAM" --peak-size "$PEAK" \
         --device-name "$SLUG-$tag" --out "$RESULTS" "$@"
 }
-frames frames_fp16 fp16 --torch --fixed-model default
+FIXED=()
+[ -z "${FIXED_MODEL:-}" ] || FIXED=(--fixed-model "$FIXED_MODEL")
+frames frames_fp16 fp16 --torch "${FIXED[@]}"
 frames frames_fp16_nhwc fp16 --nhwc --iters "$(( (ITERS + 1) / 2 ))" --stream "$(( (STREAM + 1) / 2 ))"
-frames frames_fp32 fp32 --torch --fixed-model default
+frames frames_fp32 fp32 --torch "${FIXED[@]}"
 # The service and the batch job on Ray, small and bounded: their first GPU figures.
 step serve "$LIMIT_RAY" "benchmarks/results/cluster-serve-$SLUG-$DAY.json" "$PY" -m benchmarks.cluster_serve \
     "${SERVE_ARGS[@]}" --out "$RESULTS/cluster-serve-$SLUG-$DAY.json"

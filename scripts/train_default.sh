@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shipped default's recipe (small-256), both stages, resumable: re-running
+# small-256's recipe (the fixed-size default before fc-256-deep), both stages, resumable: re-running
 # it continues whichever stage is unfinished.
 #   stage 1, conditioning warm-up: the LR encoder + learned upsampler alone on
 #            the L1 of the LR skip (cheap: LR resolution only);

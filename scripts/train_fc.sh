@@ -14,7 +14,7 @@
 #            as run): the prior learns to say what the posterior says.
 # Usage: bash scripts/train_fc.sh [RUN_ROOT] [extra sr-train flags for every phase...]
 # Env: INIT (where the encoders and skip upsampler come from; default small-256's
-#      engines/vdvae-sr-256/checkpoint; the committed run took them from the
+#      engines/vdvae-sr-small-256/checkpoint; the committed run took them from the
 #      previous fc-256 weights, which had taken them from small-256 the same way),
 #      PHASE1_STEPS, PHASE2_STEPS, DATA, VAL, SR_TRAIN.
 ROOT=${1:-runs/fc256}
@@ -24,7 +24,7 @@ source "$(dirname "$0")/train_common.sh"
 COMMON=(--data "$DATA" "${VAL_FLAGS[@]}" --batch-size 8 --crop-size 128 --lr 6e-4 --warmup-steps 100
         --ema-rate 0.998 --prior-l1-weight 150 --max-log-scale -4.5 --save-every 50 --log-every 10)
 FRESH=()
-[ -f "$ROOT/latest/train_state.json" ] || FRESH=(--preset fc-256 --init-transfer "${INIT:-engines/vdvae-sr-256/checkpoint}"
+[ -f "$ROOT/latest/train_state.json" ] || FRESH=(--preset fc-256 --init-transfer "${INIT:-engines/vdvae-sr-small-256/checkpoint}"
     --posterior-input residual --posterior-init-log-std -2 --head-init-std 0.05)
 "${SR_TRAIN[@]}" train "${FRESH[@]}" --run-dir "$ROOT" --steps "${PHASE1_STEPS:-2041}" --rate-weight 0.001 \
     "${COMMON[@]}" "$@"

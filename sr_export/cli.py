@@ -29,7 +29,7 @@ from sr_runtime.signals import sigterm_as_exit
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINES_DIR = REPO_ROOT / "engines"
 # --res -> the preset of the shipped model at that HR size (its random-weights stand-in).
-DEFAULT_PRESETS = {256: "small-256"}
+DEFAULT_PRESETS = {256: "fc-256-deep"}
 
 
 def model_dir_for(res: int) -> Path:

@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels",
         type=float,
         help="refuse inputs with more pixels than this; memory grows with it, ~10 bytes per output "
-        "pixel (32 with --samples) beside the model's session (shipped model on the CPU: 0.3 GB at the "
-        f"default batch 2, 1.7 GB at 16) (default here {default_max_pixels():.0f}: what half the RAM holds, "
-        "at most 64 MP)",
+        "pixel (32 with --samples) beside the model's session (a fixed-size model like small-256 on the CPU: "
+        f"0.3 GB at the default batch 2, 1.7 GB at 16) (default here {default_max_pixels():.0f}: what half the "
+        "RAM holds, at most 64 MP)",
     )
     p.add_argument(
         "--outscale",

@@ -95,7 +95,7 @@ def default_max_pixels(scale: int = 4, samples: int = 1) -> int:
     Memory grows with the output (scale^2 times the input), so the pixel guard is
     also the memory guard; where the RAM size is unknown only the bomb limit applies.
     The other half is left to everything else, the model's session among them
-    (for the shipped model on the CPU 0.3 GB at the default batch of 2, 1.7 GB at 16).
+    (for the fixed-size small-256 on the CPU 0.3 GB at the default batch of 2, 1.7 GB at 16).
     """
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -25,7 +25,7 @@ STAGES = {
 
 
 @pytest.mark.slow
-def test_dry_run_runs_every_stage_and_writes_every_result(tmp_path: Path) -> None:
+def test_dry_run_runs_every_stage_and_writes_every_result(tmp_path: Path, double_model: Path) -> None:
     pytest.importorskip("ray", reason="the serve and ray_batch stages need Ray (the cluster extra)")
     out = tmp_path / "gpu_check"
     env = {
@@ -33,6 +33,7 @@ def test_dry_run_runs_every_stage_and_writes_every_result(tmp_path: Path) -> Non
         "GPU_CHECK_DRY": "1",
         "OUT": str(out),
         "PYTHON": sys.executable,
+        "FIXED_MODEL": str(double_model),  # a fixed-size model's tiled path beside the frames
         # Minutes on an idle 2-core machine; far more where it is shared: generous limits, no figure matters.
         "GPU_CHECK_BUDGET_S": "4800",
         "GPU_CHECK_STAGE_S": "1200",

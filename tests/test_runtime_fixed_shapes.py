@@ -208,12 +208,11 @@ def test_run_many_packs_small_images_into_bucket_batches(
 def test_the_cpu_backend_defaults_to_the_measured_batch_and_other_backends_to_the_model_max(
     shipped_shape_model: Path, double_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sr_runtime.model import default_model_dir
     from sr_runtime.upscaler import CPU_DEFAULT_BATCH
 
-    with Upscaler(default_model_dir(), backend="cpu") as up:  # the shipped model, batch max 16
+    with Upscaler(shipped_shape_model, backend="cpu") as up:  # batch max 16
         assert (up.backend, up.batch_size) == ("onnxruntime-cpu", CPU_DEFAULT_BATCH)
-    with Upscaler(default_model_dir(), backend="cpu", batch_size=16) as up:  # asked for: kept
+    with Upscaler(shipped_shape_model, backend="cpu", batch_size=16) as up:  # asked for: kept
         assert up.batch_size == 16
     with Upscaler(double_model, backend="cpu") as up:  # batch max 8: the default is what runs
         stats = RunStats()
