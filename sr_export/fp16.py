@@ -23,7 +23,7 @@ TensorRT 11 has no FP16 builder flag: precision must live in the network
 Why not ONNX Runtime's converter (``onnxruntime.transformers.float16.
 convert_float_to_float16(keep_io_types=True, node_block_list=island)``, the
 code of onnxconverter-common): measured with onnxruntime 1.32 and onnx 1.23
-on the shipped small-256 and the same islands, its graph fails
+on small-256 (then the shipped model) and the same islands, its graph fails
 ``onnx.checker`` (the input Casts are appended after their consumers: nodes
 not topologically sorted) and strict shape inference (value_info keeps the
 FP32 types of tensors it made FP16), both checks the export requires and the
