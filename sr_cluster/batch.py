@@ -350,12 +350,17 @@ class WorkerPool:
             return
         self._state[index] = WorkerState.DEAD if info.error is not None else WorkerState.UP
 
-    def _retry(self, job: FileJob, queue: deque[FileJob], summary: Summary, bar: tqdm) -> None:
-        """A file whose worker died: done if its outputs made it, failed after MAX_ATTEMPTS, else first in line."""
+    @staticmethod
+    def _retry(job: FileJob, queue: deque[FileJob], summary: Summary, bar: tqdm) -> None:
+        """A file whose worker died: done if its outputs made it, failed after MAX_ATTEMPTS, else first in line.
+
+        The dead worker's half-written files go first, whichever way: a requeued file is out of flight,
+        so stop() on a SIGTERM would not find it.
+        """
+        job.remove_leftovers()
         if job.done():
             summary.done += 1
         elif job.deaths >= MAX_ATTEMPTS:
-            job.remove_leftovers()
             summary.fail(job.order, f"{job.shown}: its Ray worker died each of the {MAX_ATTEMPTS} times it ran")
         else:
             summary.resubmitted += 1

@@ -22,7 +22,15 @@ from sr_runtime.cli import UsageError, main
 
 pytest.importorskip("ray", reason="Ray is not installed (the `cluster` extra)")
 
-from sr_cluster.batch import START_TIMEOUT_S, Placement, plan_placement  # after the skip: it imports ray
+from sr_cluster.batch import (  # after the skip: it imports ray
+    MAX_ATTEMPTS,
+    START_TIMEOUT_S,
+    FileJob,
+    Placement,
+    Summary,
+    WorkerPool,
+    plan_placement,
+)
 
 SEEDED = ["--temperature", "0.6", "--seed", "5"]
 SUMMARY = re.compile(r"sr-upscale: (\d+) done, (\d+) skipped as already done, (\d+) failed, (\d+) resubmitted")
@@ -123,6 +131,25 @@ def test_a_killed_worker_loses_and_duplicates_nothing(
     done, skipped, failed, resubmitted = summary_counts(capsys.readouterr().err)
     assert (done, skipped, failed) == (20, 0, 0) and resubmitted >= 1
     assert_same_images(tmp_path, local_results["seeded"])
+
+
+@pytest.mark.parametrize("deaths", [1, MAX_ATTEMPTS])
+def test_a_file_whose_worker_died_loses_its_half_written_output(tmp_path: Path, deaths: int) -> None:
+    """Requeued or failed for good, the dead worker's temporary file goes at once: a SIGTERM stopping the job
+    next only cleans what is still in flight."""
+    from collections import deque
+
+    from tqdm import tqdm
+
+    job = FileJob.absolute(tmp_path / "a.png", (tmp_path / "a_x4.png",), 0)
+    leftover = tmp_path / ".a_x4.png.0123456789ab.tmp"
+    leftover.write_bytes(b"half")
+    queue: deque[FileJob] = deque()
+    summary = Summary()
+    with tqdm(disable=True) as bar:
+        WorkerPool._retry(FileJob(job.src, job.targets, 0, job.shown, deaths), queue, summary, bar)
+    assert not leftover.exists()
+    assert (len(queue), len(summary.failures)) == ((1, 0) if deaths < MAX_ATTEMPTS else (0, 1))
 
 
 @pytest.mark.slow
