@@ -315,7 +315,6 @@ class TensorRTFrameBackend:
         onnx_path = spec.verify(self.precision, deterministic)
         sums = spec.deterministic_sha256 if deterministic else spec.onnx_sha256
         self.profile = frame or frame_profile(spec.hr_size[0], spec.lr_multiple)
-        self.frame_bounds: FrameBounds | None = (self.profile[0], self.profile[2])
         identity = EngineIdentity(
             onnx_sha256=sums.get(self.precision) or sha256_file(onnx_path),
             precision=self.precision,
@@ -353,6 +352,11 @@ class TensorRTFrameBackend:
         count = int(np.prod(shape))
         buf = (ctypes.c_float * count).from_address(self._alloc("host", count * 4))
         return np.ctypeslib.as_array(buf).reshape(shape)
+
+    @property
+    def frame_bounds(self) -> FrameBounds | None:
+        """The profile's min and max: the Upscaler plans every call within them."""
+        return (self.profile[0], self.profile[2])
 
     def _in_profile(self, h: int, w: int) -> bool:
         (lo_h, lo_w), _, (hi_h, hi_w) = self.profile
